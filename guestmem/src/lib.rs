@@ -1,0 +1,2 @@
+//! The guest memory manager.
+pub mod types;

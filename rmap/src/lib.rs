@@ -1,0 +1,1 @@
+//! Reverse maps for anonymous guest memory (work in progress: see issue 3).

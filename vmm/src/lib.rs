@@ -1,0 +1,1 @@
+//! KVM guests on managed memory (work in progress: see issue 5).

@@ -1,0 +1,6 @@
+//! The `vmm` command-line program.
+
+fn main() {
+    eprintln!("vmm: not built yet");
+    std::process::exit(2);
+}
