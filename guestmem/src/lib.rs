@@ -1,2 +1,3 @@
 //! The guest memory manager.
+pub mod mmu;
 pub mod types;
