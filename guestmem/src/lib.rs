@@ -1,3 +1,37 @@
 //! The guest memory manager.
+//!
+//! The VMM owns a pool of host frames ([`pool::Pool`]) and decides, page by page, which
+//! frame backs which guest page of which VM. This crate is that decision: nodes and
+//! frames, the allocators in front of them (seed 5's magazines and its baselines),
+//! guest address spaces with their page tables, faults, copy-on-write fork and exit,
+//! reverse maps (through the `rmap` crate), reclaim and migration. It works without KVM:
+//! an address space can be driven by software accesses, and a [`mmu::HostMmu`] observer
+//! mirrors its mappings into KVM guest windows when the VMM plugs one in.
+//!
+//! # Lock order
+//!
+//! ```text
+//! AddressSpace.mmap_lock (read: faults; write: fork, exit, region changes)
+//!   anon_vma root lock (rmap; write = link/unlink, read = rmap walk)
+//!     page-table lock (one per 512 gfns)
+//!       Frame lock bit (FrameFlags::LOCKED: swap-out, migration of that frame)
+//! CPU slot lock (magazine / per-cpu list)      [alloc.rs; taken inside any of the above]
+//!   depot lock (magazines)
+//!     zone lock (buddy)
+//! ```
+//!
+//! Frame descriptors ([`frame::Frame`]) are atomics: their counts change under the
+//! page-table lock of the entry that maps or unmaps them.
+
+pub mod alloc;
+pub mod frame;
+pub mod host;
 pub mod mmu;
+pub mod pool;
+pub(crate) mod sync;
 pub mod types;
+pub(crate) mod zone;
+
+pub use alloc::AllocatorKind;
+pub use pool::{AllocError, FrameInit, NodeConfig, Pool, PoolConfig};
+pub use types::{Gfn, Gpa, NodeId, Order, PAGE_SIZE, Pfn, VmId};

@@ -60,7 +60,7 @@ newtype!(
 
 impl Pfn {
     /// The frame `n` frames after this one.
-    pub fn add(self, n: u32) -> Pfn {
+    pub fn offset(self, n: u32) -> Pfn {
         Pfn(self.0 + n)
     }
 
@@ -77,7 +77,7 @@ impl Gfn {
     }
 
     /// The page `n` pages after this one.
-    pub fn add(self, n: u64) -> Gfn {
+    pub fn offset(self, n: u64) -> Gfn {
         Gfn(self.0 + n)
     }
 }

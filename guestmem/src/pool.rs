@@ -1,0 +1,561 @@
+//! Nodes and the pool: the host frames the manager owns.
+//!
+//! A [`Node`] is one memfd of frames (a NUMA-style zone), mapped once into the VMM as the
+//! node's direct map, with a [`Frame`] descriptor per frame and an allocator in front of
+//! its buddy zone. A [`Pool`] is the set of nodes; frame numbers ([`Pfn`]) are global in a
+//! pool, node `n` owning a contiguous range of them.
+//!
+//! Nothing reaches a new owner with an old owner's bytes: a frame handed out with
+//! [`FrameInit::Zeroed`] is zeroed unless it is known to be zero already (fresh memfd
+//! pages, or pages returned to the host with [`Pool::release_free_memory`], which read as
+//! zero and cost no host memory). Callers that overwrite every byte (copy-on-write,
+//! swap-in, migration) ask for [`FrameInit::Overwritten`] and skip the zeroing.
+
+use std::os::fd::{AsFd, BorrowedFd};
+
+use crate::alloc::{Allocator, AllocatorKind};
+use crate::frame::{Frame, FrameFlags};
+use crate::host::{DirectMap, HostError, Memfd, cpu_count, current_cpu};
+use crate::types::{NodeId, Order, PAGE_SIZE, Pfn};
+
+/// What the caller will do with a new frame's bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrameInit {
+    /// The frame must read as zero.
+    Zeroed,
+    /// The caller overwrites every byte before anyone else can read it.
+    Overwritten,
+}
+
+/// The pool cannot satisfy an allocation.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AllocError {
+    /// No node has a free run of the requested size.
+    #[error(
+        "the frame pool is exhausted: no node has {frames} free contiguous frame(s) ({free} frames free in all); give the pool more memory or run fewer or smaller VMs"
+    )]
+    Exhausted {
+        /// Frames requested (2^order).
+        frames: u32,
+        /// Free frames in the pool when the request failed.
+        free: u64,
+    },
+}
+
+/// Errors creating a pool.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    /// A pool needs at least one node with at least one frame.
+    #[error(
+        "a frame pool needs at least one node of at least {min} frames; node {node} has {frames}"
+    )]
+    TooSmall {
+        /// The node.
+        node: usize,
+        /// Its frames.
+        frames: u32,
+        /// The minimum.
+        min: u32,
+    },
+    /// The pool's frames do not fit in a 32-bit frame number.
+    #[error("the pool has more than 2^32 frames (16 TiB); use a smaller pool")]
+    TooLarge,
+    /// A host call failed.
+    #[error(transparent)]
+    Host(#[from] HostError),
+}
+
+/// How to build one node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeConfig {
+    /// Frames in the node.
+    pub frames: u32,
+    /// Host NUMA node to bind the node's memory to, if any.
+    pub host_node: Option<u32>,
+}
+
+/// How to build a pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolConfig {
+    /// One entry per node.
+    pub nodes: Vec<NodeConfig>,
+    /// The allocator design every node uses.
+    pub allocator: AllocatorKind,
+}
+
+impl PoolConfig {
+    /// `nodes` nodes of `bytes / nodes` each, unbound, with `allocator`.
+    pub fn uniform(bytes: u64, nodes: usize, allocator: AllocatorKind) -> PoolConfig {
+        let nodes = nodes.max(1);
+        let frames = (bytes / PAGE_SIZE as u64 / nodes as u64).min(u64::from(u32::MAX)) as u32;
+        PoolConfig {
+            nodes: vec![
+                NodeConfig {
+                    frames,
+                    host_node: None,
+                };
+                nodes
+            ],
+            allocator,
+        }
+    }
+}
+
+/// One node: a memfd of frames, its direct map, descriptors and allocator.
+#[derive(Debug)]
+pub struct Node {
+    id: NodeId,
+    base: Pfn,
+    frames: Box<[Frame]>,
+    alloc: Allocator,
+    map: DirectMap,
+    memfd: Memfd,
+}
+
+impl Node {
+    fn new(
+        id: NodeId,
+        base: Pfn,
+        cfg: &NodeConfig,
+        kind: AllocatorKind,
+    ) -> Result<Node, PoolError> {
+        let bytes = u64::from(cfg.frames) * PAGE_SIZE as u64;
+        let memfd = Memfd::create(&format!("guestmem-node{}", id.0), bytes)?;
+        let map = DirectMap::new(&memfd)?;
+        if let Some(h) = cfg.host_node {
+            map.bind_to_host_node(h)?;
+        }
+        let frames: Box<[Frame]> = (0..cfg.frames).map(|_| Frame::default()).collect();
+        for f in frames.iter() {
+            f.set(FrameFlags::KNOWN_ZERO);
+        }
+        Ok(Node {
+            id,
+            base,
+            frames,
+            alloc: Allocator::new(kind, cfg.frames, cpu_count()),
+            map,
+            memfd,
+        })
+    }
+
+    /// The node's id.
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    /// The node's first frame.
+    pub fn base(&self) -> Pfn {
+        self.base
+    }
+
+    /// Frames in the node.
+    pub fn frames(&self) -> u32 {
+        self.frames.len() as u32
+    }
+
+    /// Whether `pfn` belongs to this node.
+    pub fn contains(&self, pfn: Pfn) -> bool {
+        pfn.0.wrapping_sub(self.base.0) < self.frames()
+    }
+
+    /// The node's memfd (for mapping frames into guest windows).
+    pub fn memfd(&self) -> BorrowedFd<'_> {
+        self.memfd.as_fd()
+    }
+
+    /// Byte offset of `pfn` in the node's memfd.
+    pub fn file_offset(&self, pfn: Pfn) -> u64 {
+        debug_assert!(self.contains(pfn));
+        u64::from(pfn.0 - self.base.0) * PAGE_SIZE as u64
+    }
+
+    #[inline]
+    fn local(&self, pfn: Pfn) -> u32 {
+        debug_assert!(self.contains(pfn), "{pfn:?} is not on {:?}", self.id);
+        pfn.0 - self.base.0
+    }
+
+    /// Allocates `2^order` contiguous frames on this node.
+    #[inline]
+    pub fn alloc(&self, order: Order, init: FrameInit) -> Option<Pfn> {
+        let first = self.alloc.alloc(order.get(), current_cpu())?;
+        for i in first..first + order.frames() {
+            let frame = &self.frames[i as usize];
+            frame.prep_new();
+            let was = frame.clear(FrameFlags::KNOWN_ZERO);
+            if init == FrameInit::Zeroed && !was.contains(FrameFlags::KNOWN_ZERO) {
+                // SAFETY: frame `i` was just handed to us by the allocator, so no one
+                // else reads or writes its bytes; the pointer is in the direct map.
+                unsafe { std::ptr::write_bytes(self.page_ptr_local(i), 0, PAGE_SIZE) };
+            }
+        }
+        Some(Pfn(self.base.0 + first))
+    }
+
+    /// Frees `2^order` frames starting at `pfn`. The caller gives up every reference.
+    #[inline]
+    pub fn free(&self, pfn: Pfn, order: Order) {
+        let first = self.local(pfn);
+        for i in first..first + order.frames() {
+            self.frames[i as usize].prep_free();
+        }
+        self.alloc.free(first, order.get(), current_cpu());
+    }
+
+    /// Frees many single frames of this node, one allocator lock per batch.
+    pub fn free_batch(&self, pfns: &[Pfn]) {
+        let mut local = Vec::with_capacity(pfns.len());
+        for &p in pfns {
+            let i = self.local(p);
+            self.frames[i as usize].prep_free();
+            local.push(i);
+        }
+        self.alloc.free_batch(&local);
+    }
+
+    /// Free frames (zone and caches).
+    pub fn free_frames(&self) -> u64 {
+        self.alloc.free_frames()
+    }
+
+    /// Zone lock acquisitions so far.
+    pub fn zone_lock_acquisitions(&self) -> u64 {
+        self.alloc.zone_acquisitions()
+    }
+
+    fn page_ptr_local(&self, i: u32) -> *mut u8 {
+        // The node's mapping covers `frames * PAGE_SIZE` bytes and `i < frames`.
+        self.map.base().wrapping_add(i as usize * PAGE_SIZE)
+    }
+
+    /// Returns the zone's free frames to the host (they read as zero and cost no host
+    /// memory afterwards). Caches are drained first.
+    pub fn release_free_memory(&self) -> Result<u64, HostError> {
+        self.alloc.drain();
+        // Hold no lock while punching: take each block out of the zone, punch, put back.
+        // Blocks are taken one order-sized run at a time so other allocations go on.
+        let mut released = 0;
+        for (first, order) in self.alloc.zone_free_blocks() {
+            // The block may have been allocated since the listing; take it only if the
+            // zone still has a block of this order there.
+            let got = self.take_exact(first, order);
+            if !got {
+                continue;
+            }
+            let len = (1u64 << order) * PAGE_SIZE as u64;
+            let res = self
+                .memfd
+                .punch_hole(u64::from(first) * PAGE_SIZE as u64, len);
+            for i in first..first + (1 << order) {
+                let f = &self.frames[i as usize];
+                if res.is_ok() {
+                    f.set(FrameFlags::KNOWN_ZERO);
+                }
+            }
+            self.alloc.free(first, order, current_cpu());
+            res?;
+            released += 1u64 << order;
+        }
+        Ok(released)
+    }
+
+    /// Takes the free block `first` of `order` out of the zone if it is still there.
+    fn take_exact(&self, first: u32, order: u32) -> bool {
+        self.alloc.take_exact(first, order)
+    }
+
+    /// Host memory this node's memfd holds now, in bytes.
+    pub fn resident_bytes(&self) -> Result<u64, HostError> {
+        self.memfd.allocated_bytes()
+    }
+}
+
+/// All the host frames the manager owns (see the module docs).
+#[derive(Debug)]
+pub struct Pool {
+    nodes: Vec<Node>,
+    kind: AllocatorKind,
+}
+
+impl Pool {
+    /// Builds a pool.
+    pub fn new(cfg: &PoolConfig) -> Result<Pool, PoolError> {
+        let mut nodes = Vec::with_capacity(cfg.nodes.len());
+        let mut base: u64 = 0;
+        if cfg.nodes.is_empty() {
+            return Err(PoolError::TooSmall {
+                node: 0,
+                frames: 0,
+                min: 1,
+            });
+        }
+        for (i, n) in cfg.nodes.iter().enumerate() {
+            if n.frames == 0 {
+                return Err(PoolError::TooSmall {
+                    node: i,
+                    frames: n.frames,
+                    min: 1,
+                });
+            }
+            if base + u64::from(n.frames) > u64::from(u32::MAX) || i > usize::from(u16::MAX) {
+                return Err(PoolError::TooLarge);
+            }
+            nodes.push(Node::new(
+                NodeId(i as u16),
+                Pfn(base as u32),
+                n,
+                cfg.allocator,
+            )?);
+            base += u64::from(n.frames);
+        }
+        Ok(Pool {
+            nodes,
+            kind: cfg.allocator,
+        })
+    }
+
+    /// The allocator design.
+    pub fn allocator(&self) -> AllocatorKind {
+        self.kind
+    }
+
+    /// The nodes.
+    pub fn nodes(&self) -> &[Node] {
+        &self.nodes
+    }
+
+    /// Node `id`. Panics if there is no such node (ids come from this pool).
+    pub fn node(&self, id: NodeId) -> &Node {
+        &self.nodes[usize::from(id.0)]
+    }
+
+    /// The node owning `pfn`. Panics if `pfn` is not in this pool (pfns come from it).
+    #[inline]
+    pub fn node_of(&self, pfn: Pfn) -> &Node {
+        if let [only] = self.nodes.as_slice() {
+            debug_assert!(only.contains(pfn));
+            return only;
+        }
+        self.nodes
+            .iter()
+            .find(|n| n.contains(pfn))
+            .unwrap_or_else(|| panic!("{pfn:?} is not in this pool"))
+    }
+
+    /// The descriptor of `pfn`.
+    #[inline]
+    pub fn frame(&self, pfn: Pfn) -> &Frame {
+        let n = self.node_of(pfn);
+        &n.frames[n.local(pfn) as usize]
+    }
+
+    /// Allocates `2^order` contiguous frames, from `preferred` if it can, else from the
+    /// other nodes in order.
+    #[inline]
+    pub fn alloc(
+        &self,
+        preferred: NodeId,
+        order: Order,
+        init: FrameInit,
+    ) -> Result<Pfn, AllocError> {
+        let first = usize::from(preferred.0).min(self.nodes.len() - 1);
+        if let Some(p) = self.nodes[first].alloc(order, init) {
+            return Ok(p);
+        }
+        for (i, n) in self.nodes.iter().enumerate() {
+            if i != first {
+                if let Some(p) = n.alloc(order, init) {
+                    return Ok(p);
+                }
+            }
+        }
+        Err(AllocError::Exhausted {
+            frames: order.frames(),
+            free: self.free_frames(),
+        })
+    }
+
+    /// Frees `2^order` frames starting at `pfn`.
+    #[inline]
+    pub fn free(&self, pfn: Pfn, order: Order) {
+        self.node_of(pfn).free(pfn, order);
+    }
+
+    /// Frees many single frames, grouped by node, one allocator lock per batch.
+    pub fn free_batch(&self, pfns: &[Pfn]) {
+        if let [only] = self.nodes.as_slice() {
+            only.free_batch(pfns);
+            return;
+        }
+        for n in &self.nodes {
+            let mine: Vec<Pfn> = pfns.iter().copied().filter(|&p| n.contains(p)).collect();
+            if !mine.is_empty() {
+                n.free_batch(&mine);
+            }
+        }
+    }
+
+    /// A pointer to the first byte of `pfn` in its node's direct map.
+    ///
+    /// The pointer is valid for `PAGE_SIZE` bytes for as long as the pool lives; who may
+    /// read or write through it is decided by frame ownership (see the crate's lock tree).
+    #[inline]
+    pub fn page_ptr(&self, pfn: Pfn) -> *mut u8 {
+        let n = self.node_of(pfn);
+        n.page_ptr_local(n.local(pfn))
+    }
+
+    /// Copies frame `src`'s bytes into frame `dst`.
+    ///
+    /// # Safety
+    /// The caller owns `dst` exclusively and no one writes `src` during the copy (it is
+    /// write-protected everywhere or locked).
+    pub unsafe fn copy_frame(&self, dst: Pfn, src: Pfn) {
+        // SAFETY: both pointers are valid for PAGE_SIZE bytes (see `page_ptr`), distinct
+        // frames do not overlap, and the caller guarantees no concurrent writers.
+        unsafe { std::ptr::copy_nonoverlapping(self.page_ptr(src), self.page_ptr(dst), PAGE_SIZE) };
+    }
+
+    /// Frames in the pool.
+    pub fn total_frames(&self) -> u64 {
+        self.nodes.iter().map(|n| u64::from(n.frames())).sum()
+    }
+
+    /// Free frames in the pool (zones and caches). Takes every allocator lock in turn.
+    pub fn free_frames(&self) -> u64 {
+        self.nodes.iter().map(Node::free_frames).sum()
+    }
+
+    /// Host memory the pool's frames hold now, in bytes.
+    pub fn resident_bytes(&self) -> Result<u64, HostError> {
+        self.nodes.iter().map(Node::resident_bytes).sum()
+    }
+
+    /// Returns every free frame's memory to the host; returns the frames released.
+    pub fn release_free_memory(&self) -> Result<u64, HostError> {
+        self.nodes.iter().map(Node::release_free_memory).sum()
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    fn pool(frames: u32, nodes: usize, kind: AllocatorKind) -> Pool {
+        Pool::new(&PoolConfig {
+            nodes: vec![
+                NodeConfig {
+                    frames,
+                    host_node: None
+                };
+                nodes
+            ],
+            allocator: kind,
+        })
+        .unwrap()
+    }
+
+    fn fill(pool: &Pool, pfn: Pfn, byte: u8) {
+        // SAFETY: the test owns `pfn`.
+        unsafe { std::ptr::write_bytes(pool.page_ptr(pfn), byte, PAGE_SIZE) };
+    }
+
+    fn all_bytes_are(pool: &Pool, pfn: Pfn, byte: u8) -> bool {
+        // SAFETY: the test owns `pfn`; the pointer is valid for PAGE_SIZE bytes.
+        let s = unsafe { std::slice::from_raw_parts(pool.page_ptr(pfn), PAGE_SIZE) };
+        s.iter().all(|&b| b == byte)
+    }
+
+    #[test]
+    fn a_freed_frame_reaches_its_next_owner_zeroed() {
+        for kind in AllocatorKind::ALL {
+            let p = pool(64, 1, kind);
+            let pfns: Vec<Pfn> = (0..64)
+                .map(|_| p.alloc(NodeId(0), Order::ZERO, FrameInit::Zeroed).unwrap())
+                .collect();
+            for &f in &pfns {
+                fill(&p, f, 0xEE);
+                p.free(f, Order::ZERO);
+            }
+            for _ in 0..64 {
+                let f = p.alloc(NodeId(0), Order::ZERO, FrameInit::Zeroed).unwrap();
+                assert!(
+                    all_bytes_are(&p, f, 0),
+                    "{kind:?}: old bytes leaked into {f:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn exhaustion_is_an_error_and_pool_keeps_working() {
+        let p = pool(16, 1, AllocatorKind::Magazine);
+        let got: Vec<Pfn> = (0..16)
+            .map(|_| p.alloc(NodeId(0), Order::ZERO, FrameInit::Zeroed).unwrap())
+            .collect();
+        let err = p
+            .alloc(NodeId(0), Order::ZERO, FrameInit::Zeroed)
+            .unwrap_err();
+        assert_eq!(err, AllocError::Exhausted { frames: 1, free: 0 });
+        assert!(err.to_string().contains("exhausted"));
+        p.free(got[3], Order::ZERO);
+        assert_eq!(
+            p.alloc(NodeId(0), Order::ZERO, FrameInit::Zeroed),
+            Ok(got[3])
+        );
+    }
+
+    #[test]
+    fn allocation_falls_back_to_other_nodes_and_pfns_do_not_overlap() {
+        let p = pool(8, 2, AllocatorKind::PerCpuLists);
+        let got: Vec<Pfn> = (0..16)
+            .map(|_| p.alloc(NodeId(1), Order::ZERO, FrameInit::Zeroed).unwrap())
+            .collect();
+        let on1 = got
+            .iter()
+            .filter(|&&f| p.node(NodeId(1)).contains(f))
+            .count();
+        assert_eq!(on1, 8);
+        let mut s = got.clone();
+        s.sort();
+        s.dedup();
+        assert_eq!(s.len(), 16);
+        assert_eq!(p.node_of(Pfn(9)).id(), NodeId(1));
+    }
+
+    #[test]
+    fn release_free_memory_returns_host_memory_and_frames_read_zero() {
+        let p = pool(1024, 1, AllocatorKind::Magazine);
+        let got: Vec<Pfn> = (0..1024)
+            .map(|_| p.alloc(NodeId(0), Order::ZERO, FrameInit::Zeroed).unwrap())
+            .collect();
+        for &f in &got {
+            fill(&p, f, 0x5A);
+        }
+        assert!(p.resident_bytes().unwrap() >= 1024 * PAGE_SIZE as u64);
+        p.free_batch(&got);
+        assert_eq!(p.release_free_memory().unwrap(), 1024);
+        assert_eq!(p.resident_bytes().unwrap(), 0);
+        assert_eq!(p.free_frames(), 1024);
+        let f = p.alloc(NodeId(0), Order::ZERO, FrameInit::Zeroed).unwrap();
+        assert_eq!(
+            p.resident_bytes().unwrap(),
+            0,
+            "known-zero frames are not rewritten"
+        );
+        assert!(all_bytes_are(&p, f, 0));
+    }
+
+    #[test]
+    fn empty_or_zero_sized_pools_are_rejected() {
+        let e = Pool::new(&PoolConfig {
+            nodes: vec![],
+            allocator: AllocatorKind::GlobalLock,
+        })
+        .unwrap_err();
+        assert!(matches!(e, PoolError::TooSmall { .. }));
+        let e = Pool::new(&PoolConfig::uniform(0, 1, AllocatorKind::GlobalLock)).unwrap_err();
+        assert!(e.to_string().contains("at least"));
+    }
+}
