@@ -27,11 +27,16 @@ pub mod alloc;
 pub mod frame;
 pub mod host;
 pub mod mmu;
+pub mod pagetable;
 pub mod pool;
+pub mod space;
 pub(crate) mod sync;
 pub mod types;
 pub(crate) mod zone;
 
 pub use alloc::AllocatorKind;
 pub use pool::{AllocError, FrameInit, NodeConfig, Pool, PoolConfig};
+pub use space::{
+    Access, AddressSpace, FaultOutcome, Manager, ManagerConfig, MemoryUsage, RegionSpec, SpaceError,
+};
 pub use types::{Gfn, Gpa, NodeId, Order, PAGE_SIZE, Pfn, VmId};

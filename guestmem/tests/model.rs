@@ -1,0 +1,434 @@
+//! Model-based tests of address spaces: random sequences of create, write, read, fork
+//! and exit, run against a reference model that holds every VM's bytes.
+//!
+//! Invariants checked:
+//! 1. Every read returns exactly the bytes the model holds for that VM (so a fork child
+//!    never sees its parent's later writes, nor the parent the child's, and untouched
+//!    memory reads as zero).
+//! 2. Every frame's mapcount equals the number of present entries naming it across all
+//!    live VMs, and its refcount equals its mapcount (no transient holders at rest).
+//! 3. No frame is writable in an entry while another entry maps it.
+//! 4. After every VM exits, the pool's free count is back to its total.
+//!
+//! The multi-thread run gives each thread its own family of VMs over one shared pool,
+//! manager and reverse-map context, so allocator, rmap and counter paths run concurrently
+//! while each thread checks its own model.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use guestmem::mmu::NoopMmu;
+use guestmem::pagetable::PteKind;
+use guestmem::{
+    AddressSpace, AllocatorKind, Gfn, Gpa, Manager, ManagerConfig, Order, PAGE_SIZE, Pool,
+    PoolConfig, RegionSpec,
+};
+use proptest::prelude::*;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+
+/// Two regions with a hole between them: gfn 0..24 and 32..64.
+const REGIONS: [RegionSpec; 2] = [
+    RegionSpec {
+        start: Gfn(0),
+        pages: 24,
+    },
+    RegionSpec {
+        start: Gfn(32),
+        pages: 32,
+    },
+];
+const SPAN: u64 = 64 * PAGE_SIZE as u64;
+
+fn in_ram(gpa: u64) -> bool {
+    let g = gpa / PAGE_SIZE as u64;
+    REGIONS
+        .iter()
+        .any(|r| g >= r.start.0 && g < r.start.0 + r.pages)
+}
+
+fn manager(frames: u32, design: rmap::Design, kind: AllocatorKind, around: u32) -> Arc<Manager> {
+    let pool = Arc::new(
+        Pool::new(&PoolConfig {
+            nodes: vec![guestmem::NodeConfig {
+                frames,
+                host_node: None,
+            }],
+            allocator: kind,
+        })
+        .unwrap(),
+    );
+    Manager::new(
+        pool,
+        ManagerConfig {
+            fault_around: Order::new(around).unwrap(),
+            rmap: rmap::RmapConfig {
+                design,
+                ..Default::default()
+            },
+        },
+    )
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Create,
+    Write {
+        vm: usize,
+        gpa: u64,
+        len: usize,
+        byte: u8,
+    },
+    Read {
+        vm: usize,
+        gpa: u64,
+        len: usize,
+    },
+    Fork {
+        vm: usize,
+    },
+    Exit {
+        vm: usize,
+    },
+    Check,
+}
+
+fn op_strategy() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        1 => Just(Op::Create),
+        8 => (any::<usize>(), 0..SPAN, 1..3 * PAGE_SIZE, any::<u8>())
+            .prop_map(|(vm, gpa, len, byte)| Op::Write { vm, gpa, len, byte }),
+        6 => (any::<usize>(), 0..SPAN, 1..3 * PAGE_SIZE).prop_map(|(vm, gpa, len)| Op::Read { vm, gpa, len }),
+        2 => any::<usize>().prop_map(|vm| Op::Fork { vm }),
+        1 => any::<usize>().prop_map(|vm| Op::Exit { vm }),
+        1 => Just(Op::Check),
+    ]
+}
+
+fn random_op(rng: &mut SmallRng) -> Op {
+    match rng.random_range(0..19) {
+        0 => Op::Create,
+        1..=8 => Op::Write {
+            vm: rng.random::<u32>() as usize,
+            gpa: rng.random_range(0..SPAN),
+            len: rng.random_range(1..3 * PAGE_SIZE),
+            byte: rng.random(),
+        },
+        9..=14 => Op::Read {
+            vm: rng.random::<u32>() as usize,
+            gpa: rng.random_range(0..SPAN),
+            len: rng.random_range(1..3 * PAGE_SIZE),
+        },
+        15 | 16 => Op::Fork {
+            vm: rng.random::<u32>() as usize,
+        },
+        17 => Op::Exit {
+            vm: rng.random::<u32>() as usize,
+        },
+        _ => Op::Check,
+    }
+}
+
+/// One family of VMs and their model.
+struct Family {
+    mm: Arc<Manager>,
+    vms: Vec<(Arc<AddressSpace>, Vec<u8>)>,
+    max_vms: usize,
+}
+
+impl Family {
+    fn new(mm: Arc<Manager>, max_vms: usize) -> Family {
+        Family {
+            mm,
+            vms: Vec::new(),
+            max_vms,
+        }
+    }
+
+    fn apply(&mut self, op: &Op) {
+        match *op {
+            Op::Create if self.vms.len() < self.max_vms => {
+                let vm = self.mm.create(&REGIONS, Arc::new(NoopMmu)).unwrap();
+                self.vms.push((vm, vec![0; SPAN as usize]));
+            }
+            Op::Write { vm, gpa, len, byte } if !self.vms.is_empty() => {
+                let n = self.vms.len();
+                let (space, model) = &mut self.vms[vm % n];
+                let len = len.min((SPAN - gpa) as usize);
+                let data: Vec<u8> = (0..len).map(|i| byte.wrapping_add(i as u8)).collect();
+                let fits = (gpa..gpa + len as u64).step_by(1).all(in_ram);
+                match space.write(Gpa(gpa), &data) {
+                    Ok(()) => {
+                        assert!(fits, "write to a hole succeeded");
+                        model[gpa as usize..gpa as usize + len].copy_from_slice(&data);
+                    }
+                    Err(e) => {
+                        assert!(!fits, "write failed: {e}");
+                        // Bytes before the hole were written; mirror them.
+                        let mut at = gpa;
+                        while at < gpa + len as u64 && in_ram(at) {
+                            model[at as usize] = data[(at - gpa) as usize];
+                            at += 1;
+                        }
+                    }
+                }
+            }
+            Op::Read { vm, gpa, len } if !self.vms.is_empty() => {
+                let (space, model) = &self.vms[vm % self.vms.len()];
+                let len = len.min((SPAN - gpa) as usize);
+                let mut buf = vec![0xA5; len];
+                let fits = (gpa..gpa + len as u64).all(in_ram);
+                match space.read(Gpa(gpa), &mut buf) {
+                    Ok(()) => {
+                        assert!(fits);
+                        assert!(
+                            buf == model[gpa as usize..gpa as usize + len],
+                            "{:?} read back wrong bytes at {gpa:#x}",
+                            space.id()
+                        );
+                    }
+                    Err(e) => assert!(!fits, "read failed: {e}"),
+                }
+            }
+            Op::Fork { vm } if !self.vms.is_empty() && self.vms.len() < self.max_vms => {
+                let i = vm % self.vms.len();
+                let child = self.vms[i].0.fork(Arc::new(NoopMmu)).unwrap();
+                let bytes = self.vms[i].1.clone();
+                self.vms.push((child, bytes));
+            }
+            Op::Exit { vm } if !self.vms.is_empty() => {
+                let (space, _) = self.vms.swap_remove(vm % self.vms.len());
+                space.exit();
+                assert!(space.read(Gpa(0), &mut [0]).is_err());
+            }
+            Op::Check => self.check_mappings(),
+            _ => {}
+        }
+    }
+
+    /// Invariants 2 and 3 over this family (its frames are mapped by no one else).
+    fn check_mappings(&self) {
+        let mut maps: HashMap<u32, (u32, bool)> = HashMap::new();
+        for (space, _) in &self.vms {
+            for r in REGIONS {
+                for g in r.start.0..r.start.0 + r.pages {
+                    if let PteKind::Present { pfn, writable } = space.pte(Gfn(g)).unwrap().kind() {
+                        let e = maps.entry(pfn.0).or_default();
+                        e.0 += 1;
+                        e.1 |= writable;
+                    }
+                }
+            }
+        }
+        let pool = self.mm.pool();
+        for (&pfn, &(n, writable)) in &maps {
+            let f = pool.frame(guestmem::Pfn(pfn));
+            assert_eq!(f.mapcount(), n, "mapcount of pfn {pfn:#x}");
+            assert_eq!(f.refcount(), n, "refcount of pfn {pfn:#x}");
+            assert!(
+                !(writable && n > 1),
+                "pfn {pfn:#x} writable while shared by {n}"
+            );
+        }
+    }
+
+    fn finish(mut self) {
+        self.check_mappings();
+        for (space, model) in self.vms.drain(..) {
+            let mut buf = vec![0; SPAN as usize];
+            for r in REGIONS {
+                let (a, b) = (
+                    r.start.0 as usize * PAGE_SIZE,
+                    (r.start.0 + r.pages) as usize * PAGE_SIZE,
+                );
+                space.read(Gpa(a as u64), &mut buf[a..b]).unwrap();
+                assert!(buf[a..b] == model[a..b], "final check of {:?}", space.id());
+            }
+            space.exit();
+        }
+    }
+}
+
+fn run_sequence(ops: &[Op], design: rmap::Design, kind: AllocatorKind) {
+    let mm = manager(8192, design, kind, 2);
+    let total = mm.pool().total_frames();
+    let mut fam = Family::new(Arc::clone(&mm), 8);
+    for op in ops {
+        fam.apply(op);
+    }
+    fam.finish();
+    assert_eq!(mm.pool().free_frames(), total, "frames leaked");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn random_sequences_match_the_model_chain(ops in prop::collection::vec(op_strategy(), 1..200)) {
+        run_sequence(&ops, rmap::Design::Chain, AllocatorKind::Magazine);
+    }
+
+    #[test]
+    fn random_sequences_match_the_model_flat(ops in prop::collection::vec(op_strategy(), 1..200)) {
+        run_sequence(&ops, rmap::Design::Flat, AllocatorKind::PerCpuLists);
+    }
+}
+
+fn threaded(total_ops: usize, threads: usize, seed: u64) {
+    let mm = manager(16384, rmap::Design::Chain, AllocatorKind::Magazine, 3);
+    let total = mm.pool().total_frames();
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            let mm = Arc::clone(&mm);
+            s.spawn(move || {
+                let mut rng = SmallRng::seed_from_u64(seed + t as u64);
+                let mut fam = Family::new(mm, 6);
+                for _ in 0..total_ops / threads {
+                    let op = random_op(&mut rng);
+                    fam.apply(&op);
+                }
+                fam.finish();
+            });
+        }
+    });
+    assert_eq!(mm.pool().free_frames(), total, "frames leaked");
+    let c = mm.counters();
+    assert!(
+        c.forks > 0 && c.cow_copies > 0 && c.zero_fill_faults > 0,
+        "{c:?}"
+    );
+}
+
+#[test]
+fn hundred_thousand_operations_on_four_threads_match_the_model() {
+    threaded(100_000, 4, 42);
+}
+
+#[test]
+#[ignore = "soak: cargo test -p guestmem --release --test model -- --ignored"]
+fn soak_two_million_operations() {
+    threaded(2_000_000, 4, 7);
+}
+
+#[test]
+fn several_threads_on_one_vm_write_disjoint_pages() {
+    let mm = manager(4096, rmap::Design::Chain, AllocatorKind::Magazine, 4);
+    let vm = mm
+        .create(
+            &[RegionSpec {
+                start: Gfn(0),
+                pages: 1024,
+            }],
+            Arc::new(NoopMmu),
+        )
+        .unwrap();
+    std::thread::scope(|s| {
+        for t in 0..4u64 {
+            let vm = &vm;
+            s.spawn(move || {
+                for round in 0..3u8 {
+                    for p in (t..1024).step_by(4) {
+                        let v = [(p as u8) ^ round; 64];
+                        vm.write(Gpa(p * PAGE_SIZE as u64 + 8), &v).unwrap();
+                    }
+                    if t == 0 && round == 1 {
+                        // A fork in the middle write-protects everything under the others.
+                        let child = vm.fork(Arc::new(NoopMmu)).unwrap();
+                        child.exit();
+                    }
+                }
+            });
+        }
+    });
+    for p in 0..1024u64 {
+        let mut b = [0u8; 64];
+        vm.read(Gpa(p * PAGE_SIZE as u64 + 8), &mut b).unwrap();
+        assert_eq!(b, [(p as u8) ^ 2; 64]);
+    }
+}
+
+#[test]
+fn a_new_vm_reads_zeros_after_many_vms_wrote_and_exited() {
+    let mm = manager(512, rmap::Design::Chain, AllocatorKind::Magazine, 0);
+    for i in 0..20u8 {
+        let vm = mm.create(&REGIONS, Arc::new(NoopMmu)).unwrap();
+        let junk = vec![i | 1; 24 * PAGE_SIZE];
+        vm.write(Gpa(0), &junk).unwrap();
+        let child = vm.fork(Arc::new(NoopMmu)).unwrap();
+        child.write(Gpa(0), &junk[..PAGE_SIZE * 8]).unwrap();
+        drop(vm);
+        drop(child);
+    }
+    let fresh = mm.create(&REGIONS, Arc::new(NoopMmu)).unwrap();
+    let mut buf = vec![0xFF; 24 * PAGE_SIZE];
+    fresh.read(Gpa(0), &mut buf).unwrap();
+    assert!(buf.iter().all(|&b| b == 0), "a new VM saw old bytes");
+}
+
+#[test]
+fn exhaustion_fails_only_the_faulting_vm_and_leaks_nothing() {
+    let mm = manager(20, rmap::Design::Chain, AllocatorKind::Magazine, 0);
+    let a = mm.create(&REGIONS, Arc::new(NoopMmu)).unwrap();
+    let b = mm.create(&REGIONS, Arc::new(NoopMmu)).unwrap();
+    b.write(Gpa(0), &[7; 4 * PAGE_SIZE]).unwrap();
+    // `a` eats the rest of the pool, then fails cleanly.
+    let mut written = 0;
+    let err = loop {
+        match a.write(Gpa(written * PAGE_SIZE as u64), &[1; PAGE_SIZE]) {
+            Ok(()) => written += 1,
+            Err(e) => break e,
+        }
+        assert!(written <= 24);
+    };
+    assert!(err.to_string().contains("exhausted"), "{err}");
+    // A fork needs no frames; the child's first write needs one and fails alone.
+    let child = a.fork(Arc::new(NoopMmu)).unwrap();
+    assert!(child.write(Gpa(0), &[9; 8]).is_err());
+    let mut buf = vec![0; 4 * PAGE_SIZE];
+    b.read(Gpa(0), &mut buf).unwrap();
+    assert!(buf.iter().all(|&x| x == 7), "another VM's bytes changed");
+    let mut one = [0u8; PAGE_SIZE];
+    child.read(Gpa(0), &mut one).unwrap();
+    assert!(one.iter().all(|&x| x == 1));
+    drop((a, b, child));
+    assert_eq!(mm.pool().free_frames(), 20);
+}
+
+#[test]
+fn fork_failing_in_rmap_leaves_the_parent_intact() {
+    let mm = manager(256, rmap::Design::Chain, AllocatorKind::Magazine, 0);
+    let vm = mm.create(&REGIONS, Arc::new(NoopMmu)).unwrap();
+    vm.write(Gpa(0), &[3; 2 * PAGE_SIZE]).unwrap();
+    let before = vm.memory();
+    mm.rmap().fail_allocations_after(1);
+    let err = vm.fork(Arc::new(NoopMmu)).unwrap_err();
+    mm.rmap().clear_failpoint();
+    assert!(err.to_string().contains("reverse maps"), "{err}");
+    assert_eq!(vm.memory(), before);
+    vm.write(Gpa(0), &[4; 8]).unwrap();
+    let c = vm.counters();
+    assert_eq!(c.cow_copies, 0, "no fork happened, so no copy");
+    drop(vm);
+    assert_eq!(mm.pool().free_frames(), 256);
+}
+
+#[test]
+fn accounting_follows_fork_and_cow() {
+    let mm = manager(1024, rmap::Design::Chain, AllocatorKind::Magazine, 0);
+    let vm = mm.create(&REGIONS, Arc::new(NoopMmu)).unwrap();
+    vm.write(Gpa(0), &vec![1; 16 * PAGE_SIZE]).unwrap();
+    let child = vm.fork(Arc::new(NoopMmu)).unwrap();
+    let m = child.memory();
+    assert_eq!((m.resident, m.shared, m.private), (16, 16, 0));
+    assert!((m.pss - 8.0).abs() < 1e-9);
+    child.write(Gpa(0), &vec![2; 4 * PAGE_SIZE]).unwrap();
+    let (p, c) = (vm.memory(), child.memory());
+    assert_eq!((c.shared, c.private), (12, 4));
+    assert_eq!((p.shared, p.private), (12, 4));
+    assert!((p.pss - 10.0).abs() < 1e-9);
+    assert_eq!(child.counters().cow_copies, 4);
+    // The parent's writes to its now-private pages reuse them.
+    vm.write(Gpa(0), &vec![3; 4 * PAGE_SIZE]).unwrap();
+    assert_eq!(vm.counters().cow_reuses, 4);
+    assert_eq!(vm.counters().cow_copies, 0);
+}
