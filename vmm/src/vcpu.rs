@@ -1,0 +1,711 @@
+//! vCPUs: one host thread per vCPU running the built-in guest's command loop, with pause
+//! and resume (a kick signal plus `immediate_exit`), crash reports carrying the vCPU's
+//! registers, and full state save/restore for snapshot-fork.
+//!
+//! The thread owns the run loop; the vCPU fd sits behind a mutex the thread holds only
+//! around each `KVM_RUN`, so once a vCPU is paused (or idle between commands) the
+//! controller may read and write its state from its own thread.
+//!
+//! Pausing is race-free: the controller sets `pause` and then sends [`kick_signal`]; the
+//! signal handler sets `kvm_run.immediate_exit` through a thread-local pointer, so a kick
+//! that lands just before `KVM_RUN` makes it return `EINTR` at once; the run loop clears
+//! `immediate_exit` after every return and checks `pause` before every entry.
+
+use std::cell::Cell;
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
+use std::thread::JoinHandle;
+
+use kvm_bindings::{
+    kvm_debugregs, kvm_fpu, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_run, kvm_segment, kvm_sregs,
+    kvm_vcpu_events, kvm_xcrs, CpuId, Msrs,
+};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
+
+use crate::guest::{self, CmdResult, Command, DOORBELL_PORT, ERROR_PORT};
+
+/// The signal that kicks a vCPU thread out of `KVM_RUN`.
+pub fn kick_signal() -> i32 {
+    SIGRTMIN()
+}
+
+thread_local! {
+    /// This thread's vCPU `kvm_run` page, for the kick handler (null on other threads).
+    static KVM_RUN_PTR: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let p = KVM_RUN_PTR.with(Cell::get);
+    if !p.is_null() {
+        // SAFETY: `p` is the kvm_run mmap of the vCPU owned by this thread, set by the run
+        // loop and cleared before the mapping goes away; a byte store is async-signal-safe.
+        unsafe { std::ptr::addr_of_mut!((*p).immediate_exit).write_volatile(1) };
+    }
+}
+
+fn install_kick_handler() -> Result<(), VcpuError> {
+    static ONCE: Once = Once::new();
+    static mut RESULT: i32 = 0;
+    ONCE.call_once(|| {
+        if let Err(e) = register_signal_handler(kick_signal(), kick_handler) {
+            // SAFETY: written only inside call_once, read only after it returns.
+            unsafe { RESULT = e.errno() };
+        }
+    });
+    // SAFETY: call_once above has completed, so no write races this read.
+    let r = unsafe { RESULT };
+    if r != 0 {
+        return Err(VcpuError::Kvm {
+            op: "install the vCPU kick signal handler",
+            source: std::io::Error::from_raw_os_error(r),
+        });
+    }
+    Ok(())
+}
+
+/// General registers and control state of a vCPU, for crash reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct RegsDump {
+    /// rip
+    pub rip: u64,
+    /// rsp
+    pub rsp: u64,
+    /// rflags
+    pub rflags: u64,
+    /// rax, rbx, rcx, rdx, rsi, rdi, rbp, r8 .. r15
+    pub gprs: [u64; 15],
+    /// cs selector (its low two bits are the CPL)
+    pub cs: u16,
+    /// cr0
+    pub cr0: u64,
+    /// cr2 (last page-fault address)
+    pub cr2: u64,
+    /// cr3
+    pub cr3: u64,
+    /// cr4
+    pub cr4: u64,
+    /// efer
+    pub efer: u64,
+}
+
+impl RegsDump {
+    fn new(r: &kvm_regs, s: &kvm_sregs) -> RegsDump {
+        RegsDump {
+            rip: r.rip,
+            rsp: r.rsp,
+            rflags: r.rflags,
+            gprs: [
+                r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp, r.r8, r.r9, r.r10, r.r11, r.r12,
+                r.r13, r.r14, r.r15,
+            ],
+            cs: s.cs.selector,
+            cr0: s.cr0,
+            cr2: s.cr2,
+            cr3: s.cr3,
+            cr4: s.cr4,
+            efer: s.efer,
+        }
+    }
+}
+
+impl std::fmt::Display for RegsDump {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let g = &self.gprs;
+        write!(
+            f,
+            "rip={:#x} rsp={:#x} rflags={:#x} cs={:#x} cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x} \
+             rax={:#x} rbx={:#x} rcx={:#x} rdx={:#x} rsi={:#x} rdi={:#x} r8={:#x} r13={:#x}",
+            self.rip, self.rsp, self.rflags, self.cs, self.cr0, self.cr2, self.cr3, self.cr4,
+            self.efer, g[0], g[1], g[2], g[3], g[4], g[5], g[7], g[12]
+        )
+    }
+}
+
+/// A vCPU operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    /// A KVM ioctl failed.
+    #[error("KVM call failed: {op}: {source}")]
+    Kvm {
+        /// What was attempted.
+        op: &'static str,
+        /// The host error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The guest crashed (triple fault, internal error, unexpected exit).
+    #[error("vCPU {vcpu} crashed: {reason}; registers: {regs}")]
+    GuestCrashed {
+        /// vCPU index.
+        vcpu: u32,
+        /// What KVM reported.
+        reason: String,
+        /// Registers at the crash.
+        regs: Box<RegsDump>,
+    },
+    /// The guest did not recognise a command (a VMM bug).
+    #[error("vCPU {vcpu}: the guest rejected opcode {op}")]
+    UnknownOp {
+        /// vCPU index.
+        vcpu: u32,
+        /// The opcode.
+        op: u64,
+    },
+    /// The VM's fault handler failed; the VM is stopped.
+    #[error("vCPU {vcpu} stopped: resolving a guest memory fault failed: {reason}")]
+    FaultFailed {
+        /// vCPU index.
+        vcpu: u32,
+        /// The resolver's error.
+        reason: String,
+    },
+    /// The vCPU crashed earlier and runs nothing more.
+    #[error("vCPU {0} crashed earlier; create a new VM")]
+    Dead(u32),
+    /// A state operation needs the vCPU paused or idle.
+    #[error("vCPU {0} is running a command: pause it first")]
+    NotPaused(u32),
+    /// `wait` without a submitted command, or the vCPU thread is gone.
+    #[error("vCPU {0} has no command in flight")]
+    NothingInFlight(u32),
+    /// A command's range is outside guest RAM or below the data region.
+    #[error("command {cmd:?} is outside the workload region {lo:#x}..{hi:#x}")]
+    BadCommand {
+        /// The command.
+        cmd: Command,
+        /// First usable gpa.
+        lo: u64,
+        /// End of guest RAM.
+        hi: u64,
+    },
+}
+
+fn kvm(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
+    move |e| VcpuError::Kvm {
+        op,
+        source: std::io::Error::from_raw_os_error(e.errno()),
+    }
+}
+
+/// A vCPU's complete architectural state, as saved by [`Vcpu::save_state`]. LAPIC state is
+/// not included: the VMs run without an in-kernel irqchip.
+#[derive(Debug, Clone)]
+pub struct VcpuState {
+    /// General registers.
+    pub regs: kvm_regs,
+    /// Segment and control registers.
+    pub sregs: kvm_sregs,
+    /// x87/SSE state.
+    pub fpu: kvm_fpu,
+    /// Extended control registers, where the host supports them.
+    pub xcrs: Option<kvm_xcrs>,
+    /// MSRs the host let us read.
+    pub msrs: Vec<kvm_msr_entry>,
+    /// Pending exceptions, interrupts, NMIs.
+    pub events: kvm_vcpu_events,
+    /// Multiprocessing state.
+    pub mp_state: kvm_mp_state,
+    /// Debug registers.
+    pub debugregs: kvm_debugregs,
+    /// The command the vCPU was running when paused (None: idle at the doorbell).
+    pub in_flight: Option<Command>,
+    /// Whether the guest had reached its command loop.
+    pub booted: bool,
+}
+
+/// Per-VM facts a vCPU needs: its workload bounds and the VM's failure flag.
+#[derive(Debug)]
+pub(crate) struct VmLink {
+    pub ram: u64,
+    /// Set by the fault handler when a fault cannot be resolved.
+    pub failure: Mutex<Option<String>>,
+}
+
+#[derive(Debug, Default)]
+struct Ctl {
+    pause: bool,
+    /// The thread is inside a command (between request and reply).
+    busy: bool,
+    /// The thread is parked on `pause` inside a command.
+    parked: bool,
+    in_flight: Option<Command>,
+    booted: bool,
+    dead: bool,
+    /// Submitted commands not yet waited for.
+    outstanding: u32,
+}
+
+#[derive(Debug)]
+struct Shared {
+    id: u32,
+    fd: Mutex<VcpuFd>,
+    ctl: Mutex<Ctl>,
+    cv: Condvar,
+    msr_indices: Vec<u32>,
+    has_xcrs: bool,
+    vm: Arc<VmLink>,
+}
+
+enum Req {
+    /// Load the command into registers and run it.
+    Run(Command),
+    /// Continue the command already in the registers (after a restore).
+    Continue(Command),
+    Exit,
+}
+
+/// A vCPU and its thread.
+#[derive(Debug)]
+pub struct Vcpu {
+    shared: Arc<Shared>,
+    tx: Mutex<Sender<Req>>,
+    rx: Mutex<Receiver<Result<CmdResult, VcpuError>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Req {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Req::Run(c) => write!(f, "Run({c:?})"),
+            Req::Continue(c) => write!(f, "Continue({c:?})"),
+            Req::Exit => write!(f, "Exit"),
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Options for a new vCPU.
+#[derive(Debug, Clone)]
+pub(crate) struct VcpuSetup {
+    pub id: u32,
+    pub cpuid: CpuId,
+    pub msr_indices: Vec<u32>,
+    pub has_xcrs: bool,
+    pub cpu: Option<usize>,
+}
+
+fn seg(selector: u16, code: bool) -> kvm_segment {
+    kvm_segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector,
+        type_: if code { 11 } else { 3 },
+        present: 1,
+        dpl: (selector & 3) as u8,
+        db: u8::from(!code),
+        s: 1,
+        l: u8::from(code),
+        g: 1,
+        ..Default::default()
+    }
+}
+
+/// Puts a fresh vCPU at the guest's entry: long mode, paging, ring 3, IOPL=3.
+fn init_boot_state(fd: &VcpuFd, setup: &VcpuSetup) -> Result<(), VcpuError> {
+    fd.set_cpuid2(&setup.cpuid).map_err(kvm("KVM_SET_CPUID2"))?;
+    let mut s = fd.get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
+    s.cr0 = 0x8001_0001; // PG | WP | PE
+    s.cr3 = guest::PML4_GPA;
+    s.cr4 = 1 << 5; // PAE
+    s.efer = 0x500; // LME | LMA
+    s.gdt.base = guest::GDT_GPA;
+    s.gdt.limit = (guest::gdt().len() * 8 - 1) as u16;
+    s.idt.base = 0;
+    s.idt.limit = 0;
+    s.cs = seg(guest::USER_CS, true);
+    let ds = seg(guest::USER_DS, false);
+    (s.ds, s.es, s.fs, s.gs, s.ss) = (ds, ds, ds, ds, ds);
+    fd.set_sregs(&s).map_err(kvm("KVM_SET_SREGS"))?;
+    let r = kvm_regs {
+        rip: guest::CODE_GPA,
+        rflags: 0x2 | (3 << 12), // IOPL=3
+        ..Default::default()
+    };
+    fd.set_regs(&r).map_err(kvm("KVM_SET_REGS"))?;
+    Ok(())
+}
+
+fn pin_to(cpu: usize) {
+    // SAFETY: cpu_set_t is plain data; CPU_SET stays inside it for cpu < CPU_SETSIZE, and
+    // sched_setaffinity(0) only affects this thread. Failure just leaves it unpinned.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if cpu < libc::CPU_SETSIZE as usize {
+            libc::CPU_SET(cpu, &mut set);
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+        }
+    }
+}
+
+/// Pins the calling thread to `cpu` (best effort).
+pub(crate) fn pin_current(cpu: Option<usize>) {
+    if let Some(c) = cpu {
+        pin_to(c);
+    }
+}
+
+impl Vcpu {
+    pub(crate) fn new(fd: VcpuFd, setup: VcpuSetup, vm: Arc<VmLink>) -> Result<Vcpu, VcpuError> {
+        install_kick_handler()?;
+        init_boot_state(&fd, &setup)?;
+        let shared = Arc::new(Shared {
+            id: setup.id,
+            fd: Mutex::new(fd),
+            ctl: Mutex::new(Ctl::default()),
+            cv: Condvar::new(),
+            msr_indices: setup.msr_indices,
+            has_xcrs: setup.has_xcrs,
+            vm,
+        });
+        let (tx, req_rx) = channel();
+        let (res_tx, rx) = channel();
+        let s = shared.clone();
+        let cpu = setup.cpu;
+        let thread = std::thread::Builder::new()
+            .name(format!("vcpu{}", setup.id))
+            .spawn(move || vcpu_thread(s, req_rx, res_tx, cpu))
+            .map_err(|e| VcpuError::Kvm {
+                op: "spawn the vCPU thread",
+                source: e,
+            })?;
+        Ok(Vcpu {
+            shared,
+            tx: Mutex::new(tx),
+            rx: Mutex::new(rx),
+            thread: Some(thread),
+        })
+    }
+
+    /// The vCPU thread's pthread id.
+    pub(crate) fn pthread(&self) -> Option<libc::pthread_t> {
+        use std::os::unix::thread::JoinHandleExt;
+        self.thread.as_ref().map(|t| t.as_pthread_t() as libc::pthread_t)
+    }
+
+    /// This vCPU's index.
+    pub fn id(&self) -> u32 {
+        self.shared.id
+    }
+
+    /// Starts `cmd` on this vCPU; collect its result with [`Vcpu::wait`].
+    pub fn submit(&self, cmd: Command) -> Result<(), VcpuError> {
+        let (lo, hi) = (guest::DATA_START, self.shared.vm.ram);
+        if cmd.start.gpa().0 < lo || cmd.end().0 > hi || cmd.pages == 0 || cmd.pages >= 1 << 32 {
+            return Err(VcpuError::BadCommand { cmd, lo, hi });
+        }
+        self.send(Req::Run(cmd))
+    }
+
+    fn send(&self, req: Req) -> Result<(), VcpuError> {
+        let mut ctl = lock(&self.shared.ctl);
+        if ctl.dead {
+            return Err(VcpuError::Dead(self.id()));
+        }
+        ctl.outstanding += 1;
+        drop(ctl);
+        lock(&self.tx)
+            .send(req)
+            .map_err(|_| VcpuError::NothingInFlight(self.id()))
+    }
+
+    /// Waits for the oldest submitted command's result.
+    pub fn wait(&self) -> Result<CmdResult, VcpuError> {
+        {
+            let mut ctl = lock(&self.shared.ctl);
+            if ctl.outstanding == 0 {
+                return Err(VcpuError::NothingInFlight(self.id()));
+            }
+            ctl.outstanding -= 1;
+        }
+        lock(&self.rx)
+            .recv()
+            .map_err(|_| VcpuError::NothingInFlight(self.id()))?
+    }
+
+    /// Runs `cmd` to completion.
+    pub fn run(&self, cmd: Command) -> Result<CmdResult, VcpuError> {
+        self.submit(cmd)?;
+        self.wait()
+    }
+
+    /// Stops the vCPU: when this returns it is not in `KVM_RUN` and will not enter it until
+    /// [`Vcpu::resume`]. A command in flight stays in flight.
+    pub fn pause(&self) {
+        let mut ctl = lock(&self.shared.ctl);
+        ctl.pause = true;
+        while ctl.busy && !ctl.parked {
+            if let Some(t) = &self.thread {
+                // Kick after setting `pause` (the run loop checks it after clearing
+                // immediate_exit). A failed kill means the thread is gone.
+                let _ = t.kill(kick_signal());
+            }
+            let (g, _) = self
+                .shared
+                .cv
+                .wait_timeout(ctl, std::time::Duration::from_millis(5))
+                .unwrap_or_else(|e| e.into_inner());
+            ctl = g;
+        }
+    }
+
+    /// Lets a paused vCPU run again.
+    pub fn resume(&self) {
+        let mut ctl = lock(&self.shared.ctl);
+        ctl.pause = false;
+        drop(ctl);
+        self.shared.cv.notify_all();
+    }
+
+    fn quiescent(&self) -> Result<Option<Command>, VcpuError> {
+        let ctl = lock(&self.shared.ctl);
+        if ctl.busy && !ctl.parked {
+            return Err(VcpuError::NotPaused(self.id()));
+        }
+        Ok(ctl.in_flight)
+    }
+
+    /// Saves the complete vCPU state. The vCPU must be paused ([`Vcpu::pause`]) or idle
+    /// between commands. Pending port I/O is completed first (a `KVM_RUN` with
+    /// `immediate_exit` set), as KVM's API requires before saving.
+    pub fn save_state(&self) -> Result<VcpuState, VcpuError> {
+        let in_flight = self.quiescent()?;
+        let booted = lock(&self.shared.ctl).booted;
+        let mut fd = lock(&self.shared.fd);
+        fd.set_kvm_immediate_exit(1);
+        let r = fd.run().map(|_| ()).map_err(|e| e.errno());
+        fd.set_kvm_immediate_exit(0);
+        match r {
+            Ok(()) => {}
+            Err(libc::EINTR) => {}
+            Err(e) => {
+                return Err(VcpuError::Kvm {
+                    op: "KVM_RUN (complete pending I/O)",
+                    source: std::io::Error::from_raw_os_error(e),
+                })
+            }
+        }
+        let mut msrs = Vec::with_capacity(self.shared.msr_indices.len());
+        for chunk in self.shared.msr_indices.chunks(kvm_bindings::KVM_MAX_MSR_ENTRIES) {
+            let entries: Vec<_> = chunk
+                .iter()
+                .map(|&index| kvm_msr_entry {
+                    index,
+                    ..Default::default()
+                })
+                .collect();
+            let mut m = Msrs::from_entries(&entries).map_err(|_| VcpuError::Kvm {
+                op: "build the MSR list",
+                source: std::io::Error::other("too many MSRs"),
+            })?;
+            let n = fd.get_msrs(&mut m).map_err(kvm("KVM_GET_MSRS"))?;
+            msrs.extend_from_slice(&m.as_slice()[..n]);
+        }
+        Ok(VcpuState {
+            regs: fd.get_regs().map_err(kvm("KVM_GET_REGS"))?,
+            sregs: fd.get_sregs().map_err(kvm("KVM_GET_SREGS"))?,
+            fpu: fd.get_fpu().map_err(kvm("KVM_GET_FPU"))?,
+            xcrs: if self.shared.has_xcrs {
+                Some(fd.get_xcrs().map_err(kvm("KVM_GET_XCRS"))?)
+            } else {
+                None
+            },
+            msrs,
+            events: fd.get_vcpu_events().map_err(kvm("KVM_GET_VCPU_EVENTS"))?,
+            mp_state: fd.get_mp_state().map_err(kvm("KVM_GET_MP_STATE"))?,
+            debugregs: fd.get_debug_regs().map_err(kvm("KVM_GET_DEBUGREGS"))?,
+            in_flight,
+            booted,
+        })
+    }
+
+    /// Loads `state` into this vCPU (paused or idle, with nothing in flight); if the state
+    /// had a command in flight, the vCPU continues it and [`Vcpu::wait`] returns its result.
+    /// MSRs the host refuses are skipped.
+    pub fn restore_state(&self, state: &VcpuState) -> Result<(), VcpuError> {
+        if self.quiescent()?.is_some() {
+            return Err(VcpuError::NotPaused(self.id()));
+        }
+        {
+            let fd = lock(&self.shared.fd);
+            fd.set_sregs(&state.sregs).map_err(kvm("KVM_SET_SREGS"))?;
+            fd.set_regs(&state.regs).map_err(kvm("KVM_SET_REGS"))?;
+            fd.set_fpu(&state.fpu).map_err(kvm("KVM_SET_FPU"))?;
+            if let (Some(x), true) = (&state.xcrs, self.shared.has_xcrs) {
+                fd.set_xcrs(x).map_err(kvm("KVM_SET_XCRS"))?;
+            }
+            // KVM_SET_MSRS stops at the first MSR it refuses: skip that one and go on.
+            let mut rest = &state.msrs[..];
+            while !rest.is_empty() {
+                let chunk = &rest[..rest.len().min(kvm_bindings::KVM_MAX_MSR_ENTRIES)];
+                let m = Msrs::from_entries(chunk).map_err(|_| VcpuError::Kvm {
+                    op: "build the MSR list",
+                    source: std::io::Error::other("too many MSRs"),
+                })?;
+                let n = fd.set_msrs(&m).map_err(kvm("KVM_SET_MSRS"))?;
+                rest = &rest[(n + usize::from(n < chunk.len())).min(rest.len())..];
+            }
+            fd.set_vcpu_events(&state.events)
+                .map_err(kvm("KVM_SET_VCPU_EVENTS"))?;
+            fd.set_mp_state(state.mp_state)
+                .map_err(kvm("KVM_SET_MP_STATE"))?;
+            fd.set_debug_regs(&state.debugregs)
+                .map_err(kvm("KVM_SET_DEBUGREGS"))?;
+        }
+        lock(&self.shared.ctl).booted = state.booted;
+        if let Some(cmd) = state.in_flight {
+            self.send(Req::Continue(cmd))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Vcpu {
+    fn drop(&mut self) {
+        let _ = lock(&self.tx).send(Req::Exit);
+        {
+            let mut ctl = lock(&self.shared.ctl);
+            ctl.dead = true;
+        }
+        // Unpark a paused thread and kick it out of KVM_RUN; it sees `dead` and stops.
+        self.resume();
+        if let Some(t) = self.thread.take() {
+            while !t.is_finished() {
+                let _ = t.kill(kick_signal());
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            let _ = t.join();
+        }
+    }
+}
+
+fn vcpu_thread(
+    s: Arc<Shared>,
+    rx: Receiver<Req>,
+    tx: Sender<Result<CmdResult, VcpuError>>,
+    cpu: Option<usize>,
+) {
+    pin_current(cpu);
+    let run_ptr: *mut kvm_run = lock(&s.fd).get_kvm_run();
+    KVM_RUN_PTR.with(|p| p.set(run_ptr));
+    while let Ok(req) = rx.recv() {
+        let (cmd, load) = match req {
+            Req::Run(c) => (c, true),
+            Req::Continue(c) => (c, false),
+            Req::Exit => break,
+        };
+        {
+            let mut ctl = lock(&s.ctl);
+            ctl.busy = true;
+            ctl.in_flight = Some(cmd);
+        }
+        let r = run_command(&s, cmd, load);
+        let mut ctl = lock(&s.ctl);
+        ctl.busy = false;
+        ctl.in_flight = None;
+        if matches!(
+            r,
+            Err(VcpuError::GuestCrashed { .. } | VcpuError::FaultFailed { .. })
+        ) {
+            ctl.dead = true;
+        }
+        drop(ctl);
+        s.cv.notify_all();
+        if tx.send(r).is_err() {
+            break;
+        }
+    }
+    KVM_RUN_PTR.with(|p| p.set(std::ptr::null_mut()));
+}
+
+fn run_command(s: &Shared, cmd: Command, load: bool) -> Result<CmdResult, VcpuError> {
+    if load {
+        if !lock(&s.ctl).booted {
+            // First command: run the guest from its entry to its first doorbell.
+            run_to_doorbell(s)?;
+            lock(&s.ctl).booted = true;
+        }
+        let fd = lock(&s.fd);
+        let mut r = fd.get_regs().map_err(kvm("KVM_GET_REGS"))?;
+        r.rdi = cmd.op as u64;
+        r.rsi = cmd.start.gpa().0;
+        r.rdx = cmd.end().0;
+        r.rcx = cmd.seed;
+        r.r8 = cmd.count;
+        fd.set_regs(&r).map_err(kvm("KVM_SET_REGS"))?;
+    }
+    let r = run_to_doorbell(s)?;
+    Ok(CmdResult { r0: r.rax, r1: r.rbx })
+}
+
+fn crash(s: &Shared, fd: &VcpuFd, reason: String) -> VcpuError {
+    let regs = fd.get_regs().unwrap_or_default();
+    let sregs = fd.get_sregs().unwrap_or_default();
+    VcpuError::GuestCrashed {
+        vcpu: s.id,
+        reason,
+        regs: Box::new(RegsDump::new(&regs, &sregs)),
+    }
+}
+
+/// Runs until the guest rings the doorbell; returns its registers then.
+fn run_to_doorbell(s: &Shared) -> Result<kvm_regs, VcpuError> {
+    loop {
+        {
+            let mut ctl = lock(&s.ctl);
+            while ctl.pause && !ctl.dead {
+                ctl.parked = true;
+                s.cv.notify_all();
+                ctl = s.cv.wait(ctl).unwrap_or_else(|e| e.into_inner());
+            }
+            ctl.parked = false;
+            if ctl.dead {
+                return Err(VcpuError::Dead(s.id));
+            }
+        }
+        if let Some(reason) = lock(&s.vm.failure).clone() {
+            return Err(VcpuError::FaultFailed { vcpu: s.id, reason });
+        }
+        let mut fd = lock(&s.fd);
+        let exit = match fd.run() {
+            Ok(VcpuExit::IoOut(DOORBELL_PORT, _)) => Ok(None),
+            Ok(VcpuExit::IoOut(ERROR_PORT, _)) => Err(VcpuError::UnknownOp {
+                vcpu: s.id,
+                op: fd.get_regs().map(|r| r.rdi).unwrap_or(0),
+            }),
+            Ok(VcpuExit::Intr) => Ok(Some(())),
+            Ok(VcpuExit::Shutdown) => Err(crash(s, &fd, "triple fault (KVM_EXIT_SHUTDOWN)".into())),
+            Ok(VcpuExit::InternalError) => Err(crash(s, &fd, "KVM internal error".into())),
+            Ok(VcpuExit::FailEntry(reason, cpu)) => Err(crash(
+                s,
+                &fd,
+                format!("VM entry failed (hardware reason {reason:#x} on cpu {cpu})"),
+            )),
+            Ok(VcpuExit::IoOut(port, _)) => Err(crash(s, &fd, format!("unexpected OUT to port {port:#x}"))),
+            Ok(VcpuExit::IoIn(port, _)) => Err(crash(s, &fd, format!("unexpected IN from port {port:#x}"))),
+            Ok(VcpuExit::MmioRead(addr, _)) | Ok(VcpuExit::MmioWrite(addr, _)) => Err(crash(
+                s,
+                &fd,
+                format!("access to {addr:#x}, outside guest RAM"),
+            )),
+            Ok(other) => {
+                let reason = format!("unexpected exit {other:?}");
+                Err(crash(s, &fd, reason))
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(Some(())),
+            Err(e) => {
+                let reason = format!("KVM_RUN failed: {}", std::io::Error::from_raw_os_error(e.errno()));
+                Err(crash(s, &fd, reason))
+            }
+        };
+        fd.set_kvm_immediate_exit(0);
+        match exit {
+            Ok(None) => return fd.get_regs().map_err(kvm("KVM_GET_REGS")),
+            Ok(Some(())) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}

@@ -1,0 +1,427 @@
+//! A VM: its KVM fd, its guest RAM [`Window`] (memslot 0 at gpa 0), its fault handler
+//! thread and its vCPUs running the built-in guest.
+//!
+//! The fault handler thread polls the window's userfaultfd, resolves each fault through
+//! the VM's [`FaultResolver`] and wakes the faulting vCPU. A fault it cannot resolve stops
+//! the VM (its vCPUs return [`VcpuError::FaultFailed`]); other VMs are unaffected. Pin the
+//! VM to one CPU ([`VmConfig::cpu`]) to keep the handler and the faulting vCPU together:
+//! cross-CPU wake-ups cost about 5x here.
+
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use guestmem::types::{Gfn, Gpa, PAGE_SIZE};
+use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES, kvm_userspace_memory_region};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+
+use crate::fault::{FaultCounts, FaultError, FaultKind, FaultResolver, FaultStats, handle_event};
+use crate::guest::{self, CmdResult, Command};
+use crate::sys::uffd::{Uffd, UffdError};
+use crate::vcpu::{Vcpu, VcpuError, VcpuSetup, VmLink};
+use crate::window::{Window, WindowError};
+
+const PAGE: u64 = PAGE_SIZE as u64;
+
+/// Creating or driving a VM failed.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// `/dev/kvm` could not be opened.
+    #[error(
+        "cannot open /dev/kvm: {0}; load the kvm module and make sure this user may open it (e.g. add it to the `kvm` group)"
+    )]
+    NoKvm(#[source] std::io::Error),
+    /// A KVM call failed.
+    #[error("KVM call failed: {op}: {source}")]
+    Kvm {
+        /// What was attempted.
+        op: &'static str,
+        /// The host error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A bad configuration.
+    #[error("bad VM configuration: {0}")]
+    Config(String),
+    /// The guest RAM window failed.
+    #[error(transparent)]
+    Window(#[from] WindowError),
+    /// userfaultfd failed.
+    #[error(transparent)]
+    Uffd(#[from] UffdError),
+    /// Resolving a boot-region page failed.
+    #[error(transparent)]
+    Fault(#[from] FaultError),
+    /// A vCPU failed.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+}
+
+fn kvm_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |e| VmError::Kvm {
+        op,
+        source: std::io::Error::from_raw_os_error(e.errno()),
+    }
+}
+
+/// `/dev/kvm` and what the host supports, opened once and shared by all VMs.
+#[derive(Debug)]
+pub struct Hypervisor {
+    kvm: Kvm,
+    cpuid: CpuId,
+    msr_indices: Vec<u32>,
+    has_xcrs: bool,
+}
+
+impl Hypervisor {
+    /// Opens `/dev/kvm` and reads the supported CPUID and MSR lists.
+    pub fn new() -> Result<Hypervisor, VmError> {
+        let kvm = Kvm::new().map_err(|e| VmError::NoKvm(std::io::Error::from_raw_os_error(e.errno())))?;
+        let cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let msr_indices = kvm
+            .get_msr_index_list()
+            .map(|l| l.as_slice().to_vec())
+            .unwrap_or_default();
+        let has_xcrs = kvm.check_extension(Cap::Xcrs);
+        let mut hv = Hypervisor {
+            kvm,
+            cpuid,
+            msr_indices,
+            has_xcrs,
+        };
+        hv.filter_msrs()?;
+        Ok(hv)
+    }
+
+    /// Keeps only the MSRs a vCPU here lets us read (KVM_GET_MSRS stops at the first
+    /// refused one, so each is tried alone on a scratch vCPU).
+    fn filter_msrs(&mut self) -> Result<(), VmError> {
+        let vm = self.kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        let vcpu = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        self.msr_indices.retain(|&index| {
+            let entry = kvm_bindings::kvm_msr_entry {
+                index,
+                ..Default::default()
+            };
+            kvm_bindings::Msrs::from_entries(&[entry])
+                .ok()
+                .and_then(|mut m| vcpu.get_msrs(&mut m).ok())
+                == Some(1)
+        });
+        Ok(())
+    }
+
+    /// The MSRs vCPU state save/restore covers.
+    pub fn msr_indices(&self) -> &[u32] {
+        &self.msr_indices
+    }
+}
+
+/// A VM's shape.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// Guest RAM bytes (a multiple of 4 KiB, more than the 1 MiB boot region).
+    pub mem_bytes: u64,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Pin the fault handler and every vCPU thread to this host CPU.
+    pub cpu: Option<usize>,
+}
+
+/// A running VM (see the module docs). Dropping it stops its threads and frees its memory.
+#[derive(Debug)]
+pub struct Vm {
+    // Field order is drop order: vCPU threads, then the handler, then the KVM VM (memslot),
+    // then the resolver and the window the memslot pointed into.
+    vcpus: Vec<Vcpu>,
+    /// pthread ids the fault handler may kick; emptied before the vCPU threads end.
+    kick: Arc<Mutex<Vec<libc::pthread_t>>>,
+    handler: Option<JoinHandle<()>>,
+    stop: OwnedFd,
+    vm_fd: VmFd,
+    link: Arc<VmLink>,
+    stats: Arc<FaultStats>,
+    resolver: Arc<dyn FaultResolver>,
+    window: Arc<Window>,
+}
+
+impl Vm {
+    /// Creates a VM with `cfg.mem_bytes` of guest RAM (all holes), builds its resolver with
+    /// `make_resolver`, writes the guest's boot region (resolving those pages directly,
+    /// not counted as faults), and starts the fault handler and the vCPU threads. The
+    /// vCPUs wait for commands.
+    pub fn new(
+        hv: &Hypervisor,
+        cfg: &VmConfig,
+        make_resolver: impl FnOnce(&Arc<Window>) -> Result<Arc<dyn FaultResolver>, FaultError>,
+    ) -> Result<Vm, VmError> {
+        if cfg.mem_bytes <= guest::DATA_START || cfg.mem_bytes % PAGE != 0 || cfg.mem_bytes > guest::MAX_RAM {
+            return Err(VmError::Config(format!(
+                "guest RAM {:#x} must be a multiple of 4 KiB above 1 MiB and at most 64 GiB",
+                cfg.mem_bytes
+            )));
+        }
+        if cfg.vcpus == 0 {
+            return Err(VmError::Config("a VM needs at least one vCPU".into()));
+        }
+        let uffd = Arc::new(Uffd::new()?);
+        let window = Arc::new(Window::new(uffd, cfg.mem_bytes)?);
+        let resolver = make_resolver(&window)?;
+        let vm_fd = hv.kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        let region = kvm_userspace_memory_region {
+            slot: 0,
+            flags: 0,
+            guest_phys_addr: 0,
+            memory_size: cfg.mem_bytes,
+            userspace_addr: window.host_base(),
+        };
+        // SAFETY: the region is the window's mapping, which outlives the VM fd (field order
+        // in Vm); KVM follows later changes to mappings inside it.
+        unsafe { vm_fd.set_user_memory_region(region) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        // Intel hardware KVM wants a TSS address set before running; harmless elsewhere.
+        let _ = vm_fd.set_tss_address(0xfffb_d000);
+
+        write_boot_region(&window, resolver.as_ref(), cfg.mem_bytes)?;
+
+        let link = Arc::new(VmLink {
+            ram: cfg.mem_bytes,
+            failure: Mutex::new(None),
+        });
+        let stats = Arc::new(FaultStats::default());
+        // SAFETY: eventfd takes flags only and returns a new fd or -1.
+        let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if efd < 0 {
+            return Err(VmError::Kvm {
+                op: "eventfd for the fault handler",
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        // SAFETY: a fresh fd nothing else owns.
+        let stop = unsafe { OwnedFd::from_raw_fd(efd) };
+
+        let mut vcpus = Vec::with_capacity(cfg.vcpus as usize);
+        for id in 0..cfg.vcpus {
+            let fd = vm_fd.create_vcpu(u64::from(id)).map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            let setup = VcpuSetup {
+                id,
+                cpuid: hv.cpuid.clone(),
+                msr_indices: hv.msr_indices.clone(),
+                has_xcrs: hv.has_xcrs,
+                cpu: cfg.cpu,
+            };
+            vcpus.push(Vcpu::new(fd, setup, link.clone())?);
+        }
+        let kick = Arc::new(Mutex::new(vcpus.iter().filter_map(Vcpu::pthread).collect()));
+        let mut vm = Vm {
+            vcpus,
+            kick,
+            handler: None,
+            stop,
+            vm_fd,
+            link,
+            stats,
+            resolver,
+            window,
+        };
+        vm.handler = Some(vm.spawn_handler(cfg.cpu)?);
+        Ok(vm)
+    }
+
+    fn spawn_handler(&self, cpu: Option<usize>) -> Result<JoinHandle<()>, VmError> {
+        let window = self.window.clone();
+        let resolver = self.resolver.clone();
+        let stats = self.stats.clone();
+        let link = self.link.clone();
+        let stop = self.stop.try_clone().map_err(|e| VmError::Kvm {
+            op: "dup the stop eventfd",
+            source: e,
+        })?;
+        let kick = self.kick.clone();
+        std::thread::Builder::new()
+            .name("uffd-handler".into())
+            .spawn(move || {
+                crate::vcpu::pin_current(cpu);
+                fault_loop(&window, resolver.as_ref(), &stats, &link, &stop, &kick)
+            })
+            .map_err(|e| VmError::Kvm {
+                op: "spawn the fault handler thread",
+                source: e,
+            })
+    }
+
+    /// The vCPUs.
+    pub fn vcpus(&self) -> &[Vcpu] {
+        &self.vcpus
+    }
+
+    /// vCPU `i`.
+    pub fn vcpu(&self, i: usize) -> Option<&Vcpu> {
+        self.vcpus.get(i)
+    }
+
+    /// Runs `cmd` on vCPU `i` to completion.
+    pub fn run(&self, i: usize, cmd: Command) -> Result<CmdResult, VcpuError> {
+        self.vcpus
+            .get(i)
+            .ok_or(VcpuError::NothingInFlight(i as u32))?
+            .run(cmd)
+    }
+
+    /// Pauses every vCPU.
+    pub fn pause(&self) {
+        self.vcpus.iter().for_each(Vcpu::pause);
+    }
+
+    /// Resumes every vCPU.
+    pub fn resume(&self) {
+        self.vcpus.iter().for_each(Vcpu::resume);
+    }
+
+    /// The guest RAM window.
+    pub fn window(&self) -> &Arc<Window> {
+        &self.window
+    }
+
+    /// The resolver.
+    pub fn resolver(&self) -> &Arc<dyn FaultResolver> {
+        &self.resolver
+    }
+
+    /// Faults handled so far, by kind.
+    pub fn fault_counts(&self) -> FaultCounts {
+        self.stats.snapshot()
+    }
+
+    /// Why the VM stopped, if its fault handler failed.
+    pub fn failure(&self) -> Option<String> {
+        self.vcpu_link_failure()
+    }
+
+    fn vcpu_link_failure(&self) -> Option<String> {
+        self.link.failure.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The KVM VM fd.
+    pub fn vm_fd(&self) -> &VmFd {
+        &self.vm_fd
+    }
+
+    /// Reads the word at `gpa` from the host side (faults a hole in, counted).
+    pub fn read_u64(&self, gpa: Gpa) -> Result<u64, VmError> {
+        Ok(self.window.read_u64(gpa)?)
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.kick.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        self.vcpus.clear();
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from `one` to our eventfd.
+        unsafe { libc::write(self.stop.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        if let Some(h) = self.handler.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+fn write_boot_region(window: &Window, resolver: &dyn FaultResolver, ram: u64) -> Result<(), VmError> {
+    let program = guest::program();
+    let mut chunks: Vec<(u64, Vec<u8>)> = guest::page_tables(ram)
+        .into_iter()
+        .map(|(gpa, words)| (gpa, words.iter().flat_map(|w| w.to_le_bytes()).collect()))
+        .collect();
+    chunks.push((guest::GDT_GPA, guest::gdt().iter().flat_map(|w| w.to_le_bytes()).collect()));
+    chunks.push((guest::CODE_GPA, program));
+    // Page 0 too: KVM reads it when the vCPU first enters (descriptor tables based at 0).
+    chunks.push((0, vec![0; 8]));
+    for (gpa, bytes) in chunks {
+        let first = gpa / PAGE;
+        let last = (gpa + bytes.len().max(1) as u64 - 1) / PAGE;
+        for g in first..=last {
+            resolver.resolve(Gfn(g), FaultKind::Missing { write: true })?;
+        }
+        window.write_bytes(Gpa(gpa), &bytes)?;
+    }
+    Ok(())
+}
+
+fn fault_loop(
+    window: &Window,
+    resolver: &dyn FaultResolver,
+    stats: &FaultStats,
+    link: &VmLink,
+    stop: &OwnedFd,
+    kick: &Mutex<Vec<libc::pthread_t>>,
+) {
+    let uffd = window.uffd().clone();
+    let mut fds = [
+        libc::pollfd {
+            fd: uffd.as_fd().as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: stop.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    loop {
+        // SAFETY: `fds` is a valid array of two pollfds for the duration of the call.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if n < 0 {
+            continue; // EINTR
+        }
+        if fds[1].revents != 0 {
+            return;
+        }
+        loop {
+            let ev = match uffd.read_event() {
+                Ok(Some(ev)) => ev,
+                Ok(None) => break,
+                Err(e) => {
+                    fail(link, e.to_string(), kick);
+                    return;
+                }
+            };
+            if let Err(e) = handle_event(window, &uffd, resolver, stats, ev) {
+                tracing::error!("guest fault failed: {e}");
+                fail(link, e.to_string(), kick);
+                // Release every vCPU waiting on a fault: with the window unregistered, their
+                // retries get plain anonymous memory and they reach the failure check at
+                // their next exit (the kick makes that immediate).
+                let _ = uffd.unregister(window.host_base(), window.size());
+                fail(link, String::new(), kick);
+                wait_stop(stop);
+                return;
+            }
+        }
+    }
+}
+
+/// Records the VM's failure (the first reason wins) and kicks its vCPUs.
+fn fail(link: &VmLink, reason: String, kick: &Mutex<Vec<libc::pthread_t>>) {
+    link.failure
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get_or_insert(reason);
+    let threads = kick.lock().unwrap_or_else(|e| e.into_inner());
+    for &t in threads.iter() {
+        // SAFETY: the list holds only live vCPU threads: Vm::drop empties it (under this
+        // lock) before it ends them.
+        unsafe { libc::pthread_kill(t, crate::vcpu::kick_signal()) };
+    }
+}
+
+fn wait_stop(stop: &OwnedFd) {
+    let mut p = libc::pollfd {
+        fd: stop.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    while unsafe { libc::poll(&mut p, 1, -1) } <= 0 {}
+}
