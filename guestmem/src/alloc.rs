@@ -36,11 +36,16 @@
 //! request, the allocator drains every cache ([`Allocator::drain`]) and tries once more
 //! before it reports exhaustion, as Linux drains the pcp lists before OOM.
 
-use crate::sync::{Mutex, lock, try_lock};
+use crate::sync::{Mutex, SpinGuard, SpinLock, lock};
 use crate::zone::{Buddy, Zone};
 
 /// Frames in one magazine.
+#[cfg(not(loom))]
 pub const MAG_SIZE: usize = 64;
+/// Frames in one magazine (small under loom, so that a few operations reach every
+/// refill, exchange and drain path).
+#[cfg(loom)]
+pub const MAG_SIZE: usize = 2;
 /// The per-cpu lists' refill/drain batch (Linux's default `pcp->batch` is 63 on large zones).
 pub const PCP_BATCH: usize = 63;
 /// The per-cpu lists' high mark (Linux: `6 * batch`).
@@ -149,7 +154,8 @@ struct Depot {
 
 #[derive(Debug)]
 struct MagazineAlloc {
-    slots: Box<[Padded<Mutex<Slot>>]>,
+    /// One per CPU; each protected by its own spinlock.
+    slots: Box<[Padded<SpinLock<Slot>>]>,
     depot: Mutex<Depot>,
     /// Full magazines the depot keeps before it drains one to the zone.
     depot_capacity: usize,
@@ -189,7 +195,7 @@ impl Allocator {
             AllocatorKind::Magazine => Design::Magazine(MagazineAlloc {
                 slots: (0..cpus)
                     .map(|_| {
-                        Padded(Mutex::new(Slot {
+                        Padded(SpinLock::new(Slot {
                             loaded: Mag::empty(),
                             previous: Mag::empty(),
                         }))
@@ -239,7 +245,7 @@ impl Allocator {
         match &self.design {
             Design::Global => self.zone.lock().alloc(0),
             Design::PerCpu(p) => {
-                let mut list = lock(&p.lists[cpu % p.lists.len()].0);
+                let mut list = lock(&p.lists[slot_index(cpu, p.lists.len())].0);
                 if let Some(f) = list.frames.pop() {
                     return Some(f);
                 }
@@ -266,7 +272,7 @@ impl Allocator {
         match &self.design {
             Design::Global => self.zone.lock().free(f, 0),
             Design::PerCpu(p) => {
-                let mut list = lock(&p.lists[cpu % p.lists.len()].0);
+                let mut list = lock(&p.lists[slot_index(cpu, p.lists.len())].0);
                 list.frames.push(f);
                 if list.frames.len() > PCP_HIGH {
                     let mut zone = self.zone.lock();
@@ -320,7 +326,7 @@ impl Allocator {
             }
             Design::Magazine(m) => {
                 for slot in m.slots.iter() {
-                    let mut slot = lock(&slot.0);
+                    let mut slot = slot.0.lock();
                     let slot = &mut *slot;
                     let mut zone = self.zone.lock();
                     for mag in [&mut slot.loaded, &mut slot.previous] {
@@ -351,7 +357,7 @@ impl Allocator {
                     .slots
                     .iter()
                     .map(|s| {
-                        let s = lock(&s.0);
+                        let s = s.0.lock();
                         s.loaded.n + s.previous.n
                     })
                     .sum();
@@ -373,6 +379,13 @@ impl Allocator {
     }
 }
 
+/// The cache slot of `cpu` among `n`: `cpu` itself when in range (no division on the
+/// hot path), else `cpu % n`.
+#[inline]
+fn slot_index(cpu: usize, n: usize) -> usize {
+    if cpu < n { cpu } else { cpu % n }
+}
+
 fn free_all(zone: &mut Buddy, frames: &[u32]) {
     for &f in frames {
         zone.free(f, 0);
@@ -383,15 +396,25 @@ impl MagazineAlloc {
     /// Locks the caller's preferred slot, or another one round-robin with `try_lock` when
     /// it is busy, or waits for the preferred one when every slot is busy.
     #[inline]
-    fn slot(&self, cpu: usize) -> crate::sync::MutexGuard<'_, Slot> {
+    fn slot(&self, cpu: usize) -> SpinGuard<'_, Slot> {
         let n = self.slots.len();
-        let preferred = cpu % n;
-        for k in 0..n {
-            if let Some(g) = try_lock(&self.slots[(preferred + k) % n].0) {
+        let preferred = slot_index(cpu, n);
+        if let Some(g) = self.slots[preferred].0.try_lock() {
+            return g;
+        }
+        for k in 1..n {
+            let i = preferred + k;
+            let slot = &self.slots[if i >= n { i - n } else { i }].0;
+            // Test before test-and-set: a busy slot's line is not pulled away from
+            // its holder by a failing compare-and-swap.
+            if slot.is_locked() {
+                continue;
+            }
+            if let Some(g) = slot.try_lock() {
                 return g;
             }
         }
-        lock(&self.slots[preferred].0)
+        self.slots[preferred].0.lock()
     }
 
     #[inline]

@@ -81,7 +81,7 @@ impl std::fmt::Debug for FrameFlags {
 }
 
 /// One host frame's descriptor.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Frame {
     /// [`FrameFlags`] bits. Set and cleared with atomic RMW; LOCKED is the frame lock.
     flags: AtomicU32,
@@ -96,6 +96,20 @@ pub struct Frame {
     mapping: AtomicUsize,
     /// The frame's page offset within its anon_vma (the `page->index` analogue).
     index: AtomicU64,
+}
+
+impl Default for Frame {
+    /// A free frame with no flags. (Written out because loom's atomics, swapped in by
+    /// `crate::sync` under `--cfg loom`, do not implement `Default`.)
+    fn default() -> Frame {
+        Frame {
+            flags: AtomicU32::new(0),
+            refcount: AtomicU32::new(0),
+            mapcount: AtomicU32::new(0),
+            mapping: AtomicUsize::new(0),
+            index: AtomicU64::new(0),
+        }
+    }
 }
 
 impl Frame {
@@ -199,29 +213,37 @@ impl Frame {
         self.mapping.swap(mapping, Ordering::AcqRel)
     }
 
-    /// Resets a frame that an allocator hands out: one reference, no mappings, no rmap
-    /// link, flags cleared except KNOWN_ZERO (which the caller consumes).
-    pub(crate) fn prep_new(&self) {
+    /// Resets a frame that an allocator hands out: one reference, no mappings, ALLOCATED
+    /// set and KNOWN_ZERO consumed. Returns the flags before, so that the caller knows
+    /// whether the frame was zero. One atomic read-modify-write on the hot path; a second
+    /// only for a frame that was known to be zero.
+    pub(crate) fn prep_new(&self) -> FrameFlags {
         let before = self.set(FrameFlags::ALLOCATED);
         debug_assert!(
             !before.contains(FrameFlags::ALLOCATED),
             "frame handed out twice: {before:?}"
         );
+        if before.contains(FrameFlags::KNOWN_ZERO) {
+            self.clear(FrameFlags::KNOWN_ZERO);
+        }
         self.refcount.store(1, Ordering::Relaxed);
         self.mapcount.store(0, Ordering::Relaxed);
+        before
     }
 
     /// Marks a frame free again (called by the node before it goes back to an allocator).
     pub(crate) fn prep_free(&self) {
-        let before = self.clear(FrameFlags::ALLOCATED);
+        // Keep only KNOWN_ZERO (set by whoever knows the contents are zero); this clears
+        // ALLOCATED too, in one atomic read-modify-write. AcqRel: as `clear`.
+        let before = FrameFlags(
+            self.flags
+                .fetch_and(FrameFlags::KNOWN_ZERO.0, Ordering::AcqRel),
+        );
         debug_assert!(
             before.contains(FrameFlags::ALLOCATED),
             "frame freed twice: {before:?}"
         );
         debug_assert_eq!(self.mapcount(), 0, "freeing a mapped frame");
-        // Keep only KNOWN_ZERO (set by whoever knows the contents are zero).
-        self.flags
-            .fetch_and(FrameFlags::KNOWN_ZERO.0, Ordering::AcqRel);
         self.mapping.store(0, Ordering::Relaxed);
     }
 }

@@ -182,8 +182,7 @@ impl Node {
         let first = self.alloc.alloc(order.get(), current_cpu())?;
         for i in first..first + order.frames() {
             let frame = &self.frames[i as usize];
-            frame.prep_new();
-            let was = frame.clear(FrameFlags::KNOWN_ZERO);
+            let was = frame.prep_new();
             if init == FrameInit::Zeroed && !was.contains(FrameFlags::KNOWN_ZERO) {
                 // SAFETY: frame `i` was just handed to us by the allocator, so no one
                 // else reads or writes its bytes; the pointer is in the direct map.
