@@ -130,6 +130,23 @@ impl Memfd {
         Ok(())
     }
 
+    /// Allocates host memory for all of the memfd now (`fallocate`), so that later first
+    /// touches do not pay for it. The contents still read as zero.
+    pub fn allocate_all(&self) -> Result<(), HostError> {
+        let err = |source| HostError::Punch {
+            offset: 0,
+            bytes: self.len,
+            source,
+        };
+        let len = libc::off_t::try_from(self.len)
+            .map_err(|_| err(io::Error::from(io::ErrorKind::InvalidInput)))?;
+        // SAFETY: `fd` is a valid memfd; mode 0 only allocates blocks, contents unchanged.
+        if unsafe { libc::fallocate(self.fd.as_raw_fd(), 0, 0, len) } != 0 {
+            return Err(err(io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+
     /// Bytes of host memory the memfd holds now (resident or swapped by the host).
     pub fn allocated_bytes(&self) -> Result<u64, HostError> {
         let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
@@ -208,6 +225,16 @@ impl DirectMap {
     /// Whether the mapping is empty.
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// Fills the mapping's host page tables now (`MADV_POPULATE_WRITE`), so that first
+    /// accesses through the direct map do not fault. Best effort: older hosts lack it.
+    pub fn populate(&self) {
+        const MADV_POPULATE_WRITE: libc::c_int = 23;
+        // SAFETY: advice on our own mapping; it changes no contents.
+        unsafe {
+            libc::madvise(self.base.as_ptr().cast(), self.len, MADV_POPULATE_WRITE);
+        }
     }
 
     /// Binds the pages of the mapping to host NUMA node `node` (MPOL_BIND).

@@ -408,6 +408,103 @@ impl Manager {
     }
 }
 
+/// How reclaim's referenced check ([`Manager::frame_referenced`]) takes its locks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum ReferencedLocking {
+    /// Seed 1: `try_read` on the anon_vma root and `try_lock` on each page-table lock;
+    /// anything contended counts as referenced (the page stays active), so reclaim never
+    /// waits behind a fork, an exit or a faulting vCPU.
+    Trylock,
+    /// The older design: wait for the root lock and every page-table lock.
+    Blocking,
+}
+
+/// What [`Manager::frame_referenced`] found.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Referenced {
+    /// Mappings whose entry was young (their young bit is now cleared).
+    pub referenced: u32,
+    /// Mappings the walk handed to the check (the rmap's cost).
+    pub examined: u64,
+    /// A lock was contended (only with [`ReferencedLocking::Trylock`]).
+    pub contended: bool,
+}
+
+impl Referenced {
+    /// Whether reclaim should treat the frame as recently used.
+    pub fn is_referenced(&self) -> bool {
+        self.referenced > 0 || self.contended
+    }
+}
+
+impl Manager {
+    /// Reclaim's `page_referenced`: walks the reverse map of `pfn` and tests-and-clears
+    /// the young bit of every entry mapping it.
+    ///
+    /// Takes a reference on the frame (skipping a frame being freed) and its frame lock
+    /// (a locked frame is busy: reported as contended) so that its rmap link stays put.
+    pub fn frame_referenced(&self, pfn: Pfn, locking: ReferencedLocking) -> Referenced {
+        let mut out = Referenced::default();
+        let frame = self.pool.frame(pfn);
+        if !frame.get_unless_zero() {
+            return out;
+        }
+        if !frame.try_lock() {
+            out.contended = true;
+            self.put_frame(pfn);
+            return out;
+        }
+        let (raw, pgoff) = frame.rmap_link();
+        if raw != 0 {
+            // SAFETY: `raw` came from `AnonVma::into_raw` when the frame was linked; the
+            // link changes or is released only with the frame locked or at refcount 0,
+            // and we hold both the frame lock and a reference, so it stays alive.
+            let anon = unsafe { AnonVma::borrow_raw(raw) };
+            let mode = match locking {
+                ReferencedLocking::Trylock => rmap::WalkMode::TryShared,
+                ReferencedLocking::Blocking => rmap::WalkMode::Shared,
+            };
+            let walked = rmap::rmap_walk(anon, pgoff, mode, |region: &RegionHandle, pgoff| {
+                out.examined += 1;
+                let index = pgoff - region.start.0;
+                if index >= region.table.pages() {
+                    return std::ops::ControlFlow::Continue(());
+                }
+                let locked = match locking {
+                    ReferencedLocking::Trylock => region.table.try_lock(index),
+                    ReferencedLocking::Blocking => Some(region.table.lock(index)),
+                };
+                let Some((mut blk, slot)) = locked else {
+                    out.contended = true;
+                    return std::ops::ControlFlow::Continue(());
+                };
+                let pte = blk.ptes[slot];
+                if pte.pfn() == Some(pfn) && pte.is_young() {
+                    out.referenced += 1;
+                    blk.ptes[slot] = pte.mkold();
+                }
+                std::ops::ControlFlow::Continue(())
+            });
+            if matches!(walked, Ok(rmap::WalkOutcome::Contended)) {
+                out.contended = true;
+            }
+        }
+        frame.unlock();
+        self.put_frame(pfn);
+        out
+    }
+
+    /// Drops a transient reference; frees the frame if it was the last.
+    fn put_frame(&self, pfn: Pfn) {
+        let frame = self.pool.frame(pfn);
+        if frame.put() == 0 {
+            release_link(frame);
+            self.pool.free(pfn, Order::ZERO);
+            self.counters.add(&self.counters.frames_freed, 1);
+        }
+    }
+}
+
 /// Runs of consecutive guest pages to tell the host about, merged as they are found.
 #[derive(Debug, Default)]
 struct Runs {
