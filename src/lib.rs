@@ -191,7 +191,12 @@ impl Experiment {
     }
 
     /// The value of `metric` for `variant` at `params`, if measured.
-    pub fn get(&self, variant: &str, params: &BTreeMap<String, Value>, metric: &str) -> Option<f64> {
+    pub fn get(
+        &self,
+        variant: &str,
+        params: &BTreeMap<String, Value>,
+        metric: &str,
+    ) -> Option<f64> {
         self.rows
             .iter()
             .find(|r| r.variant == variant && &r.params == params)

@@ -162,6 +162,19 @@ impl Frame {
         self.refcount.fetch_add(1, Ordering::Relaxed) + 1
     }
 
+    /// Adds a reference unless the count is zero (the frame is being freed); returns
+    /// whether it did (Linux `get_page_unless_zero`).
+    #[inline]
+    pub fn get_unless_zero(&self) -> bool {
+        // Acquire on success: pairs with the AcqRel of `put`, so the new holder sees the
+        // frame as its last releaser left it.
+        self.refcount
+            .fetch_update(Ordering::Acquire, Ordering::Relaxed, |c| {
+                (c > 0).then_some(c + 1)
+            })
+            .is_ok()
+    }
+
     /// Drops a reference; returns the count after (0: the caller frees the frame).
     #[inline]
     pub fn put(&self) -> u32 {
