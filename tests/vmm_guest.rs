@@ -6,7 +6,7 @@ use std::sync::Arc;
 use guestmem::types::{Gfn, Gpa};
 use vmm::guest::{self, DATA_START, pattern, random_accesses};
 use vmm::{
-    Command, FaultResolver, Hypervisor, Op, ScaffoldResolver, Vm, VmConfig, VcpuError, VmError,
+    Command, FaultResolver, Hypervisor, Op, ScaffoldResolver, VcpuError, Vm, VmConfig, VmError,
 };
 
 const MIB: u64 = 1 << 20;
@@ -61,19 +61,25 @@ fn fill_then_verify_through_first_touch_faults() {
     let t = vm(&hv, 16 * MIB, 1);
     let pages = 1000;
     let before = t.vm.fault_counts();
-    let r = t.vm.run(0, Command::new(Op::Fill, data(0), pages, 42)).expect("fill");
+    let r =
+        t.vm.run(0, Command::new(Op::Fill, data(0), pages, 42))
+            .expect("fill");
     assert_eq!(r.r0, 0);
     let after_fill = t.vm.fault_counts();
     assert_eq!(after_fill.missing_write - before.missing_write, pages);
     assert_eq!(after_fill.missing_read, before.missing_read);
-    let v = t.vm.run(0, Command::new(Op::Verify, data(0), pages, 42)).expect("verify");
+    let v =
+        t.vm.run(0, Command::new(Op::Verify, data(0), pages, 42))
+            .expect("verify");
     assert_eq!(v.mismatches(), 0, "first bad {:?}", v.first_bad());
     assert_eq!(v.first_bad(), None);
     // The host sees the same bytes.
     let gpa = data(7).gpa().0 + 8 * 13;
     assert_eq!(t.vm.read_u64(Gpa(gpa)).unwrap(), pattern(42, gpa));
     // A wrong seed mismatches every word, and the first bad address is the first word.
-    let bad = t.vm.run(0, Command::new(Op::Verify, data(0), 2, 43)).expect("verify");
+    let bad =
+        t.vm.run(0, Command::new(Op::Verify, data(0), 2, 43))
+            .expect("verify");
     assert_eq!(bad.mismatches(), 1024);
     assert_eq!(bad.first_bad(), Some(data(0).gpa()));
     assert_eq!(t.vm.fault_counts().total(), after_fill.total());
@@ -84,25 +90,38 @@ fn fault_counts_by_kind_match_the_workload() {
     let Some(hv) = hypervisor() else { return };
     let t = vm(&hv, 16 * MIB, 1);
     // Reads of absent pages: one MISSING read fault each.
-    let touch = t.vm.run(0, Command::new(Op::Touch, data(0), 100, 0)).expect("touch");
+    let touch =
+        t.vm.run(0, Command::new(Op::Touch, data(0), 100, 0))
+            .expect("touch");
     assert_eq!((touch.r0, touch.r1), (0, 100));
     let c = t.vm.fault_counts();
-    assert_eq!((c.missing_read, c.missing_write, c.write_protect), (100, 0, 0));
+    assert_eq!(
+        (c.missing_read, c.missing_write, c.write_protect),
+        (100, 0, 0)
+    );
     // Writes to pages already there: no faults.
-    t.vm.run(0, Command::new(Op::Fill, data(0), 100, 5)).expect("fill");
+    t.vm.run(0, Command::new(Op::Fill, data(0), 100, 5))
+        .expect("fill");
     assert_eq!(t.vm.fault_counts().total(), 100);
     // Write-protect half, write everything: one WP (copy-on-write) fault per protected page.
     t.scaffold.write_protect(data(0), 50).expect("protect");
-    t.vm.run(0, Command::new(Op::Dirty, data(0), 100, 6)).expect("dirty");
+    t.vm.run(0, Command::new(Op::Dirty, data(0), 100, 6))
+        .expect("dirty");
     let c = t.vm.fault_counts();
-    assert_eq!((c.missing_read, c.missing_write, c.write_protect), (100, 0, 50));
+    assert_eq!(
+        (c.missing_read, c.missing_write, c.write_protect),
+        (100, 0, 50)
+    );
     // Reads of protected pages do not fault; the copies kept their contents.
     t.scaffold.write_protect(data(0), 100).expect("protect");
-    t.vm.run(0, Command::new(Op::Touch, data(0), 100, 0)).expect("touch");
+    t.vm.run(0, Command::new(Op::Touch, data(0), 100, 0))
+        .expect("touch");
     assert_eq!(t.vm.fault_counts().write_protect, 50);
     // Unmapped pages fault again as MISSING and come back zero.
     t.scaffold.unmap(data(90), 10).expect("unmap");
-    let sum = t.vm.run(0, Command::new(Op::Checksum, data(90), 10, 0)).expect("checksum");
+    let sum =
+        t.vm.run(0, Command::new(Op::Checksum, data(90), 10, 0))
+            .expect("checksum");
     assert_eq!(sum.r0, 0);
     assert_eq!(t.vm.fault_counts().missing_read, 110);
 }
@@ -112,7 +131,8 @@ fn random_accesses_and_checksum_match_the_rust_model() {
     let Some(hv) = hypervisor() else { return };
     let t = vm(&hv, 8 * MIB, 1);
     let (start, pages, seed) = (data(0), 64, 0xdead_beef);
-    t.vm.run(0, Command::new(Op::Fill, start, pages, seed)).expect("fill");
+    t.vm.run(0, Command::new(Op::Fill, start, pages, seed))
+        .expect("fill");
     let cmd = Command::random(start, pages, seed, 20_000);
     let r = t.vm.run(0, cmd).expect("random");
     let (mut sum, mut writes) = (0u64, 0u64);
@@ -125,9 +145,13 @@ fn random_accesses_and_checksum_match_the_rust_model() {
     }
     assert_eq!((r.r0, r.r1), (sum, writes));
     // Random writes store the fill pattern: memory still verifies.
-    let v = t.vm.run(0, Command::new(Op::Verify, start, pages, seed)).expect("verify");
+    let v =
+        t.vm.run(0, Command::new(Op::Verify, start, pages, seed))
+            .expect("verify");
     assert_eq!(v.mismatches(), 0);
-    let ck = t.vm.run(0, Command::new(Op::Checksum, start, pages, 0)).expect("checksum");
+    let ck =
+        t.vm.run(0, Command::new(Op::Checksum, start, pages, 0))
+            .expect("checksum");
     let lo = start.gpa().0;
     let want = (0..pages * 512).fold(0u64, |s, i| s.wrapping_add(pattern(seed, lo + i * 8)));
     assert_eq!((ck.r0, ck.r1), (want, pages * 512));
@@ -139,8 +163,13 @@ fn several_vcpus_work_on_disjoint_ranges() {
     let t = vm(&hv, 32 * MIB, 4);
     let per = 512;
     for (i, v) in t.vm.vcpus().iter().enumerate() {
-        v.submit(Command::new(Op::Fill, data(i as u64 * per), per, 100 + i as u64))
-            .expect("submit");
+        v.submit(Command::new(
+            Op::Fill,
+            data(i as u64 * per),
+            per,
+            100 + i as u64,
+        ))
+        .expect("submit");
     }
     for v in t.vm.vcpus() {
         v.wait().expect("fill");
@@ -150,7 +179,12 @@ fn several_vcpus_work_on_disjoint_ranges() {
         // Each vCPU verifies its neighbour's range.
         let j = (i + 1) % 4;
         let r = v
-            .run(Command::new(Op::Verify, data(j as u64 * per), per, 100 + j as u64))
+            .run(Command::new(
+                Op::Verify,
+                data(j as u64 * per),
+                per,
+                100 + j as u64,
+            ))
             .expect("verify");
         assert_eq!(r.mismatches(), 0, "vcpu {i} checking range {j}");
     }
@@ -167,8 +201,11 @@ fn several_vms_run_at_once() {
                     let t = vm(hv, 16 * MIB, 2);
                     for round in 0..3 {
                         let seed = k * 1000 + round;
-                        t.vm.run(0, Command::new(Op::Fill, data(0), 800, seed)).expect("fill");
-                        let v = t.vm.run(1, Command::new(Op::Verify, data(0), 800, seed)).expect("verify");
+                        t.vm.run(0, Command::new(Op::Fill, data(0), 800, seed))
+                            .expect("fill");
+                        let v =
+                            t.vm.run(1, Command::new(Op::Verify, data(0), 800, seed))
+                                .expect("verify");
                         assert_eq!(v.mismatches(), 0);
                     }
                     t.vm.fault_counts().missing_write + t.vm.fault_counts().missing_read
@@ -208,7 +245,10 @@ fn crashing_guest_is_reported_and_its_sibling_runs_on() {
         Err(VcpuError::Dead(0))
     ));
     good.vm.vcpus()[0].wait().expect("fill");
-    let v = good.vm.run(0, Command::new(Op::Verify, data(0), 1000, 9)).expect("verify");
+    let v = good
+        .vm
+        .run(0, Command::new(Op::Verify, data(0), 1000, 9))
+        .expect("verify");
     assert_eq!(v.mismatches(), 0);
 }
 
@@ -219,7 +259,8 @@ fn pause_save_and_restore_continue_a_command_on_another_vcpu() {
     let pages = (60 * MIB - DATA_START) / 4096;
     // Warm the range so the fill runs long on already-mapped memory.
     let cmd = Command::new(Op::Fill, data(0), pages, 77);
-    t.vm.run(0, Command::new(Op::Fill, data(0), pages, 1)).expect("warm");
+    t.vm.run(0, Command::new(Op::Fill, data(0), pages, 1))
+        .expect("warm");
     let (v0, v1) = (&t.vm.vcpus()[0], &t.vm.vcpus()[1]);
     let mut paused_mid_command = false;
     for _ in 0..20 {
@@ -240,7 +281,9 @@ fn pause_save_and_restore_continue_a_command_on_another_vcpu() {
         }
     }
     assert!(paused_mid_command, "never caught the fill in flight");
-    let v = t.vm.run(1, Command::new(Op::Verify, data(0), pages, 77)).expect("verify");
+    let v =
+        t.vm.run(1, Command::new(Op::Verify, data(0), pages, 77))
+            .expect("verify");
     assert_eq!(v.mismatches(), 0);
     let _ = guest::CODE_GPA;
 }
@@ -269,8 +312,15 @@ fn a_fault_that_cannot_be_resolved_stops_only_its_vm() {
         .run(0, Command::new(Op::Fill, data(0), 200, 1))
         .expect_err("out of frames");
     assert!(matches!(err, VcpuError::FaultFailed { .. }), "{err}");
-    assert!(small.failure().is_some_and(|f| f.contains("out of guest frames")));
-    let v = good.vm.run(0, Command::new(Op::Fill, data(0), 200, 1)).expect("sibling fill");
+    assert!(
+        small
+            .failure()
+            .is_some_and(|f| f.contains("out of guest frames"))
+    );
+    let v = good
+        .vm
+        .run(0, Command::new(Op::Fill, data(0), 200, 1))
+        .expect("sibling fill");
     assert_eq!(v.r0, 0);
 }
 
@@ -285,8 +335,12 @@ fn bad_config_and_commands_are_rejected() {
     let e = Vm::new(&hv, &cfg, |_| unreachable!()).expect_err("unaligned");
     assert!(matches!(e, VmError::Config(_)));
     let t = vm(&hv, 4 * MIB, 1);
-    let e = t.vm.run(0, Command::new(Op::Fill, Gfn(0), 1, 0)).expect_err("boot region");
+    let e =
+        t.vm.run(0, Command::new(Op::Fill, Gfn(0), 1, 0))
+            .expect_err("boot region");
     assert!(matches!(e, VcpuError::BadCommand { .. }));
-    let e = t.vm.run(0, Command::new(Op::Fill, data(0), 4 * 256, 0)).expect_err("past RAM");
+    let e =
+        t.vm.run(0, Command::new(Op::Fill, data(0), 4 * 256, 0))
+            .expect_err("past RAM");
     assert!(matches!(e, VcpuError::BadCommand { .. }));
 }

@@ -281,10 +281,22 @@ mod tests {
             bytes(|a| a.mov_imm(Reg::R12, 0x9E37_79B9_7F4A_7C15)),
             [0x49, 0xbc, 0x15, 0x7c, 0x4a, 0x7f, 0xb9, 0x79, 0x37, 0x9e]
         );
-        assert_eq!(bytes(|a| a.alu(Alu::Xor, Reg::R10, Reg::RCX)), [0x49, 0x31, 0xca]);
-        assert_eq!(bytes(|a| a.alu(Alu::Sub, Reg::R14, Reg::RSI)), [0x49, 0x29, 0xf6]);
-        assert_eq!(bytes(|a| a.alu(Alu::Cmp, Reg::R13, Reg::RDX)), [0x49, 0x39, 0xd5]);
-        assert_eq!(bytes(|a| a.imul(Reg::R10, Reg::R12)), [0x4d, 0x0f, 0xaf, 0xd4]);
+        assert_eq!(
+            bytes(|a| a.alu(Alu::Xor, Reg::R10, Reg::RCX)),
+            [0x49, 0x31, 0xca]
+        );
+        assert_eq!(
+            bytes(|a| a.alu(Alu::Sub, Reg::R14, Reg::RSI)),
+            [0x49, 0x29, 0xf6]
+        );
+        assert_eq!(
+            bytes(|a| a.alu(Alu::Cmp, Reg::R13, Reg::RDX)),
+            [0x49, 0x39, 0xd5]
+        );
+        assert_eq!(
+            bytes(|a| a.imul(Reg::R10, Reg::R12)),
+            [0x4d, 0x0f, 0xaf, 0xd4]
+        );
         assert_eq!(bytes(|a| a.shr(Reg::R11, 29)), [0x49, 0xc1, 0xeb, 0x1d]);
         assert_eq!(bytes(|a| a.shl(Reg::R10, 13)), [0x49, 0xc1, 0xe2, 0x0d]);
         assert_eq!(
@@ -306,11 +318,23 @@ mod tests {
 
     #[test]
     fn memory_forms_match_gnu_as() {
-        assert_eq!(bytes(|a| a.store(Reg::R13, Reg::R10)), [0x4d, 0x89, 0x55, 0x00]);
+        assert_eq!(
+            bytes(|a| a.store(Reg::R13, Reg::R10)),
+            [0x4d, 0x89, 0x55, 0x00]
+        );
         assert_eq!(bytes(|a| a.store(Reg::RAX, Reg::RCX)), [0x48, 0x89, 0x08]);
-        assert_eq!(bytes(|a| a.store(Reg::R12, Reg::RAX)), [0x49, 0x89, 0x04, 0x24]);
-        assert_eq!(bytes(|a| a.add_load(Reg::RAX, Reg::R13)), [0x49, 0x03, 0x45, 0x00]);
-        assert_eq!(bytes(|a| a.cmp_load(Reg::R10, Reg::R13)), [0x4d, 0x3b, 0x55, 0x00]);
+        assert_eq!(
+            bytes(|a| a.store(Reg::R12, Reg::RAX)),
+            [0x49, 0x89, 0x04, 0x24]
+        );
+        assert_eq!(
+            bytes(|a| a.add_load(Reg::RAX, Reg::R13)),
+            [0x49, 0x03, 0x45, 0x00]
+        );
+        assert_eq!(
+            bytes(|a| a.cmp_load(Reg::R10, Reg::R13)),
+            [0x4d, 0x3b, 0x55, 0x00]
+        );
         assert_eq!(bytes(|a| a.load(Reg::RDX, Reg::RSI)), [0x48, 0x8b, 0x16]);
     }
 
@@ -326,7 +350,9 @@ mod tests {
         });
         assert_eq!(
             code,
-            [0x0f, 0x83, 0x05, 0, 0, 0, 0xe9, 0xf5, 0xff, 0xff, 0xff, 0xe6, 0x10]
+            [
+                0x0f, 0x83, 0x05, 0, 0, 0, 0xe9, 0xf5, 0xff, 0xff, 0xff, 0xe6, 0x10
+            ]
         );
     }
 }

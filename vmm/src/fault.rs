@@ -129,7 +129,9 @@ pub fn handle_event(
     };
     let t0 = std::time::Instant::now();
     let gfn = window.gfn_of(addr).ok_or(FaultError::OutsideRam(addr))?;
-    if std::env::var_os("VMM_DEBUG_FAULTS").is_some() { eprintln!("fault {gfn} {kind:?}"); }
+    if std::env::var_os("VMM_DEBUG_FAULTS").is_some() {
+        eprintln!("fault {gfn} {kind:?}");
+    }
     resolver.resolve(gfn, kind)?;
     uffd.wake(addr, PAGE)
         .map_err(|e| FaultError::Other(e.to_string()))?;
@@ -244,10 +246,20 @@ impl FaultResolver for ScaffoldResolver {
                 // SAFETY: both frames are inside the direct map of the pool (frame <
                 // frames), which lives as long as self; they are distinct frames.
                 unsafe {
-                    std::ptr::copy_nonoverlapping(self.frame_ptr(m.frame), self.frame_ptr(f), PAGE as usize)
+                    std::ptr::copy_nonoverlapping(
+                        self.frame_ptr(m.frame),
+                        self.frame_ptr(f),
+                        PAGE as usize,
+                    )
                 };
                 self.map(gfn, f, true)?;
-                map.insert(gfn.0, Mapped { frame: f, writable: true });
+                map.insert(
+                    gfn.0,
+                    Mapped {
+                        frame: f,
+                        writable: true,
+                    },
+                );
                 Ok(())
             }
             (None, _) => {
@@ -256,7 +268,13 @@ impl FaultResolver for ScaffoldResolver {
                 // SAFETY: inside the direct map (frame < frames); frames are handed out once.
                 unsafe { self.frame_ptr(f).write_volatile(0) };
                 self.map(gfn, f, true)?;
-                map.insert(gfn.0, Mapped { frame: f, writable: true });
+                map.insert(
+                    gfn.0,
+                    Mapped {
+                        frame: f,
+                        writable: true,
+                    },
+                );
                 Ok(())
             }
         }

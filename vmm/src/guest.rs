@@ -77,6 +77,7 @@ pub const USER_CS: u16 = 0x1b;
 pub const USER_DS: u16 = 0x23;
 
 const K: u64 = 0x9E37_79B9_7F4A_7C15;
+const _: () = assert!(PD_GPA + (MAX_RAM >> 30) * PAGE <= CODE_GPA);
 const PAGE: u64 = PAGE_SIZE as u64;
 
 /// Command opcodes (`rdi` at the doorbell).
@@ -303,7 +304,11 @@ pub fn program() -> Vec<u8> {
                 a.jcc(Cond::E, doorbell);
                 for (left, n) in [(true, 13), (false, 7), (true, 17)] {
                     a.mov(R10, R15);
-                    if left { a.shl(R10, n) } else { a.shr(R10, n) }
+                    if left {
+                        a.shl(R10, n)
+                    } else {
+                        a.shr(R10, n)
+                    }
                     a.alu(Alu::Xor, R15, R10);
                 }
                 a.mov(R13, R15);
@@ -360,7 +365,10 @@ pub fn page_tables(ram: u64) -> Vec<(u64, Vec<u64>)> {
     let gib = ram.div_ceil(1 << 30).clamp(1, MAX_RAM >> 30);
     let upper = PTE_P | PTE_RW | PTE_US | PTE_A;
     let mut out = vec![(PML4_GPA, vec![PDPT_GPA | upper])];
-    out.push((PDPT_GPA, (0..gib).map(|i| (PD_GPA + i * PAGE) | upper).collect()));
+    out.push((
+        PDPT_GPA,
+        (0..gib).map(|i| (PD_GPA + i * PAGE) | upper).collect(),
+    ));
     let two_mb = ram.div_ceil(2 << 20);
     for i in 0..gib {
         let n = two_mb.saturating_sub(i * 512).min(512);
@@ -392,7 +400,6 @@ mod tests {
         assert_eq!(last_pd.len(), 512);
         assert_eq!(last_pd[511] & !0xfff, (3u64 << 30) - (2 << 20));
         assert_ne!(last_pd[0] & PTE_US, 0);
-        assert!(PD_GPA + 64 * PAGE <= CODE_GPA);
     }
 
     #[test]
@@ -401,7 +408,10 @@ mod tests {
         let (lo, hi) = (cmd.start.gpa().0, cmd.end().0);
         let acc: Vec<_> = random_accesses(&cmd).collect();
         assert_eq!(acc.len(), 1000);
-        assert!(acc.iter().all(|a| a.gpa >= lo && a.gpa < hi && a.gpa % 8 == 0));
+        assert!(
+            acc.iter()
+                .all(|a| a.gpa >= lo && a.gpa < hi && a.gpa % 8 == 0)
+        );
         assert!(acc.iter().any(|a| a.write) && acc.iter().any(|a| !a.write));
     }
 

@@ -17,8 +17,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
 use std::thread::JoinHandle;
 
 use kvm_bindings::{
-    kvm_debugregs, kvm_fpu, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_run, kvm_segment, kvm_sregs,
-    kvm_vcpu_events, kvm_xcrs, CpuId, Msrs,
+    CpuId, Msrs, kvm_debugregs, kvm_fpu, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_run,
+    kvm_segment, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
@@ -116,8 +116,23 @@ impl std::fmt::Display for RegsDump {
             f,
             "rip={:#x} rsp={:#x} rflags={:#x} cs={:#x} cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x} \
              rax={:#x} rbx={:#x} rcx={:#x} rdx={:#x} rsi={:#x} rdi={:#x} r8={:#x} r13={:#x}",
-            self.rip, self.rsp, self.rflags, self.cs, self.cr0, self.cr2, self.cr3, self.cr4,
-            self.efer, g[0], g[1], g[2], g[3], g[4], g[5], g[7], g[12]
+            self.rip,
+            self.rsp,
+            self.rflags,
+            self.cs,
+            self.cr0,
+            self.cr2,
+            self.cr3,
+            self.cr4,
+            self.efer,
+            g[0],
+            g[1],
+            g[2],
+            g[3],
+            g[4],
+            g[5],
+            g[7],
+            g[12]
         )
     }
 }
@@ -383,7 +398,9 @@ impl Vcpu {
     /// The vCPU thread's pthread id.
     pub(crate) fn pthread(&self) -> Option<libc::pthread_t> {
         use std::os::unix::thread::JoinHandleExt;
-        self.thread.as_ref().map(|t| t.as_pthread_t() as libc::pthread_t)
+        self.thread
+            .as_ref()
+            .map(|t| t.as_pthread_t() as libc::pthread_t)
     }
 
     /// This vCPU's index.
@@ -485,11 +502,15 @@ impl Vcpu {
                 return Err(VcpuError::Kvm {
                     op: "KVM_RUN (complete pending I/O)",
                     source: std::io::Error::from_raw_os_error(e),
-                })
+                });
             }
         }
         let mut msrs = Vec::with_capacity(self.shared.msr_indices.len());
-        for chunk in self.shared.msr_indices.chunks(kvm_bindings::KVM_MAX_MSR_ENTRIES) {
+        for chunk in self
+            .shared
+            .msr_indices
+            .chunks(kvm_bindings::KVM_MAX_MSR_ENTRIES)
+        {
             let entries: Vec<_> = chunk
                 .iter()
                 .map(|&index| kvm_msr_entry {
@@ -638,7 +659,10 @@ fn run_command(s: &Shared, cmd: Command, load: bool) -> Result<CmdResult, VcpuEr
         fd.set_regs(&r).map_err(kvm("KVM_SET_REGS"))?;
     }
     let r = run_to_doorbell(s)?;
-    Ok(CmdResult { r0: r.rax, r1: r.rbx })
+    Ok(CmdResult {
+        r0: r.rax,
+        r1: r.rbx,
+    })
 }
 
 fn crash(s: &Shared, fd: &VcpuFd, reason: String) -> VcpuError {
@@ -684,8 +708,12 @@ fn run_to_doorbell(s: &Shared) -> Result<kvm_regs, VcpuError> {
                 &fd,
                 format!("VM entry failed (hardware reason {reason:#x} on cpu {cpu})"),
             )),
-            Ok(VcpuExit::IoOut(port, _)) => Err(crash(s, &fd, format!("unexpected OUT to port {port:#x}"))),
-            Ok(VcpuExit::IoIn(port, _)) => Err(crash(s, &fd, format!("unexpected IN from port {port:#x}"))),
+            Ok(VcpuExit::IoOut(port, _)) => {
+                Err(crash(s, &fd, format!("unexpected OUT to port {port:#x}")))
+            }
+            Ok(VcpuExit::IoIn(port, _)) => {
+                Err(crash(s, &fd, format!("unexpected IN from port {port:#x}")))
+            }
             Ok(VcpuExit::MmioRead(addr, _)) | Ok(VcpuExit::MmioWrite(addr, _)) => Err(crash(
                 s,
                 &fd,
@@ -697,7 +725,10 @@ fn run_to_doorbell(s: &Shared) -> Result<kvm_regs, VcpuError> {
             }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(Some(())),
             Err(e) => {
-                let reason = format!("KVM_RUN failed: {}", std::io::Error::from_raw_os_error(e.errno()));
+                let reason = format!(
+                    "KVM_RUN failed: {}",
+                    std::io::Error::from_raw_os_error(e.errno())
+                );
                 Err(crash(s, &fd, reason))
             }
         };

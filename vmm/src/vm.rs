@@ -76,7 +76,8 @@ pub struct Hypervisor {
 impl Hypervisor {
     /// Opens `/dev/kvm` and reads the supported CPUID and MSR lists.
     pub fn new() -> Result<Hypervisor, VmError> {
-        let kvm = Kvm::new().map_err(|e| VmError::NoKvm(std::io::Error::from_raw_os_error(e.errno())))?;
+        let kvm =
+            Kvm::new().map_err(|e| VmError::NoKvm(std::io::Error::from_raw_os_error(e.errno())))?;
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
@@ -157,7 +158,10 @@ impl Vm {
         cfg: &VmConfig,
         make_resolver: impl FnOnce(&Arc<Window>) -> Result<Arc<dyn FaultResolver>, FaultError>,
     ) -> Result<Vm, VmError> {
-        if cfg.mem_bytes <= guest::DATA_START || cfg.mem_bytes % PAGE != 0 || cfg.mem_bytes > guest::MAX_RAM {
+        if cfg.mem_bytes <= guest::DATA_START
+            || cfg.mem_bytes % PAGE != 0
+            || cfg.mem_bytes > guest::MAX_RAM
+        {
             return Err(VmError::Config(format!(
                 "guest RAM {:#x} must be a multiple of 4 KiB above 1 MiB and at most 64 GiB",
                 cfg.mem_bytes
@@ -179,7 +183,8 @@ impl Vm {
         };
         // SAFETY: the region is the window's mapping, which outlives the VM fd (field order
         // in Vm); KVM follows later changes to mappings inside it.
-        unsafe { vm_fd.set_user_memory_region(region) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        unsafe { vm_fd.set_user_memory_region(region) }
+            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
         // Intel hardware KVM wants a TSS address set before running; harmless elsewhere.
         let _ = vm_fd.set_tss_address(0xfffb_d000);
 
@@ -203,7 +208,9 @@ impl Vm {
 
         let mut vcpus = Vec::with_capacity(cfg.vcpus as usize);
         for id in 0..cfg.vcpus {
-            let fd = vm_fd.create_vcpu(u64::from(id)).map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            let fd = vm_fd
+                .create_vcpu(u64::from(id))
+                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
             let setup = VcpuSetup {
                 id,
                 cpuid: hv.cpuid.clone(),
@@ -300,7 +307,11 @@ impl Vm {
     }
 
     fn vcpu_link_failure(&self) -> Option<String> {
-        self.link.failure.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.link
+            .failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// The KVM VM fd.
@@ -327,13 +338,20 @@ impl Drop for Vm {
     }
 }
 
-fn write_boot_region(window: &Window, resolver: &dyn FaultResolver, ram: u64) -> Result<(), VmError> {
+fn write_boot_region(
+    window: &Window,
+    resolver: &dyn FaultResolver,
+    ram: u64,
+) -> Result<(), VmError> {
     let program = guest::program();
     let mut chunks: Vec<(u64, Vec<u8>)> = guest::page_tables(ram)
         .into_iter()
         .map(|(gpa, words)| (gpa, words.iter().flat_map(|w| w.to_le_bytes()).collect()))
         .collect();
-    chunks.push((guest::GDT_GPA, guest::gdt().iter().flat_map(|w| w.to_le_bytes()).collect()));
+    chunks.push((
+        guest::GDT_GPA,
+        guest::gdt().iter().flat_map(|w| w.to_le_bytes()).collect(),
+    ));
     chunks.push((guest::CODE_GPA, program));
     // Page 0 too: KVM reads it when the vCPU first enters (descriptor tables based at 0).
     chunks.push((0, vec![0; 8]));

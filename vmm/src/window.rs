@@ -111,14 +111,21 @@ impl Window {
         }
     }
 
-    fn check_run(&self, op: &'static str, gfn: Gfn, pages: u64) -> Result<(u64, u64), HostMmuError> {
+    fn check_run(
+        &self,
+        op: &'static str,
+        gfn: Gfn,
+        pages: u64,
+    ) -> Result<(u64, u64), HostMmuError> {
         let len = pages.saturating_mul(PAGE);
-        self.check(op, gfn.gpa(), len).map(|a| (a, len)).map_err(|e| HostMmuError {
-            op,
-            gfn,
-            pages,
-            source: io::Error::new(io::ErrorKind::InvalidInput, e.to_string()),
-        })
+        self.check(op, gfn.gpa(), len)
+            .map(|a| (a, len))
+            .map_err(|e| HostMmuError {
+                op,
+                gfn,
+                pages,
+                source: io::Error::new(io::ErrorKind::InvalidInput, e.to_string()),
+            })
     }
 
     /// Reads the 8-byte word at `gpa` (8-aligned) from the host side. A hole raises a

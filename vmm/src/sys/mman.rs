@@ -13,7 +13,9 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 #[derive(Debug, thiserror::Error)]
 pub enum MmanError {
     /// `memfd_create` or `ftruncate` failed.
-    #[error("cannot create a memfd of {bytes} bytes: {source}; check free memory and the open-file limit")]
+    #[error(
+        "cannot create a memfd of {bytes} bytes: {source}; check free memory and the open-file limit"
+    )]
     Memfd {
         /// Requested size.
         bytes: u64,
@@ -117,7 +119,12 @@ pub fn reserve(len: u64) -> Result<*mut u8, MmanError> {
         )
     };
     if p == libc::MAP_FAILED {
-        return Err(mmap_error("reserve window", 0, len, io::Error::last_os_error()));
+        return Err(mmap_error(
+            "reserve window",
+            0,
+            len,
+            io::Error::last_os_error(),
+        ));
     }
     Ok(p.cast())
 }
@@ -129,7 +136,12 @@ pub fn reserve(len: u64) -> Result<*mut u8, MmanError> {
 ///
 /// `addr .. addr + len` must be a page-aligned range the caller owns (inside its window) and
 /// into which no Rust reference points.
-pub unsafe fn map_shared_fixed(addr: u64, len: u64, fd: BorrowedFd<'_>, offset: u64) -> Result<(), MmanError> {
+pub unsafe fn map_shared_fixed(
+    addr: u64,
+    len: u64,
+    fd: BorrowedFd<'_>,
+    offset: u64,
+) -> Result<(), MmanError> {
     // SAFETY: the caller owns the target range (contract above); MAP_FIXED only replaces
     // mappings inside it.
     let p = unsafe {
@@ -143,7 +155,12 @@ pub unsafe fn map_shared_fixed(addr: u64, len: u64, fd: BorrowedFd<'_>, offset: 
         )
     };
     if p == libc::MAP_FAILED {
-        return Err(mmap_error("map memfd run", addr, len, io::Error::last_os_error()));
+        return Err(mmap_error(
+            "map memfd run",
+            addr,
+            len,
+            io::Error::last_os_error(),
+        ));
     }
     Ok(())
 }
@@ -185,7 +202,12 @@ pub unsafe fn make_hole(addr: u64, len: u64) -> Result<(), MmanError> {
         )
     };
     if p == libc::MAP_FAILED {
-        return Err(mmap_error("make hole", addr, len, io::Error::last_os_error()));
+        return Err(mmap_error(
+            "make hole",
+            addr,
+            len,
+            io::Error::last_os_error(),
+        ));
     }
     Ok(())
 }

@@ -191,12 +191,7 @@ pub struct Uffd {
 
 fn open_raw() -> Result<OwnedFd, UffdError> {
     // SAFETY: the userfaultfd syscall takes only a flags argument and returns a new fd or -1.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_userfaultfd,
-            libc::O_CLOEXEC | libc::O_NONBLOCK,
-        )
-    };
+    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
     if fd < 0 {
         return Err(UffdError::Open(io::Error::last_os_error()));
     }
@@ -259,7 +254,13 @@ impl Uffd {
         self.features
     }
 
-    fn call<T>(&self, op: &'static str, req: libc::c_ulong, arg: &mut T, range: (u64, u64)) -> Result<(), UffdError> {
+    fn call<T>(
+        &self,
+        op: &'static str,
+        req: libc::c_ulong,
+        arg: &mut T,
+        range: (u64, u64),
+    ) -> Result<(), UffdError> {
         // SAFETY: every caller passes the ioctl number matching `T`'s kernel struct (see the
         // ioctl_*_nr! definitions above); the kernel only reads/writes that struct, and the
         // host ranges it acts on are checked by the kernel against this process's mappings.
@@ -307,9 +308,18 @@ impl Uffd {
     pub fn write_protect(&self, start: u64, len: u64, protect: bool) -> Result<(), UffdError> {
         let mut wp = UffdioWriteprotect {
             range: UffdioRange { start, len },
-            mode: if protect { UFFDIO_WRITEPROTECT_MODE_WP } else { 0 },
+            mode: if protect {
+                UFFDIO_WRITEPROTECT_MODE_WP
+            } else {
+                0
+            },
         };
-        self.call("UFFDIO_WRITEPROTECT", UFFDIO_WRITEPROTECT(), &mut wp, (start, len))
+        self.call(
+            "UFFDIO_WRITEPROTECT",
+            UFFDIO_WRITEPROTECT(),
+            &mut wp,
+            (start, len),
+        )
     }
 
     /// Wakes the threads waiting on a fault in `start .. start + len`.
@@ -334,12 +344,22 @@ impl Uffd {
     /// # Safety
     ///
     /// `src .. src + len` must be readable memory of this process.
-    pub unsafe fn copy(&self, dst: u64, src: *const u8, len: u64, write_protect: bool) -> Result<(), UffdError> {
+    pub unsafe fn copy(
+        &self,
+        dst: u64,
+        src: *const u8,
+        len: u64,
+        write_protect: bool,
+    ) -> Result<(), UffdError> {
         let mut c = UffdioCopy {
             dst,
             src: src as u64,
             len,
-            mode: if write_protect { UFFDIO_COPY_MODE_WP } else { 0 },
+            mode: if write_protect {
+                UFFDIO_COPY_MODE_WP
+            } else {
+                0
+            },
             copy: 0,
         };
         self.call("UFFDIO_COPY", UFFDIO_COPY(), &mut c, (dst, len))
@@ -421,7 +441,13 @@ mod tests {
             ptid: 7,
             ..Default::default()
         };
-        assert_eq!(decode(&msg), UffdEvent::WriteProtect { addr: 0x1234_5000, tid: 7 });
+        assert_eq!(
+            decode(&msg),
+            UffdEvent::WriteProtect {
+                addr: 0x1234_5000,
+                tid: 7
+            }
+        );
     }
 
     #[test]
@@ -431,7 +457,14 @@ mod tests {
             address: 0x2000,
             ..Default::default()
         };
-        assert_eq!(decode(&msg), UffdEvent::Missing { addr: 0x2000, write: false, tid: 0 });
+        assert_eq!(
+            decode(&msg),
+            UffdEvent::Missing {
+                addr: 0x2000,
+                write: false,
+                tid: 0
+            }
+        );
     }
 
     #[test]
