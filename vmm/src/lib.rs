@@ -9,6 +9,7 @@
 pub mod asm;
 pub mod fault;
 pub mod guest;
+pub mod managed;
 pub mod sys;
 pub mod vcpu;
 pub mod vm;
@@ -19,6 +20,7 @@ pub(crate) const PAGE_SIZE_U64: u64 = guestmem::types::PAGE_SIZE as u64;
 
 pub use fault::{FaultCounts, FaultError, FaultKind, FaultResolver, ScaffoldResolver};
 pub use guest::{CmdResult, Command, Op};
+pub use managed::SpaceResolver;
 pub use vcpu::{RegsDump, Vcpu, VcpuError, VcpuState};
 pub use vm::{Hypervisor, Vm, VmConfig, VmError};
 pub use window::{Window, WindowError};

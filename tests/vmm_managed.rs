@@ -1,0 +1,94 @@
+//! A KVM guest on guestmem-managed memory: every guest page is a pool frame the manager
+//! chose, every fault goes through `AddressSpace::handle_fault`. Needs /dev/kvm (fails
+//! saying so unless SKIP_KVM=1).
+
+use std::sync::Arc;
+
+use guestmem::types::Gfn;
+use guestmem::{AllocatorKind, Manager, ManagerConfig, Pool, PoolConfig, RegionSpec};
+use vmm::guest::DATA_START;
+use vmm::{Command, FaultResolver, Hypervisor, Op, SpaceResolver, Vm, VmConfig};
+
+const MIB: u64 = 1 << 20;
+
+fn hypervisor() -> Option<Hypervisor> {
+    if !std::path::Path::new("/dev/kvm").exists() {
+        if std::env::var("SKIP_KVM").as_deref() == Ok("1") {
+            eprintln!("skipping: /dev/kvm is missing and SKIP_KVM=1");
+            return None;
+        }
+        panic!("/dev/kvm is missing: these tests need KVM (set SKIP_KVM=1 to skip them)");
+    }
+    Some(Hypervisor::new().expect("open /dev/kvm"))
+}
+
+#[test]
+fn guest_fills_and_verifies_memory_managed_by_guestmem() {
+    let Some(hv) = hypervisor() else { return };
+    let pool = Arc::new(
+        Pool::new(&PoolConfig::uniform(64 * MIB, 1, AllocatorKind::Magazine)).expect("pool"),
+    );
+    pool.prefault().expect("prefault");
+    let mm = Manager::new(pool.clone(), ManagerConfig::default());
+    let free0 = pool.free_frames();
+    let mem = 32 * MIB;
+    let mut space = None;
+    let vm = Vm::new(
+        &hv,
+        &VmConfig {
+            mem_bytes: mem,
+            vcpus: 2,
+            cpu: None,
+        },
+        |w| {
+            let s = mm
+                .create(
+                    &[RegionSpec {
+                        start: Gfn(0),
+                        pages: mem / 4096,
+                    }],
+                    w.clone(),
+                )
+                .map_err(|e| vmm::FaultError::Other(e.to_string()))?;
+            space = Some(s.clone());
+            Ok(Arc::new(SpaceResolver::new(s)) as Arc<dyn FaultResolver>)
+        },
+    )
+    .expect("VM on managed memory");
+    let space = space.expect("space");
+    let start = Gfn(DATA_START / 4096);
+    let pages = 2048;
+    vm.vcpus()[0]
+        .submit(Command::new(Op::Fill, start, pages, 11))
+        .expect("submit");
+    vm.vcpus()[1]
+        .submit(Command::new(Op::Fill, Gfn(start.0 + pages), pages, 12))
+        .expect("submit");
+    vm.vcpus()[0].wait().expect("fill 0");
+    vm.vcpus()[1].wait().expect("fill 1");
+    for (i, seed) in [(0, 11), (1, 12)] {
+        let r = vm
+            .run(
+                1 - i,
+                Command::new(Op::Verify, Gfn(start.0 + i as u64 * pages), pages, seed),
+            )
+            .expect("verify");
+        assert_eq!(r.mismatches(), 0);
+    }
+    let c = space.counters();
+    // Fault-around maps runs: far fewer faults than pages, every page zero-filled once.
+    assert!(c.zero_fill_pages >= 2 * pages, "{c:?}");
+    assert!(
+        vm.fault_counts().total() < 2 * pages,
+        "{:?}",
+        vm.fault_counts()
+    );
+    assert!(space.memory().resident >= 2 * pages);
+    drop(vm);
+    space.exit();
+    assert_eq!(
+        pool.free_frames(),
+        free0,
+        "exiting the VM returns every frame"
+    );
+}
