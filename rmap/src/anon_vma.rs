@@ -391,4 +391,3 @@ impl<M> Drop for AnonVma<M> {
         }
     }
 }
-

@@ -306,7 +306,9 @@ impl Rmap {
     /// Arms the allocation failpoint: the next `n` allocations of chain entries and
     /// anon_vmas succeed, every later one fails with [`RmapError::AllocFailed`].
     pub fn fail_allocations_after(&self, n: u64) {
-        self.inner.budget.store(n.min(UNLIMITED - 1), Ordering::Relaxed);
+        self.inner
+            .budget
+            .store(n.min(UNLIMITED - 1), Ordering::Relaxed);
     }
 
     /// Disarms the allocation failpoint.
@@ -542,7 +544,9 @@ impl Rmap {
                 });
                 locker.entry_done();
             }
-            if let (None, Some(av), Some(node)) = (&active, &own_av, own_node.take()) {
+            if let (None, Some(av)) = (&active, &own_av)
+                && let Some(node) = own_node.take()
+            {
                 let key = node.key();
                 let guard = locker.lock(av);
                 av.with_locked_mut(guard, |l| {
@@ -698,7 +702,11 @@ mod tests {
             let before = rmap.snapshot();
             let mut d = rmap.region(4u32, 0..4).unwrap();
             rmap.anon_vma_fork(&mut d, &c).unwrap();
-            assert_eq!(rmap.snapshot().since(&before).lock_write, want, "{locking:?}");
+            assert_eq!(
+                rmap.snapshot().since(&before).lock_write,
+                want,
+                "{locking:?}"
+            );
         }
     }
 
@@ -714,7 +722,11 @@ mod tests {
                 rmap.unlink_anon_vmas(&mut cur);
                 cur = child;
             }
-            assert!(cur.chain_len() <= max_len, "reuse {reuse}: {}", cur.chain_len());
+            assert!(
+                cur.chain_len() <= max_len,
+                "reuse {reuse}: {}",
+                cur.chain_len()
+            );
             if !reuse {
                 assert_eq!(cur.chain_len(), max_len);
             }
@@ -759,7 +771,10 @@ mod tests {
         rmap.anon_vma_prepare(&mut p).unwrap();
         let mut c = rmap.region(2u32, 0..4).unwrap();
         rmap.anon_vma_fork(&mut c, &p).unwrap();
-        assert_eq!(rmap.anon_vma_fork(&mut c, &p), Err(RmapError::AlreadyLinked));
+        assert_eq!(
+            rmap.anon_vma_fork(&mut c, &p),
+            Err(RmapError::AlreadyLinked)
+        );
     }
 
     #[test]

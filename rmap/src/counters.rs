@@ -87,7 +87,9 @@ impl CounterSnapshot {
                 .anon_vmas_allocated
                 .saturating_sub(earlier.anon_vmas_allocated),
             anon_vmas_freed: self.anon_vmas_freed.saturating_sub(earlier.anon_vmas_freed),
-            anon_vmas_reused: self.anon_vmas_reused.saturating_sub(earlier.anon_vmas_reused),
+            anon_vmas_reused: self
+                .anon_vmas_reused
+                .saturating_sub(earlier.anon_vmas_reused),
             alloc_failures: self.alloc_failures.saturating_sub(earlier.alloc_failures),
         }
     }

@@ -49,7 +49,8 @@ fn fork_exit_against_walk(design: Design) {
             let parent = parent.clone();
             thread::spawn(move || {
                 let mut child = rmap.region(1u32, 0..4).expect("non-empty range");
-                rmap.anon_vma_fork(&mut child, &parent).expect("no failpoint");
+                rmap.anon_vma_fork(&mut child, &parent)
+                    .expect("no failpoint");
                 rmap.unlink_anon_vmas(&mut child);
             })
         };

@@ -199,7 +199,11 @@ pub fn rmap_walk<M>(
             let seq = root.write_seq();
             debug_assert!(seq % 2 == 0, "unlocked walk while the root is write-locked");
             let outcome = walk_with(anon_vma, guard, pgoff, counters, &mut visitor);
-            debug_assert_eq!(root.write_seq(), seq, "root was written during unlocked walk");
+            debug_assert_eq!(
+                root.write_seq(),
+                seq,
+                "root was written during unlocked walk"
+            );
             outcome
         }
     };
@@ -274,7 +278,9 @@ mod tests {
         let mut p = rmap.region(0u32, 0..8).unwrap();
         let pav = rmap.anon_vma_prepare(&mut p).unwrap();
         let writer = pav.lock_write();
-        let out = rmap_walk(&pav, 1, WalkMode::TryShared, |_, _| ControlFlow::Continue(()));
+        let out = rmap_walk(&pav, 1, WalkMode::TryShared, |_, _| {
+            ControlFlow::Continue(())
+        });
         drop(writer);
         assert_eq!(out, Ok(WalkOutcome::Contended));
         assert_eq!(rmap.snapshot().contended, 1);
@@ -327,7 +333,11 @@ mod tests {
         assert_eq!(raw, AnonVma::as_raw(&pav));
         rmap.unlink_anon_vmas(&mut p);
         drop(pav);
-        assert_eq!(rmap.snapshot().anon_vmas_freed, 0, "the raw reference keeps it");
+        assert_eq!(
+            rmap.snapshot().anon_vmas_freed,
+            0,
+            "the raw reference keeps it"
+        );
         // SAFETY: `raw` came from `into_raw` and its reference is still owned.
         let again = unsafe { AnonVma::<u32>::clone_from_raw(raw) };
         // SAFETY: as above; the reference is alive while `borrowed` is used.
