@@ -15,6 +15,8 @@
 //! `cargo test --benches` passes neither ([`Mode::Smoke`]: tiny sizes, checks that the
 //! program runs and its results are sane, measures nothing worth recording).
 
+pub mod hostref;
+
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::PathBuf;

@@ -1,0 +1,104 @@
+//! `cow_faults`: a fork child writes every page of a shared 256 MiB guest (one copy-on-
+//! write fault per page), with 1 and 2 threads, against the host kernel's copy-on-write
+//! of the same memory shared with a forked process, in the same run.
+//!
+//! `cargo bench --bench cow_faults -- --quick`. Reported: ns per page and pages per
+//! second; the ratio column is against `host-cow` (below 1 is faster than the kernel).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use guestmem::mmu::NoopMmu;
+use guestmem::{
+    AddressSpace, AllocatorKind, Gfn, Gpa, Manager, ManagerConfig, Order, PAGE_SIZE, Pool,
+    PoolConfig, RegionSpec,
+};
+use kvmm::hostref::{AnonMemory, host_cow};
+use kvmm::{Experiment, Mode, Row};
+
+fn write_pages(vm: &AddressSpace, first: u64, n: u64, value: u8) {
+    for p in first..first + n {
+        vm.write(Gpa(p * PAGE_SIZE as u64), &[value])
+            .expect("the pool was sized for parent and child");
+    }
+}
+
+fn best(v: &[Duration]) -> f64 {
+    v.iter().min().map_or(0.0, Duration::as_secs_f64)
+}
+
+fn main() {
+    let mode = Mode::from_args();
+    let mib: u64 = mode.pick(8, 256, 256);
+    let reps = mode.pick(1, 3, 7);
+    let pages = mib << 8;
+    let mut exp = Experiment::new("cow_faults", mode);
+
+    let pool = Arc::new(
+        Pool::new(&PoolConfig::uniform(
+            (2 * mib + 16) << 20,
+            1,
+            AllocatorKind::Magazine,
+        ))
+        .expect("pool"),
+    );
+    pool.prefault().expect("prefault");
+    let mm = Manager::new(
+        pool,
+        ManagerConfig {
+            fault_around: Order::new(9).expect("valid order"),
+            ..Default::default()
+        },
+    );
+    let parent = mm
+        .create(
+            &[RegionSpec {
+                start: Gfn(0),
+                pages,
+            }],
+            Arc::new(NoopMmu),
+        )
+        .expect("vm");
+    write_pages(&parent, 0, pages, 1);
+
+    for threads in [1u64, 2] {
+        let mut ours = Vec::new();
+        for _ in 0..reps {
+            let child = parent.fork(Arc::new(NoopMmu)).expect("fork");
+            let before = child.counters().cow_copies;
+            let per = pages / threads;
+            let t = Instant::now();
+            std::thread::scope(|s| {
+                for k in 0..threads {
+                    let child = &child;
+                    s.spawn(move || write_pages(child, k * per, per, 2));
+                }
+            });
+            ours.push(t.elapsed());
+            assert_eq!(child.counters().cow_copies - before, per * threads);
+            child.exit();
+        }
+        let mut host = Vec::new();
+        let mem = AnonMemory::populated((mib << 20) as usize).expect("host memory");
+        for _ in 0..reps {
+            host.push(host_cow(&mem, threads as usize).expect("fork"));
+        }
+        drop(mem);
+        for (variant, secs) in [("guestmem", best(&ours)), ("host-cow", best(&host))] {
+            let ns = secs * 1e9 / pages as f64;
+            exp.push(
+                Row::new(variant)
+                    .param("mib", mib)
+                    .param("threads", threads)
+                    .metric("ns_per_page", ns)
+                    .metric("pages_per_sec", pages as f64 / secs),
+            );
+            eprintln!("{variant} threads={threads}: {ns:.0} ns/page");
+        }
+    }
+    println!("{}", exp.table("ns_per_page", "host-cow"));
+    match exp.write_json() {
+        Ok(p) => println!("wrote {}", p.display()),
+        Err(e) => eprintln!("could not write the JSON: {e}"),
+    }
+}
