@@ -33,16 +33,13 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     }
 }
 
-/// Tries to lock `m` without waiting; `None` when another thread holds it.
-#[allow(dead_code, reason = "kept beside `lock` for the next trylock protocol")]
+/// Tries to lock `m` without waiting; `None` when another thread holds it. (Loom's
+/// `try_lock` returns std's `TryLockError` too.)
 pub(crate) fn try_lock<T>(m: &Mutex<T>) -> Option<MutexGuard<'_, T>> {
     match m.try_lock() {
         Ok(g) => Some(g),
-        #[cfg(not(loom))]
         Err(std::sync::TryLockError::Poisoned(e)) => Some(e.into_inner()),
-        #[cfg(loom)]
-        Err(loom::sync::TryLockError::Poisoned(e)) => Some(e.into_inner()),
-        Err(_) => None,
+        Err(std::sync::TryLockError::WouldBlock) => None,
     }
 }
 
@@ -99,6 +96,7 @@ impl<T> SpinLock<T> {
 
     /// Takes the lock, spinning (then yielding) while another thread holds it.
     pub(crate) fn lock(&self) -> SpinGuard<'_, T> {
+        #[cfg(not(loom))]
         let mut spins = 0u32;
         loop {
             if let Some(g) = self.try_lock() {
@@ -117,10 +115,6 @@ impl<T> SpinLock<T> {
                         std::thread::yield_now();
                     }
                 }
-            }
-            #[cfg(loom)]
-            {
-                spins += 1;
             }
         }
     }
