@@ -18,7 +18,7 @@ pub mod window;
 /// [`guestmem::types::PAGE_SIZE`] as a u64.
 pub(crate) const PAGE_SIZE_U64: u64 = guestmem::types::PAGE_SIZE as u64;
 
-pub use fault::{FaultCounts, FaultError, FaultKind, FaultResolver, ScaffoldResolver};
+pub use fault::{FaultCounts, FaultError, FaultKind, FaultResolver, HostBacked, ScaffoldResolver};
 pub use guest::{CmdResult, Command, Op};
 pub use managed::SpaceResolver;
 pub use vcpu::{RegsDump, Vcpu, VcpuError, VcpuState};

@@ -158,6 +158,30 @@ impl Window {
     }
 }
 
+impl Window {
+    /// Baseline for benchmarks, not the managed path: backs the whole window with `fd`
+    /// (`private`: copy-on-write `MAP_PRIVATE`, as VMMs restore clones; else `MAP_SHARED`)
+    /// and unregisters the userfaultfd, so the host kernel populates pages on first touch
+    /// and no fault reaches the VM's handler. This is how a standard VMM backs guest RAM.
+    pub fn map_host_backed(
+        &self,
+        fd: std::os::fd::BorrowedFd<'_>,
+        private: bool,
+    ) -> Result<(), WindowError> {
+        let (addr, len) = (self.host_base(), self.size);
+        self.uffd.unregister(addr, len)?;
+        // SAFETY: the whole window is ours; no Rust reference points into guest RAM.
+        unsafe {
+            if private {
+                mman::map_private_fixed(addr, len, fd)?;
+            } else {
+                mman::map_shared_fixed(addr, len, fd, 0)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 fn mmu_err(op: &'static str, gfn: Gfn, pages: u64, e: impl std::error::Error) -> HostMmuError {
     HostMmuError {
         op,

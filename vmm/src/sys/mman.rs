@@ -165,6 +165,34 @@ pub unsafe fn map_shared_fixed(
     Ok(())
 }
 
+/// Maps `fd` bytes `0 .. len` private (copy-on-write) and read-write at `addr`.
+///
+/// # Safety
+///
+/// As for [`map_shared_fixed`].
+pub unsafe fn map_private_fixed(addr: u64, len: u64, fd: BorrowedFd<'_>) -> Result<(), MmanError> {
+    // SAFETY: the caller owns the target range (contract above).
+    let p = unsafe {
+        libc::mmap(
+            addr as *mut libc::c_void,
+            len as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_FIXED,
+            fd.as_raw_fd(),
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(mmap_error(
+            "map memfd private",
+            addr,
+            len,
+            io::Error::last_os_error(),
+        ));
+    }
+    Ok(())
+}
+
 /// Maps `len` bytes at `addr` read-write and shared, for the VMM's own view of a memfd.
 pub fn map_shared(len: u64, fd: BorrowedFd<'_>) -> Result<*mut u8, MmanError> {
     // SAFETY: a new mapping at a kernel-chosen address touches no existing memory.
