@@ -71,9 +71,8 @@ fn standard(hv: &Hypervisor, pages: u64) -> Sample {
     let mem = mem_for(pages);
     let fd = mman::memfd("standard-ram", mem).expect("memfd");
     let cfg = VmConfig {
-        mem_bytes: mem,
-        vcpus: 1,
         cpu: Some(0),
+        ..VmConfig::new(mem, 1)
     };
     let parent = Vm::new(hv, &cfg, |w| {
         w.map_host_backed(fd.as_fd(), false)
@@ -120,9 +119,8 @@ fn managed(hv: &Hypervisor, pages: u64, fault_around: u32, cpu: Option<usize>) -
     let vm = Vm::new(
         hv,
         &VmConfig {
-            mem_bytes: mem,
-            vcpus: 1,
             cpu,
+            ..VmConfig::new(mem, 1)
         },
         |w| {
             let s = mm

@@ -31,19 +31,11 @@ struct TestVm {
 
 fn vm(hv: &Hypervisor, mem: u64, vcpus: u32) -> TestVm {
     let mut scaffold = None;
-    let vm = Vm::new(
-        hv,
-        &VmConfig {
-            mem_bytes: mem,
-            vcpus,
-            cpu: None,
-        },
-        |w| {
-            let r = Arc::new(ScaffoldResolver::new(w.clone(), mem / 4096 * 2)?);
-            scaffold = Some(r.clone());
-            Ok(r as Arc<dyn FaultResolver>)
-        },
-    )
+    let vm = Vm::new(hv, &VmConfig::new(mem, vcpus), |w| {
+        let r = Arc::new(ScaffoldResolver::new(w.clone(), mem / 4096 * 2)?);
+        scaffold = Some(r.clone());
+        Ok(r as Arc<dyn FaultResolver>)
+    })
     .expect("create VM");
     TestVm {
         vm,
@@ -293,19 +285,11 @@ fn a_fault_that_cannot_be_resolved_stops_only_its_vm() {
     let Some(hv) = hypervisor() else { return };
     // A pool of 64 frames: the boot region takes a few, the fill runs out.
     let mut scaffold = None;
-    let small = Vm::new(
-        &hv,
-        &VmConfig {
-            mem_bytes: 8 * MIB,
-            vcpus: 1,
-            cpu: None,
-        },
-        |w| {
-            let r = Arc::new(ScaffoldResolver::new(w.clone(), 64)?);
-            scaffold = Some(r.clone());
-            Ok(r as Arc<dyn FaultResolver>)
-        },
-    )
+    let small = Vm::new(&hv, &VmConfig::new(8 * MIB, 1), |w| {
+        let r = Arc::new(ScaffoldResolver::new(w.clone(), 64)?);
+        scaffold = Some(r.clone());
+        Ok(r as Arc<dyn FaultResolver>)
+    })
     .expect("create VM");
     let good = vm(&hv, 8 * MIB, 1);
     let err = small
@@ -327,11 +311,7 @@ fn a_fault_that_cannot_be_resolved_stops_only_its_vm() {
 #[test]
 fn bad_config_and_commands_are_rejected() {
     let Some(hv) = hypervisor() else { return };
-    let cfg = VmConfig {
-        mem_bytes: 4096 * 3 + 1,
-        vcpus: 1,
-        cpu: None,
-    };
+    let cfg = VmConfig::new(4096 * 3 + 1, 1);
     let e = Vm::new(&hv, &cfg, |_| unreachable!()).expect_err("unaligned");
     assert!(matches!(e, VmError::Config(_)));
     let t = vm(&hv, 4 * MIB, 1);

@@ -33,27 +33,19 @@ fn guest_fills_and_verifies_memory_managed_by_guestmem() {
     let free0 = pool.free_frames();
     let mem = 32 * MIB;
     let mut space = None;
-    let vm = Vm::new(
-        &hv,
-        &VmConfig {
-            mem_bytes: mem,
-            vcpus: 2,
-            cpu: None,
-        },
-        |w| {
-            let s = mm
-                .create(
-                    &[RegionSpec {
-                        start: Gfn(0),
-                        pages: mem / 4096,
-                    }],
-                    w.clone(),
-                )
-                .map_err(|e| vmm::FaultError::Other(e.to_string()))?;
-            space = Some(s.clone());
-            Ok(Arc::new(SpaceResolver::new(s)) as Arc<dyn FaultResolver>)
-        },
-    )
+    let vm = Vm::new(&hv, &VmConfig::new(mem, 2), |w| {
+        let s = mm
+            .create(
+                &[RegionSpec {
+                    start: Gfn(0),
+                    pages: mem / 4096,
+                }],
+                w.clone(),
+            )
+            .map_err(|e| vmm::FaultError::Other(e.to_string()))?;
+        space = Some(s.clone());
+        Ok(Arc::new(SpaceResolver::new(s)) as Arc<dyn FaultResolver>)
+    })
     .expect("VM on managed memory");
     let space = space.expect("space");
     let start = Gfn(DATA_START / 4096);

@@ -129,6 +129,22 @@ pub struct VmConfig {
     pub vcpus: u32,
     /// Pin the fault handler and every vCPU thread to this host CPU.
     pub cpu: Option<usize>,
+    /// Write the built-in guest's boot region (page tables, GDT, program) into guest RAM.
+    /// False when the memory already holds a running guest (a snapshot-fork child), whose
+    /// vCPUs then get their state from [`Vcpu::restore_state`].
+    pub load_guest: bool,
+}
+
+impl VmConfig {
+    /// `mem_bytes` of RAM, `vcpus` vCPUs, unpinned, loading the built-in guest.
+    pub fn new(mem_bytes: u64, vcpus: u32) -> VmConfig {
+        VmConfig {
+            mem_bytes,
+            vcpus,
+            cpu: None,
+            load_guest: true,
+        }
+    }
 }
 
 /// A running VM (see the module docs). Dropping it stops its threads and frees its memory.
@@ -188,7 +204,9 @@ impl Vm {
         // Intel hardware KVM wants a TSS address set before running; harmless elsewhere.
         let _ = vm_fd.set_tss_address(0xfffb_d000);
 
-        write_boot_region(&window, resolver.as_ref(), cfg.mem_bytes)?;
+        if cfg.load_guest {
+            write_boot_region(&window, resolver.as_ref(), cfg.mem_bytes)?;
+        }
 
         let link = Arc::new(VmLink {
             ram: cfg.mem_bytes,

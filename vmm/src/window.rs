@@ -62,11 +62,17 @@ unsafe impl Send for Window {}
 unsafe impl Sync for Window {}
 
 impl Window {
+    /// Mappings that must be free under `vm.max_map_count` to create a window.
+    pub const MIN_MAP_HEADROOM: u64 = 64;
+
     /// Reserves a window of `size` bytes, every page a hole registered with `uffd`.
     pub fn new(uffd: Arc<Uffd>, size: u64) -> Result<Window, WindowError> {
         if size == 0 || size % PAGE != 0 {
             return Err(WindowError::BadSize(size));
         }
+        // A window starts as one mapping and grows by about two per mapped run; refuse early
+        // when the process is already near the host's limit.
+        mman::check_map_headroom(Self::MIN_MAP_HEADROOM)?;
         let base = mman::reserve(size)?;
         let w = Window { base, size, uffd };
         w.uffd.register(base as u64, size)?;

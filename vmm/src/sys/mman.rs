@@ -83,6 +83,21 @@ pub fn map_count() -> Option<u64> {
     Some(maps.iter().filter(|&&b| b == b'\n').count() as u64)
 }
 
+/// Fails with [`MmanError::MapLimit`] unless `needed` more mappings fit under the host's
+/// `vm.max_map_count` (unknown counts pass: the mmap itself will then report).
+pub fn check_map_headroom(needed: u64) -> Result<(), MmanError> {
+    if let (Some(current), Some(limit)) = (map_count(), max_map_count())
+        && current + needed > limit
+    {
+        return Err(MmanError::MapLimit {
+            current,
+            limit,
+            suggest: limit.saturating_mul(4).max(262_144),
+        });
+    }
+    Ok(())
+}
+
 /// Turns an mmap failure into [`MmanError::MapLimit`] when the process is near its limit.
 fn mmap_error(op: &'static str, addr: u64, len: u64, source: io::Error) -> MmanError {
     if source.raw_os_error() == Some(libc::ENOMEM)
