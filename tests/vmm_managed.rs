@@ -84,3 +84,95 @@ fn guest_fills_and_verifies_memory_managed_by_guestmem() {
         "exiting the VM returns every frame"
     );
 }
+
+#[test]
+fn paused_guest_forks_into_a_child_that_continues_the_same_command() {
+    let Some(hv) = hypervisor() else { return };
+    let pool = Arc::new(
+        Pool::new(&PoolConfig::uniform(128 * MIB, 1, AllocatorKind::Magazine)).expect("pool"),
+    );
+    pool.prefault().expect("prefault");
+    let mm = Manager::new(pool.clone(), ManagerConfig::default());
+    let mem = 48 * MIB;
+    let regions = [RegionSpec {
+        start: Gfn(0),
+        pages: mem / 4096,
+    }];
+    let mut space = None;
+    let parent = Vm::new(&hv, &VmConfig::new(mem, 1), |w| {
+        let s = mm
+            .create(&regions, w.clone())
+            .map_err(|e| vmm::FaultError::Other(e.to_string()))?;
+        space = Some(s.clone());
+        Ok(Arc::new(SpaceResolver::new(s)) as Arc<dyn FaultResolver>)
+    })
+    .expect("parent VM");
+    let space = space.expect("space");
+    let start = Gfn(DATA_START / 4096);
+    let pages = 8192;
+    let v = &parent.vcpus()[0];
+    // Catch a first-touch fill in flight (it faults, so it runs for tens of ms).
+    let mut state = None;
+    for attempt in 0..10 {
+        v.submit(Command::new(Op::Fill, start, pages, 20 + attempt))
+            .expect("submit");
+        std::thread::sleep(std::time::Duration::from_millis(3));
+        v.pause();
+        let st = v.save_state().expect("save");
+        if st.in_flight.is_some() {
+            state = Some((st, 20 + attempt));
+            break;
+        }
+        v.resume();
+        v.wait().expect("fill");
+    }
+    let (st, seed) = state.expect("never caught the fill in flight");
+    // Fork while paused; the child gets no boot code: its memory is the parent's.
+    let mut child_space = None;
+    let child = Vm::new(
+        &hv,
+        &VmConfig {
+            load_guest: false,
+            ..VmConfig::new(mem, 1)
+        },
+        |w| {
+            let c = space
+                .fork(w.clone())
+                .map_err(|e| vmm::FaultError::Other(e.to_string()))?;
+            child_space = Some(c.clone());
+            Ok(Arc::new(SpaceResolver::new(c)) as Arc<dyn FaultResolver>)
+        },
+    )
+    .expect("child VM");
+    let child_space = child_space.expect("child space");
+    child.vcpus()[0].restore_state(&st).expect("restore");
+    v.resume();
+    v.wait().expect("parent finishes the fill");
+    child.vcpus()[0]
+        .wait()
+        .expect("child finishes the same fill");
+    for vm in [&parent, &child] {
+        let r = vm
+            .run(0, Command::new(Op::Verify, start, pages, seed))
+            .expect("verify");
+        assert_eq!(r.mismatches(), 0);
+    }
+    // From here they diverge: the child's writes never reach the parent.
+    child
+        .run(0, Command::new(Op::Fill, start, pages, 99))
+        .expect("child fill");
+    let p = parent
+        .run(0, Command::new(Op::Verify, start, pages, seed))
+        .expect("parent verify");
+    assert_eq!(p.mismatches(), 0);
+    let c = child
+        .run(0, Command::new(Op::Verify, start, pages, 99))
+        .expect("child verify");
+    assert_eq!(c.mismatches(), 0);
+    assert!(child.fault_counts().write_protect > 0 || child_space.counters().cow_copies > 0);
+    drop(child);
+    drop(parent);
+    child_space.exit();
+    space.exit();
+    assert_eq!(pool.free_frames(), pool.total_frames());
+}
