@@ -37,7 +37,7 @@ pub(crate) mod zone;
 pub use alloc::AllocatorKind;
 pub use pool::{AllocError, FrameInit, NodeConfig, Pool, PoolConfig};
 pub use space::{
-    Access, AddressSpace, FaultOutcome, Manager, ManagerConfig, MemoryUsage, Referenced,
+    Access, AddressSpace, EntryInfo, FaultOutcome, Manager, ManagerConfig, MemoryUsage, Referenced,
     ReferencedLocking, RegionSpec, SpaceError,
 };
 pub use types::{Gfn, Gpa, NodeId, Order, PAGE_SIZE, Pfn, VmId};

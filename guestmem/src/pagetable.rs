@@ -7,6 +7,8 @@
 //! locked, so a thread holding a block lock sees and changes a consistent set of 512
 //! entries, and frames' mapcounts change in step with them.
 
+use std::sync::Arc;
+
 use crate::sync::{Mutex, MutexGuard, lock, try_lock};
 use crate::types::Pfn;
 
@@ -199,17 +201,153 @@ impl std::fmt::Debug for Pte {
     }
 }
 
-/// One block of entries, the data under one page-table lock.
-#[derive(Debug)]
+/// One block of [`PTES_PER_BLOCK`] entries.
+///
+/// Blocks are shared between a forked VM and its children (On-demand-fork, EuroSys'21):
+/// a fork copies no entries, it only points the child's slots at the parent's blocks
+/// and marks them `cow`. A shared block is read-only for everyone; the first VM that must
+/// change an entry in it copies the block ([`Slot::make_exclusive`]), taking a mapping
+/// on every frame the copy names. A block that was shared and is now one VM's alone
+/// still has `cow` set: its write bits are stale (the frames may be mapped elsewhere) and
+/// are cleared before the VM changes anything in it.
+#[derive(Debug, Clone)]
 pub struct Block {
-    /// The entries.
-    pub ptes: [Pte; PTES_PER_BLOCK],
+    ptes: [Pte; PTES_PER_BLOCK],
+    cow: bool,
+}
+
+impl Block {
+    fn empty() -> Block {
+        Block {
+            ptes: [Pte::EMPTY; PTES_PER_BLOCK],
+            cow: false,
+        }
+    }
+
+    /// Entry `s`.
+    #[inline]
+    pub fn get(&self, s: usize) -> Pte {
+        self.ptes[s]
+    }
+
+    /// Sets entry `s`.
+    #[inline]
+    pub fn set(&mut self, s: usize, pte: Pte) {
+        self.ptes[s] = pte;
+    }
+
+    /// All entries.
+    pub fn ptes(&self) -> &[Pte; PTES_PER_BLOCK] {
+        &self.ptes
+    }
+}
+
+/// A VM's pointer to one block (`None`: all 512 entries empty), the data under one
+/// page-table lock.
+#[derive(Debug, Default)]
+pub struct Slot {
+    block: Option<Arc<Block>>,
+}
+
+impl Slot {
+    /// Entry `s` as stored (its write bit may be stale: see [`Slot::effective`]).
+    #[inline]
+    pub fn pte(&self, s: usize) -> Pte {
+        self.block.as_ref().map_or(Pte::EMPTY, |b| b.ptes[s])
+    }
+
+    /// Entry `s` as the VM may use it: writable only if the block is this VM's alone and
+    /// no longer copy-on-write.
+    #[inline]
+    pub fn effective(&self, s: usize) -> Pte {
+        match &self.block {
+            None => Pte::EMPTY,
+            Some(b) if b.cow || Arc::strong_count(b) > 1 => b.ptes[s].wrprotect(),
+            Some(b) => b.ptes[s],
+        }
+    }
+
+    /// VMs pointing at this block (0 for an empty slot).
+    pub fn sharers(&self) -> usize {
+        self.block.as_ref().map_or(0, Arc::strong_count)
+    }
+
+    /// An identity for the block (its address; 0 for none), for tests and tools.
+    pub fn block_id(&self) -> usize {
+        self.block.as_ref().map_or(0, |b| Arc::as_ptr(b) as usize)
+    }
+
+    /// The block, if this VM is its only user (without clearing `cow`): for changes that
+    /// do not depend on write bits, such as clearing a young bit.
+    pub fn unique_mut(&mut self) -> Option<&mut Block> {
+        self.block.as_mut().and_then(Arc::get_mut)
+    }
+
+    /// Makes the block this VM's own, with valid write bits, and returns it.
+    ///
+    /// An empty slot gets a new empty block. A shared block is copied: `dup` is called for
+    /// every present entry of the copy (the caller takes a mapping on its frame), and the
+    /// copy's entries are write-protected. If this VM turns out to have been the last user
+    /// of the shared block (the others let go meanwhile), `release` is called for every
+    /// present entry of the old block (the caller drops those mappings). A `cow` block this
+    /// VM owns alone has all its entries write-protected once.
+    pub fn make_exclusive(
+        &mut self,
+        mut dup: impl FnMut(Pte),
+        mut release: impl FnMut(Pte),
+    ) -> &mut Block {
+        let arc = self.block.get_or_insert_with(|| Arc::new(Block::empty()));
+        if Arc::get_mut(arc).is_none() {
+            let mut copy = Block::clone(arc);
+            copy.cow = false;
+            for p in copy.ptes.iter_mut().filter(|p| p.is_present()) {
+                dup(*p);
+                *p = p.wrprotect();
+            }
+            let old = std::mem::replace(arc, Arc::new(copy));
+            if let Some(last) = Arc::into_inner(old) {
+                last.ptes
+                    .iter()
+                    .filter(|p| p.is_present())
+                    .for_each(|p| release(*p));
+            }
+        }
+        let Some(block) = Arc::get_mut(arc) else {
+            unreachable!("a block just copied or found unique has one owner");
+        };
+        if block.cow {
+            for p in block.ptes.iter_mut().filter(|p| p.is_present()) {
+                *p = p.wrprotect();
+            }
+            block.cow = false;
+        }
+        block
+    }
+
+    /// For fork: marks the block copy-on-write and returns a slot sharing it.
+    pub fn share(&mut self) -> Slot {
+        if let Some(arc) = self.block.as_mut() {
+            if let Some(b) = Arc::get_mut(arc) {
+                b.cow = true;
+            }
+            debug_assert!(arc.cow, "a shared block is always cow");
+        }
+        Slot {
+            block: self.block.clone(),
+        }
+    }
+
+    /// For exit: empties the slot; returns the block if this VM was its last user (the
+    /// caller drops the block's mappings).
+    pub fn take(&mut self) -> Option<Block> {
+        self.block.take().and_then(Arc::into_inner)
+    }
 }
 
 /// A region's page table: `pages` entries in blocks, one lock per block.
 #[derive(Debug)]
 pub struct PageTable {
-    blocks: Box<[Mutex<Block>]>,
+    slots: Box<[Mutex<Slot>]>,
     pages: u64,
 }
 
@@ -218,14 +356,20 @@ impl PageTable {
     pub fn new(pages: u64) -> PageTable {
         let n = pages.div_ceil(PTES_PER_BLOCK as u64) as usize;
         PageTable {
-            blocks: (0..n)
-                .map(|_| {
-                    Mutex::new(Block {
-                        ptes: [Pte::EMPTY; PTES_PER_BLOCK],
-                    })
-                })
-                .collect(),
+            slots: (0..n).map(|_| Mutex::new(Slot::default())).collect(),
             pages,
+        }
+    }
+
+    /// A table sharing every block of `parent` (fork): O(blocks), no entry is copied.
+    pub fn share_from(parent: &PageTable) -> PageTable {
+        PageTable {
+            slots: parent
+                .slots
+                .iter()
+                .map(|s| Mutex::new(lock(s).share()))
+                .collect(),
+            pages: parent.pages,
         }
     }
 
@@ -236,30 +380,30 @@ impl PageTable {
 
     /// Blocks in the table.
     pub fn blocks(&self) -> usize {
-        self.blocks.len()
+        self.slots.len()
     }
 
     /// Locks the block holding entry `index`; returns the guard and the entry's slot in it.
     #[inline]
-    pub fn lock(&self, index: u64) -> (MutexGuard<'_, Block>, usize) {
+    pub fn lock(&self, index: u64) -> (MutexGuard<'_, Slot>, usize) {
         debug_assert!(index < self.pages);
         let b = (index / PTES_PER_BLOCK as u64) as usize;
         (
-            lock(&self.blocks[b]),
+            lock(&self.slots[b]),
             (index % PTES_PER_BLOCK as u64) as usize,
         )
     }
 
     /// Locks block `b`.
     #[inline]
-    pub fn lock_block(&self, b: usize) -> MutexGuard<'_, Block> {
-        lock(&self.blocks[b])
+    pub fn lock_block(&self, b: usize) -> MutexGuard<'_, Slot> {
+        lock(&self.slots[b])
     }
 
     /// Tries to lock the block holding entry `index` (reclaim's referenced check, seed 1).
-    pub fn try_lock(&self, index: u64) -> Option<(MutexGuard<'_, Block>, usize)> {
+    pub fn try_lock(&self, index: u64) -> Option<(MutexGuard<'_, Slot>, usize)> {
         let b = (index / PTES_PER_BLOCK as u64) as usize;
-        try_lock(&self.blocks[b]).map(|g| (g, (index % PTES_PER_BLOCK as u64) as usize))
+        try_lock(&self.slots[b]).map(|g| (g, (index % PTES_PER_BLOCK as u64) as usize))
     }
 
     /// Entries of block `b` that exist (the last block may be partial).
@@ -304,8 +448,47 @@ mod tests {
         assert_eq!(t.block_len(1), 488);
         let (g, i) = t.lock(513);
         assert_eq!(i, 1);
+        assert_eq!(g.pte(1), Pte::EMPTY);
         assert!(t.try_lock(600).is_none(), "same block is locked");
         drop(g);
         assert!(t.try_lock(600).is_some());
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod sharing_tests {
+    use super::*;
+
+    #[test]
+    fn a_shared_block_is_read_only_and_copied_on_first_change() {
+        let mut parent = Slot::default();
+        parent
+            .make_exclusive(|_| {}, |_| {})
+            .set(3, Pte::present(Pfn(9), true));
+        assert!(parent.effective(3).is_writable());
+        let mut child = parent.share();
+        assert_eq!(child.sharers(), 2);
+        assert!(!parent.effective(3).is_writable(), "shared: read-only");
+        let mut dups = 0;
+        let b = child.make_exclusive(|_| dups += 1, |_| panic!("parent still holds it"));
+        assert!(!b.get(3).is_writable(), "the copy is write-protected");
+        assert_eq!(dups, 1);
+        assert_ne!(child.block_id(), parent.block_id());
+        // The parent owns its block alone again, but its write bit is stale until cleared.
+        assert_eq!(parent.sharers(), 1);
+        assert!(!parent.effective(3).is_writable());
+        let pb = parent.make_exclusive(|_| panic!("no copy"), |_| panic!("no release"));
+        assert!(!pb.get(3).is_writable());
+        assert!(parent.effective(3).pfn() == Some(Pfn(9)));
+    }
+
+    #[test]
+    fn the_last_user_to_take_a_block_gets_it() {
+        let mut a = Slot::default();
+        a.make_exclusive(|_| {}, |_| {})
+            .set(0, Pte::present(Pfn(1), true));
+        let mut b = a.share();
+        assert!(a.take().is_none(), "b still uses it");
+        assert!(b.take().is_some(), "b was last");
     }
 }

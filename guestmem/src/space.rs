@@ -25,7 +25,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard};
 
 use crate::frame::{Frame, FrameFlags};
 use crate::mmu::{HostMmu, HostMmuError, MapRun};
-use crate::pagetable::{Block, PTES_PER_BLOCK, PageTable, Pte, PteKind};
+use crate::pagetable::{Block, PTES_PER_BLOCK, PageTable, Pte, PteKind, Slot};
 use crate::pool::{AllocError, FrameInit, Pool};
 use crate::types::{Gfn, Gpa, NodeId, Order, PAGE_SIZE, Pfn, VmId};
 
@@ -478,10 +478,14 @@ impl Manager {
                     out.contended = true;
                     return std::ops::ControlFlow::Continue(());
                 };
-                let pte = blk.ptes[slot];
+                let pte = blk.pte(slot);
                 if pte.pfn() == Some(pfn) && pte.is_young() {
                     out.referenced += 1;
-                    blk.ptes[slot] = pte.mkold();
+                    // A block shared after a fork keeps its young bits until one of its
+                    // users copies it; the check still reports the access.
+                    if let Some(b) = blk.unique_mut() {
+                        b.set(slot, pte.mkold());
+                    }
                 }
                 std::ops::ControlFlow::Continue(())
             });
@@ -494,6 +498,46 @@ impl Manager {
         out
     }
 
+    /// How many VMs map `pfn` now, counted through its reverse map (0 if it is free).
+    pub fn mappers(&self, pfn: Pfn) -> u32 {
+        let frame = self.pool.frame(pfn);
+        if !frame.get_unless_zero() {
+            return 0;
+        }
+        let mut n = 0;
+        // Wait for the frame lock: a holder (reclaim, migration) keeps it briefly.
+        while !frame.try_lock() {
+            std::thread::yield_now();
+        }
+        let (raw, pgoff) = frame.rmap_link();
+        if raw != 0 {
+            // SAFETY: as in `frame_referenced`: we hold a reference and the frame lock.
+            let anon = unsafe { AnonVma::borrow_raw(raw) };
+            let _ = rmap::rmap_walk(
+                anon,
+                pgoff,
+                rmap::WalkMode::Shared,
+                |r: &RegionHandle, pgoff| {
+                    let index = pgoff - r.start.0;
+                    if index < r.table.pages()
+                        && r.table
+                            .lock(index)
+                            .0
+                            .pte((index % PTES_PER_BLOCK as u64) as usize)
+                            .pfn()
+                            == Some(pfn)
+                    {
+                        n += 1;
+                    }
+                    std::ops::ControlFlow::Continue(())
+                },
+            );
+        }
+        frame.unlock();
+        self.put_frame(pfn);
+        n
+    }
+
     /// Drops a transient reference; frees the frame if it was the last.
     fn put_frame(&self, pfn: Pfn) {
         let frame = self.pool.frame(pfn);
@@ -501,21 +545,6 @@ impl Manager {
             release_link(frame);
             self.pool.free(pfn, Order::ZERO);
             self.counters.add(&self.counters.frames_freed, 1);
-        }
-    }
-}
-
-/// Runs of consecutive guest pages to tell the host about, merged as they are found.
-#[derive(Debug, Default)]
-struct Runs {
-    runs: Vec<(u64, u64)>,
-}
-
-impl Runs {
-    fn push(&mut self, index: u64) {
-        match self.runs.last_mut() {
-            Some((start, len)) if *start + *len == index => *len += 1,
-            _ => self.runs.push((index, 1)),
         }
     }
 }
@@ -569,20 +598,21 @@ impl AddressSpace {
         let regions = self.read_regions();
         let region = self.find(&regions, gfn.gpa())?;
         let index = gfn.0 - region.pt.start.0;
-        let (mut block, slot) = region.pt.table.lock(index);
-        let pte = block.ptes[slot];
+        let (mut slot, s) = region.pt.table.lock(index);
+        let pte = slot.effective(s);
         let satisfied = match access {
             Access::Read => pte.is_present(),
             Access::Write => pte.is_writable(),
         };
         if satisfied {
-            // The manager has the page; the host view lost it or never had it.
-            let pages = self.map_existing(region, &block, index)?;
+            // The manager has the page; the host view lost it or never had it (a fork
+            // child's view is filled this way).
+            let pages = self.map_existing(region, &slot, index)?;
             let o = FaultOutcome::MapExisting { pages };
             self.mm.count(&self.counters, o);
             return Ok(o);
         }
-        self.fault_locked(region, &mut block, index, access)
+        self.fault_locked(region, &mut slot, index, access)
     }
 
     /// Resolves a fault with the entry's block locked. On return the entry satisfies
@@ -590,19 +620,18 @@ impl AddressSpace {
     fn fault_locked(
         &self,
         region: &Region,
-        block: &mut Block,
+        slot: &mut Slot,
         index: u64,
         access: Access,
     ) -> Result<FaultOutcome, SpaceError> {
-        let slot = (index % PTES_PER_BLOCK as u64) as usize;
-        let pte = block.ptes[slot];
-        let o = match pte.kind() {
-            PteKind::Empty => self.zero_fill(region, block, index)?,
+        let s = (index % PTES_PER_BLOCK as u64) as usize;
+        let o = match slot.effective(s).kind() {
+            PteKind::Empty => self.zero_fill(region, slot, index)?,
             PteKind::Present {
                 writable: false, ..
-            } if access == Access::Write => self.write_protect_fault(region, block, index)?,
+            } if access == Access::Write => self.write_protect_fault(region, slot, index)?,
             PteKind::Present { .. } => FaultOutcome::MapExisting {
-                pages: self.map_existing(region, block, index)?,
+                pages: self.map_existing(region, slot, index)?,
             },
             PteKind::Swap { .. } | PteKind::Migration { .. } => {
                 unreachable!("swap and migration entries are not created yet")
@@ -610,6 +639,29 @@ impl AddressSpace {
         };
         self.mm.count(&self.counters, o);
         Ok(o)
+    }
+
+    /// Makes `slot`'s block this VM's own (copying a block shared by a fork), keeping
+    /// frames' mapcounts equal to the number of blocks naming them.
+    fn exclusive<'s>(&self, slot: &'s mut Slot) -> &'s mut Block {
+        let pool = &self.mm.pool;
+        let mut freed = Vec::new();
+        let block = slot.make_exclusive(
+            |p| {
+                if let Some(pfn) = p.pfn() {
+                    let f = pool.frame(pfn);
+                    f.map();
+                    f.get();
+                }
+            },
+            |p| {
+                if let Some(pfn) = p.pfn() {
+                    self.drop_mapping(pfn, &mut freed);
+                }
+            },
+        );
+        self.free_frames(&freed);
+        block
     }
 
     fn alloc(&self, order: Order, init: FrameInit) -> Result<Pfn, SpaceError> {
@@ -663,18 +715,17 @@ impl AddressSpace {
     fn zero_fill(
         &self,
         region: &Region,
-        block: &mut Block,
+        slot: &mut Slot,
         index: u64,
     ) -> Result<FaultOutcome, SpaceError> {
         let around = self.mm.config.fault_around;
         let n = u64::from(around.frames());
         let first = index & !(n - 1);
-        let slot0 = (first % PTES_PER_BLOCK as u64) as usize;
-        let fits = first + n <= region.pt.table.pages()
-            && block.ptes[slot0..slot0 + n as usize]
-                .iter()
-                .all(|p| p.is_empty());
-        let run = if fits && n > 1 {
+        let s0 = (first % PTES_PER_BLOCK as u64) as usize;
+        let fits = n > 1
+            && first + n <= region.pt.table.pages()
+            && (s0..s0 + n as usize).all(|s| slot.pte(s).is_empty());
+        let run = if fits {
             self.alloc(around, FrameInit::Zeroed).ok()
         } else {
             None
@@ -688,22 +739,21 @@ impl AddressSpace {
             ),
         };
         let pages = u64::from(order.frames());
-        let slot0 = (first % PTES_PER_BLOCK as u64) as usize;
+        let s0 = (first % PTES_PER_BLOCK as u64) as usize;
+        let block = self.exclusive(slot);
         for i in 0..pages {
             let p = pfn.offset(i as u32);
             let frame = self.mm.pool.frame(p);
             self.link_new(region, frame, region.pt.pgoff(first + i));
             frame.set(FrameFlags::SWAP_BACKED);
             frame.map();
-            block.ptes[slot0 + i as usize] = Pte::present(p, true);
+            block.set(s0 + i as usize, Pte::present(p, true));
         }
         if let Err(e) = self.map_run(region, first, pages, pfn, true) {
             let mut freed = Vec::with_capacity(pages as usize);
             for i in 0..pages {
-                let s = slot0 + i as usize;
-                let p = pfn.offset(i as u32);
-                block.ptes[s] = Pte::EMPTY;
-                self.drop_mapping(p, &mut freed);
+                block.set(s0 + i as usize, Pte::EMPTY);
+                self.drop_mapping(pfn.offset(i as u32), &mut freed);
             }
             self.free_frames(&freed);
             return Err(self.host_err(e));
@@ -716,11 +766,12 @@ impl AddressSpace {
     fn write_protect_fault(
         &self,
         region: &Region,
-        block: &mut Block,
+        slot: &mut Slot,
         index: u64,
     ) -> Result<FaultOutcome, SpaceError> {
-        let slot = (index % PTES_PER_BLOCK as u64) as usize;
-        let pte = block.ptes[slot];
+        let s = (index % PTES_PER_BLOCK as u64) as usize;
+        let block = self.exclusive(slot);
+        let pte = block.get(s);
         let Some(old) = pte.pfn() else {
             unreachable!("write_protect_fault on a non-present entry");
         };
@@ -741,9 +792,9 @@ impl AddressSpace {
                 }
             }
             frame.unlock();
-            block.ptes[slot] = pte.mkwrite().mkdirty().mkyoung();
+            block.set(s, pte.mkwrite().mkdirty().mkyoung());
             if let Err(e) = region.pt.mmu.protect_run(region.pt.gfn(index), 1, true) {
-                block.ptes[slot] = pte;
+                block.set(s, pte);
                 return Err(self.host_err(e));
             }
             return Ok(FaultOutcome::CowReuse);
@@ -756,15 +807,14 @@ impl AddressSpace {
         self.link_new(region, nf, region.pt.pgoff(index));
         nf.set(FrameFlags::SWAP_BACKED);
         nf.map();
-        block.ptes[slot] = Pte::present(new, true).mkdirty();
+        block.set(s, Pte::present(new, true).mkdirty());
+        let mut freed = Vec::new();
         if let Err(e) = self.map_run(region, index, 1, new, true) {
-            block.ptes[slot] = pte;
-            let mut freed = Vec::new();
+            block.set(s, pte);
             self.drop_mapping(new, &mut freed);
             self.free_frames(&freed);
             return Err(self.host_err(e));
         }
-        let mut freed = Vec::new();
         self.drop_mapping(old, &mut freed);
         self.free_frames(&freed);
         Ok(FaultOutcome::CowCopy)
@@ -772,34 +822,35 @@ impl AddressSpace {
 
     /// Maps the present entry `index` into the host view, with its neighbours in the same
     /// block that continue the run (consecutive frames, same permission).
-    fn map_existing(&self, region: &Region, block: &Block, index: u64) -> Result<u64, SpaceError> {
-        let slot = (index % PTES_PER_BLOCK as u64) as usize;
-        let pte = block.ptes[slot];
+    fn map_existing(&self, region: &Region, slot: &Slot, index: u64) -> Result<u64, SpaceError> {
+        let s = (index % PTES_PER_BLOCK as u64) as usize;
+        let pte = slot.effective(s);
         let Some(pfn) = pte.pfn() else {
             unreachable!("map_existing on a non-present entry");
         };
         let w = pte.is_writable();
+        let node = self.mm.pool.node_of(pfn);
         let len = region
             .pt
             .table
             .block_len((index / PTES_PER_BLOCK as u64) as usize);
-        let same = |s: usize, p: Pfn| {
-            let e = block.ptes[s];
-            e.pfn() == Some(p) && e.is_writable() == w && self.mm.pool.node_of(p).contains(pfn)
+        let continues = |t: usize| {
+            let e = slot.effective(t);
+            let want = i64::from(pfn.0) + t as i64 - s as i64;
+            e.is_writable() == w
+                && e.pfn()
+                    .is_some_and(|p| i64::from(p.0) == want && node.contains(p))
         };
-        let mut lo = slot;
-        while lo > 0
-            && pfn.0 >= (slot - lo + 1) as u32
-            && same(lo - 1, Pfn(pfn.0 - (slot - lo + 1) as u32))
-        {
+        let mut lo = s;
+        while lo > 0 && continues(lo - 1) {
             lo -= 1;
         }
-        let mut hi = slot + 1;
-        while hi < len && same(hi, Pfn(pfn.0 + (hi - slot) as u32)) {
+        let mut hi = s + 1;
+        while hi < len && continues(hi) {
             hi += 1;
         }
-        let first_index = index - (slot - lo) as u64;
-        let first_pfn = Pfn(pfn.0 - (slot - lo) as u32);
+        let first_index = index - (s - lo) as u64;
+        let first_pfn = Pfn(pfn.0 - (s - lo) as u32);
         let pages = (hi - lo) as u64;
         self.map_run(region, first_index, pages, first_pfn, w)
             .map_err(|e| self.host_err(e))?;
@@ -867,22 +918,26 @@ impl AddressSpace {
             let here = Gpa(at);
             let region = self.find(&regions, here)?;
             let index = here.gfn().0 - region.pt.start.0;
-            let (mut block, slot) = region.pt.table.lock(index);
-            let pte = block.ptes[slot];
+            let (mut slot, s) = region.pt.table.lock(index);
+            let pte = slot.effective(s);
             let ok = match access {
                 Access::Read => pte.is_present(),
                 Access::Write => pte.is_writable(),
             };
             if !ok {
-                self.fault_locked(region, &mut block, index, access)?;
+                self.fault_locked(region, &mut slot, index, access)?;
             }
-            let pte = block.ptes[slot];
+            let pte = slot.pte(s);
             let pfn = pte.pfn().expect("fault_locked made the entry present");
-            block.ptes[slot] = if access == Access::Write {
-                pte.mkyoung().mkdirty()
-            } else {
-                pte.mkyoung()
-            };
+            // Young and dirty bits live in blocks this VM owns; a read through a block
+            // shared by a fork leaves it shared.
+            if let Some(b) = slot.unique_mut() {
+                let marked = match access {
+                    Access::Write => pte.mkyoung().mkdirty(),
+                    Access::Read => pte.mkyoung(),
+                };
+                b.set(s, marked);
+            }
             let off = here.page_offset();
             let n = (PAGE_SIZE - off).min((end - at) as usize);
             f(self.mm.pool.page_ptr(pfn), off, n);
@@ -892,9 +947,13 @@ impl AddressSpace {
     }
 
     /// Forks this address space: the child shares every present page copy-on-write.
-    /// Both keep running; `child_mmu` is the child's host view (filled lazily by faults).
-    /// On error the parent is as it was (some of its pages may be write-protected, which
-    /// only costs a reuse fault) and nothing leaks.
+    ///
+    /// No entry is copied: the child's page tables point at the parent's blocks, marked
+    /// copy-on-write (On-demand-fork), so the cost grows with blocks (one per 2 MiB), not
+    /// pages. The parent's host view is write-protected region by region; the child's is
+    /// filled lazily by its faults. Both keep running; `child_mmu` is the child's host
+    /// view. On error the parent is as it was (its blocks may be marked copy-on-write,
+    /// which only costs a reuse fault) and nothing leaks.
     pub fn fork(&self, child_mmu: Arc<dyn HostMmu>) -> Result<Arc<AddressSpace>, SpaceError> {
         let parent = self.regions.write().unwrap_or_else(|e| e.into_inner());
         if parent.exited {
@@ -902,13 +961,12 @@ impl AddressSpace {
         }
         let mm = &self.mm;
         let id = VmId(mm.next_vm.fetch_add(1, Ordering::Relaxed));
-        // Link the reverse maps first: the only step that can fail before any entry changes.
         let mut list: Vec<Region> = Vec::with_capacity(parent.list.len());
         for pr in &parent.list {
             let pt = Arc::new(RegionPt {
                 vm: id,
                 start: pr.pt.start,
-                table: PageTable::new(pr.pt.table.pages()),
+                table: PageTable::share_from(&pr.pt.table),
                 mmu: Arc::clone(&child_mmu),
             });
             let linked = mm
@@ -918,19 +976,19 @@ impl AddressSpace {
                     pr.pt.start.0..pr.pt.start.0 + pr.pt.table.pages(),
                 )
                 .and_then(|mut rr| mm.rmap.anon_vma_fork(&mut rr, &pr.rmap).map(|()| rr));
-            let rr = match linked {
-                Ok(rr) => rr,
+            match linked {
+                Ok(rr) => list.push(Region { pt, rmap: rr }),
                 Err(source) => {
                     for mut done in list.drain(..).map(|r| r.rmap) {
                         mm.rmap.unlink_anon_vmas(&mut done);
                     }
+                    // Dropping `pt` lets go of the shared blocks; the parent keeps them.
                     return Err(SpaceError::Rmap {
                         vm: self.id,
                         source,
                     });
                 }
-            };
-            list.push(Region { pt, rmap: rr });
+            }
         }
         let child = Arc::new(AddressSpace {
             id,
@@ -944,39 +1002,14 @@ impl AddressSpace {
             exited: AtomicBool::new(false),
         });
         let mut result = Ok(());
-        {
-            let child_regions = child.read_regions();
-            for (pr, cr) in parent.list.iter().zip(child_regions.list.iter()) {
-                let mut protect = Runs::default();
-                for b in 0..pr.pt.table.blocks() {
-                    let mut pb = pr.pt.table.lock_block(b);
-                    let mut cb = cr.pt.table.lock_block(b);
-                    let base = (b * PTES_PER_BLOCK) as u64;
-                    for s in 0..pr.pt.table.block_len(b) {
-                        let pte = pb.ptes[s];
-                        let Some(pfn) = pte.pfn() else {
-                            debug_assert!(pte.is_empty());
-                            continue;
-                        };
-                        let frame = mm.pool.frame(pfn);
-                        frame.map();
-                        frame.get();
-                        if pte.is_writable() {
-                            pb.ptes[s] = pte.wrprotect();
-                            protect.push(base + s as u64);
-                        }
-                        cb.ptes[s] = pte.wrprotect();
-                    }
-                }
-                for (start, len) in protect.runs {
-                    if let Err(e) = pr.pt.mmu.protect_run(pr.pt.gfn(start), len, false) {
-                        result = Err(self.host_err(e));
-                        break;
-                    }
-                }
-                if result.is_err() {
-                    break;
-                }
+        for pr in &parent.list {
+            if let Err(e) = pr
+                .pt
+                .mmu
+                .protect_run(pr.pt.start, pr.pt.table.pages(), false)
+            {
+                result = Err(self.host_err(e));
+                break;
             }
         }
         drop(parent);
@@ -1000,12 +1033,12 @@ impl AddressSpace {
         let mut freed = Vec::new();
         for r in &regions.list {
             for b in 0..r.pt.table.blocks() {
-                let mut blk = r.pt.table.lock_block(b);
-                for s in 0..r.pt.table.block_len(b) {
-                    if let Some(pfn) = blk.ptes[s].pfn() {
-                        self.drop_mapping(pfn, &mut freed);
-                    }
-                    blk.ptes[s] = Pte::EMPTY;
+                // A block still shared by another VM stays with it.
+                let Some(block) = r.pt.table.lock_block(b).take() else {
+                    continue;
+                };
+                for pfn in block.ptes().iter().filter_map(|p| p.pfn()) {
+                    self.drop_mapping(pfn, &mut freed);
                 }
                 if freed.len() >= 4096 {
                     self.free_frames(&freed);
@@ -1025,42 +1058,77 @@ impl AddressSpace {
         self.exited.load(Ordering::Relaxed)
     }
 
-    /// The VM's memory use now (scans its page tables).
+    /// The VM's memory use now.
+    ///
+    /// A page is private when its block is this VM's alone and its frame has one mapping;
+    /// otherwise the VMs mapping the frame are counted through the reverse map (exact, at
+    /// the cost of a walk per shared frame).
     pub fn memory(&self) -> MemoryUsage {
         let regions = self.read_regions();
         let mut u = MemoryUsage::default();
+        let mut maybe_shared = Vec::new();
         for r in &regions.list {
             for b in 0..r.pt.table.blocks() {
-                let blk = r.pt.table.lock_block(b);
-                for pte in &blk.ptes[..r.pt.table.block_len(b)] {
-                    if let Some(pfn) = pte.pfn() {
-                        let mc = self.mm.pool.frame(pfn).mapcount().max(1);
+                let slot = r.pt.table.lock_block(b);
+                let alone = slot.sharers() == 1;
+                for s in 0..r.pt.table.block_len(b) {
+                    if let Some(pfn) = slot.pte(s).pfn() {
                         u.resident += 1;
-                        if mc > 1 {
-                            u.shared += 1;
-                        } else {
+                        if alone && self.mm.pool.frame(pfn).mapcount() == 1 {
                             u.private += 1;
+                            u.pss += 1.0;
+                        } else {
+                            maybe_shared.push(pfn);
                         }
-                        u.pss += 1.0 / f64::from(mc);
                     }
                 }
             }
         }
+        drop(regions);
+        for pfn in maybe_shared {
+            let n = self.mm.mappers(pfn).max(1);
+            if n > 1 {
+                u.shared += 1;
+            } else {
+                u.private += 1;
+            }
+            u.pss += 1.0 / f64::from(n);
+        }
         u
     }
 
-    /// The entry for `gfn` now (for tests and tools).
+    /// The entry for `gfn` as this VM may use it now (for tests and tools).
     pub fn pte(&self, gfn: Gfn) -> Result<Pte, SpaceError> {
+        Ok(self.entry(gfn)?.pte)
+    }
+
+    /// The entry for `gfn` and the block holding it (for tests and tools).
+    pub fn entry(&self, gfn: Gfn) -> Result<EntryInfo, SpaceError> {
         let regions = self.read_regions();
         let region = self.find(&regions, gfn.gpa())?;
-        let (blk, slot) = region.pt.table.lock(gfn.0 - region.pt.start.0);
-        Ok(blk.ptes[slot])
+        let (slot, s) = region.pt.table.lock(gfn.0 - region.pt.start.0);
+        Ok(EntryInfo {
+            pte: slot.effective(s),
+            block: slot.block_id(),
+            sharers: slot.sharers(),
+        })
     }
 
     /// The host view.
     pub fn mmu(&self) -> &Arc<dyn HostMmu> {
         &self.mmu
     }
+}
+
+/// One entry and its block, as [`AddressSpace::entry`] reports them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EntryInfo {
+    /// The entry as the VM may use it (write bit cleared while its block is shared).
+    pub pte: Pte,
+    /// The block's identity (0: no block yet).
+    pub block: usize,
+    /// VMs sharing the block.
+    pub sharers: usize,
 }
 
 impl Drop for AddressSpace {

@@ -5,8 +5,9 @@
 //! 1. Every read returns exactly the bytes the model holds for that VM (so a fork child
 //!    never sees its parent's later writes, nor the parent the child's, and untouched
 //!    memory reads as zero).
-//! 2. Every frame's mapcount equals the number of present entries naming it across all
-//!    live VMs, and its refcount equals its mapcount (no transient holders at rest).
+//! 2. Every frame's mapcount equals the number of page-table blocks naming it across all
+//!    live VMs (blocks are shared by fork), its refcount equals its mapcount (no
+//!    transient holders at rest), and a walk of its reverse map finds every VM mapping it.
 //! 3. No frame is writable in an entry while another entry maps it.
 //! 4. After every VM exits, the pool's free count is back to its total.
 //!
@@ -14,7 +15,7 @@
 //! manager and reverse-map context, so allocator, rmap and counter paths run concurrently
 //! while each thread checks its own model.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use guestmem::mmu::NoopMmu;
@@ -207,27 +208,51 @@ impl Family {
     }
 
     /// Invariants 2 and 3 over this family (its frames are mapped by no one else).
+    ///
+    /// Page-table blocks are shared after a fork (read-only for all sharers), so a
+    /// frame's mapcount counts the distinct blocks naming it, and the VMs mapping it are
+    /// the sum of those blocks' sharers.
     fn check_mappings(&self) {
-        let mut maps: HashMap<u32, (u32, bool)> = HashMap::new();
+        /// What the page tables say about one frame.
+        #[derive(Default)]
+        struct Seen {
+            /// Distinct (block, slot) pairs naming it.
+            entries: HashSet<(usize, u64)>,
+            /// VMs mapping it.
+            vms: usize,
+            /// Some entry is writable.
+            writable: bool,
+        }
+        let mut maps: HashMap<u32, Seen> = HashMap::new();
         for (space, _) in &self.vms {
             for r in REGIONS {
                 for g in r.start.0..r.start.0 + r.pages {
-                    if let PteKind::Present { pfn, writable } = space.pte(Gfn(g)).unwrap().kind() {
-                        let e = maps.entry(pfn.0).or_default();
-                        e.0 += 1;
-                        e.1 |= writable;
+                    let e = space.entry(Gfn(g)).unwrap();
+                    if let PteKind::Present { pfn, writable } = e.pte.kind() {
+                        let m = maps.entry(pfn.0).or_default();
+                        if m.entries.insert((e.block, g % 512)) {
+                            m.vms += e.sharers;
+                        }
+                        m.writable |= writable;
                     }
                 }
             }
         }
         let pool = self.mm.pool();
-        for (&pfn, &(n, writable)) in &maps {
+        for (&pfn, seen) in &maps {
+            let (vms, writable) = (&seen.vms, &seen.writable);
             let f = pool.frame(guestmem::Pfn(pfn));
+            let n = seen.entries.len() as u32;
             assert_eq!(f.mapcount(), n, "mapcount of pfn {pfn:#x}");
             assert_eq!(f.refcount(), n, "refcount of pfn {pfn:#x}");
             assert!(
-                !(writable && n > 1),
-                "pfn {pfn:#x} writable while shared by {n}"
+                !(*writable && *vms > 1),
+                "pfn {pfn:#x} writable while mapped by {vms} VMs"
+            );
+            assert_eq!(
+                self.mm.mappers(guestmem::Pfn(pfn)) as usize,
+                *vms,
+                "rmap finds every VM mapping pfn {pfn:#x}"
             );
         }
     }
@@ -431,4 +456,41 @@ fn accounting_follows_fork_and_cow() {
     vm.write(Gpa(0), &vec![3; 4 * PAGE_SIZE]).unwrap();
     assert_eq!(vm.counters().cow_reuses, 4);
     assert_eq!(vm.counters().cow_copies, 0);
+}
+
+#[test]
+fn parent_and_child_unshare_and_exit_concurrently_without_leaks() {
+    let mm = manager(8192, rmap::Design::Chain, AllocatorKind::Magazine, 4);
+    let total = mm.pool().total_frames();
+    let ram = [RegionSpec {
+        start: Gfn(0),
+        pages: 2048,
+    }];
+    for round in 0..30u8 {
+        let parent = mm.create(&ram, Arc::new(NoopMmu)).unwrap();
+        for p in (0..2048u64).step_by(3) {
+            parent.write(Gpa(p * PAGE_SIZE as u64), &[round]).unwrap();
+        }
+        let child = parent.fork(Arc::new(NoopMmu)).unwrap();
+        std::thread::scope(|s| {
+            for (vm, mark) in [(&parent, 1u8), (&child, 2u8)] {
+                s.spawn(move || {
+                    for p in (0..2048u64).step_by(2) {
+                        vm.write(Gpa(p * PAGE_SIZE as u64 + 1), &[mark]).unwrap();
+                    }
+                    for p in (0..2048u64).step_by(6) {
+                        let mut b = [0u8; 2];
+                        vm.read(Gpa(p * PAGE_SIZE as u64), &mut b).unwrap();
+                        assert_eq!(b, [round, mark]);
+                    }
+                    vm.exit();
+                });
+            }
+        });
+        assert_eq!(
+            mm.pool().free_frames(),
+            total,
+            "round {round} leaked frames"
+        );
+    }
 }
