@@ -134,21 +134,21 @@ pub fn handle_event(
     };
     let t0 = std::time::Instant::now();
     let gfn = window.gfn_of(addr).ok_or(FaultError::OutsideRam(addr))?;
-    if std::env::var_os("VMM_DEBUG_FAULTS").is_some() {
-        eprintln!("fault {gfn} {kind:?}");
-    }
+    tracing::trace!(%gfn, ?kind, "guest fault");
     resolver.resolve(gfn, kind)?;
     stats
         .resolve_ns
         .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
-    uffd.wake(addr, PAGE)
-        .map_err(|e| FaultError::Other(e.to_string()))?;
     let counter = match kind {
         FaultKind::Missing { write: false } => &stats.missing_read,
         FaultKind::Missing { write: true } => &stats.missing_write,
         FaultKind::WriteProtect => &stats.write_protect,
     };
     counter.fetch_add(1, Ordering::Relaxed);
+    // Counted before the wake: once woken, the vCPU may finish its command and the
+    // counts be read.
+    uffd.wake(addr, PAGE)
+        .map_err(|e| FaultError::Other(e.to_string()))?;
     stats
         .handler_ns
         .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);

@@ -178,6 +178,9 @@ pub enum VcpuError {
     /// The vCPU crashed earlier and runs nothing more.
     #[error("vCPU {0} crashed earlier; create a new VM")]
     Dead(u32),
+    /// The vCPU has neither booted the built-in guest nor had a state restored.
+    #[error("vCPU {0} has no guest state: boot it or restore a saved state first")]
+    NotBooted(u32),
     /// A state operation needs the vCPU paused or idle.
     #[error("vCPU {0} is running a command: pause it first")]
     NotPaused(u32),
@@ -245,6 +248,9 @@ struct Ctl {
     /// The thread is parked on `pause` inside a command.
     parked: bool,
     in_flight: Option<Command>,
+    /// Commands submitted and not finished, oldest first (`in_flight` is the front once
+    /// the thread has started it).
+    queued: std::collections::VecDeque<Command>,
     booted: bool,
     dead: bool,
     /// Submitted commands not yet waited for.
@@ -263,6 +269,8 @@ struct Shared {
 }
 
 enum Req {
+    /// Run from the entry to the first doorbell.
+    Boot,
     /// Load the command into registers and run it.
     Run(Command),
     /// Continue the command already in the registers (after a restore).
@@ -282,6 +290,7 @@ pub struct Vcpu {
 impl std::fmt::Debug for Req {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
+            Req::Boot => write!(f, "Boot"),
             Req::Run(c) => write!(f, "Run({c:?})"),
             Req::Continue(c) => write!(f, "Continue({c:?})"),
             Req::Exit => write!(f, "Exit"),
@@ -422,6 +431,15 @@ impl Vcpu {
         if ctl.dead {
             return Err(VcpuError::Dead(self.id()));
         }
+        if let Req::Run(cmd) | Req::Continue(cmd) = req {
+            if !ctl.booted {
+                return Err(VcpuError::NotBooted(self.id()));
+            }
+            ctl.queued.push_back(cmd);
+        }
+        // Busy from submission on, so that a pause issued before the thread picks the
+        // request up still waits for it to park (not for it to start running).
+        ctl.busy = true;
         ctl.outstanding += 1;
         drop(ctl);
         lock(&self.tx)
@@ -482,7 +500,27 @@ impl Vcpu {
         if ctl.busy && !ctl.parked {
             return Err(VcpuError::NotPaused(self.id()));
         }
+        if ctl.queued.len() > 1 {
+            // Only one command may be in flight across a save: wait for the others.
+            return Err(VcpuError::NotPaused(self.id()));
+        }
         Ok(ctl.in_flight)
+    }
+
+    /// Runs the built-in guest from its entry to its command loop (done by [`Vm::new`]
+    /// for fresh guests).
+    ///
+    /// [`Vm::new`]: crate::vm::Vm::new
+    pub(crate) fn boot(&self) -> Result<(), VcpuError> {
+        {
+            let mut ctl = lock(&self.shared.ctl);
+            if ctl.booted {
+                return Ok(());
+            }
+            ctl.booted = true;
+        }
+        self.send(Req::Boot)?;
+        self.wait().map(|_| ())
     }
 
     /// Saves the complete vCPU state. The vCPU must be paused ([`Vcpu::pause`]) or idle
@@ -614,18 +652,21 @@ fn vcpu_thread(
     KVM_RUN_PTR.with(|p| p.set(run_ptr));
     while let Ok(req) = rx.recv() {
         let (cmd, load) = match req {
-            Req::Run(c) => (c, true),
-            Req::Continue(c) => (c, false),
+            Req::Boot => (None, false),
+            Req::Run(c) => (Some(c), true),
+            Req::Continue(c) => (Some(c), false),
             Req::Exit => break,
         };
-        {
-            let mut ctl = lock(&s.ctl);
-            ctl.busy = true;
-            ctl.in_flight = Some(cmd);
-        }
-        let r = run_command(&s, cmd, load);
+        lock(&s.ctl).in_flight = cmd;
+        let r = match cmd {
+            Some(cmd) => run_command(&s, cmd, load),
+            None => run_to_doorbell(&s).map(|_| CmdResult::default()),
+        };
         let mut ctl = lock(&s.ctl);
-        ctl.busy = false;
+        if cmd.is_some() {
+            ctl.queued.pop_front();
+        }
+        ctl.busy = !ctl.queued.is_empty();
         ctl.in_flight = None;
         if matches!(
             r,
@@ -644,11 +685,6 @@ fn vcpu_thread(
 
 fn run_command(s: &Shared, cmd: Command, load: bool) -> Result<CmdResult, VcpuError> {
     if load {
-        if !lock(&s.ctl).booted {
-            // First command: run the guest from its entry to its first doorbell.
-            run_to_doorbell(s)?;
-            lock(&s.ctl).booted = true;
-        }
         let fd = lock(&s.fd);
         let mut r = fd.get_regs().map_err(kvm("KVM_GET_REGS"))?;
         r.rdi = cmd.op as u64;

@@ -251,6 +251,11 @@ impl Vm {
             window,
         };
         vm.handler = Some(vm.spawn_handler(cfg.cpu)?);
+        if cfg.load_guest {
+            for v in &vm.vcpus {
+                v.boot()?;
+            }
+        }
         Ok(vm)
     }
 
