@@ -8,7 +8,8 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// The live counters (atomics). Obtain a copy with [`Counters::snapshot`].
+/// The live counters. Every field is an atomic under no lock, updated `Relaxed` (see the
+/// module docs); obtain a copy with [`Counters::snapshot`].
 #[derive(Debug, Default)]
 pub struct Counters {
     pub(crate) walks: AtomicU64,

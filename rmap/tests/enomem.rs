@@ -4,6 +4,9 @@
 //! every anon_vma's tree and counts, and what walks find. The operation then succeeds
 //! once memory is back.
 
+// Runs on std primitives only; the loom build (`--cfg loom`) tests the lib alone.
+#![cfg(not(loom))]
+
 use std::ops::ControlFlow;
 
 use rmap::{

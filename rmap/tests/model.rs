@@ -27,6 +27,9 @@
 //! 8. At the end, once every region exited and every frame was freed, every chain entry
 //!    and every anon_vma has been freed.
 
+// Runs on std primitives only; the loom build (`--cfg loom`) tests the lib alone.
+#![cfg(not(loom))]
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::ControlFlow;
 
