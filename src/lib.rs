@@ -174,7 +174,7 @@ impl Experiment {
                 .find(|b| b.variant == baseline && b.params == row.params)
                 .and_then(|b| b.metrics.get(metric).copied());
             let ratio = match base {
-                Some(b) if b != 0.0 => format!("{:.2}", value / b),
+                Some(b) if b != 0.0 => format_ratio(value / b),
                 _ => "-".to_owned(),
             };
             let params = row
@@ -185,8 +185,11 @@ impl Experiment {
                 .join(" ");
             let _ = writeln!(
                 out,
-                "{:<14} {:<40} {:>14.2} {:>10}",
-                row.variant, params, value, ratio
+                "{:<14} {:<40} {:>14} {:>10}",
+                row.variant,
+                params,
+                format_value(value),
+                ratio
             );
         }
         out
@@ -203,6 +206,24 @@ impl Experiment {
             .iter()
             .find(|r| r.variant == variant && &r.params == params)
             .and_then(|r| r.metrics.get(metric).copied())
+    }
+}
+
+/// A value with two decimals, or three significant digits when it is small.
+fn format_value(v: f64) -> String {
+    if v != 0.0 && v.abs() < 0.01 {
+        format!("{v:.2e}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+/// A ratio with two decimals, or three significant digits when it is small.
+fn format_ratio(r: f64) -> String {
+    if r != 0.0 && r.abs() < 0.1 {
+        format!("{r:.2e}")
+    } else {
+        format!("{r:.2}")
     }
 }
 
