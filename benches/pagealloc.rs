@@ -53,7 +53,7 @@ fn timer_overhead_ns() -> f64 {
 
 /// Pages one sample handles at least.
 fn pages_per_sample(mode: Mode) -> usize {
-    mode.pick(256, 65536, 262144)
+    mode.pick(2048, 65536, 262144)
 }
 
 /// One sample: `(alloc ns/page, free ns/page)`.
@@ -97,7 +97,6 @@ fn median(v: &mut [f64]) -> f64 {
 fn main() {
     let mode = Mode::from_args();
     let samples = mode.pick(1, 15, 31);
-    let max_batch = mode.pick(1024, MAX_BATCH, MAX_BATCH);
     let pages = pages_per_sample(mode);
     let overhead = timer_overhead_ns();
     let pools: Vec<(AllocatorKind, Pool)> = AllocatorKind::ALL
@@ -112,7 +111,7 @@ fn main() {
 
     let batches: Vec<usize> = (0..)
         .map(|s| 1usize << s)
-        .take_while(|&b| b <= max_batch)
+        .take_while(|&b| b <= MAX_BATCH)
         .collect();
     for &batch in &batches {
         // Per design: the samples of alloc and free ns/page.
