@@ -262,6 +262,14 @@ fn pause_save_and_restore_continue_a_command_on_another_vcpu() {
         let st = v0.save_state().expect("save");
         if st.in_flight.is_some() {
             paused_mid_command = true;
+            assert!(!st.msrs.is_empty(), "MSRs are part of the state");
+            eprintln!(
+                "state: {} MSRs of {} listed, xsave {}, xcrs {}",
+                st.msrs.len(),
+                hv.msr_indices().len(),
+                st.xsave.is_some(),
+                st.xcrs.is_some()
+            );
             assert_eq!(st.regs.rdi, Op::Fill as u64);
             v1.restore_state(&st).expect("restore");
             v1.wait().expect("the copy finishes the fill");

@@ -18,7 +18,7 @@ use std::thread::JoinHandle;
 
 use kvm_bindings::{
     CpuId, Msrs, kvm_debugregs, kvm_fpu, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_run,
-    kvm_segment, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
+    kvm_segment, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
@@ -216,6 +216,8 @@ pub struct VcpuState {
     pub sregs: kvm_sregs,
     /// x87/SSE state.
     pub fpu: kvm_fpu,
+    /// Full XSAVE state (AVX and beyond), where it fits KVM's 4 KiB buffer.
+    pub xsave: Option<Arc<kvm_xsave>>,
     /// Extended control registers, where the host supports them.
     pub xcrs: Option<kvm_xcrs>,
     /// MSRs the host let us read.
@@ -265,6 +267,7 @@ struct Shared {
     cv: Condvar,
     msr_indices: Vec<u32>,
     has_xcrs: bool,
+    has_xsave: bool,
     vm: Arc<VmLink>,
 }
 
@@ -309,6 +312,8 @@ pub(crate) struct VcpuSetup {
     pub cpuid: CpuId,
     pub msr_indices: Vec<u32>,
     pub has_xcrs: bool,
+    /// KVM_GET/SET_XSAVE's 4 KiB buffer holds the host's full XSAVE state.
+    pub has_xsave: bool,
     pub cpu: Option<usize>,
 }
 
@@ -383,6 +388,7 @@ impl Vcpu {
             cv: Condvar::new(),
             msr_indices: setup.msr_indices,
             has_xcrs: setup.has_xcrs,
+            has_xsave: setup.has_xsave,
             vm,
         });
         let (tx, req_rx) = channel();
@@ -567,6 +573,11 @@ impl Vcpu {
             regs: fd.get_regs().map_err(kvm("KVM_GET_REGS"))?,
             sregs: fd.get_sregs().map_err(kvm("KVM_GET_SREGS"))?,
             fpu: fd.get_fpu().map_err(kvm("KVM_GET_FPU"))?,
+            xsave: if self.shared.has_xsave {
+                Some(Arc::new(fd.get_xsave().map_err(kvm("KVM_GET_XSAVE"))?))
+            } else {
+                None
+            },
             xcrs: if self.shared.has_xcrs {
                 Some(fd.get_xcrs().map_err(kvm("KVM_GET_XCRS"))?)
             } else {
@@ -595,6 +606,12 @@ impl Vcpu {
             fd.set_fpu(&state.fpu).map_err(kvm("KVM_SET_FPU"))?;
             if let (Some(x), true) = (&state.xcrs, self.shared.has_xcrs) {
                 fd.set_xcrs(x).map_err(kvm("KVM_SET_XCRS"))?;
+            }
+            if let (Some(x), true) = (&state.xsave, self.shared.has_xsave) {
+                // SAFETY: `x` is a whole kvm_xsave (4 KiB) and has_xsave means the host's
+                // XSAVE state fits in it (KVM_CAP_XSAVE2 <= 4096), so KVM reads nothing past
+                // its end.
+                unsafe { fd.set_xsave(x) }.map_err(kvm("KVM_SET_XSAVE"))?;
             }
             // KVM_SET_MSRS stops at the first MSR it refuses: skip that one and go on.
             let mut rest = &state.msrs[..];

@@ -71,6 +71,7 @@ pub struct Hypervisor {
     cpuid: CpuId,
     msr_indices: Vec<u32>,
     has_xcrs: bool,
+    has_xsave: bool,
 }
 
 impl Hypervisor {
@@ -86,11 +87,17 @@ impl Hypervisor {
             .map(|l| l.as_slice().to_vec())
             .unwrap_or_default();
         let has_xcrs = kvm.check_extension(Cap::Xcrs);
+        // The 4 KiB KVM_GET/SET_XSAVE buffer holds the whole state unless KVM_CAP_XSAVE2
+        // says it needs more (AMX); then only the legacy FPU state is carried.
+        let xsave2 = kvm.check_extension_int(Cap::Xsave2);
+        let has_xsave = kvm.check_extension(Cap::Xsave)
+            && xsave2 <= std::mem::size_of::<kvm_bindings::kvm_xsave>() as i32;
         let mut hv = Hypervisor {
             kvm,
             cpuid,
             msr_indices,
             has_xcrs,
+            has_xsave,
         };
         hv.filter_msrs()?;
         Ok(hv)
@@ -234,6 +241,7 @@ impl Vm {
                 cpuid: hv.cpuid.clone(),
                 msr_indices: hv.msr_indices.clone(),
                 has_xcrs: hv.has_xcrs,
+                has_xsave: hv.has_xsave,
                 cpu: cfg.cpu,
             };
             vcpus.push(Vcpu::new(fd, setup, link.clone())?);
