@@ -60,6 +60,15 @@ pub trait HostMmu: Send + Sync + fmt::Debug {
     fn unmap_run(&self, gfn: Gfn, pages: u64) -> Result<(), HostMmuError>;
     /// Write-protects (`writable = false`) or unprotects a mapped run.
     fn protect_run(&self, gfn: Gfn, pages: u64, writable: bool) -> Result<(), HostMmuError>;
+
+    /// Called by a fork for each of the parent's regions: from now on no guest write to
+    /// `gfn .. gfn + pages` may reach a frame without faulting to the manager. The default
+    /// write-protects the run; a view may instead drop the whole run (any later access
+    /// faults, and the manager maps present pages again, read-only), which costs a host
+    /// far less than write-protecting every populated page.
+    fn protect_for_fork(&self, gfn: Gfn, pages: u64) -> Result<(), HostMmuError> {
+        self.protect_run(gfn, pages, false)
+    }
 }
 
 /// A [`HostMmu`] with no host view: for address spaces driven only by software access.
