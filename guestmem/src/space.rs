@@ -1003,11 +1003,7 @@ impl AddressSpace {
         });
         let mut result = Ok(());
         for pr in &parent.list {
-            if let Err(e) = pr
-                .pt
-                .mmu
-                .protect_run(pr.pt.start, pr.pt.table.pages(), false)
-            {
+            if let Err(e) = pr.pt.mmu.protect_for_fork(pr.pt.start, pr.pt.table.pages()) {
                 result = Err(self.host_err(e));
                 break;
             }
