@@ -623,6 +623,71 @@ mod tests {
     }
 
     #[test]
+    fn magazine_steals_another_slot_when_the_preferred_one_is_busy() {
+        let a = Allocator::new(AllocatorKind::Magazine, 1024, 2);
+        let Design::Magazine(m) = &a.design else {
+            panic!("built a magazine allocator");
+        };
+        let busy = m.slots[0].0.lock();
+        let f = a.alloc(0, 0).expect("a frame from slot 1");
+        drop(busy);
+        assert_eq!(m.slots[0].0.lock().loaded.n, 0, "slot 0 untouched");
+        assert_eq!(
+            m.slots[1].0.lock().loaded.n,
+            MAG_SIZE - 1,
+            "slot 1 refilled"
+        );
+        a.free(f, 0, 0);
+        assert_eq!(
+            m.slots[0].0.lock().loaded.n,
+            1,
+            "freed into the free slot 0"
+        );
+        assert_eq!(a.free_frames(), 1024);
+    }
+
+    /// Threads that all claim the same CPUs, so that slots are contended, stolen and
+    /// drained all the time (the pool-level stress test in `tests/alloc_stress.rs` runs
+    /// each thread on its real CPU, where slots rarely collide).
+    #[test]
+    fn colliding_cpu_hints_never_hand_a_frame_to_two_owners() {
+        use std::sync::atomic::{AtomicBool, Ordering::AcqRel};
+        const FRAMES: u32 = 1024;
+        for kind in AllocatorKind::ALL {
+            let a = Allocator::new(kind, FRAMES, 2);
+            let owned: Vec<AtomicBool> = (0..FRAMES).map(|_| AtomicBool::new(false)).collect();
+            std::thread::scope(|s| {
+                for t in 0..4usize {
+                    let (a, owned) = (&a, &owned);
+                    s.spawn(move || {
+                        let mut held = Vec::new();
+                        for i in 0..20_000usize {
+                            let cpu = (i >> 3 ^ t) & 1;
+                            if held.len() < 200 && (i * 7 + t) % 5 < 3 {
+                                if let Some(f) = a.alloc(0, cpu) {
+                                    assert!(
+                                        !owned[f as usize].swap(true, AcqRel),
+                                        "{kind:?}: {f} twice"
+                                    );
+                                    held.push(f);
+                                }
+                            } else if let Some(f) = held.pop() {
+                                assert!(owned[f as usize].swap(false, AcqRel));
+                                a.free(f, 0, cpu);
+                            }
+                        }
+                        for f in held {
+                            assert!(owned[f as usize].swap(false, AcqRel));
+                            a.free(f, 0, t & 1);
+                        }
+                    });
+                }
+            });
+            assert_eq!(a.free_frames(), u64::from(FRAMES), "{kind:?}");
+        }
+    }
+
+    #[test]
     fn kind_names_round_trip() {
         for k in AllocatorKind::ALL {
             assert_eq!(k.name().parse::<AllocatorKind>(), Ok(k));
