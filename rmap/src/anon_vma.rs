@@ -210,13 +210,19 @@ impl<M> AnonVma<M> {
         self.parent.as_ref()
     }
 
-    /// Takes the root lock for writing. `self` must be a root.
+    /// Takes the root lock for writing, counted as one write acquisition. `self` must be
+    /// a root.
     pub(crate) fn lock_write(&self) -> RootWrite<'_, M> {
+        Counters::add(&self.counters.lock_write, 1);
+        self.write_uncounted()
+    }
+
+    /// Takes the root lock for writing without counting it (walks count in batches).
+    pub(crate) fn write_uncounted(&self) -> RootWrite<'_, M> {
         debug_assert!(self.is_root(), "root lock taken on a non-root anon_vma");
         // Poison means a visitor panicked in an exclusive walk; the protected state is
         // only mutated by this crate's non-panicking code, so it is intact.
         let guard = self.lock.write().unwrap_or_else(PoisonError::into_inner);
-        Counters::add(&self.counters.lock_write, 1);
         self.write_seq.fetch_add(1, Ordering::Relaxed);
         RootWrite {
             root: self,
@@ -224,29 +230,32 @@ impl<M> AnonVma<M> {
         }
     }
 
-    /// Takes the root lock for reading. `self` must be a root.
+    /// Takes the root lock for reading, counted as one read acquisition. `self` must be a
+    /// root.
     pub(crate) fn lock_read(&self) -> RootRead<'_, M> {
+        Counters::add(&self.counters.lock_read, 1);
+        self.read_uncounted()
+    }
+
+    /// Takes the root lock for reading without counting it (walks count in batches).
+    pub(crate) fn read_uncounted(&self) -> RootRead<'_, M> {
         debug_assert!(self.is_root(), "root lock taken on a non-root anon_vma");
         let guard = self.lock.read().unwrap_or_else(PoisonError::into_inner);
-        Counters::add(&self.counters.lock_read, 1);
         RootRead {
             root: self,
             _guard: guard,
         }
     }
 
-    /// Tries to take the root lock for reading without waiting. `self` must be a root.
-    pub(crate) fn try_lock_read(&self) -> Option<RootRead<'_, M>> {
+    /// Tries to take the root lock for reading without waiting (uncounted: the walk
+    /// counts it). `self` must be a root.
+    pub(crate) fn try_read_uncounted(&self) -> Option<RootRead<'_, M>> {
         debug_assert!(self.is_root(), "root lock taken on a non-root anon_vma");
         let guard = match self.lock.try_read() {
             Ok(g) => g,
             Err(TryLockError::Poisoned(p)) => p.into_inner(),
-            Err(TryLockError::WouldBlock) => {
-                Counters::add(&self.counters.contended, 1);
-                return None;
-            }
+            Err(TryLockError::WouldBlock) => return None,
         };
-        Counters::add(&self.counters.lock_try_read, 1);
         Some(RootRead {
             root: self,
             _guard: guard,
@@ -254,7 +263,7 @@ impl<M> AnonVma<M> {
     }
 
     /// The counters of the context that created this anon_vma.
-    pub(crate) fn counters(&self) -> &Counters {
+    pub(crate) fn counters(&self) -> &std::sync::Arc<Counters> {
         &self.counters
     }
 

@@ -70,7 +70,7 @@ mod walk;
 
 pub use anon_vma::{AnonVma, AnonVmaStats};
 pub use chain::{CloneLocking, Design, RegionRmap, Rmap, RmapConfig, RmapError};
-pub use counters::{CounterSnapshot, Counters};
+pub use counters::{CounterSnapshot, Counters, WALK_FLUSH_EVERY, flush_walk_counters};
 pub use walk::{WalkError, WalkGuard, WalkMode, WalkOutcome, rmap_walk};
 
 impl Rmap {

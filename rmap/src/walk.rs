@@ -22,7 +22,7 @@
 use std::ops::ControlFlow;
 
 use crate::anon_vma::{AnonVma, RootProof};
-use crate::counters::Counters;
+use crate::counters::{WalkLock, record_walk};
 
 /// A caller's proof that no link or unlink runs under one root while it lives.
 ///
@@ -137,13 +137,14 @@ pub enum WalkError {
     },
 }
 
+/// Walks with the structures held still by `proof`; returns the outcome and the number
+/// of tree nodes visited.
 fn walk_with<M>(
     anon_vma: &AnonVma<M>,
     proof: &impl RootProof<M>,
     pgoff: u64,
-    counters: &Counters,
     visitor: &mut impl FnMut(&M, u64) -> ControlFlow<()>,
-) -> WalkOutcome {
+) -> (WalkOutcome, u64) {
     let mut visited = 0u64;
     let mut examined = 0u64;
     let flow = anon_vma.with_locked(proof, |l| {
@@ -152,41 +153,43 @@ fn walk_with<M>(
             visitor(m, pgoff)
         })
     });
-    Counters::add(&counters.entries_visited, visited);
-    Counters::add(&counters.mappings_examined, examined);
-    match flow {
+    let outcome = match flow {
         ControlFlow::Continue(()) => WalkOutcome::Completed { examined },
         ControlFlow::Break(()) => WalkOutcome::Stopped { examined },
-    }
+    };
+    (outcome, visited)
 }
 
 /// Calls `visitor(mapping, pgoff)` for every region that may map the frame filed under
 /// `anon_vma` at page offset `pgoff`, until the visitor breaks (Linux: `rmap_walk_anon`).
 ///
-/// Counts into the counters of the context that created `anon_vma`. The visitor runs
-/// with the root lock held (except `Unlocked`): it must not link or unlink regions of
-/// this fork tree, or it deadlocks.
+/// Counts into the counters of the context that created `anon_vma` (batched per thread,
+/// see [`Counters`](crate::Counters)). The visitor runs with the root lock held (except
+/// `Unlocked`): it must not link or unlink regions of this fork tree, or it deadlocks.
 pub fn rmap_walk<M>(
     anon_vma: &AnonVma<M>,
     pgoff: u64,
     mode: WalkMode<'_, M>,
     mut visitor: impl FnMut(&M, u64) -> ControlFlow<()>,
 ) -> Result<WalkOutcome, WalkError> {
-    let counters = anon_vma.counters();
-    Counters::add(&counters.walks, 1);
     let root = anon_vma.root();
-    let outcome = match mode {
+    let ((outcome, visited), lock) = match mode {
         WalkMode::Exclusive => {
-            let guard = root.lock_write();
-            walk_with(anon_vma, &guard, pgoff, counters, &mut visitor)
+            let guard = root.write_uncounted();
+            let r = walk_with(anon_vma, &guard, pgoff, &mut visitor);
+            (r, WalkLock::Write)
         }
         WalkMode::Shared => {
-            let guard = root.lock_read();
-            walk_with(anon_vma, &guard, pgoff, counters, &mut visitor)
+            let guard = root.read_uncounted();
+            let r = walk_with(anon_vma, &guard, pgoff, &mut visitor);
+            (r, WalkLock::Read)
         }
-        WalkMode::TryShared => match root.try_lock_read() {
-            Some(guard) => walk_with(anon_vma, &guard, pgoff, counters, &mut visitor),
-            None => WalkOutcome::Contended,
+        WalkMode::TryShared => match root.try_read_uncounted() {
+            Some(guard) => {
+                let r = walk_with(anon_vma, &guard, pgoff, &mut visitor);
+                (r, WalkLock::TryRead)
+            }
+            None => ((WalkOutcome::Contended, 0), WalkLock::Contended),
         },
         WalkMode::Unlocked(guard) => {
             if !std::ptr::eq(guard.root, root) {
@@ -195,18 +198,18 @@ pub fn rmap_walk<M>(
                     walked_root: root.id(),
                 });
             }
-            Counters::add(&counters.unlocked_walks, 1);
             let seq = root.write_seq();
             debug_assert!(seq % 2 == 0, "unlocked walk while the root is write-locked");
-            let outcome = walk_with(anon_vma, guard, pgoff, counters, &mut visitor);
+            let r = walk_with(anon_vma, guard, pgoff, &mut visitor);
             debug_assert_eq!(
                 root.write_seq(),
                 seq,
                 "root was written during unlocked walk"
             );
-            outcome
+            (r, WalkLock::Unlocked)
         }
     };
+    record_walk(anon_vma.counters(), lock, visited, outcome.examined());
     Ok(outcome)
 }
 
