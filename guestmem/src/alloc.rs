@@ -15,8 +15,9 @@
 //! - [`AllocatorKind::PerCpuLists`]: Linux's per-cpu page lists. Each CPU has a list with
 //!   a `high` mark and a `batch`: an empty list is refilled with `batch` frames under one
 //!   zone lock; a list above `high` drains `batch` frames. In user space a thread can
-//!   migrate between CPUs, so each list has its own lock (a `std::sync::Mutex`,
-//!   uncontended in the common case, as the kernel's local-irq-disabled section is).
+//!   migrate between CPUs, so each list has its own lock: the same `SpinLock` the
+//!   magazines use (Linux protects `pcp` lists with a spinlock too since 5.19), so that
+//!   the two designs are compared on their protocols, not on their lock types.
 //! - [`AllocatorKind::Magazine`]: seed 5's magazines with Bonwick's depot, described
 //!   below.
 //!
@@ -63,7 +64,7 @@
 //! # Lock order
 //!
 //! ```text
-//! CPU slot lock (magazine SpinLock, or per-cpu list Mutex; magazines: try_lock
+//! CPU slot lock (SpinLock: magazine slot or per-cpu list; magazines: try_lock
 //! |              round-robin, block only on the preferred slot)
 //! +-- depot lock (magazines only; alloc/free exchange, free_batch)
 //!     +-- zone lock (refill and drain; also taken alone by order > 0 and GlobalLock)
@@ -214,7 +215,7 @@ struct PcpList {
 
 #[derive(Debug)]
 struct PerCpuAlloc {
-    lists: Box<[Padded<Mutex<PcpList>>]>,
+    lists: Box<[Padded<SpinLock<PcpList>>]>,
 }
 
 #[derive(Debug)]
@@ -256,7 +257,7 @@ impl Allocator {
             AllocatorKind::PerCpuLists => Design::PerCpu(PerCpuAlloc {
                 lists: (0..cpus)
                     .map(|_| {
-                        Padded(Mutex::new(PcpList {
+                        Padded(SpinLock::new(PcpList {
                             frames: Vec::with_capacity(PCP_HIGH + PCP_BATCH),
                         }))
                     })
@@ -292,7 +293,7 @@ impl Allocator {
         match &self.design {
             Design::Global => self.zone.lock().alloc(0),
             Design::PerCpu(p) => {
-                let mut list = lock(&p.lists[slot_index(cpu, p.lists.len())].0);
+                let mut list = p.lists[slot_index(cpu, p.lists.len())].0.lock();
                 if let Some(f) = list.frames.pop() {
                     return Some(f);
                 }
@@ -319,7 +320,7 @@ impl Allocator {
         match &self.design {
             Design::Global => self.zone.lock().free(f, 0),
             Design::PerCpu(p) => {
-                let mut list = lock(&p.lists[slot_index(cpu, p.lists.len())].0);
+                let mut list = p.lists[slot_index(cpu, p.lists.len())].0.lock();
                 list.frames.push(f);
                 if list.frames.len() > PCP_HIGH {
                     let mut zone = self.zone.lock();
@@ -366,7 +367,7 @@ impl Allocator {
             Design::Global => {}
             Design::PerCpu(p) => {
                 for list in p.lists.iter() {
-                    let mut list = lock(&list.0);
+                    let mut list = list.0.lock();
                     free_all(&mut self.zone.lock(), &list.frames);
                     list.frames.clear();
                 }
@@ -398,7 +399,7 @@ impl Allocator {
     pub(crate) fn free_frames(&self) -> u64 {
         let cached: u64 = match &self.design {
             Design::Global => 0,
-            Design::PerCpu(p) => p.lists.iter().map(|l| lock(&l.0).frames.len() as u64).sum(),
+            Design::PerCpu(p) => p.lists.iter().map(|l| l.0.lock().frames.len() as u64).sum(),
             Design::Magazine(m) => {
                 let in_slots: usize = m
                     .slots

@@ -707,7 +707,7 @@ impl AddressSpace {
             .rmap
             .anon_vma()
             .expect("anon_vma_prepare ran at region creation");
-        let old = frame.set_rmap_link(AnonVma::into_raw(Arc::clone(anon)), pgoff);
+        let old = frame.set_rmap_link(AnonVma::into_raw(anon.clone()), pgoff);
         debug_assert_eq!(old, 0, "a new frame has no rmap link");
     }
 
@@ -784,7 +784,7 @@ impl AddressSpace {
             if frame.rmap_link().0 != AnonVma::as_raw(anon) {
                 // page_move_anon_rmap: the frame is ours alone now; file it under our
                 // anon_vma so later walks find it in O(1).
-                let old_link = frame.set_rmap_link(AnonVma::into_raw(Arc::clone(anon)), pgoff);
+                let old_link = frame.set_rmap_link(AnonVma::into_raw(anon.clone()), pgoff);
                 if old_link != 0 {
                     // SAFETY: `old_link` came from `AnonVma::into_raw` when the frame was
                     // linked, and the frame's reference is given up exactly once here.
