@@ -282,7 +282,7 @@ fn main() {
         &[1, 10, 100, 1000][..],
     );
     let walk_cap: usize = mode.pick(usize::MAX, 200_000, usize::MAX);
-    let reps: u32 = mode.pick(1, 3, 5);
+    let reps: u32 = mode.pick(1, 3, 3);
     let gens: u32 = mode.pick(20, 1000, 1000);
     let mut exp = Experiment::new("rmap_scan", mode);
 
@@ -364,14 +364,19 @@ fn main() {
     let speedup = get("chain", "walks_per_sec") / get("flat", "walks_per_sec");
     let speedup_noop = get("chain", "walks_per_sec_noop") / get("flat", "walks_per_sec_noop");
     let batched = get("chain", "locks_per_fork_batched");
+    let verdict = |ok: bool| match (n, ok) {
+        (1000, true) => "met",
+        (1000, false) => "MISSED",
+        _ => "target is for N=1000",
+    };
     println!(
         "targets at N={n}: chain mean examined {chain_mean:.3} (<= 2: {}), flat {flat_mean:.1} \
-         (~N), chain/flat walk throughput {speedup:.1}x with the referenced check (>= 100x: {}), \
-         {speedup_noop:.1}x with an empty visitor, chain batched locks per fork {batched} \
-         (== 1: {})",
-        chain_mean <= 2.0,
-        speedup >= 100.0,
-        batched == 1.0
+         (~N); chain/flat walk throughput {speedup:.1}x with the referenced check (>= 100x: \
+         {}), {speedup_noop:.1}x with an empty visitor; chain batched locks per fork \
+         {batched} (== 1: {})",
+        verdict(chain_mean <= 2.0),
+        verdict(speedup >= 100.0),
+        verdict(batched == 1.0)
     );
     assert!(
         chain_mean <= 2.0,
