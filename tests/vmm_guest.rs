@@ -332,3 +332,41 @@ fn bad_config_and_commands_are_rejected() {
             .expect_err("past RAM");
     assert!(matches!(e, VcpuError::BadCommand { .. }));
 }
+
+/// Maps frames of a memfd without populating them: every access faults back forever.
+#[derive(Debug)]
+struct UnpopulatedResolver {
+    window: Arc<vmm::Window>,
+    fd: std::os::fd::OwnedFd,
+}
+
+impl FaultResolver for UnpopulatedResolver {
+    fn resolve(&self, gfn: Gfn, _kind: vmm::FaultKind) -> Result<(), vmm::FaultError> {
+        use guestmem::mmu::{HostMmu, MapRun};
+        use std::os::fd::AsFd;
+        self.window.map_run(MapRun {
+            gfn,
+            pages: 1,
+            node: guestmem::types::NodeId(0),
+            pfn: guestmem::types::Pfn(gfn.0 as u32),
+            fd: self.fd.as_fd(),
+            file_offset: gfn.0 * 4096,
+            writable: true,
+        })?;
+        Ok(())
+    }
+}
+
+#[test]
+fn a_resolver_mapping_unpopulated_frames_fails_the_vm_instead_of_hanging() {
+    let Some(hv) = hypervisor() else { return };
+    let err = Vm::new(&hv, &VmConfig::new(4 * MIB, 1), |w| {
+        let fd = vmm::sys::mman::memfd("unpopulated", 4 * MIB)?;
+        Ok(Arc::new(UnpopulatedResolver {
+            window: w.clone(),
+            fd,
+        }) as Arc<dyn FaultResolver>)
+    })
+    .expect_err("the boot region cannot be written");
+    assert!(err.to_string().contains("not populated"), "{err}");
+}

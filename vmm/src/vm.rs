@@ -17,7 +17,7 @@ use kvm_ioctls::{Cap, Kvm, VmFd};
 
 use crate::fault::{FaultCounts, FaultError, FaultKind, FaultResolver, FaultStats, handle_event};
 use crate::guest::{self, CmdResult, Command};
-use crate::sys::uffd::{Uffd, UffdError};
+use crate::sys::uffd::{Uffd, UffdError, UffdEvent};
 use crate::vcpu::{Vcpu, VcpuError, VcpuSetup, VmLink};
 use crate::window::{Window, WindowError};
 
@@ -211,10 +211,6 @@ impl Vm {
         // Intel hardware KVM wants a TSS address set before running; harmless elsewhere.
         let _ = vm_fd.set_tss_address(0xfffb_d000);
 
-        if cfg.load_guest {
-            write_boot_region(&window, resolver.as_ref(), cfg.mem_bytes)?;
-        }
-
         let link = Arc::new(VmLink {
             ram: cfg.mem_bytes,
             failure: Mutex::new(None),
@@ -231,9 +227,29 @@ impl Vm {
         // SAFETY: a fresh fd nothing else owns.
         let stop = unsafe { OwnedFd::from_raw_fd(efd) };
 
-        let mut vcpus = Vec::with_capacity(cfg.vcpus as usize);
+        let mut vm = Vm {
+            vcpus: Vec::with_capacity(cfg.vcpus as usize),
+            kick: Arc::new(Mutex::new(Vec::new())),
+            handler: None,
+            stop,
+            vm_fd,
+            link,
+            stats,
+            resolver,
+            window,
+        };
+        // The handler first: from here on any access to guest RAM, the VMM's own included,
+        // can fault and be resolved.
+        vm.handler = Some(vm.spawn_handler(cfg.cpu)?);
+        if cfg.load_guest {
+            write_boot_region(&vm.window, vm.resolver.as_ref(), cfg.mem_bytes)?;
+            if let Some(reason) = vm.failure() {
+                return Err(VmError::Fault(FaultError::Other(reason)));
+            }
+        }
         for id in 0..cfg.vcpus {
-            let fd = vm_fd
+            let fd = vm
+                .vm_fd
                 .create_vcpu(u64::from(id))
                 .map_err(kvm_err("KVM_CREATE_VCPU"))?;
             let setup = VcpuSetup {
@@ -244,21 +260,12 @@ impl Vm {
                 has_xsave: hv.has_xsave,
                 cpu: cfg.cpu,
             };
-            vcpus.push(Vcpu::new(fd, setup, link.clone())?);
+            let v = Vcpu::new(fd, setup, vm.link.clone())?;
+            if let Some(t) = v.pthread() {
+                vm.kick.lock().unwrap_or_else(|e| e.into_inner()).push(t);
+            }
+            vm.vcpus.push(v);
         }
-        let kick = Arc::new(Mutex::new(vcpus.iter().filter_map(Vcpu::pthread).collect()));
-        let mut vm = Vm {
-            vcpus,
-            kick,
-            handler: None,
-            stop,
-            vm_fd,
-            link,
-            stats,
-            resolver,
-            window,
-        };
-        vm.handler = Some(vm.spawn_handler(cfg.cpu)?);
         if cfg.load_guest {
             for v in &vm.vcpus {
                 v.boot()?;
@@ -406,6 +413,7 @@ fn fault_loop(
     kick: &Mutex<Vec<libc::pthread_t>>,
 ) {
     let uffd = window.uffd().clone();
+    let mut repeats = Repeats::default();
     let mut fds = [
         libc::pollfd {
             fd: uffd.as_fd().as_raw_fd(),
@@ -418,6 +426,11 @@ fn fault_loop(
             revents: 0,
         },
     ];
+    // After a failure the VM is dead but threads may still fault on its RAM (vCPUs until
+    // their next exit, the VMM writing the boot region): each later fault's page is
+    // unregistered and woken, so the access completes on plain host memory and the thread
+    // reaches its failure check instead of hanging.
+    let mut failed = false;
     loop {
         // SAFETY: `fds` is a valid array of two pollfds for the duration of the call.
         let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
@@ -432,22 +445,65 @@ fn fault_loop(
                 Ok(Some(ev)) => ev,
                 Ok(None) => break,
                 Err(e) => {
+                    tracing::error!("reading guest faults failed: {e}");
                     fail(link, e.to_string(), kick);
                     return;
                 }
             };
-            if let Err(e) = handle_event(window, &uffd, resolver, stats, ev) {
+            if failed {
+                release(&uffd, ev);
+                continue;
+            }
+            let r = repeats
+                .check(ev)
+                .and_then(|()| handle_event(window, &uffd, resolver, stats, ev));
+            if let Err(e) = r {
                 tracing::error!("guest fault failed: {e}");
                 fail(link, e.to_string(), kick);
-                // Release every vCPU waiting on a fault: with the window unregistered, their
-                // retries get plain anonymous memory and they reach the failure check at
-                // their next exit (the kick makes that immediate).
-                let _ = uffd.unregister(window.host_base(), window.size());
-                fail(link, String::new(), kick);
-                wait_stop(stop);
-                return;
+                failed = true;
+                release(&uffd, ev);
             }
         }
+    }
+}
+
+/// Lets the access behind `ev` complete without the resolver (the VM has failed).
+fn release(uffd: &Uffd, ev: UffdEvent) {
+    if let UffdEvent::Missing { addr, .. } | UffdEvent::WriteProtect { addr, .. } = ev {
+        let _ = uffd.write_protect(addr, PAGE, false);
+        let _ = uffd.unregister(addr, PAGE);
+        let _ = uffd.wake(addr, PAGE);
+    }
+}
+
+/// Detects a fault that comes back forever: the resolver says the page is mapped but the
+/// host still reports it missing (e.g. a frame whose memfd page was never populated).
+#[derive(Debug, Default)]
+struct Repeats {
+    last: Option<UffdEvent>,
+    count: u32,
+}
+
+impl Repeats {
+    /// Consecutive identical faults tolerated (two vCPUs racing on one page repeat a few).
+    const LIMIT: u32 = 10_000;
+
+    fn check(&mut self, ev: UffdEvent) -> Result<(), FaultError> {
+        if self.last == Some(ev) {
+            self.count += 1;
+            if self.count >= Self::LIMIT {
+                return Err(FaultError::Other(format!(
+                    "{ev:?} came back {} times after being resolved: the page the resolver \
+                     maps there is not populated in its memfd (populate frames before mapping \
+                     them, e.g. Pool::prefault or writing the zero fill)",
+                    self.count
+                )));
+            }
+        } else {
+            self.last = Some(ev);
+            self.count = 0;
+        }
+        Ok(())
     }
 }
 
@@ -463,14 +519,4 @@ fn fail(link: &VmLink, reason: String, kick: &Mutex<Vec<libc::pthread_t>>) {
         // lock) before it ends them.
         unsafe { libc::pthread_kill(t, crate::vcpu::kick_signal()) };
     }
-}
-
-fn wait_stop(stop: &OwnedFd) {
-    let mut p = libc::pollfd {
-        fd: stop.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd.
-    while unsafe { libc::poll(&mut p, 1, -1) } <= 0 {}
 }
