@@ -76,6 +76,11 @@ fn guest_fills_and_verifies_memory_managed_by_guestmem() {
         vm.fault_counts()
     );
     assert!(space.memory().resident >= 2 * pages);
+    // At most one mapping per mapped run plus the holes between them (runs of
+    // file-contiguous frames merge into fewer).
+    let maps = vm.window().host_mappings().expect("read /proc/self/maps");
+    let runs = vm.fault_counts().total() + 12; // + the boot region's runs
+    assert!(maps <= 2 * runs + 1, "{maps} host mappings for {runs} runs");
     drop(vm);
     space.exit();
     assert_eq!(

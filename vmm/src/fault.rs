@@ -8,7 +8,7 @@
 //! [`HostMmu`] methods, exactly as the memory manager will.
 
 use std::collections::HashMap;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -305,6 +305,5 @@ impl Drop for ScaffoldResolver {
     fn drop(&mut self) {
         // SAFETY: the direct map is ours and nothing uses it after drop.
         unsafe { mman::unmap(self.direct as *mut u8, self.frames * PAGE) };
-        let _ = self.fd.as_raw_fd();
     }
 }

@@ -71,6 +71,7 @@ struct RunReport {
     faults: vmm::FaultCounts,
     memory: guestmem::MemoryUsage,
     host_resident_bytes: Option<u64>,
+    window_host_mappings: Option<u64>,
 }
 
 fn run(mem: &str, vcpus: u32, seed: u64) -> Result<RunReport, (u8, String)> {
@@ -142,6 +143,7 @@ fn run(mem: &str, vcpus: u32, seed: u64) -> Result<RunReport, (u8, String)> {
         faults: vm.fault_counts(),
         memory: space.memory(),
         host_resident_bytes: pool.resident_bytes().ok(),
+        window_host_mappings: vm.window().host_mappings(),
     };
     drop(vm);
     space.exit();
@@ -177,7 +179,8 @@ fn main() -> ExitCode {
                     println!(
                         "{} MiB, {} vCPUs: {} pages filled, verify {} ({} bad words)\n\
                          faults: {} missing-read, {} missing-write, {} write-protect\n\
-                         memory: {} resident, {} private, {} shared pages, PSS {:.0} pages",
+                         memory: {} resident, {} private, {} shared pages, PSS {:.0} pages; \
+                         guest RAM is {} host mappings",
                         r.mem_bytes >> 20,
                         r.vcpus,
                         r.pages_filled,
@@ -189,7 +192,8 @@ fn main() -> ExitCode {
                         r.memory.resident,
                         r.memory.private,
                         r.memory.shared,
-                        r.memory.pss
+                        r.memory.pss,
+                        r.window_host_mappings.unwrap_or(0)
                     );
                 }
                 ExitCode::from(if r.verified { 0 } else { 1 })

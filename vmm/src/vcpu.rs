@@ -12,6 +12,7 @@
 //! `immediate_exit` after every return and checks `pause` before every entry.
 
 use std::cell::Cell;
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
 use std::thread::JoinHandle;
@@ -46,15 +47,15 @@ extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc
 
 fn install_kick_handler() -> Result<(), VcpuError> {
     static ONCE: Once = Once::new();
-    static mut RESULT: i32 = 0;
+    // 0 or the errno of a failed registration; written once inside call_once.
+    static RESULT: AtomicI32 = AtomicI32::new(0);
     ONCE.call_once(|| {
         if let Err(e) = register_signal_handler(kick_signal(), kick_handler) {
-            // SAFETY: written only inside call_once, read only after it returns.
-            unsafe { RESULT = e.errno() };
+            RESULT.store(e.errno(), Ordering::Relaxed);
         }
     });
-    // SAFETY: call_once above has completed, so no write races this read.
-    let r = unsafe { RESULT };
+    // Relaxed: call_once's completion orders the store before this load.
+    let r = RESULT.load(Ordering::Relaxed);
     if r != 0 {
         return Err(VcpuError::Kvm {
             op: "install the vCPU kick signal handler",
@@ -175,6 +176,9 @@ pub enum VcpuError {
         /// The resolver's error.
         reason: String,
     },
+    /// No vCPU with this index.
+    #[error("the VM has no vCPU {0}")]
+    NoSuchVcpu(u32),
     /// The vCPU crashed earlier and runs nothing more.
     #[error("vCPU {0} crashed earlier; create a new VM")]
     Dead(u32),

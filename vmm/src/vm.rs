@@ -310,7 +310,7 @@ impl Vm {
     pub fn run(&self, i: usize, cmd: Command) -> Result<CmdResult, VcpuError> {
         self.vcpus
             .get(i)
-            .ok_or(VcpuError::NothingInFlight(i as u32))?
+            .ok_or(VcpuError::NoSuchVcpu(i as u32))?
             .run(cmd)
     }
 

@@ -134,6 +134,27 @@ impl Window {
             })
     }
 
+    /// Host mappings (VMAs) the window consists of now, from `/proc/self/maps`: one per
+    /// maximal run of holes or of file-contiguous frames; the host limits a process to
+    /// `vm.max_map_count` of them. `None` if `/proc` cannot be read.
+    pub fn host_mappings(&self) -> Option<u64> {
+        let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+        let (lo, hi) = (self.host_base(), self.host_base() + self.size);
+        Some(
+            maps.lines()
+                .filter_map(|l| {
+                    let range = l.split_whitespace().next()?;
+                    let (a, b) = range.split_once('-')?;
+                    Some((
+                        u64::from_str_radix(a, 16).ok()?,
+                        u64::from_str_radix(b, 16).ok()?,
+                    ))
+                })
+                .filter(|&(a, b)| a < hi && b > lo)
+                .count() as u64,
+        )
+    }
+
     /// Reads the 8-byte word at `gpa` (8-aligned) from the host side. A hole raises a
     /// userfaultfd fault on the calling thread, resolved by the VM's fault handler.
     pub fn read_u64(&self, gpa: Gpa) -> Result<u64, WindowError> {
