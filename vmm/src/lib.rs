@@ -5,6 +5,35 @@
 //!
 //! Layering: [`sys`] is the only place with raw host syscalls (userfaultfd, mmap, memfd);
 //! KVM goes through kvm-ioctls. See issue 5 for the plan and docs/ARCHITECTURE.md.
+//!
+//! A guest on guestmem-managed memory, filling and verifying 1000 pages:
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use guestmem::{AllocatorKind, Manager, ManagerConfig, Pool, PoolConfig, RegionSpec};
+//! use guestmem::types::Gfn;
+//! use vmm::{Command, FaultError, FaultResolver, Hypervisor, Op, SpaceResolver, Vm, VmConfig};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let hv = Hypervisor::new()?;
+//! let pool = Arc::new(Pool::new(&PoolConfig::uniform(64 << 20, 1, AllocatorKind::Magazine))?);
+//! pool.prefault()?; // frames mapped into a window must be populated in their memfd
+//! let mm = Manager::new(pool, ManagerConfig::default());
+//! let mem = 32 << 20;
+//! let vm = Vm::new(&hv, &VmConfig::new(mem, 1), |window| {
+//!     let regions = [RegionSpec { start: Gfn(0), pages: mem / 4096 }];
+//!     let space = mm
+//!         .create(&regions, window.clone())
+//!         .map_err(|e| FaultError::Other(e.to_string()))?;
+//!     Ok(Arc::new(SpaceResolver::new(space)) as Arc<dyn FaultResolver>)
+//! })?;
+//! let data = Gfn(vmm::guest::DATA_START / 4096);
+//! vm.run(0, Command::new(Op::Fill, data, 1000, 7))?;
+//! assert_eq!(vm.run(0, Command::new(Op::Verify, data, 1000, 7))?.mismatches(), 0);
+//! println!("{:?}", vm.fault_counts());
+//! # Ok(())
+//! # }
+//! ```
 
 pub mod asm;
 pub mod fault;

@@ -343,7 +343,8 @@ impl Uffd {
     ///
     /// # Safety
     ///
-    /// `src .. src + len` must be readable memory of this process.
+    /// `src .. src + len` must be readable memory of this process, and `dst .. dst + len`
+    /// a hole the caller owns (guest RAM): the copy makes bytes appear there.
     pub unsafe fn copy(
         &self,
         dst: u64,
