@@ -370,3 +370,51 @@ fn a_resolver_mapping_unpopulated_frames_fails_the_vm_instead_of_hanging() {
     .expect_err("the boot region cannot be written");
     assert!(err.to_string().contains("not populated"), "{err}");
 }
+
+#[test]
+fn repeated_pause_and_resume_under_load_loses_nothing() {
+    let Some(hv) = hypervisor() else { return };
+    let t = vm(&hv, 64 * MIB, 4);
+    let per = 2048;
+    for (i, v) in t.vm.vcpus().iter().enumerate() {
+        v.submit(Command::new(
+            Op::Fill,
+            data(i as u64 * per),
+            per,
+            500 + i as u64,
+        ))
+        .expect("submit");
+        v.submit(Command::random(
+            data(i as u64 * per),
+            per,
+            500 + i as u64,
+            200_000,
+        ))
+        .expect("submit");
+    }
+    for k in 0..60 {
+        std::thread::sleep(std::time::Duration::from_micros(200 + 37 * k));
+        t.vm.pause();
+        // While paused, nothing runs: the fault counts stand still.
+        let c = t.vm.fault_counts();
+        std::thread::sleep(std::time::Duration::from_micros(300));
+        assert_eq!(t.vm.fault_counts(), c);
+        t.vm.resume();
+    }
+    for v in t.vm.vcpus() {
+        v.wait().expect("fill");
+        v.wait().expect("random");
+    }
+    for (i, v) in t.vm.vcpus().iter().enumerate() {
+        let r = v
+            .run(Command::new(
+                Op::Verify,
+                data(i as u64 * per),
+                per,
+                500 + i as u64,
+            ))
+            .expect("verify");
+        assert_eq!(r.mismatches(), 0);
+    }
+    assert_eq!(t.vm.fault_counts().missing_write, 4 * per);
+}

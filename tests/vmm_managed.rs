@@ -123,13 +123,13 @@ fn paused_guest_forks_into_a_child_that_continues_the_same_command() {
         v.submit(Command::new(Op::Fill, start, pages, 20 + attempt))
             .expect("submit");
         std::thread::sleep(std::time::Duration::from_millis(3));
-        v.pause();
+        parent.pause(); // vCPUs parked and queued faults resolved: a stable snapshot
         let st = v.save_state().expect("save");
         if st.in_flight.is_some() {
             state = Some((st, 20 + attempt, start));
             break;
         }
-        v.resume();
+        parent.resume();
         v.wait().expect("fill");
     }
     let (st, seed, start) = state.expect("never caught the fill in flight");
@@ -152,7 +152,7 @@ fn paused_guest_forks_into_a_child_that_continues_the_same_command() {
     .expect("child VM");
     let child_space = child_space.expect("child space");
     child.vcpus()[0].restore_state(&st).expect("restore");
-    v.resume();
+    parent.resume();
     v.wait().expect("parent finishes the fill");
     child.vcpus()[0]
         .wait()

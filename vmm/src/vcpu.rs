@@ -244,6 +244,10 @@ pub(crate) struct VmLink {
     pub ram: u64,
     /// Set by the fault handler when a fault cannot be resolved.
     pub failure: Mutex<Option<String>>,
+    /// The fault handler may hold an event: set before it reads the userfaultfd, cleared
+    /// once a read finds the queue empty. SeqCst, paired with the load in `Vm::pause`'s
+    /// quiesce (with the queue's readability checked after it).
+    pub handler_busy: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -478,7 +482,9 @@ impl Vcpu {
     }
 
     /// Stops the vCPU: when this returns it is not in `KVM_RUN` and will not enter it until
-    /// [`Vcpu::resume`]. A command in flight stays in flight.
+    /// [`Vcpu::resume`]. A command in flight stays in flight. A fault it was waiting on may
+    /// still be resolved afterwards; for a snapshot use `Vm::pause`, which also waits for
+    /// those.
     pub fn pause(&self) {
         let mut ctl = lock(&self.shared.ctl);
         ctl.pause = true;

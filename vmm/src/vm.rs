@@ -8,6 +8,7 @@
 //! cross-CPU wake-ups cost about 5x here.
 
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -214,6 +215,7 @@ impl Vm {
         let link = Arc::new(VmLink {
             ram: cfg.mem_bytes,
             failure: Mutex::new(None),
+            handler_busy: AtomicBool::new(false),
         });
         let stats = Arc::new(FaultStats::default());
         // SAFETY: eventfd takes flags only and returns a new fd or -1.
@@ -315,8 +317,36 @@ impl Vm {
     }
 
     /// Pauses every vCPU.
+    /// Pauses every vCPU, then waits until the fault handler has resolved every fault
+    /// already queued (a vCPU kicked out of a fault wait leaves its event behind), so that
+    /// nothing changes guest memory or the host view until [`Vm::resume`] (except the VMM's
+    /// own accesses).
     pub fn pause(&self) {
         self.vcpus.iter().for_each(Vcpu::pause);
+        self.quiesce_handler();
+    }
+
+    fn quiesce_handler(&self) {
+        let mut p = libc::pollfd {
+            fd: self.window.uffd().as_fd().as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        loop {
+            // SeqCst: pairs with the handler's store before it reads the queue; if it is
+            // not busy and the queue is empty, no event is in flight.
+            let busy = self.link.handler_busy.load(Ordering::SeqCst);
+            // SAFETY: one valid pollfd, zero timeout.
+            let readable = unsafe { libc::poll(&mut p, 1, 0) } > 0;
+            if (!busy && !readable) || self.failure().is_some() || self.handler_gone() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_micros(20));
+        }
+    }
+
+    fn handler_gone(&self) -> bool {
+        self.handler.as_ref().is_none_or(|h| h.is_finished())
     }
 
     /// Resumes every vCPU.
@@ -440,10 +470,15 @@ fn fault_loop(
         if fds[1].revents != 0 {
             return;
         }
+        // SeqCst: see VmLink::handler_busy.
+        link.handler_busy.store(true, Ordering::SeqCst);
         loop {
             let ev = match uffd.read_event() {
                 Ok(Some(ev)) => ev,
-                Ok(None) => break,
+                Ok(None) => {
+                    link.handler_busy.store(false, Ordering::SeqCst);
+                    break;
+                }
                 Err(e) => {
                     tracing::error!("reading guest faults failed: {e}");
                     fail(link, e.to_string(), kick);
