@@ -33,8 +33,12 @@ impl FrameFlags {
     /// Owned by someone (between alloc and free); checked in debug builds to catch
     /// double frees and double allocations.
     pub const ALLOCATED: FrameFlags = FrameFlags(1 << 8);
+    /// No host memory backs the frame yet (never touched, or returned with a punched
+    /// hole): it reads as zero, but must be populated before a host view maps it, or
+    /// a guest access through a userfaultfd-registered window would fault forever.
+    pub const UNBACKED: FrameFlags = FrameFlags(1 << 9);
 
-    const ALL: u32 = (1 << 9) - 1;
+    const ALL: u32 = (1 << 10) - 1;
 
     /// The raw bits.
     pub fn bits(self) -> u32 {
@@ -48,7 +52,7 @@ impl FrameFlags {
 }
 
 const _: () = assert!(
-    FrameFlags::ALL.count_ones() == 9,
+    FrameFlags::ALL.count_ones() == 10,
     "flag bits must be contiguous"
 );
 
@@ -236,8 +240,9 @@ impl Frame {
             !before.contains(FrameFlags::ALLOCATED),
             "frame handed out twice: {before:?}"
         );
-        if before.contains(FrameFlags::KNOWN_ZERO) {
-            self.clear(FrameFlags::KNOWN_ZERO);
+        if before.0 & (FrameFlags::KNOWN_ZERO.0 | FrameFlags::UNBACKED.0) != 0 {
+            // The new owner writes it (or the node populates it): neither holds after.
+            self.clear(FrameFlags::KNOWN_ZERO | FrameFlags::UNBACKED);
         }
         self.refcount.store(1, Ordering::Relaxed);
         self.mapcount.store(0, Ordering::Relaxed);
@@ -246,12 +251,13 @@ impl Frame {
 
     /// Marks a frame free again (called by the node before it goes back to an allocator).
     pub(crate) fn prep_free(&self) {
-        // Keep only KNOWN_ZERO (set by whoever knows the contents are zero); this clears
-        // ALLOCATED too, in one atomic read-modify-write. AcqRel: as `clear`.
-        let before = FrameFlags(
-            self.flags
-                .fetch_and(FrameFlags::KNOWN_ZERO.0, Ordering::AcqRel),
-        );
+        // Keep only KNOWN_ZERO and UNBACKED (set by whoever knows the contents are zero or
+        // returned to the host); this clears ALLOCATED too, in one atomic read-modify-write.
+        // AcqRel: as `clear`.
+        let before = FrameFlags(self.flags.fetch_and(
+            FrameFlags::KNOWN_ZERO.0 | FrameFlags::UNBACKED.0,
+            Ordering::AcqRel,
+        ));
         debug_assert!(
             before.contains(FrameFlags::ALLOCATED),
             "frame freed twice: {before:?}"

@@ -43,6 +43,19 @@ pub enum HostError {
         #[source]
         source: io::Error,
     },
+    /// `fallocate` failed: the host is out of memory (or shmem space) for the frames.
+    #[error(
+        "could not back {bytes} bytes at offset {offset} of a frame memfd with host memory: {source}; the host is short of memory"
+    )]
+    Allocate {
+        /// Offset in the memfd.
+        offset: u64,
+        /// Length.
+        bytes: u64,
+        /// The host's error.
+        #[source]
+        source: io::Error,
+    },
     /// The named host NUMA node does not exist.
     #[error(
         "host NUMA node {0} does not exist (see /sys/devices/system/node); name an existing node or none"
@@ -133,15 +146,23 @@ impl Memfd {
     /// Allocates host memory for all of the memfd now (`fallocate`), so that later first
     /// touches do not pay for it. The contents still read as zero.
     pub fn allocate_all(&self) -> Result<(), HostError> {
-        let err = |source| HostError::Punch {
-            offset: 0,
-            bytes: self.len,
+        self.allocate(0, self.len)
+    }
+
+    /// Allocates host memory for `offset .. offset + len` now (`fallocate`); the contents
+    /// are unchanged (zero where nothing was written).
+    pub fn allocate(&self, offset: u64, len: u64) -> Result<(), HostError> {
+        let err = |source| HostError::Allocate {
+            offset,
+            bytes: len,
             source,
         };
-        let len = libc::off_t::try_from(self.len)
-            .map_err(|_| err(io::Error::from(io::ErrorKind::InvalidInput)))?;
+        let (o, l) = match (libc::off_t::try_from(offset), libc::off_t::try_from(len)) {
+            (Ok(o), Ok(l)) => (o, l),
+            _ => return Err(err(io::Error::from(io::ErrorKind::InvalidInput))),
+        };
         // SAFETY: `fd` is a valid memfd; mode 0 only allocates blocks, contents unchanged.
-        if unsafe { libc::fallocate(self.fd.as_raw_fd(), 0, 0, len) } != 0 {
+        if unsafe { libc::fallocate(self.fd.as_raw_fd(), 0, o, l) } != 0 {
             return Err(err(io::Error::last_os_error()));
         }
         Ok(())

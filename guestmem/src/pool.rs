@@ -127,7 +127,7 @@ impl Node {
         }
         let frames: Box<[Frame]> = (0..cfg.frames).map(|_| Frame::default()).collect();
         for f in frames.iter() {
-            f.set(FrameFlags::KNOWN_ZERO);
+            f.set(FrameFlags::KNOWN_ZERO | FrameFlags::UNBACKED);
         }
         Ok(Node {
             id,
@@ -180,13 +180,33 @@ impl Node {
     #[inline]
     pub fn alloc(&self, order: Order, init: FrameInit) -> Option<Pfn> {
         let first = self.alloc.alloc(order.get(), current_cpu())?;
+        let mut unbacked = false;
         for i in first..first + order.frames() {
             let frame = &self.frames[i as usize];
             let was = frame.prep_new();
+            unbacked |= was.contains(FrameFlags::UNBACKED);
             if init == FrameInit::Zeroed && !was.contains(FrameFlags::KNOWN_ZERO) {
                 // SAFETY: frame `i` was just handed to us by the allocator, so no one
                 // else reads or writes its bytes; the pointer is in the direct map.
                 unsafe { std::ptr::write_bytes(self.page_ptr_local(i), 0, PAGE_SIZE) };
+            }
+        }
+        if unbacked && init == FrameInit::Zeroed {
+            // Back the run with host memory in one call, so that a host view can map it
+            // (an `Overwritten` frame is backed by the caller's write).
+            let len = u64::from(order.frames()) * PAGE_SIZE as u64;
+            if self
+                .memfd
+                .allocate(u64::from(first) * PAGE_SIZE as u64, len)
+                .is_err()
+            {
+                for i in first..first + order.frames() {
+                    let f = &self.frames[i as usize];
+                    f.prep_free();
+                    f.set(FrameFlags::KNOWN_ZERO | FrameFlags::UNBACKED);
+                }
+                self.alloc.free(first, order.get(), current_cpu());
+                return None;
             }
         }
         Some(Pfn(self.base.0 + first))
@@ -249,7 +269,7 @@ impl Node {
             for i in first..first + (1 << order) {
                 let f = &self.frames[i as usize];
                 if res.is_ok() {
-                    f.set(FrameFlags::KNOWN_ZERO);
+                    f.set(FrameFlags::KNOWN_ZERO | FrameFlags::UNBACKED);
                 }
             }
             self.alloc.free(first, order, current_cpu());
@@ -437,6 +457,9 @@ impl Pool {
         for n in &self.nodes {
             n.memfd.allocate_all()?;
             n.map.populate();
+            for f in n.frames.iter() {
+                f.clear(FrameFlags::UNBACKED);
+            }
         }
         Ok(())
     }
@@ -550,8 +573,8 @@ mod tests {
         let f = p.alloc(NodeId(0), Order::ZERO, FrameInit::Zeroed).unwrap();
         assert_eq!(
             p.resident_bytes().unwrap(),
-            0,
-            "known-zero frames are not rewritten"
+            PAGE_SIZE as u64,
+            "only the frame handed out is backed again, without being rewritten"
         );
         assert!(all_bytes_are(&p, f, 0));
     }

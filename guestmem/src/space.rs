@@ -104,8 +104,12 @@ pub enum FaultOutcome {
         /// Pages mapped.
         pages: u64,
     },
-    /// A write to a shared page copied it into a new frame.
-    CowCopy,
+    /// A write to a shared page copied it, or the run of `pages` around it, into new
+    /// frames.
+    CowCopy {
+        /// Pages copied.
+        pages: u64,
+    },
     /// A write to a write-protected page whose only user is this VM made it writable.
     CowReuse,
     /// The page was present in the manager; the host view got `pages` pages mapped.
@@ -121,6 +125,7 @@ pub struct Counters {
     zero_fill_faults: AtomicU64,
     zero_fill_pages: AtomicU64,
     cow_copies: AtomicU64,
+    cow_copy_faults: AtomicU64,
     cow_reuses: AtomicU64,
     map_existing: AtomicU64,
     forks: AtomicU64,
@@ -135,8 +140,10 @@ pub struct CounterSnapshot {
     pub zero_fill_faults: u64,
     /// Pages mapped by first-touch faults (more than the faults with fault-around).
     pub zero_fill_pages: u64,
-    /// Copy-on-write faults that copied.
+    /// Pages copied by copy-on-write faults.
     pub cow_copies: u64,
+    /// Copy-on-write faults that copied (one or a run of pages each).
+    pub cow_copy_faults: u64,
     /// Copy-on-write faults that reused the frame.
     pub cow_reuses: u64,
     /// Faults on pages already present (host view filled lazily, e.g. after fork).
@@ -161,6 +168,7 @@ impl Counters {
             zero_fill_faults: r(&self.zero_fill_faults),
             zero_fill_pages: r(&self.zero_fill_pages),
             cow_copies: r(&self.cow_copies),
+            cow_copy_faults: r(&self.cow_copy_faults),
             cow_reuses: r(&self.cow_reuses),
             map_existing: r(&self.map_existing),
             forks: r(&self.forks),
@@ -175,7 +183,10 @@ impl Counters {
                 self.add(&self.zero_fill_faults, 1);
                 self.add(&self.zero_fill_pages, pages);
             }
-            FaultOutcome::CowCopy => self.add(&self.cow_copies, 1),
+            FaultOutcome::CowCopy { pages } => {
+                self.add(&self.cow_copy_faults, 1);
+                self.add(&self.cow_copies, pages);
+            }
             FaultOutcome::CowReuse => self.add(&self.cow_reuses, 1),
             FaultOutcome::MapExisting { .. } => self.add(&self.map_existing, 1),
         }
@@ -201,6 +212,12 @@ pub struct ManagerConfig {
     /// First touch maps a naturally aligned run of `2^fault_around` pages when they are
     /// all untouched (fewer host mappings, fewer faults); 0 turns it off.
     pub fault_around: Order,
+    /// A copy-on-write fault that must copy copies the naturally aligned run of
+    /// `2^cow_around` pages around it into contiguous new frames, when every page of the
+    /// run is present and write-protected: one fault and one host mapping per run instead
+    /// of per page, at the price of private copies of pages the guest did not write
+    /// (they are shared no more). 0 turns it off.
+    pub cow_around: Order,
     /// Reverse-map design and clone locking.
     pub rmap: rmap::RmapConfig,
 }
@@ -208,7 +225,8 @@ pub struct ManagerConfig {
 impl Default for ManagerConfig {
     fn default() -> Self {
         ManagerConfig {
-            fault_around: Order::new(4).unwrap_or(Order::ZERO),
+            fault_around: Order::new(6).unwrap_or(Order::ZERO),
+            cow_around: Order::new(4).unwrap_or(Order::ZERO),
             rmap: rmap::RmapConfig::default(),
         }
     }
@@ -799,25 +817,61 @@ impl AddressSpace {
             }
             return Ok(FaultOutcome::CowReuse);
         }
-        let new = self.alloc(Order::ZERO, FrameInit::Overwritten)?;
-        // SAFETY: `new` is ours alone; `old` is mapped read-only everywhere (it is shared,
-        // or locked by someone who does not write it), so nothing writes it during the copy.
-        unsafe { self.mm.pool.copy_frame(new, old) };
-        let nf = self.mm.pool.frame(new);
-        self.link_new(region, nf, region.pt.pgoff(index));
-        nf.set(FrameFlags::SWAP_BACKED);
-        nf.map();
-        block.set(s, Pte::present(new, true).mkdirty());
+        let (first, n) = self.cow_run(region, block, index);
+        let order = Order::new(n.trailing_zeros()).unwrap_or(Order::ZERO);
+        let (first, n, new) = match self.alloc(order, FrameInit::Overwritten) {
+            Ok(new) => (first, n, new),
+            Err(_) if n > 1 => (index, 1, self.alloc(Order::ZERO, FrameInit::Overwritten)?),
+            Err(e) => return Err(e),
+        };
+        let s0 = (first % PTES_PER_BLOCK as u64) as usize;
+        let olds: Vec<Pte> = (0..n as usize).map(|i| block.get(s0 + i)).collect();
+        for (i, old_pte) in olds.iter().enumerate() {
+            let Some(old) = old_pte.pfn() else {
+                unreachable!("cow_run covers present entries only");
+            };
+            let new_i = new.offset(i as u32);
+            // SAFETY: `new_i` is ours alone; `old` is mapped read-only everywhere (it is
+            // shared, or locked by someone who does not write it), so nothing writes it
+            // during the copy.
+            unsafe { self.mm.pool.copy_frame(new_i, old) };
+            let nf = self.mm.pool.frame(new_i);
+            self.link_new(region, nf, region.pt.pgoff(first + i as u64));
+            nf.set(FrameFlags::SWAP_BACKED);
+            nf.map();
+            let pte = Pte::present(new_i, true);
+            block.set(s0 + i, if s0 + i == s { pte.mkdirty() } else { pte });
+        }
         let mut freed = Vec::new();
-        if let Err(e) = self.map_run(region, index, 1, new, true) {
-            block.set(s, pte);
-            self.drop_mapping(new, &mut freed);
+        if let Err(e) = self.map_run(region, first, n, new, true) {
+            for (i, old_pte) in olds.iter().enumerate() {
+                block.set(s0 + i, *old_pte);
+                self.drop_mapping(new.offset(i as u32), &mut freed);
+            }
             self.free_frames(&freed);
             return Err(self.host_err(e));
         }
-        self.drop_mapping(old, &mut freed);
+        for old in olds.iter().filter_map(|p| p.pfn()) {
+            self.drop_mapping(old, &mut freed);
+        }
         self.free_frames(&freed);
-        Ok(FaultOutcome::CowCopy)
+        Ok(FaultOutcome::CowCopy { pages: n })
+    }
+
+    /// The run of entries a copy-on-write fault at `index` copies: the naturally aligned
+    /// `2^cow_around` entries around it if they are all present and write-protected and
+    /// lie in the region, else the entry alone.
+    fn cow_run(&self, region: &Region, block: &Block, index: u64) -> (u64, u64) {
+        let n = u64::from(self.mm.config.cow_around.frames());
+        let first = index & !(n - 1);
+        let s0 = (first % PTES_PER_BLOCK as u64) as usize;
+        let whole = n > 1
+            && first + n <= region.pt.table.pages()
+            && (s0..s0 + n as usize).all(|t| {
+                let p = block.get(t);
+                p.is_present() && !p.is_writable()
+            });
+        if whole { (first, n) } else { (index, 1) }
     }
 
     /// Maps the present entry `index` into the host view, with its neighbours in the same

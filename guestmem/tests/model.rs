@@ -49,6 +49,16 @@ fn in_ram(gpa: u64) -> bool {
 }
 
 fn manager(frames: u32, design: rmap::Design, kind: AllocatorKind, around: u32) -> Arc<Manager> {
+    manager_cow(frames, design, kind, around, 0)
+}
+
+fn manager_cow(
+    frames: u32,
+    design: rmap::Design,
+    kind: AllocatorKind,
+    around: u32,
+    cow_around: u32,
+) -> Arc<Manager> {
     let pool = Arc::new(
         Pool::new(&PoolConfig {
             nodes: vec![guestmem::NodeConfig {
@@ -63,6 +73,7 @@ fn manager(frames: u32, design: rmap::Design, kind: AllocatorKind, around: u32) 
         pool,
         ManagerConfig {
             fault_around: Order::new(around).unwrap(),
+            cow_around: Order::new(cow_around).unwrap(),
             rmap: rmap::RmapConfig {
                 design,
                 ..Default::default()
@@ -274,8 +285,8 @@ impl Family {
     }
 }
 
-fn run_sequence(ops: &[Op], design: rmap::Design, kind: AllocatorKind) {
-    let mm = manager(8192, design, kind, 2);
+fn run_sequence(ops: &[Op], design: rmap::Design, kind: AllocatorKind, cow_around: u32) {
+    let mm = manager_cow(8192, design, kind, 2, cow_around);
     let total = mm.pool().total_frames();
     let mut fam = Family::new(Arc::clone(&mm), 8);
     for op in ops {
@@ -290,17 +301,17 @@ proptest! {
 
     #[test]
     fn random_sequences_match_the_model_chain(ops in prop::collection::vec(op_strategy(), 1..200)) {
-        run_sequence(&ops, rmap::Design::Chain, AllocatorKind::Magazine);
+        run_sequence(&ops, rmap::Design::Chain, AllocatorKind::Magazine, 0);
     }
 
     #[test]
     fn random_sequences_match_the_model_flat(ops in prop::collection::vec(op_strategy(), 1..200)) {
-        run_sequence(&ops, rmap::Design::Flat, AllocatorKind::PerCpuLists);
+        run_sequence(&ops, rmap::Design::Flat, AllocatorKind::PerCpuLists, 2);
     }
 }
 
 fn threaded(total_ops: usize, threads: usize, seed: u64) {
-    let mm = manager(16384, rmap::Design::Chain, AllocatorKind::Magazine, 3);
+    let mm = manager_cow(16384, rmap::Design::Chain, AllocatorKind::Magazine, 3, 2);
     let total = mm.pool().total_frames();
     std::thread::scope(|s| {
         for t in 0..threads {
@@ -493,4 +504,86 @@ fn parent_and_child_unshare_and_exit_concurrently_without_leaks() {
             "round {round} leaked frames"
         );
     }
+}
+
+#[test]
+fn copy_on_write_copies_a_whole_aligned_run_in_one_fault() {
+    let mm = manager_cow(1024, rmap::Design::Chain, AllocatorKind::Magazine, 4, 3);
+    let vm = mm
+        .create(&REGIONS, Arc::new(guestmem::mmu::RecordingMmu::default()))
+        .unwrap();
+    vm.write(Gpa(0), &vec![5; 16 * PAGE_SIZE]).unwrap();
+    let rec = Arc::new(guestmem::mmu::RecordingMmu::default());
+    let child = vm.fork(rec.clone()).unwrap();
+    // One write in page 9 copies pages 8..16 (the aligned run of 8) in one fault.
+    child.write(Gpa(9 * PAGE_SIZE as u64), &[6]).unwrap();
+    let c = child.counters();
+    assert_eq!((c.cow_copy_faults, c.cow_copies), (1, 8));
+    let maps: Vec<_> = rec
+        .take()
+        .into_iter()
+        .filter(|c| matches!(c, guestmem::mmu::MmuCall::Map { .. }))
+        .collect();
+    assert_eq!(maps.len(), 1, "one host mapping for the run: {maps:?}");
+    assert!(matches!(
+        maps[0],
+        guestmem::mmu::MmuCall::Map {
+            gfn: Gfn(8),
+            pages: 8,
+            writable: true,
+            ..
+        }
+    ));
+    // The copies hold the parent's bytes, except the one written.
+    let mut b = [0u8; 2];
+    child.read(Gpa(9 * PAGE_SIZE as u64), &mut b).unwrap();
+    assert_eq!(b, [6, 5]);
+    child.read(Gpa(15 * PAGE_SIZE as u64), &mut b).unwrap();
+    assert_eq!(b, [5, 5]);
+    vm.read(Gpa(9 * PAGE_SIZE as u64), &mut b).unwrap();
+    assert_eq!(b, [5, 5]);
+    let m = child.memory();
+    assert_eq!((m.private, m.shared), (8, 8));
+    drop((vm, child));
+    assert_eq!(mm.pool().free_frames(), 1024);
+}
+
+#[test]
+fn frames_are_backed_by_host_memory_before_they_are_mapped() {
+    let pool =
+        Arc::new(Pool::new(&PoolConfig::uniform(4 << 20, 1, AllocatorKind::Magazine)).unwrap());
+    let mm = Manager::new(Arc::clone(&pool), ManagerConfig::default());
+    let vm = mm
+        .create(
+            &[RegionSpec {
+                start: Gfn(0),
+                pages: 256,
+            }],
+            Arc::new(NoopMmu),
+        )
+        .unwrap();
+    assert_eq!(pool.resident_bytes().unwrap(), 0);
+    vm.read(Gpa(0), &mut [0u8; 1]).unwrap();
+    // A first touch maps a fault-around run: all of it must exist in the memfd, or a
+    // userfaultfd-registered window would see MISSING faults for it forever.
+    let run = vm.pte(Gfn(0)).unwrap();
+    assert!(run.is_present());
+    assert!(pool.resident_bytes().unwrap() >= 64 * PAGE_SIZE as u64);
+    drop(vm);
+    pool.release_free_memory().unwrap();
+    assert_eq!(pool.resident_bytes().unwrap(), 0);
+    let vm = mm
+        .create(
+            &[RegionSpec {
+                start: Gfn(0),
+                pages: 256,
+            }],
+            Arc::new(NoopMmu),
+        )
+        .unwrap();
+    vm.read(Gpa(0), &mut [0u8; 1]).unwrap();
+    assert!(
+        pool.resident_bytes().unwrap() >= 64 * PAGE_SIZE as u64,
+        "punched frames are backed again"
+    );
 }

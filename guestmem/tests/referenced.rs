@@ -16,6 +16,7 @@ fn manager(design: rmap::Design) -> Arc<Manager> {
         pool,
         ManagerConfig {
             fault_around: Order::ZERO,
+            cow_around: Order::ZERO,
             rmap: rmap::RmapConfig {
                 design,
                 ..Default::default()
