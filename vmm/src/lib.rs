@@ -49,7 +49,7 @@ pub(crate) const PAGE_SIZE_U64: u64 = guestmem::types::PAGE_SIZE as u64;
 
 pub use fault::{FaultCounts, FaultError, FaultKind, FaultResolver, HostBacked, ScaffoldResolver};
 pub use guest::{CmdResult, Command, Op};
-pub use managed::SpaceResolver;
+pub use managed::{ForkError, ForkOptions, ForkTiming, ManagedVm, SpaceResolver};
 pub use vcpu::{RegsDump, Vcpu, VcpuError, VcpuState};
-pub use vm::{Hypervisor, Vm, VmConfig, VmError};
+pub use vm::{Hypervisor, Vm, VmConfig, VmError, open_fds, raise_nofile_limit};
 pub use window::{Window, WindowError};

@@ -1,14 +1,38 @@
-//! The real resolver: guest faults resolved by guestmem's [`AddressSpace`], which picks the
-//! frame and mirrors the mapping into the VM's [`Window`](crate::window::Window) through
-//! `HostMmu`. This is the adapter between the VMM's fault handler and the memory manager;
-//! [`crate::fault::ScaffoldResolver`] is the test stand-in it replaces.
+//! Guests on guestmem-managed memory and their snapshot-fork.
+//!
+//! [`SpaceResolver`] is the adapter between the VMM's fault handler and the memory
+//! manager: guest faults are resolved by guestmem's [`AddressSpace`], which picks the frame
+//! and mirrors the mapping into the VM's [`Window`](crate::window::Window) through
+//! `HostMmu` ([`crate::fault::ScaffoldResolver`] is the test stand-in it replaces).
+//!
+//! [`ManagedVm`] is a [`Vm`] together with its address space, and [`ManagedVm::fork`]
+//! is the snapshot-fork of a running VM into N copy-on-write clones:
+//!
+//! 1. check the limits up front (free frames for the reserve asked for, open files), so
+//!    that a fork that cannot complete fails before the parent is touched;
+//! 2. pause every vCPU and wait for queued faults ([`Vm::pause`]);
+//! 3. save every vCPU's state (pending port I/O completed first);
+//! 4. per clone: a new VM whose resolver is `AddressSpace::fork` of the parent's space
+//!    (page-table blocks shared copy-on-write, O(blocks)); the parent's window is swapped
+//!    for a fresh one on the first fork of a batch and left alone by the others (see
+//!    [`crate::window`]); then the clone's vCPUs get the saved state and, if a command
+//!    was in flight, continue it at the same instruction;
+//! 5. resume the parent.
+//!
+//! On any error the clones made so far are dropped (their frames go back, their fds
+//! close) and the parent resumes as it was.
 
+use std::mem::ManuallyDrop;
 use std::sync::Arc;
+use std::time::Instant;
 
 use guestmem::types::Gfn;
-use guestmem::{Access, AddressSpace};
+use guestmem::space::CounterSnapshot;
+use guestmem::{Access, AddressSpace, Manager, MemoryUsage, RegionSpec};
 
-use crate::fault::{FaultError, FaultKind, FaultResolver};
+use crate::fault::{FaultCounts, FaultError, FaultKind, FaultResolver};
+use crate::vcpu::{VcpuError, VcpuState};
+use crate::vm::{Hypervisor, Vm, VmConfig, VmError, open_fds, raise_nofile_limit};
 
 /// Resolves faults through an [`AddressSpace`] (the space's `HostMmu` must be the VM's
 /// window). Dropping it does not exit the space: the owner decides when frames go back.
@@ -40,5 +64,279 @@ impl FaultResolver for SpaceResolver {
             .handle_fault(gfn, access)
             .map(|_| ())
             .map_err(|e| FaultError::Other(e.to_string()))
+    }
+}
+
+/// A snapshot-fork that could not complete. The parent runs on unchanged and every clone
+/// made before the error is gone (frames returned, fds closed).
+#[derive(Debug, thiserror::Error)]
+pub enum ForkError {
+    /// Fewer free frames than the reserve asked for.
+    #[error(
+        "the frame pool has {free} free frames but {clones} clones with a reserve of {reserve} \
+         pages each need {need}: give the pool more memory (--pool) or fork fewer clones"
+    )]
+    PoolExhausted {
+        /// Clones asked for.
+        clones: usize,
+        /// Pages reserved per clone.
+        reserve: u64,
+        /// Frames needed.
+        need: u64,
+        /// Frames free.
+        free: u64,
+    },
+    /// Not enough file descriptors for the clones.
+    #[error(
+        "{clones} clones need about {need} more file descriptors, but {open} of the limit of \
+         {limit} are open: raise the hard limit (ulimit -Hn, limits.conf) or fork fewer clones"
+    )]
+    FileLimit {
+        /// Clones asked for.
+        clones: usize,
+        /// Descriptors needed.
+        need: u64,
+        /// Descriptors open now.
+        open: u64,
+        /// The soft limit (already raised to the hard one).
+        limit: u64,
+    },
+    /// Saving the parent's vCPU state failed.
+    #[error("saving the parent's vCPU state failed: {0}")]
+    Save(#[source] VcpuError),
+    /// Creating clone `index` failed.
+    #[error("creating clone {index} failed: {source}")]
+    Clone {
+        /// Which clone (0-based) of this batch.
+        index: usize,
+        /// Why.
+        #[source]
+        source: VmError,
+    },
+    /// Loading the saved state into clone `index` failed.
+    #[error("restoring clone {index}'s vCPU state failed: {source}")]
+    Restore {
+        /// Which clone.
+        index: usize,
+        /// Why.
+        #[source]
+        source: VcpuError,
+    },
+}
+
+/// How to fork.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ForkOptions {
+    /// Clones to make.
+    pub clones: usize,
+    /// Free frames the pool must still have per clone (0: no check). Clones share every
+    /// page at first and copy on write; this refuses a fork that could not give each
+    /// clone this many private pages.
+    pub reserve_pages: u64,
+}
+
+impl ForkOptions {
+    /// `clones` clones, no reserve.
+    pub fn new(clones: usize) -> ForkOptions {
+        ForkOptions {
+            clones,
+            reserve_pages: 0,
+        }
+    }
+}
+
+/// How long a fork took (nanoseconds).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ForkTiming {
+    /// Pausing the parent's vCPUs (and draining queued faults).
+    pub pause_ns: u64,
+    /// Saving the parent's vCPU state.
+    pub save_ns: u64,
+    /// Per clone: address-space fork, VM + vCPU creation, state restore.
+    pub clone_ns: Vec<u64>,
+    /// From the pause to the last clone running (the parent resumes right after).
+    pub total_ns: u64,
+}
+
+/// File descriptors one VM holds: KVM VM, userfaultfd, two eventfd handles, a vCPU each.
+fn fds_per_vm(vcpus: u32) -> u64 {
+    4 + u64::from(vcpus)
+}
+
+/// A [`Vm`] on guestmem-managed memory with its [`AddressSpace`]; dropping it stops the
+/// VM and then exits the space, returning every frame no other VM maps.
+#[derive(Debug)]
+pub struct ManagedVm {
+    // Dropped by hand in Drop, before the space exits.
+    vm: ManuallyDrop<Vm>,
+    space: Arc<AddressSpace>,
+}
+
+impl ManagedVm {
+    /// A VM of `cfg.mem_bytes` (one RAM region at gpa 0) on memory managed by `mm`.
+    pub fn new(hv: &Hypervisor, cfg: &VmConfig, mm: &Arc<Manager>) -> Result<ManagedVm, VmError> {
+        let regions = [RegionSpec {
+            start: Gfn(0),
+            pages: cfg.mem_bytes / crate::PAGE_SIZE_U64,
+        }];
+        Self::build(hv, cfg, |w| {
+            mm.create(&regions, w.clone())
+                .map_err(|e| FaultError::Other(e.to_string()))
+        })
+    }
+
+    fn build(
+        hv: &Hypervisor,
+        cfg: &VmConfig,
+        make_space: impl FnOnce(
+            &Arc<crate::window::Window>,
+        ) -> Result<Arc<AddressSpace>, FaultError>,
+    ) -> Result<ManagedVm, VmError> {
+        let mut space = None;
+        let vm = Vm::new(hv, cfg, |w| {
+            let s = make_space(w)?;
+            space = Some(s.clone());
+            Ok(Arc::new(SpaceResolver::new(s)) as Arc<dyn FaultResolver>)
+        });
+        match (vm, space) {
+            (Ok(vm), Some(space)) => Ok(ManagedVm {
+                vm: ManuallyDrop::new(vm),
+                space,
+            }),
+            (Ok(vm), None) => {
+                drop(vm);
+                Err(VmError::Config("the VM was built without an address space".into()))
+            }
+            (Err(e), space) => {
+                if let Some(s) = space {
+                    s.exit();
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// The VM.
+    pub fn vm(&self) -> &Vm {
+        &self.vm
+    }
+
+    /// The address space.
+    pub fn space(&self) -> &Arc<AddressSpace> {
+        &self.space
+    }
+
+    /// Memory use (resident, shared, private, PSS in pages).
+    pub fn memory(&self) -> MemoryUsage {
+        self.space.memory()
+    }
+
+    /// The address space's counters (zero-fill, COW copies and reuses, ...).
+    pub fn counters(&self) -> CounterSnapshot {
+        self.space.counters()
+    }
+
+    /// Faults the VM's handler resolved, by kind.
+    pub fn fault_counts(&self) -> FaultCounts {
+        self.vm.fault_counts()
+    }
+
+    /// Snapshot-forks the running VM into `opts.clones` clones (see the module docs).
+    /// Commands in flight continue in the parent and in every clone; the clones' vCPUs
+    /// return those results from `wait`.
+    pub fn fork(
+        &self,
+        hv: &Hypervisor,
+        opts: &ForkOptions,
+    ) -> Result<(Vec<ManagedVm>, ForkTiming), ForkError> {
+        self.check_limits(opts)?;
+        let t0 = Instant::now();
+        self.vm.pause();
+        let pause_ns = t0.elapsed().as_nanos() as u64;
+        let r = self.fork_paused(hv, opts);
+        let total_ns = t0.elapsed().as_nanos() as u64;
+        self.vm.resume();
+        let (clones, mut timing) = r?;
+        timing.pause_ns = pause_ns;
+        timing.total_ns = total_ns;
+        Ok((clones, timing))
+    }
+
+    fn check_limits(&self, opts: &ForkOptions) -> Result<(), ForkError> {
+        let clones = opts.clones;
+        let pool = self.space.manager().pool();
+        let need = opts.reserve_pages.saturating_mul(clones as u64);
+        if need > 0 {
+            let free = pool.free_frames();
+            if free < need {
+                return Err(ForkError::PoolExhausted {
+                    clones,
+                    reserve: opts.reserve_pages,
+                    need,
+                    free,
+                });
+            }
+        }
+        let limit = raise_nofile_limit();
+        let need = fds_per_vm(self.vm.config().vcpus).saturating_mul(clones as u64);
+        let open = open_fds().unwrap_or(0);
+        // Keep a little room for the process's own files.
+        if open + need + 16 > limit {
+            return Err(ForkError::FileLimit {
+                clones,
+                need,
+                open,
+                limit,
+            });
+        }
+        Ok(())
+    }
+
+    fn fork_paused(
+        &self,
+        hv: &Hypervisor,
+        opts: &ForkOptions,
+    ) -> Result<(Vec<ManagedVm>, ForkTiming), ForkError> {
+        let t = Instant::now();
+        let states = self
+            .vm
+            .vcpus()
+            .iter()
+            .map(|v| v.save_state())
+            .collect::<Result<Vec<VcpuState>, _>>()
+            .map_err(ForkError::Save)?;
+        let mut timing = ForkTiming {
+            save_ns: t.elapsed().as_nanos() as u64,
+            ..ForkTiming::default()
+        };
+        let cfg = VmConfig {
+            load_guest: false,
+            ..self.vm.config().clone()
+        };
+        let mut clones = Vec::with_capacity(opts.clones);
+        for index in 0..opts.clones {
+            let t = Instant::now();
+            let clone = Self::build(hv, &cfg, |w| {
+                self.space
+                    .fork(w.clone())
+                    .map_err(|e| FaultError::Other(e.to_string()))
+            })
+            .map_err(|source| ForkError::Clone { index, source })?;
+            for (v, st) in clone.vm.vcpus().iter().zip(&states) {
+                v.restore_state(st)
+                    .map_err(|source| ForkError::Restore { index, source })?;
+            }
+            timing.clone_ns.push(t.elapsed().as_nanos() as u64);
+            clones.push(clone);
+        }
+        Ok((clones, timing))
+    }
+}
+
+impl Drop for ManagedVm {
+    fn drop(&mut self) {
+        // SAFETY: `vm` is dropped exactly once, here, and never used afterwards.
+        unsafe { ManuallyDrop::drop(&mut self.vm) };
+        self.space.exit();
     }
 }

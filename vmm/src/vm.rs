@@ -101,6 +101,7 @@ impl Hypervisor {
             has_xsave,
         };
         hv.filter_msrs()?;
+        raise_nofile_limit();
         Ok(hv)
     }
 
@@ -126,6 +127,36 @@ impl Hypervisor {
     pub fn msr_indices(&self) -> &[u32] {
         &self.msr_indices
     }
+}
+
+/// Raises the soft open-file limit to the hard limit (every VM holds a handful of fds:
+/// KVM VM and vCPUs, userfaultfd, eventfds) and returns the soft limit now.
+pub fn raise_nofile_limit() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into `lim`.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return 1024;
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: setrlimit reads one rlimit; raising the soft limit up to the hard one
+        // needs no privilege.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            lim = raised;
+        }
+    }
+    lim.rlim_cur
+}
+
+/// File descriptors this process has open now (from `/proc/self/fd`).
+pub fn open_fds() -> Option<u64> {
+    Some(std::fs::read_dir("/proc/self/fd").ok()?.count() as u64)
 }
 
 /// A VM's shape.
@@ -165,11 +196,13 @@ pub struct Vm {
     kick: Arc<Mutex<Vec<libc::pthread_t>>>,
     handler: Option<JoinHandle<()>>,
     stop: OwnedFd,
-    vm_fd: VmFd,
+    /// Shared only with the window, weakly (it moves the memslot on fork).
+    vm_fd: Arc<VmFd>,
     link: Arc<VmLink>,
     stats: Arc<FaultStats>,
     resolver: Arc<dyn FaultResolver>,
     window: Arc<Window>,
+    cfg: VmConfig,
 }
 
 impl Vm {
@@ -197,7 +230,7 @@ impl Vm {
         let uffd = Arc::new(Uffd::new()?);
         let window = Arc::new(Window::new(uffd, cfg.mem_bytes)?);
         let resolver = make_resolver(&window)?;
-        let vm_fd = hv.kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        let vm_fd = Arc::new(hv.kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
         let region = kvm_userspace_memory_region {
             slot: 0,
             flags: 0,
@@ -209,6 +242,7 @@ impl Vm {
         // in Vm); KVM follows later changes to mappings inside it.
         unsafe { vm_fd.set_user_memory_region(region) }
             .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        window.bind_memslot(&vm_fd, 0);
         // Intel hardware KVM wants a TSS address set before running; harmless elsewhere.
         let _ = vm_fd.set_tss_address(0xfffb_d000);
 
@@ -239,6 +273,7 @@ impl Vm {
             stats,
             resolver,
             window,
+            cfg: cfg.clone(),
         };
         // The handler first: from here on any access to guest RAM, the VMM's own included,
         // can fault and be resolved.
@@ -298,6 +333,11 @@ impl Vm {
             })
     }
 
+    /// The configuration the VM was created with.
+    pub fn config(&self) -> &VmConfig {
+        &self.cfg
+    }
+
     /// The vCPUs.
     pub fn vcpus(&self) -> &[Vcpu] {
         &self.vcpus
@@ -316,7 +356,6 @@ impl Vm {
             .run(cmd)
     }
 
-    /// Pauses every vCPU.
     /// Pauses every vCPU, then waits until the fault handler has resolved every fault
     /// already queued (a vCPU kicked out of a fault wait leaves its event behind), so that
     /// nothing changes guest memory or the host view until [`Vm::resume`] (except the VMM's
