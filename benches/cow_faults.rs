@@ -9,19 +9,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use guestmem::mmu::NoopMmu;
-use guestmem::{
-    AddressSpace, AllocatorKind, Gfn, Gpa, Manager, ManagerConfig, Order, PAGE_SIZE, Pool,
-    PoolConfig, RegionSpec,
-};
+use guestmem::{ManagerConfig, Order};
 use kvmm::hostref::{AnonMemory, host_cow};
-use kvmm::{Experiment, Mode, Row};
-
-fn write_pages(vm: &AddressSpace, first: u64, n: u64, value: u8) {
-    for p in first..first + n {
-        vm.write(Gpa(p * PAGE_SIZE as u64), &[value])
-            .expect("the pool was sized for parent and child");
-    }
-}
+use kvmm::{Experiment, Mode, Row, setup};
 
 fn best(v: &[Duration]) -> f64 {
     v.iter().min().map_or(0.0, Duration::as_secs_f64)
@@ -34,32 +24,14 @@ fn main() {
     let pages = mib << 8;
     let mut exp = Experiment::new("cow_faults", mode);
 
-    let pool = Arc::new(
-        Pool::new(&PoolConfig::uniform(
-            (2 * mib + 16) << 20,
-            1,
-            AllocatorKind::Magazine,
-        ))
-        .expect("pool"),
-    );
-    pool.prefault().expect("prefault");
-    let mm = Manager::new(
-        pool,
+    let mm = setup::manager(
+        (2 * mib + 16) << 20,
         ManagerConfig {
             fault_around: Order::new(9).expect("valid order"),
             ..Default::default()
         },
     );
-    let parent = mm
-        .create(
-            &[RegionSpec {
-                start: Gfn(0),
-                pages,
-            }],
-            Arc::new(NoopMmu),
-        )
-        .expect("vm");
-    write_pages(&parent, 0, pages, 1);
+    let parent = setup::written_vm(&mm, pages, 1);
 
     for threads in [1u64, 2] {
         let mut ours = Vec::new();
@@ -71,7 +43,7 @@ fn main() {
             std::thread::scope(|s| {
                 for k in 0..threads {
                     let child = &child;
-                    s.spawn(move || write_pages(child, k * per, per, 2));
+                    s.spawn(move || setup::write_pages(child, k * per, per, 2));
                 }
             });
             ours.push(t.elapsed());

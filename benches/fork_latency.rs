@@ -11,22 +11,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use guestmem::mmu::NoopMmu;
-use guestmem::{
-    AllocatorKind, Gfn, Gpa, Manager, ManagerConfig, Order, PAGE_SIZE, Pool, PoolConfig, RegionSpec,
-};
+use guestmem::{Gpa, ManagerConfig, Order};
 use kvmm::hostref::{AnonMemory, SleepingChild};
-use kvmm::{Experiment, Mode, Row};
+use kvmm::{Experiment, Mode, Row, setup};
 
 fn median(mut v: Vec<Duration>) -> f64 {
     v.sort();
     v[v.len() / 2].as_secs_f64() * 1e3
-}
-
-fn touch(vm: &guestmem::AddressSpace, pages: u64, value: u8) {
-    for p in 0..pages {
-        vm.write(Gpa(p * PAGE_SIZE as u64), &[value])
-            .expect("the pool was sized for the whole guest");
-    }
 }
 
 fn main() {
@@ -36,35 +27,17 @@ fn main() {
     let mut exp = Experiment::new("fork_latency", mode);
     for &mib in sizes {
         let pages = mib << 8;
-        let pool = Arc::new(
-            Pool::new(&PoolConfig::uniform(
-                (mib + 8) << 20,
-                1,
-                AllocatorKind::Magazine,
-            ))
-            .expect("pool"),
-        );
-        pool.prefault().expect("prefault");
-        let mm = Manager::new(
-            pool,
+        let mm = setup::manager(
+            (mib + 8) << 20,
             ManagerConfig {
                 fault_around: Order::new(9).expect("order 9 is valid"),
                 ..Default::default()
             },
         );
-        let vm = mm
-            .create(
-                &[RegionSpec {
-                    start: Gfn(0),
-                    pages,
-                }],
-                Arc::new(NoopMmu),
-            )
-            .expect("vm");
-        touch(&vm, pages, 1);
+        let vm = setup::written_vm(&mm, pages, 1);
         let (mut forks, mut exits) = (Vec::new(), Vec::new());
         for r in 0..reps {
-            touch(&vm, pages, r as u8 + 2);
+            setup::write_pages(&vm, 0, pages, r as u8 + 2);
             let t = Instant::now();
             let child = vm.fork(Arc::new(NoopMmu)).expect("fork");
             forks.push(t.elapsed());

@@ -21,10 +21,9 @@ use std::time::Instant;
 
 use guestmem::mmu::NoopMmu;
 use guestmem::{
-    AddressSpace, AllocatorKind, Gfn, Gpa, Manager, ManagerConfig, Order, PAGE_SIZE, Pfn, Pool,
-    PoolConfig, ReferencedLocking, RegionSpec,
+    AddressSpace, Gpa, Manager, ManagerConfig, Order, PAGE_SIZE, Pfn, ReferencedLocking,
 };
-use kvmm::{Experiment, Mode, Row};
+use kvmm::{Experiment, Mode, Row, setup};
 
 /// What the reclaim thread saw.
 #[derive(Default)]
@@ -87,39 +86,19 @@ fn main() {
             let mut best: Option<Row> = None;
             for _ in 0..reps {
                 let frames = pages * (n + 2) + 1024;
-                let pool = Arc::new(
-                    Pool::new(&PoolConfig::uniform(
-                        frames * PAGE_SIZE as u64,
-                        1,
-                        AllocatorKind::Magazine,
-                    ))
-                    .expect("pool"),
-                );
-                pool.prefault().expect("prefault");
-                let mm = Manager::new(
-                    Arc::clone(&pool),
+                let mm = setup::manager(
+                    frames * PAGE_SIZE as u64,
                     ManagerConfig {
                         fault_around: Order::new(4).expect("valid order"),
                         rmap: rmap::RmapConfig {
                             design,
                             ..Default::default()
                         },
+                        ..Default::default()
                     },
                 );
-                let parent = mm
-                    .create(
-                        &[RegionSpec {
-                            start: Gfn(0),
-                            pages,
-                        }],
-                        Arc::new(NoopMmu),
-                    )
-                    .expect("vm");
-                for p in 0..pages {
-                    parent
-                        .write(Gpa(p * PAGE_SIZE as u64), &[1])
-                        .expect("write");
-                }
+                let pool = Arc::clone(mm.pool());
+                let parent = setup::written_vm(&mm, pages, 1);
                 let done = AtomicBool::new(false);
                 let t = Instant::now();
                 let (children, jobs_secs, scan, scan_secs) = std::thread::scope(|s| {

@@ -157,7 +157,7 @@ fn managed(hv: &Hypervisor, pages: u64, around: (u32, u32), cpu: Option<usize>) 
         space.counters().cow_copies - copies0 >= pages,
         "every page must be copied (alone or in a copy-on-write run)"
     );
-    assert!(c1.write_protect > c0.write_protect, "writes must fault");
+    assert!(c1.total() > c0.total(), "writes must fault");
     let faults = (f1.total() - f0.total()) + (c1.total() - c0.total());
     let handler_ns = (f1.handler_ns - f0.handler_ns) + (c1.handler_ns - c0.handler_ns);
     let resolve_ns = (f1.resolve_ns - f0.resolve_ns) + (c1.resolve_ns - c0.resolve_ns);

@@ -16,6 +16,7 @@
 //! program runs and its results are sane, measures nothing worth recording).
 
 pub mod hostref;
+pub mod setup;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
