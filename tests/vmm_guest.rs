@@ -333,7 +333,8 @@ fn bad_config_and_commands_are_rejected() {
     assert!(matches!(e, VcpuError::BadCommand { .. }));
 }
 
-/// Maps frames of a memfd without populating them: every access faults back forever.
+/// Maps frames of a memfd without populating them (bypassing `Window::map_run`, which
+/// populates): every access faults back forever.
 #[derive(Debug)]
 struct UnpopulatedResolver {
     window: Arc<vmm::Window>,
@@ -342,17 +343,15 @@ struct UnpopulatedResolver {
 
 impl FaultResolver for UnpopulatedResolver {
     fn resolve(&self, gfn: Gfn, _kind: vmm::FaultKind) -> Result<(), vmm::FaultError> {
-        use guestmem::mmu::{HostMmu, MapRun};
         use std::os::fd::AsFd;
-        self.window.map_run(MapRun {
-            gfn,
-            pages: 1,
-            node: guestmem::types::NodeId(0),
-            pfn: guestmem::types::Pfn(gfn.0 as u32),
-            fd: self.fd.as_fd(),
-            file_offset: gfn.0 * 4096,
-            writable: true,
-        })?;
+        let addr = self.window.host_base() + gfn.0 * 4096;
+        // SAFETY: one page inside the VM's window, which outlives the VM's use of it; no
+        // Rust reference points into guest RAM.
+        unsafe { vmm::sys::mman::map_shared_fixed(addr, 4096, self.fd.as_fd(), gfn.0 * 4096) }?;
+        self.window
+            .uffd()
+            .register(addr, 4096)
+            .map_err(|e| vmm::FaultError::Other(e.to_string()))?;
         Ok(())
     }
 }

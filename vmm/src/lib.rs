@@ -43,6 +43,7 @@ pub mod sys;
 pub mod vcpu;
 pub mod vm;
 pub mod window;
+pub mod workload;
 
 /// [`guestmem::types::PAGE_SIZE`] as a u64.
 pub(crate) const PAGE_SIZE_U64: u64 = guestmem::types::PAGE_SIZE as u64;

@@ -1,0 +1,385 @@
+//! Workloads for the `vmm` program: a comma-separated sequence of guest commands, parsed
+//! from text, and a run-length model of which seed's pattern each guest page holds, so
+//! that every VM (a fork's parent and each clone) can be verified against what it wrote.
+//!
+//! # Syntax
+//!
+//! `STEP[,STEP...]`, each step `OP[:KEY=VALUE...]`:
+//!
+//! | op | guest command |
+//! |---|---|
+//! | `fill` | write every word of the range with the seed's pattern |
+//! | `verify` | check the range against the seed's pattern (a mismatch fails the run) |
+//! | `touch` | read the first word of every page |
+//! | `random` | `count` seeded random reads and writes |
+//! | `checksum` | sum every word |
+//! | `dirty` | write one word per page |
+//!
+//! | key | meaning | default |
+//! |---|---|---|
+//! | `seed=N` | pattern / generator seed | 1 |
+//! | `offset=N` | first page, counted from the start of the vCPU's slice | 0 |
+//! | `pages=N` | pages in the range | the rest of the slice |
+//! | `count=N` | accesses (`random` only) | 10000 |
+//! | `stride=N` | in `vmm fork`'s second phase: clone k's range starts `k*N` pages later (the parent is k=0) | 0 |
+//!
+//! Sizes also take units: `offset=4M`, `pages=64M` mean bytes, converted to pages.
+//! Every vCPU of every VM runs the workload on its own slice of RAM above the boot region;
+//! the seed a vCPU uses is `seed + vcpu + 1000 * vm` (and `+ 100000 * (clone + 1)` in a
+//! fork's clones), so no two slices hold the same pattern. `verify:seed=N` checks the
+//! pattern `fill:seed=N` wrote in the same VM and vCPU.
+
+use guestmem::types::Gfn;
+
+use crate::guest::{Command, Op};
+
+/// A workload could not be parsed.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum WorkloadError {
+    /// An empty workload or an empty step.
+    #[error("the workload is empty: give steps like `fill:seed=1,verify:seed=1`")]
+    Empty,
+    /// An unknown operation.
+    #[error("unknown operation {0:?}: use fill, verify, touch, random, checksum or dirty")]
+    UnknownOp(String),
+    /// A `key=value` that is not one.
+    #[error("{0:?} is not KEY=VALUE (keys: seed, offset, pages, count, stride)")]
+    BadPair(String),
+    /// An unknown key.
+    #[error("unknown key {0:?}: use seed, offset, pages, count or stride")]
+    UnknownKey(String),
+    /// A value that is not a number.
+    #[error("{key}={value}: not a number (sizes may end in K, M or G)")]
+    BadNumber {
+        /// The key.
+        key: String,
+        /// The value.
+        value: String,
+    },
+    /// A range outside the vCPU's slice.
+    #[error(
+        "step {step} ({op}) covers pages {start}..{end} of a {slice}-page slice: make the guest bigger (--mem) or the range smaller"
+    )]
+    OutOfSlice {
+        /// Step number (1-based).
+        step: usize,
+        /// Operation name.
+        op: String,
+        /// First page (slice-relative).
+        start: u64,
+        /// End page.
+        end: u64,
+        /// Pages in the slice.
+        slice: u64,
+    },
+}
+
+/// One workload step, slice-relative.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Step {
+    /// Operation.
+    pub op: Op,
+    /// Seed before the per-vCPU/VM offsets.
+    pub seed: u64,
+    /// First page from the slice start.
+    pub offset: u64,
+    /// Pages (None: to the end of the slice).
+    pub pages: Option<u64>,
+    /// Random accesses.
+    pub count: u64,
+    /// Per-clone shift of the range in pages.
+    pub stride: u64,
+}
+
+/// A parsed workload.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Workload {
+    /// The steps, in order.
+    pub steps: Vec<Step>,
+}
+
+fn op_name(op: Op) -> &'static str {
+    match op {
+        Op::Fill => "fill",
+        Op::Verify => "verify",
+        Op::Touch => "touch",
+        Op::Random => "random",
+        Op::Checksum => "checksum",
+        Op::Crash => "crash",
+        Op::Dirty => "dirty",
+    }
+}
+
+/// Parses `4096` or a size with a K/M/G unit (bytes, turned into 4 KiB pages).
+fn parse_pages(key: &str, value: &str) -> Result<u64, WorkloadError> {
+    let bad = || WorkloadError::BadNumber {
+        key: key.into(),
+        value: value.into(),
+    };
+    match value.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                _ => return Err(bad()),
+            };
+            let n: u64 = value[..i].parse().map_err(|_| bad())?;
+            n.checked_mul(1 << shift).map(|b| b / 4096).ok_or_else(bad)
+        }
+        _ => value.parse().map_err(|_| bad()),
+    }
+}
+
+impl std::str::FromStr for Workload {
+    type Err = WorkloadError;
+
+    fn from_str(s: &str) -> Result<Workload, WorkloadError> {
+        let mut steps = Vec::new();
+        for text in s.split(',').map(str::trim) {
+            if text.is_empty() {
+                return Err(WorkloadError::Empty);
+            }
+            let mut parts = text.split(':');
+            let op = match parts.next().unwrap_or_default().to_ascii_lowercase().as_str() {
+                "fill" => Op::Fill,
+                "verify" => Op::Verify,
+                "touch" => Op::Touch,
+                "random" => Op::Random,
+                "checksum" => Op::Checksum,
+                "dirty" => Op::Dirty,
+                other => return Err(WorkloadError::UnknownOp(other.into())),
+            };
+            let mut step = Step {
+                op,
+                seed: 1,
+                offset: 0,
+                pages: None,
+                count: 10_000,
+                stride: 0,
+            };
+            for pair in parts {
+                let (k, v) = pair
+                    .split_once('=')
+                    .ok_or_else(|| WorkloadError::BadPair(pair.into()))?;
+                let (k, v) = (k.trim(), v.trim());
+                let num = || {
+                    v.parse::<u64>().map_err(|_| WorkloadError::BadNumber {
+                        key: k.into(),
+                        value: v.into(),
+                    })
+                };
+                match k {
+                    "seed" => step.seed = num()?,
+                    "count" => step.count = num()?,
+                    "offset" => step.offset = parse_pages(k, v)?,
+                    "pages" => step.pages = Some(parse_pages(k, v)?),
+                    "stride" => step.stride = parse_pages(k, v)?,
+                    _ => return Err(WorkloadError::UnknownKey(k.into())),
+                }
+            }
+            steps.push(step);
+        }
+        if steps.is_empty() {
+            return Err(WorkloadError::Empty);
+        }
+        Ok(Workload { steps })
+    }
+}
+
+/// Where a vCPU's slice lies and which seeds it uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Placement {
+    /// First page of the slice.
+    pub slice_start: Gfn,
+    /// Pages in the slice.
+    pub slice_pages: u64,
+    /// Added to every step's seed.
+    pub seed_offset: u64,
+    /// Multiplies each step's `stride` (a fork's clone index + 1; 0 for the parent).
+    pub stride_index: u64,
+}
+
+impl Workload {
+    /// The guest commands for one vCPU, checked against its slice.
+    pub fn commands(&self, at: &Placement) -> Result<Vec<Command>, WorkloadError> {
+        self.steps
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let start = s.offset + s.stride * at.stride_index;
+                let pages = s.pages.unwrap_or(at.slice_pages.saturating_sub(start));
+                let end = start.saturating_add(pages);
+                if pages == 0 || end > at.slice_pages {
+                    return Err(WorkloadError::OutOfSlice {
+                        step: i + 1,
+                        op: op_name(s.op).into(),
+                        start,
+                        end,
+                        slice: at.slice_pages,
+                    });
+                }
+                Ok(Command {
+                    op: s.op,
+                    start: Gfn(at.slice_start.0 + start),
+                    pages,
+                    seed: s.seed + at.seed_offset,
+                    count: s.count,
+                })
+            })
+            .collect()
+    }
+}
+
+/// What a page is known to hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mark {
+    /// Never written: zero.
+    Zero,
+    /// `pattern(seed, gpa)` in every word.
+    Seed(u64),
+    /// Partly written (random or dirty): not verifiable.
+    Unknown,
+}
+
+/// Which pattern each guest page holds, as runs (see the module docs).
+#[derive(Debug, Clone)]
+pub struct Model {
+    /// Sorted, non-overlapping `(start, end, mark)` runs of gfns; gaps are [`Mark::Zero`].
+    runs: Vec<(u64, u64, Mark)>,
+}
+
+impl Default for Model {
+    fn default() -> Self {
+        Model::new()
+    }
+}
+
+impl Model {
+    /// Nothing written.
+    pub fn new() -> Model {
+        Model { runs: Vec::new() }
+    }
+
+    fn set(&mut self, start: u64, end: u64, mark: Mark) {
+        let mut out = Vec::with_capacity(self.runs.len() + 2);
+        for &(s, e, m) in &self.runs {
+            if e <= start || s >= end {
+                out.push((s, e, m));
+                continue;
+            }
+            if s < start {
+                out.push((s, start, m));
+            }
+            if e > end {
+                out.push((end, e, m));
+            }
+        }
+        if mark != Mark::Zero {
+            out.push((start, end, mark));
+        }
+        out.sort_by_key(|r| r.0);
+        self.runs = out;
+    }
+
+    /// Records what `cmd` did to memory.
+    pub fn apply(&mut self, cmd: &Command) {
+        let (s, e) = (cmd.start.0, cmd.start.0 + cmd.pages);
+        match cmd.op {
+            Op::Fill => self.set(s, e, Mark::Seed(cmd.seed)),
+            Op::Random | Op::Dirty => self.set(s, e, Mark::Unknown),
+            Op::Verify | Op::Touch | Op::Checksum | Op::Crash => {}
+        }
+    }
+
+    /// Verify commands covering every page whose pattern is known (adjacent runs of one
+    /// seed merged).
+    pub fn verify_commands(&self) -> Vec<Command> {
+        let mut out: Vec<Command> = Vec::new();
+        for &(s, e, m) in &self.runs {
+            let Mark::Seed(seed) = m else { continue };
+            if let Some(last) = out.last_mut()
+                && last.seed == seed
+                && last.start.0 + last.pages == s
+            {
+                last.pages += e - s;
+                continue;
+            }
+            out.push(Command::new(Op::Verify, Gfn(s), e - s, seed));
+        }
+        out
+    }
+
+    /// Pages whose pattern is known.
+    pub fn known_pages(&self) -> u64 {
+        self.runs
+            .iter()
+            .filter(|r| matches!(r.2, Mark::Seed(_)))
+            .map(|r| r.1 - r.0)
+            .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_workload_parses_with_defaults_and_units() {
+        let w: Workload = "fill:seed=1,verify:seed=1,random:seed=7:count=100000,checksum,fill:pages=4M:offset=8:stride=1024"
+            .parse()
+            .unwrap();
+        assert_eq!(w.steps.len(), 5);
+        assert_eq!(w.steps[2].count, 100_000);
+        assert_eq!(w.steps[3].seed, 1);
+        assert_eq!(w.steps[4].pages, Some(1024));
+        assert_eq!(w.steps[4].offset, 8);
+        assert_eq!(w.steps[4].stride, 1024);
+    }
+
+    #[test]
+    fn malformed_workloads_are_rejected_with_the_reason() {
+        assert_eq!("".parse::<Workload>(), Err(WorkloadError::Empty));
+        assert_eq!("fill,,verify".parse::<Workload>(), Err(WorkloadError::Empty));
+        assert!(matches!("fil".parse::<Workload>(), Err(WorkloadError::UnknownOp(_))));
+        assert!(matches!("fill:seed".parse::<Workload>(), Err(WorkloadError::BadPair(_))));
+        assert!(matches!("fill:sed=1".parse::<Workload>(), Err(WorkloadError::UnknownKey(_))));
+        assert!(matches!(
+            "fill:seed=x".parse::<Workload>(),
+            Err(WorkloadError::BadNumber { .. })
+        ));
+    }
+
+    #[test]
+    fn commands_are_placed_in_the_slice_and_checked() {
+        let w: Workload = "fill:seed=3:offset=10:pages=5:stride=100".parse().unwrap();
+        let at = Placement {
+            slice_start: Gfn(256),
+            slice_pages: 1000,
+            seed_offset: 40,
+            stride_index: 2,
+        };
+        let c = w.commands(&at).unwrap();
+        assert_eq!((c[0].start, c[0].pages, c[0].seed), (Gfn(466), 5, 43));
+        let far = Placement {
+            stride_index: 10,
+            ..at
+        };
+        assert!(matches!(
+            w.commands(&far),
+            Err(WorkloadError::OutOfSlice { .. })
+        ));
+    }
+
+    #[test]
+    fn the_model_verifies_the_latest_pattern_of_each_page() {
+        let mut m = Model::new();
+        m.apply(&Command::new(Op::Fill, Gfn(100), 100, 1));
+        m.apply(&Command::new(Op::Fill, Gfn(120), 10, 2));
+        m.apply(&Command::random(Gfn(190), 20, 5, 10));
+        let v = m.verify_commands();
+        let got: Vec<_> = v.iter().map(|c| (c.start.0, c.pages, c.seed)).collect();
+        assert_eq!(got, vec![(100, 20, 1), (120, 10, 2), (130, 60, 1)]);
+        assert_eq!(m.known_pages(), 90);
+    }
+}
