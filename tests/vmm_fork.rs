@@ -256,3 +256,59 @@ fn a_clone_that_runs_out_of_frames_fails_alone_and_returns_them() {
     drop(parent);
     assert_eq!(pool.free_frames(), pool.total_frames());
 }
+
+#[test]
+fn a_parent_forked_again_and_again_while_its_vcpus_write_keeps_every_byte() {
+    let Some(hv) = hypervisor() else { return };
+    // Each round, the parent and both clones may each write 32 MiB.
+    let (pool, mm) = manager(384 * MIB);
+    let parent = ManagedVm::new(&hv, &VmConfig::new(64 * MIB, 2), &mm).expect("parent");
+    let vcpus = parent.vm().vcpus();
+    let half = 4096;
+    let mut all = Vec::new();
+    for round in 0..3u64 {
+        // Both vCPUs rewrite their halves with this round's seeds while the fork happens.
+        for (i, v) in vcpus.iter().enumerate() {
+            v.submit(Command::new(
+                Op::Fill,
+                data(i as u64 * half),
+                half,
+                10 * round + i as u64,
+            ))
+            .expect("submit");
+        }
+        let vm_fd_before = Arc::as_ptr(&parent.vm().vm_fd());
+        let (clones, t) = parent.fork(&hv, &ForkOptions::new(2)).expect("fork");
+        if t.rebirth_ns > 0 {
+            // The parent moved into a fresh KVM VM.
+            assert_ne!(Arc::as_ptr(&parent.vm().vm_fd()), vm_fd_before);
+        }
+        for vm in std::iter::once(&parent).chain(clones.iter()) {
+            for v in vm.vm().vcpus() {
+                match v.wait() {
+                    Ok(_) | Err(VcpuError::NothingInFlight(_)) => {}
+                    Err(e) => panic!("round {round}: {e}"),
+                }
+            }
+        }
+        for vm in std::iter::once(&parent).chain(clones.iter()) {
+            for i in 0..2u64 {
+                assert_eq!(
+                    verify(vm, data(i * half), half, 10 * round + i),
+                    0,
+                    "round {round}, half {i}"
+                );
+            }
+        }
+        all.extend(clones);
+    }
+    // Older clones kept their own round's bytes although the parent rewrote its memory.
+    for (k, c) in all.iter().enumerate() {
+        let round = k as u64 / 2;
+        assert_eq!(verify(c, data(0), half, 10 * round), 0, "clone {k}");
+    }
+    assert!(parent.vm().window().swaps() >= 1);
+    drop(all);
+    drop(parent);
+    assert_eq!(pool.free_frames(), pool.total_frames());
+}

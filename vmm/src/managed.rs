@@ -12,12 +12,16 @@
 //!    that a fork that cannot complete fails before the parent is touched;
 //! 2. pause every vCPU and wait for queued faults ([`Vm::pause`]);
 //! 3. save every vCPU's state (pending port I/O completed first);
-//! 4. per clone: a new VM whose resolver is `AddressSpace::fork` of the parent's space
-//!    (page-table blocks shared copy-on-write, O(blocks)); the parent's window is swapped
-//!    for a fresh one on the first fork of a batch and left alone by the others (see
-//!    [`crate::window`]); then the clone's vCPUs get the saved state and, if a command
+//! 4. if the parent may have written since its last fork, move it into a fresh KVM VM
+//!    with a fresh, all-holes window ([`Vm::rebirth`]): its old mappings (host and KVM)
+//!    are destroyed on a background thread, so no page is write-protected on the fork's
+//!    path and the cost does not grow with the memory touched;
+//! 5. per clone: a new VM whose resolver is `AddressSpace::fork` of the parent's space
+//!    (page-table blocks shared copy-on-write, O(blocks)); the parent's window, fresh,
+//!    needs nothing (`protect_for_fork` is a no-op on a clean window, so a batch of N
+//!    clones protects once); then the clone's vCPUs get the saved state and, if a command
 //!    was in flight, continue it at the same instruction;
-//! 5. resume the parent.
+//! 6. resume the parent.
 //!
 //! On any error the clones made so far are dropped (their frames go back, their fds
 //! close) and the parent resumes as it was.
@@ -152,6 +156,8 @@ pub struct ForkTiming {
     pub pause_ns: u64,
     /// Saving the parent's vCPU state.
     pub save_ns: u64,
+    /// Moving the parent into a fresh VM (0 if its window was clean).
+    pub rebirth_ns: u64,
     /// Per clone: address-space fork, VM + vCPU creation, state restore.
     pub clone_ns: Vec<u64>,
     /// From the pause to the last clone running (the parent resumes right after).
@@ -253,9 +259,12 @@ impl ManagedVm {
         let t0 = Instant::now();
         self.vm.pause();
         let pause_ns = t0.elapsed().as_nanos() as u64;
-        let r = self.fork_paused(hv, opts);
+        let mut retiree = None;
+        let r = self.fork_paused(hv, opts, &mut retiree);
         let total_ns = t0.elapsed().as_nanos() as u64;
         self.vm.resume();
+        // The parent's old VM and window go now, in the background.
+        drop(retiree);
         let (clones, mut timing) = r?;
         timing.pause_ns = pause_ns;
         timing.total_ns = total_ns;
@@ -296,6 +305,7 @@ impl ManagedVm {
         &self,
         hv: &Hypervisor,
         opts: &ForkOptions,
+        retiree: &mut Option<crate::window::Retiree>,
     ) -> Result<(Vec<ManagedVm>, ForkTiming), ForkError> {
         let t = Instant::now();
         let states = self
@@ -309,6 +319,18 @@ impl ManagedVm {
             save_ns: t.elapsed().as_nanos() as u64,
             ..ForkTiming::default()
         };
+        if self.vm.window().is_dirty() {
+            let t = Instant::now();
+            // On failure the parent is unchanged and `AddressSpace::fork` protects its
+            // window the slower way (protect_for_fork).
+            match self.vm.rebirth(hv, &states) {
+                Ok(r) => *retiree = Some(r),
+                Err(e) => {
+                    tracing::warn!("fork: parent stays in its VM ({e}); write-protecting instead")
+                }
+            }
+            timing.rebirth_ns = t.elapsed().as_nanos() as u64;
+        }
         let cfg = VmConfig {
             load_guest: false,
             ..self.vm.config().clone()

@@ -10,9 +10,14 @@
 //! signal handler sets `kvm_run.immediate_exit` through a thread-local pointer, so a kick
 //! that lands just before `KVM_RUN` makes it return `EINTR` at once; the run loop clears
 //! `immediate_exit` after every return and checks `pause` before every entry.
+//!
+//! A paused vCPU can be moved to a new KVM vCPU fd ([`Vcpu::swap_fd`], used when a fork
+//! gives the parent a fresh VM): the kick handler finds the current `kvm_run` page through
+//! the vCPU's [`KickCell`], and the swap waits until no handler is using the old page
+//! before handing the old fd back.
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicPtr, AtomicU32, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
 use std::thread::JoinHandle;
@@ -31,18 +36,38 @@ pub fn kick_signal() -> i32 {
     SIGRTMIN()
 }
 
+/// Where the kick handler finds the vCPU's `kvm_run` page.
+#[derive(Debug, Default)]
+struct KickCell {
+    /// The current vCPU fd's `kvm_run` mapping. SeqCst: stored by `swap_fd` before it
+    /// reads `in_kick`, loaded by the handler after it raised `in_kick`.
+    run: AtomicPtr<kvm_run>,
+    /// Kick handlers running now (see `swap_fd`).
+    in_kick: AtomicU32,
+}
+
 thread_local! {
-    /// This thread's vCPU `kvm_run` page, for the kick handler (null on other threads).
-    static KVM_RUN_PTR: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+    /// This thread's vCPU kick cell, for the kick handler (null on other threads).
+    static KICK: Cell<*const KickCell> = const { Cell::new(std::ptr::null()) };
 }
 
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
-    let p = KVM_RUN_PTR.with(Cell::get);
+    let k = KICK.with(Cell::get);
+    if k.is_null() {
+        return;
+    }
+    // SAFETY: `k` points into the vCPU's `Shared`, which the vCPU thread keeps alive (an
+    // Arc) until after it clears KICK; atomics are async-signal-safe.
+    let k = unsafe { &*k };
+    k.in_kick.fetch_add(1, Ordering::SeqCst);
+    let p = k.run.load(Ordering::SeqCst);
     if !p.is_null() {
-        // SAFETY: `p` is the kvm_run mmap of the vCPU owned by this thread, set by the run
-        // loop and cleared before the mapping goes away; a byte store is async-signal-safe.
+        // SAFETY: `p` is the current vCPU fd's kvm_run mapping: `swap_fd` replaces it only
+        // after storing the new pointer and seeing `in_kick` at zero, so the mapping we
+        // loaded stays mapped until we lower `in_kick`; a byte store is signal-safe.
         unsafe { std::ptr::addr_of_mut!((*p).immediate_exit).write_volatile(1) };
     }
+    k.in_kick.fetch_sub(1, Ordering::SeqCst);
 }
 
 fn install_kick_handler() -> Result<(), VcpuError> {
@@ -271,6 +296,7 @@ struct Ctl {
 struct Shared {
     id: u32,
     fd: Mutex<VcpuFd>,
+    kick: KickCell,
     ctl: Mutex<Ctl>,
     cv: Condvar,
     msr_indices: Vec<u32>,
@@ -386,11 +412,14 @@ pub(crate) fn pin_current(cpu: Option<usize>) {
 }
 
 impl Vcpu {
-    pub(crate) fn new(fd: VcpuFd, setup: VcpuSetup, vm: Arc<VmLink>) -> Result<Vcpu, VcpuError> {
+    pub(crate) fn new(mut fd: VcpuFd, setup: VcpuSetup, vm: Arc<VmLink>) -> Result<Vcpu, VcpuError> {
         install_kick_handler()?;
         init_boot_state(&fd, &setup)?;
+        let kick = KickCell::default();
+        kick.run.store(fd.get_kvm_run(), Ordering::SeqCst);
         let shared = Arc::new(Shared {
             id: setup.id,
+            kick,
             fd: Mutex::new(fd),
             ctl: Mutex::new(Ctl::default()),
             cv: Condvar::new(),
@@ -511,7 +540,7 @@ impl Vcpu {
         self.shared.cv.notify_all();
     }
 
-    fn quiescent(&self) -> Result<Option<Command>, VcpuError> {
+    pub(crate) fn quiescent(&self) -> Result<Option<Command>, VcpuError> {
         let ctl = lock(&self.shared.ctl);
         if ctl.busy && !ctl.parked {
             return Err(VcpuError::NotPaused(self.id()));
@@ -602,6 +631,32 @@ impl Vcpu {
         })
     }
 
+    /// Readies `fd`, a new KVM vCPU of another VM, to take this vCPU's place: CPUID and
+    /// `state` loaded. Nothing changes for this vCPU until [`Vcpu::swap_fd`].
+    pub(crate) fn prepare_fd(
+        &self,
+        fd: &VcpuFd,
+        cpuid: &CpuId,
+        state: &VcpuState,
+    ) -> Result<(), VcpuError> {
+        fd.set_cpuid2(cpuid).map_err(kvm("KVM_SET_CPUID2"))?;
+        load_state(fd, state, self.shared.has_xcrs, self.shared.has_xsave)
+    }
+
+    /// Moves this paused (or idle) vCPU onto `fd` (prepared by [`Vcpu::prepare_fd`]) and
+    /// returns the old fd. A command in flight continues on the new fd at resume.
+    pub(crate) fn swap_fd(&self, mut fd: VcpuFd) -> Result<VcpuFd, VcpuError> {
+        self.quiescent()?;
+        let mut cur = lock(&self.shared.fd);
+        self.shared.kick.run.store(fd.get_kvm_run(), Ordering::SeqCst);
+        // A kick handler that loaded the old pointer raised in_kick first (SeqCst both
+        // sides): wait for it before the old mapping may go.
+        while self.shared.kick.in_kick.load(Ordering::SeqCst) != 0 {
+            std::hint::spin_loop();
+        }
+        Ok(std::mem::replace(&mut *cur, fd))
+    }
+
     /// Loads `state` into this vCPU (paused or idle, with nothing in flight); if the state
     /// had a command in flight, the vCPU continues it and [`Vcpu::wait`] returns its result.
     /// MSRs the host refuses are skipped.
@@ -609,15 +664,30 @@ impl Vcpu {
         if self.quiescent()?.is_some() {
             return Err(VcpuError::NotPaused(self.id()));
         }
-        {
-            let fd = lock(&self.shared.fd);
+        load_state(&lock(&self.shared.fd), state, self.shared.has_xcrs, self.shared.has_xsave)?;
+        lock(&self.shared.ctl).booted = state.booted;
+        if let Some(cmd) = state.in_flight {
+            self.send(Req::Continue(cmd))?;
+        }
+        Ok(())
+    }
+}
+
+/// Loads a saved architectural state into `fd` (MSRs the host refuses are skipped).
+fn load_state(
+    fd: &VcpuFd,
+    state: &VcpuState,
+    has_xcrs: bool,
+    has_xsave: bool,
+) -> Result<(), VcpuError> {
+            
             fd.set_sregs(&state.sregs).map_err(kvm("KVM_SET_SREGS"))?;
             fd.set_regs(&state.regs).map_err(kvm("KVM_SET_REGS"))?;
             fd.set_fpu(&state.fpu).map_err(kvm("KVM_SET_FPU"))?;
-            if let (Some(x), true) = (&state.xcrs, self.shared.has_xcrs) {
+            if let (Some(x), true) = (&state.xcrs, has_xcrs) {
                 fd.set_xcrs(x).map_err(kvm("KVM_SET_XCRS"))?;
             }
-            if let (Some(x), true) = (&state.xsave, self.shared.has_xsave) {
+            if let (Some(x), true) = (&state.xsave, has_xsave) {
                 // SAFETY: `x` is a whole kvm_xsave (4 KiB) and has_xsave means the host's
                 // XSAVE state fits in it (KVM_CAP_XSAVE2 <= 4096), so KVM reads nothing past
                 // its end.
@@ -640,13 +710,7 @@ impl Vcpu {
                 .map_err(kvm("KVM_SET_MP_STATE"))?;
             fd.set_debug_regs(&state.debugregs)
                 .map_err(kvm("KVM_SET_DEBUGREGS"))?;
-        }
-        lock(&self.shared.ctl).booted = state.booted;
-        if let Some(cmd) = state.in_flight {
-            self.send(Req::Continue(cmd))?;
-        }
-        Ok(())
-    }
+            Ok(())
 }
 
 impl Drop for Vcpu {
@@ -675,8 +739,7 @@ fn vcpu_thread(
     cpu: Option<usize>,
 ) {
     pin_current(cpu);
-    let run_ptr: *mut kvm_run = lock(&s.fd).get_kvm_run();
-    KVM_RUN_PTR.with(|p| p.set(run_ptr));
+    KICK.with(|k| k.set(&s.kick));
     while let Ok(req) = rx.recv() {
         let (cmd, load) = match req {
             Req::Boot => (None, false),
@@ -707,7 +770,7 @@ fn vcpu_thread(
             break;
         }
     }
-    KVM_RUN_PTR.with(|p| p.set(std::ptr::null_mut()));
+    KICK.with(|k| k.set(std::ptr::null()));
 }
 
 fn run_command(s: &Shared, cmd: Command, load: bool) -> Result<CmdResult, VcpuError> {

@@ -132,53 +132,64 @@ impl Window {
         });
     }
 
+    /// Whether something writable was mapped since the window was created or last given
+    /// a fresh range (a fork must then stop the VM from writing its pages).
+    pub fn is_dirty(&self) -> bool {
+        self.dirty.load(Ordering::Relaxed)
+    }
+
     /// How many times a fork gave this window a fresh range.
     pub fn swaps(&self) -> u64 {
         self.swaps.load(Ordering::Relaxed)
     }
 
+    /// Reserves a fresh, all-holes range the size of this window, registered with its
+    /// userfaultfd, for [`Window::commit_fresh`]. Dropping it unreserves it.
+    pub fn prepare_fresh(&self) -> Result<FreshRange, WindowError> {
+        let addr = mman::reserve(self.size)? as u64;
+        let fresh = FreshRange {
+            addr,
+            size: self.size,
+        };
+        self.uffd.register(addr, self.size)?;
+        Ok(fresh)
+    }
+
+    /// Makes `fresh` this window (the caller has pointed memslot `slot` of `vm` at it) and
+    /// returns the old range, which the caller must retire with [`retire`] once no KVM VM
+    /// uses it. The VM must be paused: nothing may access guest RAM meanwhile.
+    pub fn commit_fresh(&self, fresh: FreshRange, vm: &Arc<VmFd>, slot: u32) -> (u64, u64) {
+        let old = self.base.swap(fresh.addr, Ordering::Relaxed);
+        std::mem::forget(fresh);
+        self.dirty.store(false, Ordering::Relaxed);
+        self.swaps.fetch_add(1, Ordering::Relaxed);
+        self.bind_memslot(vm, slot);
+        (old, self.size)
+    }
+
     /// Moves the bound memslot onto a fresh, all-holes reservation and retires the old
     /// range. `Ok(false)`: no memslot bound (the caller write-protects instead).
     fn swap_fresh(&self) -> Result<bool, WindowError> {
-        let guard = self.memslot.lock().unwrap_or_else(|e| e.into_inner());
-        let Some((vm, slot)) = guard.as_ref().and_then(|m| Some((m.vm.upgrade()?, m.slot)))
-        else {
-            return Ok(false);
+        let (vm, slot) = {
+            let guard = self.memslot.lock().unwrap_or_else(|e| e.into_inner());
+            match guard.as_ref().and_then(|m| Some((m.vm.upgrade()?, m.slot))) {
+                Some(b) => b,
+                None => return Ok(false),
+            }
         };
-        let fresh = mman::reserve(self.size)?;
-        if let Err(e) = self.uffd.register(fresh as u64, self.size) {
-            // SAFETY: our own fresh reservation, never shared.
-            unsafe { mman::unmap(fresh, self.size) };
-            return Err(e.into());
-        }
-        let set = |addr: u64, size: u64| {
-            let region = kvm_userspace_memory_region {
-                slot,
-                flags: 0,
-                guest_phys_addr: 0,
-                memory_size: size,
-                userspace_addr: addr,
-            };
-            // SAFETY: `addr .. addr + size` is a window range this Window owns and keeps
-            // mapped while the memslot points at it (the old range is retired only after
-            // the memslot moved); size 0 deletes the slot.
-            unsafe { vm.set_user_memory_region(region) }.map_err(|e| {
-                WindowError::Memslot(io::Error::from_raw_os_error(e.errno()))
-            })
-        };
+        let fresh = self.prepare_fresh()?;
+        let set = |addr: u64, size: u64| set_memslot(&vm, slot, addr, size);
         let old = self.host_base();
         // KVM cannot change a memslot's host address in place: delete, then re-create.
-        if let Err(e) = set(old, 0).and_then(|()| set(fresh as u64, self.size)) {
-            // Put the old binding back (best effort) and drop the fresh range.
+        // Deleting zaps KVM's mappings of the slot, about 13 ms per populated GiB here;
+        // `Vm::rebirth` (a fresh VM for the parent) avoids even that.
+        if let Err(e) = set(old, 0).and_then(|()| set(fresh.addr, self.size)) {
+            // Put the old binding back (best effort); dropping `fresh` unreserves it.
             let _ = set(old, self.size);
-            // SAFETY: our own fresh reservation; the memslot does not point at it.
-            unsafe { mman::unmap(fresh, self.size) };
             return Err(e);
         }
-        self.base.store(fresh as u64, Ordering::Relaxed);
-        self.dirty.store(false, Ordering::Relaxed);
-        self.swaps.fetch_add(1, Ordering::Relaxed);
-        retire(old, self.size);
+        let (old, len) = self.commit_fresh(fresh, &vm, slot);
+        retire(old, len);
         Ok(true)
     }
 
@@ -379,20 +390,114 @@ impl HostMmu for Window {
     }
 }
 
-/// Unmaps a retired window range on a background thread (zapping a populated range costs
-/// about 24 ms per GiB here), or at once if no thread can be started.
-fn retire(addr: u64, len: u64) {
-    let unmap = move || {
-        // SAFETY: the range was this window's and nothing refers to it any more: the
-        // memslot moved away and the window's base no longer points at it.
+/// A fresh window range from [`Window::prepare_fresh`], not yet committed.
+#[derive(Debug)]
+pub struct FreshRange {
+    addr: u64,
+    size: u64,
+}
+
+impl FreshRange {
+    /// Its host address.
+    pub fn addr(&self) -> u64 {
+        self.addr
+    }
+}
+
+impl Drop for FreshRange {
+    fn drop(&mut self) {
+        // SAFETY: an uncommitted reservation nothing (no memslot, no window) refers to.
+        unsafe { mman::unmap(self.addr as *mut u8, self.size) };
+    }
+}
+
+/// Points memslot `slot` of `vm` (at gpa 0) at `addr .. addr + size`; size 0 deletes it.
+pub(crate) fn set_memslot(vm: &VmFd, slot: u32, addr: u64, size: u64) -> Result<(), WindowError> {
+    let region = kvm_userspace_memory_region {
+        slot,
+        flags: 0,
+        guest_phys_addr: 0,
+        memory_size: size,
+        userspace_addr: addr,
+    };
+    // SAFETY: callers pass a window range they own and keep mapped while the memslot points
+    // at it (a retired range is unmapped only after the memslot moved or its VM is gone).
+    unsafe { vm.set_user_memory_region(region) }
+        .map_err(|e| WindowError::Memslot(io::Error::from_raw_os_error(e.errno())))
+}
+
+/// Chunk in which a retired range's pages are dropped: `MADV_DONTNEED` holds the process's
+/// mmap lock only for reading, and only per chunk, so faults and mappings elsewhere go on.
+const RETIRE_CHUNK: u64 = 32 << 20;
+
+/// Drops a retired window range off the caller's path: on a background thread, its pages
+/// are dropped chunk by chunk, then the (now empty) range is unmapped. Zapping a populated
+/// range costs about 24 ms per GiB here; one `munmap` would hold the mmap lock for all of
+/// it and stall every other mapping change in the process (a fork's VM creation included).
+pub fn retire(addr: u64, len: u64) {
+    retire_after(addr, len, ());
+}
+
+/// A retired window range and what must go before it (the KVM VM that used it, so that
+/// its MMU need not follow the unmapping), destroyed on a background thread when this is
+/// dropped: hold it until the fork is done, so the teardown does not compete with it.
+pub struct Retiree {
+    addr: u64,
+    len: u64,
+    first: Option<Box<dyn Send>>,
+}
+
+impl std::fmt::Debug for Retiree {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Retiree({:#x}, {:#x})", self.addr, self.len)
+    }
+}
+
+impl Retiree {
+    /// `addr .. addr + len`, after dropping `first`.
+    pub fn new(addr: u64, len: u64, first: Box<dyn Send>) -> Retiree {
+        Retiree {
+            addr,
+            len,
+            first: Some(first),
+        }
+    }
+}
+
+impl Drop for Retiree {
+    fn drop(&mut self) {
+        let first = self.first.take();
+        retire_after(self.addr, self.len, first);
+    }
+}
+
+/// As [`retire`], after dropping `first` (e.g. the KVM VM that used the range, so that
+/// its MMU does not have to follow the unmapping) on the same background thread.
+pub fn retire_after<T: Send + 'static>(addr: u64, len: u64, first: T) {
+    let work = move || {
+        drop(first);
+        let mut at = 0;
+        while at < len {
+            let n = RETIRE_CHUNK.min(len - at);
+            // SAFETY: the range was a window's and nothing refers to it any more (the
+            // memslot moved away or its VM is gone; the window's base points elsewhere).
+            unsafe {
+                libc::madvise(
+                    (addr + at) as *mut libc::c_void,
+                    n as usize,
+                    libc::MADV_DONTNEED,
+                )
+            };
+            at += n;
+        }
+        // SAFETY: as above.
         unsafe { mman::unmap(addr as *mut u8, len) }
     };
-    if std::thread::Builder::new()
+    if let Err(e) = std::thread::Builder::new()
         .name("window-retire".into())
-        .spawn(unmap)
-        .is_err()
+        .spawn(work)
     {
-        unmap();
+        tracing::warn!("no thread to retire a window range ({e}); it stays reserved");
     }
 }
 
