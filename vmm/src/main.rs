@@ -234,8 +234,8 @@ fn hypervisor() -> Result<Hypervisor, CliError> {
     Hypervisor::new().map_err(|e| CliError::Host(e.to_string()))
 }
 
-/// The pool and manager the VMs run on.
-fn manager(common: &Common, default_pool: u64, need: u64) -> Result<Arc<Manager>, CliError> {
+/// The frame pool's size: `--pool` or `default_pool`, checked against `need`.
+fn pool_bytes(common: &Common, default_pool: u64, need: u64) -> Result<u64, CliError> {
     let bytes = match &common.pool {
         Some(s) => {
             let b = parse_size(s).map_err(|e| CliError::Usage(format!("--pool: {e}")))?;
@@ -256,6 +256,11 @@ fn manager(common: &Common, default_pool: u64, need: u64) -> Result<Arc<Manager>
             bytes / MIB
         )));
     }
+    Ok(bytes)
+}
+
+/// The pool and manager the VMs run on.
+fn manager(common: &Common, bytes: u64) -> Result<Arc<Manager>, CliError> {
     let allocator = match common.allocator {
         AllocatorArg::Magazine => AllocatorKind::Magazine,
         AllocatorArg::Percpu => AllocatorKind::PerCpuLists,
@@ -435,9 +440,10 @@ fn cmd_run(common: &Common, vms: u32, w: &str) -> Result<RunReport, CliError> {
     let plans = (0..vms)
         .map(|v| plan(&w, mem, common.vcpus, 1000 * u64::from(v), 0))
         .collect::<Result<Vec<_>, _>>()?;
-    let hv = hypervisor()?;
     let total = mem * u64::from(vms);
-    let mm = manager(common, total + 16 * MIB, total)?;
+    let bytes = pool_bytes(common, total + 16 * MIB, total)?;
+    let hv = hypervisor()?;
+    let mm = manager(common, bytes)?;
     let pool = mm.pool().clone();
     let cfg = VmConfig {
         cpu: common.cpu,
@@ -634,9 +640,10 @@ fn cmd_fork(p: &ForkParams<'_>) -> Result<ForkReport, CliError> {
     } else {
         ProgressBar::hidden()
     };
+    let bytes = pool_bytes(common, need + 16 * MIB, mem)?;
     bar.set_message("opening /dev/kvm");
     let hv = hypervisor()?;
-    let mm = manager(common, need + 16 * MIB, mem)?;
+    let mm = manager(common, bytes)?;
     let pool = mm.pool().clone();
     let cfg = VmConfig {
         cpu: common.cpu,

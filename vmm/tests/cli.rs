@@ -1,0 +1,146 @@
+//! The `vmm` program's command line: bad input exits with status 2 and a message saying
+//! what is wrong; good input runs (where /dev/kvm exists; without it these KVM cases fail
+//! saying so unless SKIP_KVM=1).
+
+use std::process::{Command, Output};
+
+fn vmm(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vmm"))
+        .args(args)
+        .output()
+        .expect("run the vmm binary")
+}
+
+/// Runs `args`, expects exit status 2 and a message containing `needle`.
+fn rejects(args: &[&str], needle: &str) {
+    let out = vmm(args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+    assert!(
+        err.to_lowercase().contains(&needle.to_lowercase()),
+        "{args:?}: {err:?} should mention {needle:?}"
+    );
+}
+
+fn kvm() -> bool {
+    if std::path::Path::new("/dev/kvm").exists() {
+        return true;
+    }
+    if std::env::var("SKIP_KVM").as_deref() == Ok("1") {
+        eprintln!("skipping: /dev/kvm is missing and SKIP_KVM=1");
+        return false;
+    }
+    panic!("/dev/kvm is missing: these tests need KVM (set SKIP_KVM=1 to skip them)");
+}
+
+#[test]
+fn bad_sizes_exit_2_with_a_message() {
+    rejects(&["run", "--mem", "0"], "non-zero");
+    rejects(&["run", "--mem", "3M"], "multiple of 2 MiB");
+    rejects(&["run", "--mem", "12Q"], "unknown unit");
+    rejects(&["run", "--mem", "128G"], "64 GiB");
+    rejects(&["run", "--mem", "1G", "--pool", "512M"], "--pool");
+    rejects(&["run", "--mem", "64M", "--pool", "1000"], "4 KiB");
+    rejects(&["fork", "--mem", "64M", "--pool", "32M"], "bigger --pool");
+}
+
+#[test]
+fn bad_counts_exit_2_with_a_message() {
+    rejects(&["run", "--vcpus", "0"], "--vcpus");
+    rejects(&["run", "--vms", "0"], "--vms");
+    rejects(&["fork", "--clones", "0"], "--clones");
+    rejects(&["run", "--allocator", "buddy"], "magazine");
+    rejects(&["run", "--bogus"], "--bogus");
+    rejects(&["frobnicate"], "unrecognized subcommand");
+}
+
+#[test]
+fn malformed_workloads_exit_2_with_a_message() {
+    rejects(&["run", "--workload", "fil:seed=1"], "unknown operation");
+    rejects(&["run", "--workload", "fill:seed"], "KEY=VALUE");
+    rejects(&["run", "--workload", "fill:colour=red"], "unknown key");
+    rejects(&["run", "--workload", "fill:seed=one"], "not a number");
+    rejects(&["run", "--workload", "fill,,verify"], "empty");
+    rejects(
+        &["run", "--mem", "8M", "--workload", "fill:pages=4096"],
+        "make the guest bigger",
+    );
+    rejects(
+        &["fork", "--mem", "8M", "--phase2", "fill:pages=100:stride=300"],
+        "slice",
+    );
+}
+
+#[test]
+fn help_documents_the_workload_syntax() {
+    let out = vmm(&["run", "--help"]);
+    assert_eq!(out.status.code(), Some(0));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("--workload"), "{text}");
+    let out = vmm(&["--help"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("WORKLOAD syntax"), "{text}");
+    assert!(text.contains("stride=N"), "{text}");
+}
+
+#[test]
+fn run_reports_json_with_every_verify_passed() {
+    if !kvm() {
+        return;
+    }
+    let out = vmm(&[
+        "run",
+        "--mem",
+        "16M",
+        "--vcpus",
+        "2",
+        "--vms",
+        "2",
+        "--workload",
+        "fill:seed=3,verify:seed=3,random:seed=7:count=1000,checksum",
+        "--json",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+    assert_eq!(r["verified"], true);
+    assert_eq!(r["frames_returned_at_exit"], true);
+    assert_eq!(r["vms"].as_array().map(Vec::len), Some(2));
+    let vm = &r["vms"][0];
+    assert_eq!(vm["steps"][1]["mismatches"], 0);
+    assert!(vm["faults"]["missing_write"].as_u64() > Some(0));
+    assert!(vm["memory_pages"]["resident"].as_u64() >= Some(2 * 1792));
+}
+
+#[test]
+fn fork_reports_every_vm_verified_and_clones_share_memory() {
+    if !kvm() {
+        return;
+    }
+    let out = vmm(&[
+        "fork",
+        "--mem",
+        "32M",
+        "--clones",
+        "3",
+        "--phase1",
+        "fill:seed=1:pages=2048",
+        "--phase2",
+        "fill:seed=2:pages=64:stride=64",
+        "--grandchild",
+        "--json",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+    assert_eq!(r["verified"], true);
+    assert_eq!(r["frames_returned_at_exit"], true);
+    let vms = r["vms"].as_array().expect("vms");
+    assert_eq!(vms.len(), 5, "parent, 3 clones, a grandchild");
+    for v in vms {
+        assert_eq!(v["verified"], true, "{v}");
+        assert_eq!(v["cow_copies"], 64, "{v}");
+    }
+    // Each clone wrote only its own 64 pages: the rest it shares.
+    assert_eq!(vms[2]["memory_pages"]["private"], 64);
+}
