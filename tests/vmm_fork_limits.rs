@@ -1,0 +1,62 @@
+//! A fork into more clones than the open-file limit allows fails up front with a clear
+//! error, and the parent runs on untouched. Runs in its own test binary: it lowers this
+//! process's hard open-file limit, which cannot be raised again. Needs /dev/kvm (fails
+//! saying so unless SKIP_KVM=1).
+
+use std::sync::Arc;
+
+use guestmem::types::Gfn;
+use guestmem::{AllocatorKind, Manager, ManagerConfig, Pool, PoolConfig};
+use vmm::guest::DATA_START;
+use vmm::{Command, ForkError, ForkOptions, Hypervisor, ManagedVm, Op, VmConfig, open_fds};
+
+const MIB: u64 = 1 << 20;
+
+#[test]
+fn a_fork_past_the_open_file_limit_fails_cleanly() {
+    if !std::path::Path::new("/dev/kvm").exists() {
+        if std::env::var("SKIP_KVM").as_deref() == Ok("1") {
+            eprintln!("skipping: /dev/kvm is missing and SKIP_KVM=1");
+            return;
+        }
+        panic!("/dev/kvm is missing: these tests need KVM (set SKIP_KVM=1 to skip them)");
+    }
+    let hv = Hypervisor::new().expect("open /dev/kvm");
+    let pool = Arc::new(
+        Pool::new(&PoolConfig::uniform(64 * MIB, 1, AllocatorKind::Magazine)).expect("pool"),
+    );
+    let mm = Manager::new(pool.clone(), ManagerConfig::default());
+    let parent = ManagedVm::new(&hv, &VmConfig::new(32 * MIB, 1), &mm).expect("parent");
+    let data = Gfn(DATA_START / 4096);
+    parent
+        .vm()
+        .run(0, Command::new(Op::Fill, data, 512, 3))
+        .expect("fill");
+    let fds = open_fds().expect("count fds");
+    // Room for a few clones, not for 50.
+    let limit = libc::rlimit {
+        rlim_cur: fds + 40,
+        rlim_max: fds + 40,
+    };
+    // SAFETY: setrlimit reads one rlimit; lowering our own limits needs no privilege.
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) }, 0);
+    match parent.fork(&hv, &ForkOptions::new(50)) {
+        Err(e @ ForkError::FileLimit { .. }) => {
+            assert!(e.to_string().contains("ulimit"), "{e}");
+        }
+        other => panic!("expected FileLimit, got {other:?}"),
+    }
+    assert_eq!(open_fds(), Some(fds), "no descriptor leaked");
+    // A fork within the limit still works, and the parent verifies.
+    let (clones, _) = parent.fork(&hv, &ForkOptions::new(2)).expect("fork 2");
+    for vm in std::iter::once(&parent).chain(clones.iter()) {
+        let r = vm
+            .vm()
+            .run(0, Command::new(Op::Verify, data, 512, 3))
+            .expect("verify");
+        assert_eq!(r.mismatches(), 0);
+    }
+    drop(clones);
+    drop(parent);
+    assert_eq!(pool.free_frames(), pool.total_frames());
+}
