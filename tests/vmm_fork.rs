@@ -98,7 +98,10 @@ fn fork_into_8_clones_each_keeps_its_own_bytes_and_accounting_matches() {
 
     // Clone i rewrites slice i; the parent, still running, rewrites slice 8.
     for (i, c) in clones.iter().enumerate() {
-        run(c, Command::new(Op::Fill, slice(i as u64), SLICE, 100 + i as u64));
+        run(
+            c,
+            Command::new(Op::Fill, slice(i as u64), SLICE, 100 + i as u64),
+        );
     }
     run(&parent, Command::new(Op::Fill, slice(8), SLICE, 50));
 
@@ -152,7 +155,9 @@ fn a_clone_of_a_clone_keeps_its_own_bytes() {
     let (mut clones, _) = parent.fork(&hv, &ForkOptions::new(1)).expect("fork");
     let child = clones.pop().expect("one clone");
     run(&child, Command::new(Op::Fill, slice(0), SLICE, 100));
-    let (mut grand, _) = child.fork(&hv, &ForkOptions::new(1)).expect("fork the clone");
+    let (mut grand, _) = child
+        .fork(&hv, &ForkOptions::new(1))
+        .expect("fork the clone");
     let grand = grand.pop().expect("one grandchild");
     run(&grand, Command::new(Op::Fill, slice(1), SLICE, 200));
     run(&child, Command::new(Op::Fill, slice(2), SLICE, 300));

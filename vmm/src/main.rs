@@ -199,7 +199,7 @@ fn parse_size(s: &str) -> Result<u64, String> {
 /// Guest RAM from `--mem`, checked.
 fn guest_mem(s: &str) -> Result<u64, CliError> {
     let mem = parse_size(s).map_err(|e| CliError::Usage(format!("--mem: {e}")))?;
-    if mem % (2 * MIB) != 0 || mem < 4 * MIB || mem > MAX_RAM {
+    if mem % (2 * MIB) != 0 || !(4 * MIB..=MAX_RAM).contains(&mem) {
         return Err(CliError::Usage(format!(
             "--mem {s} must be a multiple of 2 MiB between 4 MiB and {} GiB",
             MAX_RAM >> 30
@@ -223,13 +223,15 @@ fn hypervisor() -> Result<Hypervisor, CliError> {
         .write(true)
         .open(path)
     {
-        return Err(CliError::Host(if e.kind() == std::io::ErrorKind::PermissionDenied {
-            "no permission to open /dev/kvm: add this user to the kvm group \
+        return Err(CliError::Host(
+            if e.kind() == std::io::ErrorKind::PermissionDenied {
+                "no permission to open /dev/kvm: add this user to the kvm group \
              (sudo usermod -aG kvm $USER, then log in again) or run as root"
-                .into()
-        } else {
-            format!("cannot open /dev/kvm: {e}")
-        }));
+                    .into()
+            } else {
+                format!("cannot open /dev/kvm: {e}")
+            },
+        ));
     }
     Hypervisor::new().map_err(|e| CliError::Host(e.to_string()))
 }
@@ -550,7 +552,11 @@ fn print_run(r: &RunReport) {
     println!(
         "host memory used by guest frames: {:.1} MiB; every frame returned at exit: {}; all verifies {}",
         r.host_resident_bytes.unwrap_or(0) as f64 / MIB as f64,
-        if r.frames_returned_at_exit { "yes" } else { "NO" },
+        if r.frames_returned_at_exit {
+            "yes"
+        } else {
+            "NO"
+        },
         if r.verified { "passed" } else { "FAILED" }
     );
 }
@@ -617,9 +623,14 @@ fn cmd_fork(p: &ForkParams<'_>) -> Result<ForkReport, CliError> {
         return Err(CliError::Usage("--vcpus must be between 1 and 64".into()));
     }
     if p.clones == 0 || p.clones > 10_000 {
-        return Err(CliError::Usage("--clones must be between 1 and 10000".into()));
+        return Err(CliError::Usage(
+            "--clones must be between 1 and 10000".into(),
+        ));
     }
-    let (w1, w2) = (workload("--phase1", p.phase1)?, workload("--phase2", p.phase2)?);
+    let (w1, w2) = (
+        workload("--phase1", p.phase1)?,
+        workload("--phase2", p.phase2)?,
+    );
     let vcpus = common.vcpus;
     let plan1 = plan(&w1, mem, vcpus, 0, 0)?;
     let extra = usize::from(p.grandchild);
@@ -632,8 +643,10 @@ fn cmd_fork(p: &ForkParams<'_>) -> Result<ForkReport, CliError> {
     let bar = if p.progress && !common.json {
         let b = ProgressBar::new((4 + 2 * (p.clones + extra)) as u64);
         b.set_style(
-            ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:32} {pos}/{len} {msg}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:32} {pos}/{len} {msg}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
         b.enable_steady_tick(Duration::from_millis(100));
         b
@@ -681,10 +694,13 @@ fn cmd_fork(p: &ForkParams<'_>) -> Result<ForkReport, CliError> {
     if p.grandchild {
         bar.set_message("forking clone 1 again");
         let (mut g, t) = clones[0]
-            .fork(&hv, &ForkOptions {
-                clones: 1,
-                reserve_pages: per_clone,
-            })
+            .fork(
+                &hv,
+                &ForkOptions {
+                    clones: 1,
+                    reserve_pages: per_clone,
+                },
+            )
             .map_err(fork_err)?;
         grandchild_ms = Some(t.total_ns as f64 / 1e6);
         grandchild = g.pop();

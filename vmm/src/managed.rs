@@ -30,8 +30,8 @@ use std::mem::ManuallyDrop;
 use std::sync::Arc;
 use std::time::Instant;
 
-use guestmem::types::Gfn;
 use guestmem::space::CounterSnapshot;
+use guestmem::types::Gfn;
 use guestmem::{Access, AddressSpace, Manager, MemoryUsage, RegionSpec};
 
 use crate::fault::{FaultCounts, FaultError, FaultKind, FaultResolver};
@@ -194,9 +194,7 @@ impl ManagedVm {
     fn build(
         hv: &Hypervisor,
         cfg: &VmConfig,
-        make_space: impl FnOnce(
-            &Arc<crate::window::Window>,
-        ) -> Result<Arc<AddressSpace>, FaultError>,
+        make_space: impl FnOnce(&Arc<crate::window::Window>) -> Result<Arc<AddressSpace>, FaultError>,
     ) -> Result<ManagedVm, VmError> {
         let mut space = None;
         let vm = Vm::new(hv, cfg, |w| {
@@ -211,7 +209,9 @@ impl ManagedVm {
             }),
             (Ok(vm), None) => {
                 drop(vm);
-                Err(VmError::Config("the VM was built without an address space".into()))
+                Err(VmError::Config(
+                    "the VM was built without an address space".into(),
+                ))
             }
             (Err(e), space) => {
                 if let Some(s) = space {

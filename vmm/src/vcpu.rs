@@ -11,9 +11,9 @@
 //! that lands just before `KVM_RUN` makes it return `EINTR` at once; the run loop clears
 //! `immediate_exit` after every return and checks `pause` before every entry.
 //!
-//! A paused vCPU can be moved to a new KVM vCPU fd ([`Vcpu::swap_fd`], used when a fork
+//! A paused vCPU can be moved to a new KVM vCPU fd (`Vcpu::swap_fd`, used when a fork
 //! gives the parent a fresh VM): the kick handler finds the current `kvm_run` page through
-//! the vCPU's [`KickCell`], and the swap waits until no handler is using the old page
+//! the vCPU's `KickCell`, and the swap waits until no handler is using the old page
 //! before handing the old fd back.
 
 use std::cell::Cell;
@@ -412,7 +412,11 @@ pub(crate) fn pin_current(cpu: Option<usize>) {
 }
 
 impl Vcpu {
-    pub(crate) fn new(mut fd: VcpuFd, setup: VcpuSetup, vm: Arc<VmLink>) -> Result<Vcpu, VcpuError> {
+    pub(crate) fn new(
+        mut fd: VcpuFd,
+        setup: VcpuSetup,
+        vm: Arc<VmLink>,
+    ) -> Result<Vcpu, VcpuError> {
         install_kick_handler()?;
         init_boot_state(&fd, &setup)?;
         let kick = KickCell::default();
@@ -648,7 +652,10 @@ impl Vcpu {
     pub(crate) fn swap_fd(&self, mut fd: VcpuFd) -> Result<VcpuFd, VcpuError> {
         self.quiescent()?;
         let mut cur = lock(&self.shared.fd);
-        self.shared.kick.run.store(fd.get_kvm_run(), Ordering::SeqCst);
+        self.shared
+            .kick
+            .run
+            .store(fd.get_kvm_run(), Ordering::SeqCst);
         // A kick handler that loaded the old pointer raised in_kick first (SeqCst both
         // sides): wait for it before the old mapping may go.
         while self.shared.kick.in_kick.load(Ordering::SeqCst) != 0 {
@@ -664,7 +671,12 @@ impl Vcpu {
         if self.quiescent()?.is_some() {
             return Err(VcpuError::NotPaused(self.id()));
         }
-        load_state(&lock(&self.shared.fd), state, self.shared.has_xcrs, self.shared.has_xsave)?;
+        load_state(
+            &lock(&self.shared.fd),
+            state,
+            self.shared.has_xcrs,
+            self.shared.has_xsave,
+        )?;
         lock(&self.shared.ctl).booted = state.booted;
         if let Some(cmd) = state.in_flight {
             self.send(Req::Continue(cmd))?;
@@ -680,37 +692,36 @@ fn load_state(
     has_xcrs: bool,
     has_xsave: bool,
 ) -> Result<(), VcpuError> {
-            
-            fd.set_sregs(&state.sregs).map_err(kvm("KVM_SET_SREGS"))?;
-            fd.set_regs(&state.regs).map_err(kvm("KVM_SET_REGS"))?;
-            fd.set_fpu(&state.fpu).map_err(kvm("KVM_SET_FPU"))?;
-            if let (Some(x), true) = (&state.xcrs, has_xcrs) {
-                fd.set_xcrs(x).map_err(kvm("KVM_SET_XCRS"))?;
-            }
-            if let (Some(x), true) = (&state.xsave, has_xsave) {
-                // SAFETY: `x` is a whole kvm_xsave (4 KiB) and has_xsave means the host's
-                // XSAVE state fits in it (KVM_CAP_XSAVE2 <= 4096), so KVM reads nothing past
-                // its end.
-                unsafe { fd.set_xsave(x) }.map_err(kvm("KVM_SET_XSAVE"))?;
-            }
-            // KVM_SET_MSRS stops at the first MSR it refuses: skip that one and go on.
-            let mut rest = &state.msrs[..];
-            while !rest.is_empty() {
-                let chunk = &rest[..rest.len().min(kvm_bindings::KVM_MAX_MSR_ENTRIES)];
-                let m = Msrs::from_entries(chunk).map_err(|_| VcpuError::Kvm {
-                    op: "build the MSR list",
-                    source: std::io::Error::other("too many MSRs"),
-                })?;
-                let n = fd.set_msrs(&m).map_err(kvm("KVM_SET_MSRS"))?;
-                rest = &rest[(n + usize::from(n < chunk.len())).min(rest.len())..];
-            }
-            fd.set_vcpu_events(&state.events)
-                .map_err(kvm("KVM_SET_VCPU_EVENTS"))?;
-            fd.set_mp_state(state.mp_state)
-                .map_err(kvm("KVM_SET_MP_STATE"))?;
-            fd.set_debug_regs(&state.debugregs)
-                .map_err(kvm("KVM_SET_DEBUGREGS"))?;
-            Ok(())
+    fd.set_sregs(&state.sregs).map_err(kvm("KVM_SET_SREGS"))?;
+    fd.set_regs(&state.regs).map_err(kvm("KVM_SET_REGS"))?;
+    fd.set_fpu(&state.fpu).map_err(kvm("KVM_SET_FPU"))?;
+    if let (Some(x), true) = (&state.xcrs, has_xcrs) {
+        fd.set_xcrs(x).map_err(kvm("KVM_SET_XCRS"))?;
+    }
+    if let (Some(x), true) = (&state.xsave, has_xsave) {
+        // SAFETY: `x` is a whole kvm_xsave (4 KiB) and has_xsave means the host's
+        // XSAVE state fits in it (KVM_CAP_XSAVE2 <= 4096), so KVM reads nothing past
+        // its end.
+        unsafe { fd.set_xsave(x) }.map_err(kvm("KVM_SET_XSAVE"))?;
+    }
+    // KVM_SET_MSRS stops at the first MSR it refuses: skip that one and go on.
+    let mut rest = &state.msrs[..];
+    while !rest.is_empty() {
+        let chunk = &rest[..rest.len().min(kvm_bindings::KVM_MAX_MSR_ENTRIES)];
+        let m = Msrs::from_entries(chunk).map_err(|_| VcpuError::Kvm {
+            op: "build the MSR list",
+            source: std::io::Error::other("too many MSRs"),
+        })?;
+        let n = fd.set_msrs(&m).map_err(kvm("KVM_SET_MSRS"))?;
+        rest = &rest[(n + usize::from(n < chunk.len())).min(rest.len())..];
+    }
+    fd.set_vcpu_events(&state.events)
+        .map_err(kvm("KVM_SET_VCPU_EVENTS"))?;
+    fd.set_mp_state(state.mp_state)
+        .map_err(kvm("KVM_SET_MP_STATE"))?;
+    fd.set_debug_regs(&state.debugregs)
+        .map_err(kvm("KVM_SET_DEBUGREGS"))?;
+    Ok(())
 }
 
 impl Drop for Vcpu {

@@ -123,9 +123,56 @@ impl Hypervisor {
         Ok(())
     }
 
+    /// KVM's own cost of a VM, for comparison: a VM fd, a memslot of `mem_bytes` over a
+    /// reserved (unpopulated) host range, and `vcpus` vCPU fds, nothing else (no threads,
+    /// no userfaultfd, no guest).
+    pub fn bare_vm(&self, mem_bytes: u64, vcpus: u32) -> Result<BareVm, VmError> {
+        let ram = crate::sys::mman::reserve(mem_bytes).map_err(WindowError::from)?;
+        let ram = BareRam {
+            addr: ram as u64,
+            len: mem_bytes,
+        };
+        let vm = Arc::new(self.kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
+        crate::window::set_memslot(&vm, 0, ram.addr, mem_bytes)?;
+        let vcpus = (0..vcpus)
+            .map(|i| {
+                vm.create_vcpu(u64::from(i))
+                    .map_err(kvm_err("KVM_CREATE_VCPU"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(BareVm {
+            _vcpus: vcpus,
+            _vm: vm,
+            _ram: ram,
+        })
+    }
+
     /// The MSRs vCPU state save/restore covers.
     pub fn msr_indices(&self) -> &[u32] {
         &self.msr_indices
+    }
+}
+
+/// A bare KVM VM from [`Hypervisor::bare_vm`] (benchmark baseline).
+#[derive(Debug)]
+pub struct BareVm {
+    // Drop order: vCPUs, VM, then the range its memslot pointed at.
+    _vcpus: Vec<kvm_ioctls::VcpuFd>,
+    _vm: Arc<VmFd>,
+    _ram: BareRam,
+}
+
+#[derive(Debug)]
+struct BareRam {
+    addr: u64,
+    len: u64,
+}
+
+impl Drop for BareRam {
+    fn drop(&mut self) {
+        // SAFETY: our own reservation; the VM whose memslot pointed at it is gone (field
+        // order in BareVm).
+        unsafe { crate::sys::mman::unmap(self.addr as *mut u8, self.len) };
     }
 }
 
@@ -424,10 +471,7 @@ impl Vm {
 
     /// The KVM VM fd (a fork may give the VM a new one: see [`Vm::rebirth`]).
     pub fn vm_fd(&self) -> Arc<VmFd> {
-        self.vm_fd
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.vm_fd.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Moves this paused VM into a fresh KVM VM: a new VM fd whose memslot points at a

@@ -141,7 +141,12 @@ impl std::str::FromStr for Workload {
                 return Err(WorkloadError::Empty);
             }
             let mut parts = text.split(':');
-            let op = match parts.next().unwrap_or_default().to_ascii_lowercase().as_str() {
+            let op = match parts
+                .next()
+                .unwrap_or_default()
+                .to_ascii_lowercase()
+                .as_str()
+            {
                 "fill" => Op::Fill,
                 "verify" => Op::Verify,
                 "touch" => Op::Touch,
@@ -340,10 +345,22 @@ mod tests {
     #[test]
     fn malformed_workloads_are_rejected_with_the_reason() {
         assert_eq!("".parse::<Workload>(), Err(WorkloadError::Empty));
-        assert_eq!("fill,,verify".parse::<Workload>(), Err(WorkloadError::Empty));
-        assert!(matches!("fil".parse::<Workload>(), Err(WorkloadError::UnknownOp(_))));
-        assert!(matches!("fill:seed".parse::<Workload>(), Err(WorkloadError::BadPair(_))));
-        assert!(matches!("fill:sed=1".parse::<Workload>(), Err(WorkloadError::UnknownKey(_))));
+        assert_eq!(
+            "fill,,verify".parse::<Workload>(),
+            Err(WorkloadError::Empty)
+        );
+        assert!(matches!(
+            "fil".parse::<Workload>(),
+            Err(WorkloadError::UnknownOp(_))
+        ));
+        assert!(matches!(
+            "fill:seed".parse::<Workload>(),
+            Err(WorkloadError::BadPair(_))
+        ));
+        assert!(matches!(
+            "fill:sed=1".parse::<Workload>(),
+            Err(WorkloadError::UnknownKey(_))
+        ));
         assert!(matches!(
             "fill:seed=x".parse::<Workload>(),
             Err(WorkloadError::BadNumber { .. })

@@ -66,7 +66,13 @@ fn malformed_workloads_exit_2_with_a_message() {
         "make the guest bigger",
     );
     rejects(
-        &["fork", "--mem", "8M", "--phase2", "fill:pages=100:stride=300"],
+        &[
+            "fork",
+            "--mem",
+            "8M",
+            "--phase2",
+            "fill:pages=100:stride=300",
+        ],
         "slice",
     );
 }

@@ -55,14 +55,8 @@ pub enum MmanError {
 /// (which would raise a userfaultfd MISSING fault again after being "resolved").
 pub fn populate(fd: BorrowedFd<'_>, offset: u64, len: u64) -> Result<(), MmanError> {
     // SAFETY: fallocate mode 0 on an fd we borrow; it only allocates file blocks.
-    let r = unsafe {
-        libc::fallocate(
-            fd.as_raw_fd(),
-            0,
-            offset as libc::off_t,
-            len as libc::off_t,
-        )
-    };
+    let r =
+        unsafe { libc::fallocate(fd.as_raw_fd(), 0, offset as libc::off_t, len as libc::off_t) };
     if r < 0 {
         return Err(MmanError::Mmap {
             op: "populate memfd pages (fallocate)",
@@ -107,17 +101,32 @@ pub fn map_count() -> Option<u64> {
     Some(maps.iter().filter(|&&b| b == b'\n').count() as u64)
 }
 
+/// Mappings known to be free under the limit at the last count, minus what callers of
+/// [`check_map_headroom`] have claimed since (Relaxed: a heuristic budget; the mmap calls
+/// themselves still report the limit exactly).
+static MAP_BUDGET: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// Fails with [`MmanError::MapLimit`] unless `needed` more mappings fit under the host's
 /// `vm.max_map_count` (unknown counts pass: the mmap itself will then report).
+///
+/// Counting reads `/proc/self/maps`, which costs in proportion to the mappings (a process
+/// with a thousand VMs has many): so half the headroom found is kept as a budget, and the
+/// maps are counted again only once callers have claimed it.
 pub fn check_map_headroom(needed: u64) -> Result<(), MmanError> {
-    if let (Some(current), Some(limit)) = (map_count(), max_map_count())
-        && current + needed > limit
-    {
-        return Err(MmanError::MapLimit {
-            current,
-            limit,
-            suggest: limit.saturating_mul(4).max(262_144),
-        });
+    use std::sync::atomic::Ordering::Relaxed;
+    let claimed = MAP_BUDGET.fetch_update(Relaxed, Relaxed, |b| b.checked_sub(needed));
+    if claimed.is_ok() {
+        return Ok(());
+    }
+    if let (Some(current), Some(limit)) = (map_count(), max_map_count()) {
+        if current + needed > limit {
+            return Err(MmanError::MapLimit {
+                current,
+                limit,
+                suggest: limit.saturating_mul(4).max(262_144),
+            });
+        }
+        MAP_BUDGET.store((limit - current - needed) / 2, Relaxed);
     }
     Ok(())
 }
