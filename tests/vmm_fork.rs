@@ -317,3 +317,40 @@ fn a_parent_forked_again_and_again_while_its_vcpus_write_keeps_every_byte() {
     drop(parent);
     assert_eq!(pool.free_frames(), pool.total_frames());
 }
+
+#[test]
+fn clones_made_from_pre_created_shells_run_and_keep_their_own_bytes() {
+    let Some(hv) = hypervisor() else { return };
+    let (pool, mm) = manager(96 * MIB);
+    let cfg = VmConfig::new(32 * MIB, 1);
+    let shells = vmm::ShellPool::new(&cfg);
+    shells.fill(&hv, 4).expect("shells");
+    let other = vmm::ShellPool::new(&VmConfig::new(16 * MIB, 1));
+    other.fill(&hv, 1).expect("a shell of another shape");
+    let parent = ManagedVm::new(&hv, &cfg, &mm).expect("parent");
+    run(&parent, Command::new(Op::Fill, data(0), FILLED, 1));
+    let (clones, _) = parent
+        .fork_with(&hv, &ForkOptions::new(6), Some(&shells))
+        .expect("fork 6 with 4 shells");
+    assert!(shells.is_empty(), "all 4 shells used");
+    assert!(
+        parent
+            .fork_with(&hv, &ForkOptions::new(1), Some(&other))
+            .is_ok()
+    );
+    assert_eq!(other.len(), 1, "a shell of another shape is not used");
+    for (i, c) in clones.iter().enumerate() {
+        run(
+            c,
+            Command::new(Op::Fill, slice(i as u64), SLICE, 100 + i as u64),
+        );
+    }
+    for (i, c) in clones.iter().enumerate() {
+        verify_all(c, &[(i as u64, 100 + i as u64)]);
+        assert_eq!(c.counters().cow_copies, SLICE);
+    }
+    verify_all(&parent, &[]);
+    drop(clones);
+    drop(parent);
+    assert_eq!(pool.free_frames(), pool.total_frames());
+}

@@ -36,7 +36,8 @@ use guestmem::{Access, AddressSpace, Manager, MemoryUsage, RegionSpec};
 
 use crate::fault::{FaultCounts, FaultError, FaultKind, FaultResolver};
 use crate::vcpu::{VcpuError, VcpuState};
-use crate::vm::{Hypervisor, Vm, VmConfig, VmError, open_fds, raise_nofile_limit};
+use crate::vm::{Hypervisor, ShellPool, Vm, VmConfig, VmError, open_fds, raise_nofile_limit};
+use crate::window::Window;
 
 /// Resolves faults through an [`AddressSpace`] (the space's `HostMmu` must be the VM's
 /// window). Dropping it does not exit the space: the owner decides when frames go back.
@@ -194,29 +195,26 @@ impl ManagedVm {
     fn build(
         hv: &Hypervisor,
         cfg: &VmConfig,
-        make_space: impl FnOnce(&Arc<crate::window::Window>) -> Result<Arc<AddressSpace>, FaultError>,
+        make_space: impl FnOnce(&Arc<Window>) -> Result<Arc<AddressSpace>, FaultError>,
     ) -> Result<ManagedVm, VmError> {
-        let mut space = None;
-        let vm = Vm::new(hv, cfg, |w| {
-            let s = make_space(w)?;
-            space = Some(s.clone());
-            Ok(Arc::new(SpaceResolver::new(s)) as Arc<dyn FaultResolver>)
-        });
-        match (vm, space) {
-            (Ok(vm), Some(space)) => Ok(ManagedVm {
-                vm: ManuallyDrop::new(vm),
+        Self::adopt(Vm::shell(hv, cfg)?, make_space)
+    }
+
+    /// Gives `shell` (a [`Vm::shell`]) the address space `make_space` builds over its
+    /// window. On error the shell is dropped and the space, if built, exited.
+    fn adopt(
+        shell: Vm,
+        make_space: impl FnOnce(&Arc<Window>) -> Result<Arc<AddressSpace>, FaultError>,
+    ) -> Result<ManagedVm, VmError> {
+        let space = make_space(shell.window())?;
+        match shell.attach(Arc::new(SpaceResolver::new(space.clone()))) {
+            Ok(()) => Ok(ManagedVm {
+                vm: ManuallyDrop::new(shell),
                 space,
             }),
-            (Ok(vm), None) => {
-                drop(vm);
-                Err(VmError::Config(
-                    "the VM was built without an address space".into(),
-                ))
-            }
-            (Err(e), space) => {
-                if let Some(s) = space {
-                    s.exit();
-                }
+            Err(e) => {
+                drop(shell);
+                space.exit();
                 Err(e)
             }
         }
@@ -255,12 +253,28 @@ impl ManagedVm {
         hv: &Hypervisor,
         opts: &ForkOptions,
     ) -> Result<(Vec<ManagedVm>, ForkTiming), ForkError> {
-        self.check_limits(opts)?;
+        self.fork_with(hv, opts, None)
+    }
+
+    /// As [`ManagedVm::fork`], taking the clones' VMs from `shells` while it has matching
+    /// ones (and creating the rest): with enough shells, no KVM VM, vCPU, window or thread
+    /// is created on the fork's path. A shell used by a clone that then fails is dropped.
+    pub fn fork_with(
+        &self,
+        hv: &Hypervisor,
+        opts: &ForkOptions,
+        shells: Option<&ShellPool>,
+    ) -> Result<(Vec<ManagedVm>, ForkTiming), ForkError> {
+        let ready = shells.map_or(0, ShellPool::len).min(opts.clones);
+        self.check_limits(&ForkOptions {
+            clones: opts.clones - ready,
+            ..*opts
+        })?;
         let t0 = Instant::now();
         self.vm.pause();
         let pause_ns = t0.elapsed().as_nanos() as u64;
         let mut retiree = None;
-        let r = self.fork_paused(hv, opts, &mut retiree);
+        let r = self.fork_paused(hv, opts, shells, &mut retiree);
         let total_ns = t0.elapsed().as_nanos() as u64;
         self.vm.resume();
         // The parent's old VM and window go now, in the background.
@@ -305,6 +319,7 @@ impl ManagedVm {
         &self,
         hv: &Hypervisor,
         opts: &ForkOptions,
+        shells: Option<&ShellPool>,
         retiree: &mut Option<crate::window::Retiree>,
     ) -> Result<(Vec<ManagedVm>, ForkTiming), ForkError> {
         let t = Instant::now();
@@ -338,11 +353,15 @@ impl ManagedVm {
         let mut clones = Vec::with_capacity(opts.clones);
         for index in 0..opts.clones {
             let t = Instant::now();
-            let clone = Self::build(hv, &cfg, |w| {
+            let fork_space = |w: &Arc<Window>| {
                 self.space
                     .fork(w.clone())
                     .map_err(|e| FaultError::Other(e.to_string()))
-            })
+            };
+            let clone = match shells.and_then(|p| p.take(&cfg)) {
+                Some(shell) => Self::adopt(shell, fork_space),
+                None => Self::build(hv, &cfg, fork_space),
+            }
             .map_err(|source| ForkError::Clone { index, source })?;
             for (v, st) in clone.vm.vcpus().iter().zip(&states) {
                 v.restore_state(st)

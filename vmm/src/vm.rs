@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use guestmem::types::{Gfn, Gpa, PAGE_SIZE};
-use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES, kvm_userspace_memory_region};
+use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Cap, Kvm, VmFd};
 
 use crate::fault::{FaultCounts, FaultError, FaultKind, FaultResolver, FaultStats, handle_event};
@@ -248,21 +248,105 @@ pub struct Vm {
     vm_fd: Mutex<Arc<VmFd>>,
     link: Arc<VmLink>,
     stats: Arc<FaultStats>,
-    resolver: Arc<dyn FaultResolver>,
+    resolver: Arc<LateResolver>,
     window: Arc<Window>,
     cfg: VmConfig,
+}
+
+/// A VM's resolver, set once by [`Vm::attach`]; faults before that fail the VM.
+#[derive(Debug, Default)]
+struct LateResolver {
+    inner: std::sync::OnceLock<Arc<dyn FaultResolver>>,
+}
+
+impl FaultResolver for LateResolver {
+    fn resolve(&self, gfn: Gfn, kind: FaultKind) -> Result<(), FaultError> {
+        match self.inner.get() {
+            Some(r) => r.resolve(gfn, kind),
+            None => Err(FaultError::Other(format!(
+                "a {kind:?} fault at {gfn} in a VM shell with no memory: attach a resolver first"
+            ))),
+        }
+    }
+}
+
+/// Pre-created [`Vm::shell`]s of one shape, so that a fork creates no KVM VM, vCPU,
+/// window or thread on its path (KVM_CREATE_VM, the memslot and the vCPUs cost about
+/// 0.4 ms per VM here, the VMM's threads and userfaultfd as much again).
+#[derive(Debug)]
+pub struct ShellPool {
+    cfg: VmConfig,
+    shells: Mutex<Vec<Vm>>,
+}
+
+impl ShellPool {
+    /// An empty pool of shells shaped like `cfg` (`load_guest` is ignored: shells take a
+    /// running guest's state).
+    pub fn new(cfg: &VmConfig) -> ShellPool {
+        ShellPool {
+            cfg: VmConfig {
+                load_guest: false,
+                ..cfg.clone()
+            },
+            shells: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Creates shells until the pool holds `n`.
+    pub fn fill(&self, hv: &Hypervisor, n: usize) -> Result<(), VmError> {
+        while self.len() < n {
+            let vm = Vm::shell(hv, &self.cfg)?;
+            self.shells
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(vm);
+        }
+        Ok(())
+    }
+
+    /// Shells ready now.
+    pub fn len(&self) -> usize {
+        self.shells.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Whether no shell is ready.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A shell for a VM shaped like `cfg` (ignoring `load_guest`), if one is ready.
+    pub fn take(&self, cfg: &VmConfig) -> Option<Vm> {
+        let same = cfg.mem_bytes == self.cfg.mem_bytes
+            && cfg.vcpus == self.cfg.vcpus
+            && cfg.cpu == self.cfg.cpu;
+        if !same {
+            return None;
+        }
+        self.shells.lock().unwrap_or_else(|e| e.into_inner()).pop()
+    }
 }
 
 impl Vm {
     /// Creates a VM with `cfg.mem_bytes` of guest RAM (all holes), builds its resolver with
     /// `make_resolver`, writes the guest's boot region (resolving those pages directly,
     /// not counted as faults), and starts the fault handler and the vCPU threads. The
-    /// vCPUs wait for commands.
+    /// vCPUs wait for commands. Equivalent to [`Vm::shell`] then [`Vm::attach`].
     pub fn new(
         hv: &Hypervisor,
         cfg: &VmConfig,
         make_resolver: impl FnOnce(&Arc<Window>) -> Result<Arc<dyn FaultResolver>, FaultError>,
     ) -> Result<Vm, VmError> {
+        let vm = Vm::shell(hv, cfg)?;
+        let resolver = make_resolver(&vm.window)?;
+        vm.attach(resolver)?;
+        Ok(vm)
+    }
+
+    /// A VM shell: everything KVM and the host need (userfaultfd, a reserved window
+    /// registered as the memslot, the VM and vCPU fds, the fault handler and vCPU threads)
+    /// but no memory behind it yet. [`Vm::attach`] gives it its resolver; a fork takes
+    /// shells from a [`ShellPool`] so that none of this is on its path.
+    pub fn shell(hv: &Hypervisor, cfg: &VmConfig) -> Result<Vm, VmError> {
         if cfg.mem_bytes <= guest::DATA_START
             || cfg.mem_bytes % PAGE != 0
             || cfg.mem_bytes > guest::MAX_RAM
@@ -277,19 +361,8 @@ impl Vm {
         }
         let uffd = Arc::new(Uffd::new()?);
         let window = Arc::new(Window::new(uffd, cfg.mem_bytes)?);
-        let resolver = make_resolver(&window)?;
         let vm_fd = Arc::new(hv.kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
-        let region = kvm_userspace_memory_region {
-            slot: 0,
-            flags: 0,
-            guest_phys_addr: 0,
-            memory_size: cfg.mem_bytes,
-            userspace_addr: window.host_base(),
-        };
-        // SAFETY: the region is the window's mapping, which outlives the VM fd (field order
-        // in Vm); KVM follows later changes to mappings inside it.
-        unsafe { vm_fd.set_user_memory_region(region) }
-            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        crate::window::set_memslot(&vm_fd, 0, window.host_base(), cfg.mem_bytes)?;
         window.bind_memslot(&vm_fd, 0);
         // Intel hardware KVM wants a TSS address set before running; harmless elsewhere.
         let _ = vm_fd.set_tss_address(0xfffb_d000);
@@ -316,23 +389,16 @@ impl Vm {
             kick: Arc::new(Mutex::new(Vec::new())),
             handler: None,
             stop,
-            vm_fd: Mutex::new(vm_fd),
+            vm_fd: Mutex::new(vm_fd.clone()),
             link,
             stats,
-            resolver,
+            resolver: Arc::new(LateResolver::default()),
             window,
             cfg: cfg.clone(),
         };
         // The handler first: from here on any access to guest RAM, the VMM's own included,
-        // can fault and be resolved.
+        // can fault and be resolved (once a resolver is attached).
         vm.handler = Some(vm.spawn_handler(cfg.cpu)?);
-        if cfg.load_guest {
-            write_boot_region(&vm.window, vm.resolver.as_ref(), cfg.mem_bytes)?;
-            if let Some(reason) = vm.failure() {
-                return Err(VmError::Fault(FaultError::Other(reason)));
-            }
-        }
-        let vm_fd = vm.vm_fd();
         for id in 0..cfg.vcpus {
             let fd = vm_fd
                 .create_vcpu(u64::from(id))
@@ -351,12 +417,27 @@ impl Vm {
             }
             vm.vcpus.push(v);
         }
-        if cfg.load_guest {
-            for v in &vm.vcpus {
+        Ok(vm)
+    }
+
+    /// Gives a shell its resolver (its memory); with `load_guest`, writes the boot region
+    /// and boots the vCPUs into the guest's command loop. A VM takes one resolver only.
+    pub fn attach(&self, resolver: Arc<dyn FaultResolver>) -> Result<(), VmError> {
+        if self.resolver.inner.set(resolver).is_err() {
+            return Err(VmError::Config(
+                "the VM already has its memory: attach a resolver to a shell only".into(),
+            ));
+        }
+        if self.cfg.load_guest {
+            write_boot_region(&self.window, self.resolver.as_ref(), self.cfg.mem_bytes)?;
+            if let Some(reason) = self.failure() {
+                return Err(VmError::Fault(FaultError::Other(reason)));
+            }
+            for v in &self.vcpus {
                 v.boot()?;
             }
         }
-        Ok(vm)
+        Ok(())
     }
 
     fn spawn_handler(&self, cpu: Option<usize>) -> Result<JoinHandle<()>, VmError> {
@@ -446,9 +527,9 @@ impl Vm {
         &self.window
     }
 
-    /// The resolver.
-    pub fn resolver(&self) -> &Arc<dyn FaultResolver> {
-        &self.resolver
+    /// The resolver, once attached.
+    pub fn resolver(&self) -> Option<&Arc<dyn FaultResolver>> {
+        self.resolver.inner.get()
     }
 
     /// Faults handled so far, by kind.
