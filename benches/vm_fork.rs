@@ -5,14 +5,17 @@
 //!    state saved, parent moved to a fresh VM and window, address space forked, child VM
 //!    and vCPU created, state restored), against the host kernel's `fork()` of a process
 //!    with the same memory touched, in the same run. Each repetition forks a freshly
-//!    filled guest, so every fork is a first fork of fully populated memory.
+//!    filled guest, so every fork is a first fork of fully populated memory. Variant
+//!    `vmm-fork-shell`: the child's VM taken from a shell made before the pause.
 //! 2. **Fan-out.** A 64 MiB guest (60 MiB written) forked into 1 .. 1000 idle clones in
 //!    one batch: total and per-clone time against KVM's own cost of the same number of
 //!    bare VMs (VM fd, 64 MiB memslot, one vCPU) created in the same run, and the host
 //!    memory one idle clone costs (the delta of the memory charged to this process's
 //!    cgroup, which counts KVM's kernel memory, page tables, thread stacks, the VMM's heap
 //!    and the frame pool's shmem; the pool's own delta is reported too, 0 for clones that
-//!    write nothing), against the bare VMs' delta.
+//!    write nothing), against the bare VMs' delta. The batch is also forked into
+//!    pre-created VM shells (`ShellPool`): the fork's own time per clone, and the time to
+//!    make a shell beforehand, reported apart.
 //!
 //! Smoke mode (no `--bench`): 16 MiB and 1..4 clones. `cargo bench --bench vm_fork --
 //! --quick`: 64, 256, 1024 MiB (3 repetitions) and 1, 10, 100, 1000 clones. Full:
@@ -31,7 +34,7 @@ use guestmem::{AllocatorKind, Manager, ManagerConfig, Pool, PoolConfig};
 use kvmm::hostref::{AnonMemory, SleepingChild};
 use kvmm::{Experiment, Mode, Row};
 use vmm::guest::DATA_START;
-use vmm::{Command, ForkOptions, Hypervisor, ManagedVm, Op, VmConfig};
+use vmm::{Command, ForkOptions, Hypervisor, ManagedVm, Op, ShellPool, VmConfig};
 
 const MIB: u64 = 1 << 20;
 
@@ -106,15 +109,27 @@ fn latency(exp: &mut Experiment, hv: &Hypervisor, mode: Mode) {
         let pages = mib * 256;
         let (pool, mm) = manager(mem + 16 * MIB);
         let (mut total, mut rebirth, mut clone) = (Vec::new(), Vec::new(), Vec::new());
-        for _ in 0..reps {
+        let mut shelled = Vec::new();
+        for rep in 0..2 * reps {
+            // Even repetitions create the child's VM on the fork's path, odd ones take it
+            // from a shell made beforehand.
+            let use_shell = rep % 2 == 1;
             let parent = filled_vm(hv, &mm, mem, pages);
+            let shells = ShellPool::new(&VmConfig::new(mem, 1));
+            if use_shell {
+                shells.fill(hv, 1).unwrap_or_else(|e| panic!("shell: {e}"));
+            }
             settle();
             let (clones, t) = parent
-                .fork(hv, &ForkOptions::new(1))
+                .fork_with(hv, &ForkOptions::new(1), Some(&shells))
                 .unwrap_or_else(|e| panic!("fork of {mib} MiB: {e}"));
-            total.push(t.total_ns as f64 / 1e6);
-            rebirth.push(t.rebirth_ns as f64 / 1e6);
-            clone.push(t.clone_ns[0] as f64 / 1e6);
+            if use_shell {
+                shelled.push(t.total_ns as f64 / 1e6);
+            } else {
+                total.push(t.total_ns as f64 / 1e6);
+                rebirth.push(t.rebirth_ns as f64 / 1e6);
+                clone.push(t.clone_ns[0] as f64 / 1e6);
+            }
             // The child runs: it verifies a page of the parent's memory.
             let r = clones[0]
                 .vm()
@@ -136,7 +151,7 @@ fn latency(exp: &mut Experiment, hv: &Hypervisor, mode: Mode) {
             drop(child);
         }
         drop(host_mem);
-        let (fork_ms, host_ms) = (median(total), median(host));
+        let (fork_ms, host_ms, shell_ms) = (median(total), median(host), median(shelled));
         exp.push(
             Row::new("vmm-fork")
                 .param("mib", mib)
@@ -146,13 +161,20 @@ fn latency(exp: &mut Experiment, hv: &Hypervisor, mode: Mode) {
                 .metric("speedup_vs_host", host_ms / fork_ms),
         );
         exp.push(
+            Row::new("vmm-fork-shell")
+                .param("mib", mib)
+                .metric("fork_ms", shell_ms)
+                .metric("speedup_vs_host", host_ms / shell_ms),
+        );
+        exp.push(
             Row::new("host-fork")
                 .param("mib", mib)
                 .metric("fork_ms", host_ms),
         );
         eprintln!(
-            "{mib} MiB touched: vmm fork {fork_ms:.2} ms pause-to-child-running, host fork {host_ms:.2} ms ({:.1}x)",
-            host_ms / fork_ms
+            "{mib} MiB touched: vmm fork {fork_ms:.2} ms pause-to-child-running ({shell_ms:.2} ms into a shell), host fork {host_ms:.2} ms ({:.1}x, {:.1}x)",
+            host_ms / fork_ms,
+            host_ms / shell_ms
         );
     }
 }
@@ -203,6 +225,36 @@ fn fan_out(exp: &mut Experiment, hv: &Hypervisor, mode: Mode) {
         let bare_kib = host_used_kib().saturating_sub(used0) as f64 / n as f64;
         drop(bare);
 
+        // The same batch from pre-created shells: shell creation (off the fork's path)
+        // and the fork itself timed apart.
+        let shells = ShellPool::new(&VmConfig::new(mem, 1));
+        let t = Instant::now();
+        shells
+            .fill(hv, n)
+            .unwrap_or_else(|e| panic!("{n} shells: {e}"));
+        let shell_ms = t.elapsed().as_secs_f64() * 1e3;
+        let t = Instant::now();
+        let (clones, _) = parent
+            .fork_with(hv, &ForkOptions::new(n), Some(&shells))
+            .unwrap_or_else(|e| panic!("fork into {n} shells: {e}"));
+        let shells_fork_ms = t.elapsed().as_secs_f64() * 1e3;
+        assert!(shells.is_empty());
+        for c in &clones {
+            let r = c
+                .vm()
+                .run(0, Command::new(Op::Verify, Gfn(DATA_START / 4096), 1, 1))
+                .unwrap_or_else(|e| panic!("clone verify: {e}"));
+            assert_eq!(r.mismatches(), 0);
+        }
+        drop(clones);
+        settle();
+        exp.push(
+            Row::new("vmm-clones-shells")
+                .param("clones", n as u64)
+                .metric("total_ms", shells_fork_ms)
+                .metric("per_clone_ms", shells_fork_ms / n as f64)
+                .metric("shell_ms_per_clone", shell_ms / n as f64),
+        );
         exp.push(
             Row::new("vmm-clones")
                 .param("clones", n as u64)
@@ -220,8 +272,10 @@ fn fan_out(exp: &mut Experiment, hv: &Hypervisor, mode: Mode) {
                 .metric("idle_clone_kib", bare_kib),
         );
         eprintln!(
-            "{n} clones: {total_ms:.1} ms ({:.3} ms each, KVM alone {:.3} ms); idle clone {per_clone_kib:.0} KiB (bare KVM VM {bare_kib:.0} KiB)",
+            "{n} clones: {total_ms:.1} ms ({:.3} ms each; from shells {:.3} ms each + {:.3} ms to make a shell beforehand; KVM alone {:.3} ms); idle clone {per_clone_kib:.0} KiB (bare KVM VM {bare_kib:.0} KiB)",
             total_ms / n as f64,
+            shells_fork_ms / n as f64,
+            shell_ms / n as f64,
             bare_ms / n as f64
         );
     }

@@ -18,8 +18,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use vmm::guest::{DATA_START, MAX_RAM};
 use vmm::workload::{Model, Placement, Workload};
 use vmm::{
-    CmdResult, Command, FaultCounts, ForkError, ForkOptions, Hypervisor, ManagedVm, Op, Vm,
-    VmConfig,
+    CmdResult, Command, FaultCounts, ForkError, ForkOptions, Hypervisor, ManagedVm, Op, ShellPool,
+    Vm, VmConfig,
 };
 
 const MIB: u64 = 1 << 20;
@@ -111,6 +111,10 @@ struct ForkArgs {
     /// Also fork clone 1 once more and run the second phase in that grandchild.
     #[arg(long)]
     grandchild: bool,
+    /// Create the clones' VMs (KVM VM, memslot, vCPUs, threads) before pausing the
+    /// parent, so the fork itself creates none (the time to make them is reported apart).
+    #[arg(long)]
+    shells: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -129,7 +133,8 @@ enum Cmd {
     /// Run a VM, snapshot-fork it into clones, run a second phase in each, verify all.
     Fork(ForkArgs),
     /// A snapshot-fork experiment with defaults: a 256 MiB, 2-vCPU guest fills 192 MiB,
-    /// forks into 8 clones, each rewrites its own 4 MiB, clone 1 forks again; all verify.
+    /// forks into 8 clones (VM shells made beforehand), each rewrites its own 8 MiB (4 MiB
+    /// per vCPU), the parent too, clone 1 forks again; every VM verifies all it holds.
     Demo {
         /// Clones.
         #[arg(long, default_value_t = 8)]
@@ -595,6 +600,8 @@ struct ForkReport {
     fork_per_clone_ms: f64,
     /// The grandchild's fork (clone 1 forked once), ms.
     grandchild_fork_ms: Option<f64>,
+    /// With `--shells`: making one clone's VM shell before the fork, ms (mean).
+    shell_ms_per_clone: Option<f64>,
     /// Host memory the pool's frames hold, MiB.
     host_mib: f64,
     /// What every VM holding its own full copy of the parent's memory would take, MiB.
@@ -612,6 +619,7 @@ struct ForkParams<'a> {
     phase1: &'a str,
     phase2: &'a str,
     grandchild: bool,
+    shells: bool,
     progress: bool,
 }
 
@@ -681,7 +689,18 @@ fn cmd_fork(p: &ForkParams<'_>) -> Result<ForkReport, CliError> {
         }
         other => CliError::from_run(other),
     };
-    let (clones, timing) = parent.fork(&hv, &opts).map_err(fork_err)?;
+    let mut shell_ms = None;
+    let shells = ShellPool::new(&cfg);
+    if p.shells {
+        bar.set_message(format!("making {} VM shells", p.clones));
+        let t = Instant::now();
+        shells.fill(&hv, p.clones).map_err(CliError::from_run)?;
+        shell_ms = Some(t.elapsed().as_secs_f64() * 1e3 / p.clones as f64);
+        bar.set_message(format!("forking into {} clones", p.clones));
+    }
+    let (clones, timing) = parent
+        .fork_with(&hv, &opts, Some(&shells))
+        .map_err(fork_err)?;
     bar.inc(1);
     // Phase 2 everywhere at once (the parent too: it keeps running).
     bar.set_message("phase 2 in the parent and every clone");
@@ -774,6 +793,7 @@ fn cmd_fork(p: &ForkParams<'_>) -> Result<ForkReport, CliError> {
         fork_rebirth_ms: timing.rebirth_ns as f64 / 1e6,
         fork_per_clone_ms: timing.total_ns as f64 / 1e6 / p.clones as f64,
         grandchild_fork_ms: grandchild_ms,
+        shell_ms_per_clone: shell_ms,
         host_mib: pool.resident_bytes().unwrap_or(0) as f64 / MIB as f64,
         full_copies_mib: mib((parent_resident * rows.len() as u64) as f64),
         pss_total_mib: rows.iter().map(|r| r.memory_mib.pss).sum(),
@@ -868,6 +888,11 @@ fn print_fork(r: &ForkReport) {
         r.fork_save_ms,
         r.fork_rebirth_ms
     );
+    if let Some(s) = r.shell_ms_per_clone {
+        println!(
+            "      the clones' VMs were made before the pause ({s:.2} ms each): the fork created no KVM VM"
+        );
+    }
     println!(
         "memory: {:.1} MiB of host memory for {} VMs (sum of PSS {:.1} MiB); {} full copies \
          would take {:.1} MiB ({:.1}x more)",
@@ -929,6 +954,7 @@ fn main() -> ExitCode {
             phase1: &a.phase1,
             phase2: &a.phase2,
             grandchild: a.grandchild,
+            shells: a.shells,
             progress: false,
         })
         .map(|r| {
@@ -953,6 +979,7 @@ fn main() -> ExitCode {
                 phase1: "fill:seed=1:pages=96M",
                 phase2: "fill:seed=2:pages=4M:stride=4M",
                 grandchild: true,
+                shells: true,
                 progress: true,
             })
             .map(|r| {

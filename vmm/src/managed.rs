@@ -2,7 +2,7 @@
 //!
 //! [`SpaceResolver`] is the adapter between the VMM's fault handler and the memory
 //! manager: guest faults are resolved by guestmem's [`AddressSpace`], which picks the frame
-//! and mirrors the mapping into the VM's [`Window`](crate::window::Window) through
+//! and mirrors the mapping into the VM's [`Window`] through
 //! `HostMmu` ([`crate::fault::ScaffoldResolver`] is the test stand-in it replaces).
 //!
 //! [`ManagedVm`] is a [`Vm`] together with its address space, and [`ManagedVm::fork`]
