@@ -3,6 +3,13 @@
 //! delivered by userfaultfd to a per-VM handler thread ([`fault`]), vCPU threads with pause,
 //! resume and state save/restore ([`vcpu`]), and the built-in ring-3 test guest ([`guest`]).
 //!
+//! On top: [`ManagedVm`] (a VM with its guestmem `AddressSpace`) and its snapshot-fork,
+//! [`ManagedVm::fork`] / [`ManagedVm::fork_with`] (see [`managed`]): a running VM
+//! continues as N copy-on-write clones, the parent moved to a fresh KVM VM and window
+//! ([`Vm::rebirth`]) instead of write-protecting its pages, the clones' VMs optionally
+//! taken from pre-created shells ([`ShellPool`]). [`workload`] is the `vmm` program's
+//! workload language.
+//!
 //! Layering: [`sys`] is the only place with raw host syscalls (userfaultfd, mmap, memfd);
 //! KVM goes through kvm-ioctls. See issue 5 for the plan and docs/ARCHITECTURE.md.
 //!
@@ -17,7 +24,6 @@
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let hv = Hypervisor::new()?;
 //! let pool = Arc::new(Pool::new(&PoolConfig::uniform(64 << 20, 1, AllocatorKind::Magazine))?);
-//! pool.prefault()?; // frames mapped into a window must be populated in their memfd
 //! let mm = Manager::new(pool, ManagerConfig::default());
 //! let mem = 32 << 20;
 //! let vm = Vm::new(&hv, &VmConfig::new(mem, 1), |window| {

@@ -330,11 +330,6 @@ fn mmu_err(op: &'static str, gfn: Gfn, pages: u64, e: impl std::error::Error) ->
 impl HostMmu for Window {
     fn map_run(&self, run: MapRun<'_>) -> Result<(), HostMmuError> {
         let (addr, len) = self.check_run("map_run", run.gfn, run.pages)?;
-        // TODO(guestmem): once the pool guarantees frames are populated before they are
-        // mapped (the lead's change in pool.rs/frame.rs), drop this: it makes sure the
-        // memfd pages exist, so Pool::prefault is not needed for correctness.
-        mman::populate(run.fd, run.file_offset, len)
-            .map_err(|e| mmu_err("map_run", run.gfn, run.pages, e))?;
         // SAFETY: the range is inside the window (checked), which this Window owns; no Rust
         // reference points into guest RAM (all access is volatile through raw pointers).
         unsafe { mman::map_shared_fixed(addr, len, run.fd, run.file_offset) }

@@ -50,24 +50,6 @@ pub enum MmanError {
     },
 }
 
-/// Allocates the memfd pages `offset .. offset + len` (zero-filled where new; pages
-/// already there are kept), so that a window mapping them never sees an unpopulated page
-/// (which would raise a userfaultfd MISSING fault again after being "resolved").
-pub fn populate(fd: BorrowedFd<'_>, offset: u64, len: u64) -> Result<(), MmanError> {
-    // SAFETY: fallocate mode 0 on an fd we borrow; it only allocates file blocks.
-    let r =
-        unsafe { libc::fallocate(fd.as_raw_fd(), 0, offset as libc::off_t, len as libc::off_t) };
-    if r < 0 {
-        return Err(MmanError::Mmap {
-            op: "populate memfd pages (fallocate)",
-            addr: offset,
-            len,
-            source: io::Error::last_os_error(),
-        });
-    }
-    Ok(())
-}
-
 /// Creates a memfd of `bytes` bytes (sparse: pages are allocated on first touch).
 pub fn memfd(name: &str, bytes: u64) -> Result<OwnedFd, MmanError> {
     let err = |source| MmanError::Memfd { bytes, source };
