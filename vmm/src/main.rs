@@ -120,6 +120,7 @@ struct ForkArgs {
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Launch VMs and run a workload in each (see WORKLOAD syntax below).
+    #[command(after_help = WORKLOAD_HELP)]
     Run {
         #[command(flatten)]
         common: Common,
@@ -131,6 +132,7 @@ enum Cmd {
         workload: String,
     },
     /// Run a VM, snapshot-fork it into clones, run a second phase in each, verify all.
+    #[command(after_help = WORKLOAD_HELP)]
     Fork(ForkArgs),
     /// A snapshot-fork experiment with defaults: a 256 MiB, 2-vCPU guest fills 192 MiB,
     /// forks into 8 clones (VM shells made beforehand), each rewrites its own 8 MiB (4 MiB
