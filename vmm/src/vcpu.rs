@@ -349,6 +349,9 @@ pub(crate) struct VcpuSetup {
     /// KVM_GET/SET_XSAVE's 4 KiB buffer holds the host's full XSAVE state.
     pub has_xsave: bool,
     pub cpu: Option<usize>,
+    /// Put the vCPU at the built-in guest's entry (false: a state will be restored into
+    /// it, so only CPUID is set).
+    pub boot_state: bool,
 }
 
 fn seg(selector: u16, code: bool) -> kvm_segment {
@@ -418,7 +421,11 @@ impl Vcpu {
         vm: Arc<VmLink>,
     ) -> Result<Vcpu, VcpuError> {
         install_kick_handler()?;
-        init_boot_state(&fd, &setup)?;
+        if setup.boot_state {
+            init_boot_state(&fd, &setup)?;
+        } else {
+            fd.set_cpuid2(&setup.cpuid).map_err(kvm("KVM_SET_CPUID2"))?;
+        }
         let kick = KickCell::default();
         kick.run.store(fd.get_kvm_run(), Ordering::SeqCst);
         let shared = Arc::new(Shared {

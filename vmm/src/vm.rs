@@ -410,6 +410,7 @@ impl Vm {
                 has_xcrs: hv.has_xcrs,
                 has_xsave: hv.has_xsave,
                 cpu: cfg.cpu,
+                boot_state: cfg.load_guest,
             };
             let v = Vcpu::new(fd, setup, vm.link.clone())?;
             if let Some(t) = v.pthread() {
