@@ -65,7 +65,7 @@ impl std::ops::BitOr for FrameFlags {
 
 impl std::fmt::Debug for FrameFlags {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        const NAMES: [&str; 9] = [
+        const NAMES: [&str; 10] = [
             "locked",
             "referenced",
             "active",
@@ -75,8 +75,9 @@ impl std::fmt::Debug for FrameFlags {
             "isolated",
             "zero",
             "allocated",
+            "unbacked",
         ];
-        let names: Vec<&str> = (0..9)
+        let names: Vec<&str> = (0..10)
             .filter(|b| self.0 & (1 << b) != 0)
             .map(|b| NAMES[b])
             .collect();
@@ -240,9 +241,9 @@ impl Frame {
             !before.contains(FrameFlags::ALLOCATED),
             "frame handed out twice: {before:?}"
         );
-        if before.0 & (FrameFlags::KNOWN_ZERO.0 | FrameFlags::UNBACKED.0) != 0 {
-            // The new owner writes it (or the node populates it): neither holds after.
-            self.clear(FrameFlags::KNOWN_ZERO | FrameFlags::UNBACKED);
+        if before.contains(FrameFlags::KNOWN_ZERO) {
+            // The new owner writes it: it is zero no more.
+            self.clear(FrameFlags::KNOWN_ZERO);
         }
         self.refcount.store(1, Ordering::Relaxed);
         self.mapcount.store(0, Ordering::Relaxed);

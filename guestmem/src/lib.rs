@@ -11,14 +11,21 @@
 //! # Lock order
 //!
 //! ```text
-//! AddressSpace.mmap_lock (read: faults; write: fork, exit, region changes)
-//!   anon_vma root lock (rmap; write = link/unlink, read = rmap walk)
-//!     page-table lock (one per 512 gfns)
-//!       Frame lock bit (FrameFlags::LOCKED: swap-out, migration of that frame)
-//! CPU slot lock (magazine / per-cpu list)      [alloc.rs; taken inside any of the above]
+//! AddressSpace.mmap_lock (read: faults, accesses; write: fork, exit, region changes)
+//!   Frame lock bit (FrameFlags::LOCKED: rmap walkers, later swap-out and migration;
+//!     |            Linux's folio lock: taken before the anon_vma lock)
+//!     anon_vma root lock (rmap; write = link/unlink, read = rmap walk)
+//!       page-table slot lock (one per 512 gfns; Slot in pagetable.rs)
+//!         [frame lock only by try_lock here: COW reuse in write_protect_fault]
+//! CPU slot spinlock (magazine / per-cpu list)   [alloc.rs; taken inside any of the above]
 //!   depot lock (magazines)
 //!     zone lock (buddy)
 //! ```
+//!
+//! Walkers (`Manager::frame_referenced`, `Manager::mappers`) take a frame reference and
+//! the frame lock, then walk the reverse map (root lock), then lock each mapping's slot.
+//! A path that already holds a slot lock may only *try* the frame lock, so no cycle
+//! forms; reclaim's seed-1 mode also only tries the slot locks.
 //!
 //! Frame descriptors ([`frame::Frame`]) are atomics: their counts change under the
 //! page-table lock of the entry that maps or unmaps them.

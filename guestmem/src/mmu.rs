@@ -54,7 +54,9 @@ pub struct HostMmuError {
 
 /// Mirrors the manager's guest mappings into a host view (see the module docs).
 pub trait HostMmu: Send + Sync + fmt::Debug {
-    /// Maps a run of frames (replacing whatever was there).
+    /// Maps a run of frames (replacing whatever was there). All or nothing: on error no
+    /// part of the run may be left mapped (the manager frees the frames), and a run asked
+    /// for read-only must never be writable, even for a moment.
     fn map_run(&self, run: MapRun<'_>) -> Result<(), HostMmuError>;
     /// Makes `gfn .. gfn + pages` absent again: any guest access must fault back to the manager.
     fn unmap_run(&self, gfn: Gfn, pages: u64) -> Result<(), HostMmuError>;

@@ -40,6 +40,16 @@ pub enum AllocError {
         /// Free frames in the pool when the request failed.
         free: u64,
     },
+    /// The host would not back the frames with memory.
+    #[error(
+        "the host could not back {frames} frame(s) with memory ({reason}); free host memory or give the pool less"
+    )]
+    HostMemory {
+        /// Frames requested.
+        frames: u32,
+        /// The host's error.
+        reason: String,
+    },
 }
 
 /// Errors creating a pool.
@@ -104,6 +114,9 @@ impl PoolConfig {
 /// One node: a memfd of frames, its direct map, descriptors and allocator.
 #[derive(Debug)]
 pub struct Node {
+    /// Fault injection: when set, backing frames with host memory fails as if the host
+    /// were out of memory (tests only; see [`Pool::inject_host_memory_failure`]).
+    fail_backing: std::sync::atomic::AtomicBool,
     id: NodeId,
     base: Pfn,
     frames: Box<[Frame]>,
@@ -130,6 +143,7 @@ impl Node {
             f.set(FrameFlags::KNOWN_ZERO | FrameFlags::UNBACKED);
         }
         Ok(Node {
+            fail_backing: std::sync::atomic::AtomicBool::new(false),
             id,
             base,
             frames,
@@ -176,40 +190,56 @@ impl Node {
         pfn.0 - self.base.0
     }
 
-    /// Allocates `2^order` contiguous frames on this node.
+    /// Allocates `2^order` contiguous frames on this node; `Ok(None)` when the node has no
+    /// free run that large.
+    ///
+    /// Frames without host memory behind them (`UNBACKED`) are backed first, with one
+    /// `fallocate` for the run, before they are published to their owner: a host view
+    /// could not map a memfd hole, and a copy into one could fail with SIGBUS under host
+    /// memory pressure. If the host refuses, the frames go back untouched.
     #[inline]
-    pub fn alloc(&self, order: Order, init: FrameInit) -> Option<Pfn> {
-        let first = self.alloc.alloc(order.get(), current_cpu())?;
-        let mut unbacked = false;
-        for i in first..first + order.frames() {
-            let frame = &self.frames[i as usize];
-            let was = frame.prep_new();
-            unbacked |= was.contains(FrameFlags::UNBACKED);
+    pub fn alloc(&self, order: Order, init: FrameInit) -> Result<Option<Pfn>, AllocError> {
+        let Some(first) = self.alloc.alloc(order.get(), current_cpu()) else {
+            return Ok(None);
+        };
+        let run = first..first + order.frames();
+        // The frames are free (refcount 0) and ours: no one else reads their flags' meaning.
+        if run.clone().any(|i| {
+            self.frames[i as usize]
+                .flags()
+                .contains(FrameFlags::UNBACKED)
+        }) {
+            let len = u64::from(order.frames()) * PAGE_SIZE as u64;
+            let offset = u64::from(first) * PAGE_SIZE as u64;
+            let backed = if self.fail_backing.load(std::sync::atomic::Ordering::Relaxed) {
+                Err(HostError::Allocate {
+                    offset,
+                    bytes: len,
+                    source: std::io::Error::from_raw_os_error(libc::ENOMEM),
+                })
+            } else {
+                self.memfd.allocate(offset, len)
+            };
+            if let Err(e) = backed {
+                self.alloc.free(first, order.get(), current_cpu());
+                return Err(AllocError::HostMemory {
+                    frames: order.frames(),
+                    reason: e.to_string(),
+                });
+            }
+            for i in run.clone() {
+                self.frames[i as usize].clear(FrameFlags::UNBACKED);
+            }
+        }
+        for i in run {
+            let was = self.frames[i as usize].prep_new();
             if init == FrameInit::Zeroed && !was.contains(FrameFlags::KNOWN_ZERO) {
                 // SAFETY: frame `i` was just handed to us by the allocator, so no one
                 // else reads or writes its bytes; the pointer is in the direct map.
                 unsafe { std::ptr::write_bytes(self.page_ptr_local(i), 0, PAGE_SIZE) };
             }
         }
-        if unbacked && init == FrameInit::Zeroed {
-            // Back the run with host memory in one call, so that a host view can map it
-            // (an `Overwritten` frame is backed by the caller's write).
-            let len = u64::from(order.frames()) * PAGE_SIZE as u64;
-            if self
-                .memfd
-                .allocate(u64::from(first) * PAGE_SIZE as u64, len)
-                .is_err()
-            {
-                for i in first..first + order.frames() {
-                    let f = &self.frames[i as usize];
-                    f.prep_free();
-                    f.set(FrameFlags::KNOWN_ZERO | FrameFlags::UNBACKED);
-                }
-                self.alloc.free(first, order.get(), current_cpu());
-                return None;
-            }
-        }
-        Some(Pfn(self.base.0 + first))
+        Ok(Some(Pfn(self.base.0 + first)))
     }
 
     /// Frees `2^order` frames starting at `pfn`. The caller gives up every reference.
@@ -379,12 +409,12 @@ impl Pool {
         init: FrameInit,
     ) -> Result<Pfn, AllocError> {
         let first = usize::from(preferred.0).min(self.nodes.len() - 1);
-        if let Some(p) = self.nodes[first].alloc(order, init) {
+        if let Some(p) = self.nodes[first].alloc(order, init)? {
             return Ok(p);
         }
         for (i, n) in self.nodes.iter().enumerate() {
             if i != first {
-                if let Some(p) = n.alloc(order, init) {
+                if let Some(p) = n.alloc(order, init)? {
                     return Ok(p);
                 }
             }
@@ -453,6 +483,7 @@ impl Pool {
 
     /// Backs every frame with host memory now and fills the direct maps' page tables, so
     /// that experiments measure the manager rather than the host's first-touch cost.
+    /// Call it before the pool is used: it must not run beside `release_free_memory`.
     pub fn prefault(&self) -> Result<(), HostError> {
         for n in &self.nodes {
             n.memfd.allocate_all()?;
@@ -462,6 +493,16 @@ impl Pool {
             }
         }
         Ok(())
+    }
+
+    /// Fault injection for tests: while `on`, backing frames with host memory fails as if
+    /// the host were out of memory.
+    #[doc(hidden)]
+    pub fn inject_host_memory_failure(&self, on: bool) {
+        for n in &self.nodes {
+            n.fail_backing
+                .store(on, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 
     /// Returns every free frame's memory to the host; returns the frames released.
@@ -577,6 +618,31 @@ mod tests {
             "only the frame handed out is backed again, without being rewritten"
         );
         assert!(all_bytes_are(&p, f, 0));
+    }
+
+    #[test]
+    fn a_host_that_cannot_back_frames_fails_the_allocation_and_keeps_them_free() {
+        let p = pool(64, 1, AllocatorKind::Magazine);
+        p.inject_host_memory_failure(true);
+        let err = p
+            .alloc(NodeId(0), Order::new(2).unwrap(), FrameInit::Zeroed)
+            .unwrap_err();
+        assert!(
+            matches!(err, AllocError::HostMemory { frames: 4, .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("host"));
+        assert_eq!(p.free_frames(), 64);
+        for i in 0..64 {
+            let f = p.frame(Pfn(i));
+            assert_eq!(f.refcount(), 0, "a free frame holds no reference");
+            assert!(!f.get_unless_zero(), "no walker can pin a free frame");
+        }
+        p.inject_host_memory_failure(false);
+        let got = p
+            .alloc(NodeId(0), Order::new(2).unwrap(), FrameInit::Zeroed)
+            .unwrap();
+        assert_eq!(p.frame(got).refcount(), 1);
     }
 
     #[test]

@@ -29,6 +29,9 @@ use crate::pagetable::{Block, PTES_PER_BLOCK, PageTable, Pte, PteKind, Slot};
 use crate::pool::{AllocError, FrameInit, Pool};
 use crate::types::{Gfn, Gpa, NodeId, Order, PAGE_SIZE, Pfn, VmId};
 
+/// The largest region: 1 TiB of 4 KiB pages.
+pub const MAX_REGION_PAGES: u64 = 1 << 28;
+
 /// The handle the reverse maps keep for a region: enough to find and lock its entries.
 pub type RegionHandle = Arc<RegionPt>;
 type AnonVma = rmap::AnonVma<RegionHandle>;
@@ -37,13 +40,13 @@ type AnonVma = rmap::AnonVma<RegionHandle>;
 /// VMs are not affected.
 #[derive(Debug, thiserror::Error)]
 pub enum SpaceError {
-    /// The address is in no RAM region of the VM.
-    #[error("{gpa} is outside every RAM region of {vm}: check the guest's memory size")]
+    /// The page is in no RAM region of the VM.
+    #[error("{gfn} is outside every RAM region of {vm}: check the guest's memory size")]
     OutOfRange {
         /// The VM.
         vm: VmId,
-        /// The address.
-        gpa: Gpa,
+        /// The page.
+        gfn: Gfn,
     },
     /// The pool could not give the VM a frame.
     #[error("{vm} needs a frame: {source}")]
@@ -463,6 +466,9 @@ impl Manager {
     /// (a locked frame is busy: reported as contended) so that its rmap link stays put.
     pub fn frame_referenced(&self, pfn: Pfn, locking: ReferencedLocking) -> Referenced {
         let mut out = Referenced::default();
+        if u64::from(pfn.0) >= self.pool.total_frames() {
+            return out;
+        }
         let frame = self.pool.frame(pfn);
         if !frame.get_unless_zero() {
             return out;
@@ -518,6 +524,9 @@ impl Manager {
 
     /// How many VMs map `pfn` now, counted through its reverse map (0 if it is free).
     pub fn mappers(&self, pfn: Pfn) -> u32 {
+        if u64::from(pfn.0) >= self.pool.total_frames() {
+            return 0;
+        }
         let frame = self.pool.frame(pfn);
         if !frame.get_unless_zero() {
             return 0;
@@ -599,22 +608,21 @@ impl AddressSpace {
         self.regions.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn find<'a>(&self, regions: &'a Regions, gpa: Gpa) -> Result<&'a Region, SpaceError> {
+    fn find<'a>(&self, regions: &'a Regions, gfn: Gfn) -> Result<&'a Region, SpaceError> {
         if regions.exited {
             return Err(SpaceError::Exited(self.id));
         }
-        let gfn = gpa.gfn();
         regions
             .list
             .iter()
             .find(|r| r.contains(gfn))
-            .ok_or(SpaceError::OutOfRange { vm: self.id, gpa })
+            .ok_or(SpaceError::OutOfRange { vm: self.id, gfn })
     }
 
     /// Resolves a guest fault at `gfn` (what the VMM calls for a userfaultfd event).
     pub fn handle_fault(&self, gfn: Gfn, access: Access) -> Result<FaultOutcome, SpaceError> {
         let regions = self.read_regions();
-        let region = self.find(&regions, gfn.gpa())?;
+        let region = self.find(&regions, gfn)?;
         let index = gfn.0 - region.pt.start.0;
         let (mut slot, s) = region.pt.table.lock(index);
         let pte = slot.effective(s);
@@ -768,6 +776,9 @@ impl AddressSpace {
             block.set(s0 + i as usize, Pte::present(p, true));
         }
         if let Err(e) = self.map_run(region, first, pages, pfn, true) {
+            // The host view must not keep any part of a run whose frames go back to the
+            // pool (a view's map_run is all-or-nothing, but do not rely on it here).
+            let _ = region.pt.mmu.unmap_run(region.pt.gfn(first), pages);
             let mut freed = Vec::with_capacity(pages as usize);
             for i in 0..pages {
                 block.set(s0 + i as usize, Pte::EMPTY);
@@ -844,6 +855,9 @@ impl AddressSpace {
         }
         let mut freed = Vec::new();
         if let Err(e) = self.map_run(region, first, n, new, true) {
+            // As in zero_fill: no part of the failed run may stay in the host view; the
+            // old frames are faulted back in read-only on the next access.
+            let _ = region.pt.mmu.unmap_run(region.pt.gfn(first), n);
             for (i, old_pte) in olds.iter().enumerate() {
                 block.set(s0 + i, *old_pte);
                 self.drop_mapping(new.offset(i as u32), &mut freed);
@@ -906,8 +920,11 @@ impl AddressSpace {
         let first_index = index - (s - lo) as u64;
         let first_pfn = Pfn(pfn.0 - (s - lo) as u32);
         let pages = (hi - lo) as u64;
-        self.map_run(region, first_index, pages, first_pfn, w)
-            .map_err(|e| self.host_err(e))?;
+        if let Err(e) = self.map_run(region, first_index, pages, first_pfn, w) {
+            // A half-made read-only run could be writable: leave nothing of it mapped.
+            let _ = region.pt.mmu.unmap_run(region.pt.gfn(first_index), pages);
+            return Err(self.host_err(e));
+        }
         Ok(pages)
     }
 
@@ -967,10 +984,13 @@ impl AddressSpace {
         let end = gpa
             .0
             .checked_add(len as u64)
-            .ok_or(SpaceError::OutOfRange { vm: self.id, gpa })?;
+            .ok_or(SpaceError::OutOfRange {
+                vm: self.id,
+                gfn: gpa.gfn(),
+            })?;
         while at < end {
             let here = Gpa(at);
-            let region = self.find(&regions, here)?;
+            let region = self.find(&regions, here.gfn())?;
             let index = here.gfn().0 - region.pt.start.0;
             let (mut slot, s) = region.pt.table.lock(index);
             let pte = slot.effective(s);
@@ -1060,6 +1080,13 @@ impl AddressSpace {
             if let Err(e) = pr.pt.mmu.protect_for_fork(pr.pt.start, pr.pt.table.pages()) {
                 result = Err(self.host_err(e));
                 break;
+            }
+        }
+        if result.is_err() {
+            // Some of the parent's view may still be writable over frames the child now
+            // shares: drop all of it, so that every access faults back to the manager.
+            for pr in &parent.list {
+                let _ = pr.pt.mmu.unmap_run(pr.pt.start, pr.pt.table.pages());
             }
         }
         drop(parent);
@@ -1155,7 +1182,7 @@ impl AddressSpace {
     /// The entry for `gfn` and the block holding it (for tests and tools).
     pub fn entry(&self, gfn: Gfn) -> Result<EntryInfo, SpaceError> {
         let regions = self.read_regions();
-        let region = self.find(&regions, gfn.gpa())?;
+        let region = self.find(&regions, gfn)?;
         let (slot, s) = region.pt.table.lock(gfn.0 - region.pt.start.0);
         Ok(EntryInfo {
             pte: slot.effective(s),

@@ -587,3 +587,90 @@ fn frames_are_backed_by_host_memory_before_they_are_mapped() {
         "punched frames are backed again"
     );
 }
+
+#[test]
+fn a_page_beyond_guest_physical_space_is_an_error_not_a_panic() {
+    let mm = manager(64, rmap::Design::Chain, AllocatorKind::Magazine, 0);
+    let vm = mm.create(&REGIONS, Arc::new(NoopMmu)).unwrap();
+    for gfn in [
+        Gfn(1 << 52),
+        Gfn((1 << 52) + 3),
+        Gfn(u64::MAX),
+        Gfn(24),
+        Gfn(64),
+    ] {
+        let e = vm.handle_fault(gfn, guestmem::Access::Write).unwrap_err();
+        assert!(e.to_string().contains("outside every RAM region"), "{e}");
+        assert!(vm.entry(gfn).is_err());
+    }
+    assert!(vm.write(Gpa(u64::MAX - 2), &[1; 8]).is_err());
+    assert!(
+        mm.frame_referenced(
+            guestmem::Pfn(u32::MAX),
+            guestmem::ReferencedLocking::Blocking
+        ) == Default::default()
+    );
+}
+
+/// A host view whose `map_run` starts failing after `ok` successful calls, recording
+/// every unmap it is asked for.
+#[derive(Debug, Default)]
+struct FailingMmu {
+    ok: std::sync::atomic::AtomicU64,
+    unmaps: std::sync::Mutex<Vec<(Gfn, u64)>>,
+}
+
+impl guestmem::mmu::HostMmu for FailingMmu {
+    fn map_run(&self, _run: guestmem::mmu::MapRun<'_>) -> Result<(), guestmem::mmu::HostMmuError> {
+        let left = self.ok.load(std::sync::atomic::Ordering::Relaxed);
+        if left == 0 {
+            return Err(guestmem::mmu::HostMmuError {
+                op: "map",
+                gfn: Gfn(0),
+                pages: 0,
+                source: std::io::Error::from_raw_os_error(libc::ENOMEM),
+            });
+        }
+        self.ok
+            .store(left - 1, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+    fn unmap_run(&self, gfn: Gfn, pages: u64) -> Result<(), guestmem::mmu::HostMmuError> {
+        self.unmaps.lock().unwrap().push((gfn, pages));
+        Ok(())
+    }
+    fn protect_run(&self, _: Gfn, _: u64, _: bool) -> Result<(), guestmem::mmu::HostMmuError> {
+        Ok(())
+    }
+}
+
+#[test]
+fn a_failed_host_mapping_leaves_no_mapping_and_returns_the_frames() {
+    let mm = manager_cow(256, rmap::Design::Chain, AllocatorKind::Magazine, 2, 2);
+    let mmu = Arc::new(FailingMmu::default());
+    mmu.ok.store(1, std::sync::atomic::Ordering::Relaxed);
+    let vm = mm.create(&REGIONS, mmu.clone()).unwrap();
+    vm.write(Gpa(0), &[1; 8]).unwrap();
+    // The second first-touch run cannot be mapped: an error, its frames back, host told.
+    let e = vm.write(Gpa(8 * PAGE_SIZE as u64), &[2; 8]).unwrap_err();
+    assert!(e.to_string().contains("host mapping"), "{e}");
+    assert_eq!(mmu.unmaps.lock().unwrap().as_slice(), &[(Gfn(8), 4)]);
+    assert!(vm.pte(Gfn(8)).unwrap().is_empty());
+    assert_eq!(mm.pool().free_frames(), 256 - 4);
+    // A fork child whose copy-on-write run cannot be mapped keeps sharing, and the
+    // parent's bytes are intact.
+    let cmmu = Arc::new(FailingMmu::default());
+    let child = vm.fork(cmmu.clone()).unwrap();
+    assert!(child.write(Gpa(0), &[9; 8]).is_err());
+    assert_eq!(cmmu.unmaps.lock().unwrap().as_slice(), &[(Gfn(0), 4)]);
+    let mut b = [0u8; 8];
+    vm.read(Gpa(0), &mut b).unwrap();
+    assert_eq!(b, [1; 8]);
+    assert_eq!(
+        mm.pool().free_frames(),
+        256 - 4,
+        "the failed copies went back"
+    );
+    drop((vm, child));
+    assert_eq!(mm.pool().free_frames(), 256);
+}

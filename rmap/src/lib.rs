@@ -41,7 +41,9 @@
 //!     |   read:  rmap_walk Shared / TryShared (try_read), AnonVma::stats
 //!     |   none:  rmap_walk Unlocked, on a WalkGuard (caller holds every mmap_lock)
 //!     page-table lock (guestmem; taken by walk visitors, trylock in reclaim, seed 1)
-//!       Frame lock bit (guestmem)
+//!
+//! guestmem's frame lock sits above the root lock (walkers lock the frame, then walk),
+//! as Linux's folio lock does; see guestmem's lock tree.
 //! ```
 //!
 //! rmap itself takes only the root lock, never two roots at once (a batched clone
