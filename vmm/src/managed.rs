@@ -381,3 +381,88 @@ impl Drop for ManagedVm {
         self.space.exit();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::guest::{Command, DATA_START, Op};
+    use guestmem::{AllocatorKind, Pool, PoolConfig};
+
+    const MIB: u64 = 1 << 20;
+
+    fn hypervisor() -> Option<Hypervisor> {
+        if !std::path::Path::new("/dev/kvm").exists() {
+            if std::env::var("SKIP_KVM").as_deref() == Ok("1") {
+                eprintln!("skipping: /dev/kvm is missing and SKIP_KVM=1");
+                return None;
+            }
+            panic!("/dev/kvm is missing: this test needs KVM (set SKIP_KVM=1 to skip it)");
+        }
+        Some(Hypervisor::new().expect("open /dev/kvm"))
+    }
+
+    /// Polls `f` until it holds or two seconds pass (the old VM's fds close on a
+    /// background thread).
+    fn eventually(f: impl Fn() -> bool) -> bool {
+        for _ in 0..200 {
+            if f() {
+                return true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        f()
+    }
+
+    #[test]
+    fn a_clone_that_cannot_be_made_midway_rolls_the_fork_back() {
+        let Some(hv) = hypervisor() else { return };
+        let pool = Arc::new(
+            Pool::new(&PoolConfig::uniform(64 * MIB, 1, AllocatorKind::Magazine)).expect("pool"),
+        );
+        let mm = Manager::new(pool.clone(), guestmem::ManagerConfig::default());
+        let cfg = VmConfig::new(32 * MIB, 1);
+        let parent = ManagedVm::new(&hv, &cfg, &mm).expect("parent");
+        let data = Gfn(DATA_START / 4096);
+        parent
+            .vm()
+            .run(0, Command::new(Op::Fill, data, 512, 3))
+            .expect("fill");
+        let fds = open_fds().expect("count fds");
+        let free = pool.free_frames();
+        // Clone 0 gets a good shell; clone 1 one that already has memory: it fails.
+        let shells = ShellPool::new(&cfg);
+        let broken = Vm::shell(
+            &hv,
+            &VmConfig {
+                load_guest: false,
+                ..cfg.clone()
+            },
+        )
+        .expect("shell");
+        broken
+            .attach(Arc::new(crate::fault::HostBacked))
+            .expect("attach");
+        shells.push(broken);
+        shells.fill(&hv, 2).expect("a good shell");
+        match parent.fork_with(&hv, &ForkOptions::new(3), Some(&shells)) {
+            Err(ForkError::Clone { index: 1, .. }) => {}
+            other => panic!("expected clone 1 to fail, got {other:?}"),
+        }
+        assert!(shells.is_empty());
+        drop(shells);
+        assert_eq!(pool.free_frames(), free, "clone 0's frames went back");
+        assert!(
+            eventually(|| open_fds() == Some(fds)),
+            "every clone's and shell's fds closed: {:?} vs {fds}",
+            open_fds()
+        );
+        // The parent runs on with its memory intact.
+        let r = parent
+            .vm()
+            .run(0, Command::new(Op::Verify, data, 512, 3))
+            .expect("verify");
+        assert_eq!(r.mismatches(), 0);
+        drop(parent);
+        assert_eq!(pool.free_frames(), pool.total_frames());
+    }
+}

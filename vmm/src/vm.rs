@@ -314,6 +314,15 @@ impl ShellPool {
         self.len() == 0
     }
 
+    /// Adds `vm` as if it were a shell (tests: a broken shell makes a fork fail midway).
+    #[cfg(test)]
+    pub(crate) fn push(&self, vm: Vm) {
+        self.shells
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(vm);
+    }
+
     /// A shell for a VM shaped like `cfg` (ignoring `load_guest`), if one is ready.
     pub fn take(&self, cfg: &VmConfig) -> Option<Vm> {
         let same = cfg.mem_bytes == self.cfg.mem_bytes
