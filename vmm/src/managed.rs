@@ -9,7 +9,8 @@
 //! is the snapshot-fork of a running VM into N copy-on-write clones:
 //!
 //! 1. check the limits up front (free frames for the reserve asked for, open files), so
-//!    that a fork that cannot complete fails before the parent is touched;
+//!    that a fork that cannot complete fails before the parent is touched; [`ManagedVm::fork`]
+//!    then makes the clones' VM shells while the parent still runs;
 //! 2. pause every vCPU and wait for queued faults ([`Vm::pause`]);
 //! 3. save every vCPU's state (pending port I/O completed first);
 //! 4. if the parent may have written since its last fork, move it into a fresh KVM VM
@@ -248,12 +249,24 @@ impl ManagedVm {
     /// Snapshot-forks the running VM into `opts.clones` clones (see the module docs).
     /// Commands in flight continue in the parent and in every clone; the clones' vCPUs
     /// return those results from `wait`.
+    ///
+    /// The clones' VMs are made as shells first, while the parent still runs, so that the
+    /// parent is paused only for the fork itself ([`ManagedVm::fork_with`] with a
+    /// [`ShellPool`]; `fork_with(.., None)` makes them inside the pause instead).
     pub fn fork(
         &self,
         hv: &Hypervisor,
         opts: &ForkOptions,
     ) -> Result<(Vec<ManagedVm>, ForkTiming), ForkError> {
-        self.fork_with(hv, opts, None)
+        self.check_limits(opts)?;
+        let shells = ShellPool::new(self.vm.config());
+        shells
+            .fill(hv, opts.clones)
+            .map_err(|source| ForkError::Clone {
+                index: shells.len(),
+                source,
+            })?;
+        self.fork_with(hv, opts, Some(&shells))
     }
 
     /// As [`ManagedVm::fork`], taking the clones' VMs from `shells` while it has matching
