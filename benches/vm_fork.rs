@@ -8,7 +8,7 @@
 //!    filled guest, so every fork is a first fork of fully populated memory. Variant
 //!    `vmm-fork-shell`: the child's VM taken from a shell made before the pause.
 //! 2. **Fan-out.** A 64 MiB guest (60 MiB written) forked into 1 .. 1000 idle clones in
-//!    one batch: total and per-clone time against KVM's own cost of the same number of
+//!    one batch, every clone's VM created inside the fork: total and per-clone time against KVM's own cost of the same number of
 //!    bare VMs (VM fd, 64 MiB memslot, one vCPU) created in the same run, and the host
 //!    memory one idle clone costs (the delta of the memory charged to this process's
 //!    cgroup, which counts KVM's kernel memory, page tables, thread stacks, the VMM's heap
@@ -193,7 +193,7 @@ fn fan_out(exp: &mut Experiment, hv: &Hypervisor, mode: Mode) {
         let (used0, pool0) = (host_used_kib(), pool.resident_bytes().unwrap_or(0));
         let t = Instant::now();
         let (clones, timing) = parent
-            .fork(hv, &ForkOptions::new(n))
+            .fork_with(hv, &ForkOptions::new(n), None)
             .unwrap_or_else(|e| panic!("fork into {n} clones: {e}"));
         let total_ms = t.elapsed().as_secs_f64() * 1e3;
         settle();
