@@ -819,8 +819,29 @@ fn crash(s: &Shared, fd: &VcpuFd, reason: String) -> VcpuError {
     }
 }
 
+/// Whether an `EFAULT` from `KVM_RUN` may come from a read-only run being mapped (see
+/// [`crate::window::RO_MAP_SEQ`]): one is in flight, or one was made during the run.
+/// Waits for it to finish before the caller retries; gives up after many `EFAULT`s in a
+/// row, so that a real one is still reported.
+fn ro_map_in_flight(seq_before: u64, retries: &mut u32) -> bool {
+    const MAX_RETRIES: u32 = 10_000;
+    let now = crate::window::RO_MAP_SEQ.load(Ordering::Acquire);
+    if now == seq_before && now % 2 == 0 {
+        return false;
+    }
+    *retries += 1;
+    if *retries > MAX_RETRIES {
+        return false;
+    }
+    while crate::window::RO_MAP_SEQ.load(Ordering::Acquire) % 2 == 1 {
+        std::thread::yield_now();
+    }
+    true
+}
+
 /// Runs until the guest rings the doorbell; returns its registers then.
 fn run_to_doorbell(s: &Shared) -> Result<kvm_regs, VcpuError> {
+    let mut efault_retries = 0u32;
     loop {
         {
             let mut ctl = lock(&s.ctl);
@@ -838,7 +859,12 @@ fn run_to_doorbell(s: &Shared) -> Result<kvm_regs, VcpuError> {
             return Err(VcpuError::FaultFailed { vcpu: s.id, reason });
         }
         let mut fd = lock(&s.fd);
-        let exit = match fd.run() {
+        let ro_seq = crate::window::RO_MAP_SEQ.load(Ordering::Acquire);
+        let ran = fd.run();
+        if ran.is_ok() {
+            efault_retries = 0;
+        }
+        let exit = match ran {
             Ok(VcpuExit::IoOut(DOORBELL_PORT, _)) => Ok(None),
             Ok(VcpuExit::IoOut(ERROR_PORT, _)) => Err(VcpuError::UnknownOp {
                 vcpu: s.id,
@@ -868,6 +894,11 @@ fn run_to_doorbell(s: &Shared) -> Result<kvm_regs, VcpuError> {
                 Err(crash(s, &fd, reason))
             }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(Some(())),
+            Err(e)
+                if e.errno() == libc::EFAULT && ro_map_in_flight(ro_seq, &mut efault_retries) =>
+            {
+                Ok(Some(()))
+            }
             Err(e) => {
                 let reason = format!(
                     "KVM_RUN failed: {}",

@@ -328,23 +328,55 @@ fn mmu_err(op: &'static str, gfn: Gfn, pages: u64, e: impl std::error::Error) ->
 }
 
 impl HostMmu for Window {
+    /// All or nothing, and a read-only run is never writable: it is mapped `PROT_READ`,
+    /// registered and write-protected with userfaultfd, and only then made `PROT_WRITE`
+    /// (the write-protection holds). A guest write in between gets `EFAULT` from
+    /// `KVM_RUN`, which the vCPU loop retries while [`RO_MAP_SEQ`] shows such a mapping in
+    /// flight. On any error the run is made a hole again.
     fn map_run(&self, run: MapRun<'_>) -> Result<(), HostMmuError> {
         let (addr, len) = self.check_run("map_run", run.gfn, run.pages)?;
-        // SAFETY: the range is inside the window (checked), which this Window owns; no Rust
-        // reference points into guest RAM (all access is volatile through raw pointers).
-        unsafe { mman::map_shared_fixed(addr, len, run.fd, run.file_offset) }
-            .map_err(|e| mmu_err("map_run", run.gfn, run.pages, e))?;
-        self.uffd
-            .register(addr, len)
-            .map_err(|e| mmu_err("map_run", run.gfn, run.pages, e))?;
-        if run.writable {
-            self.dirty.store(true, Ordering::Relaxed);
-        } else {
-            self.uffd
-                .write_protect(addr, len, true)
-                .map_err(|e| mmu_err("map_run", run.gfn, run.pages, e))?;
+        let err = |e: &dyn std::fmt::Display| {
+            mmu_err(
+                "map_run",
+                run.gfn,
+                run.pages,
+                std::io::Error::other(e.to_string()),
+            )
+        };
+        let read_only = !run.writable;
+        if read_only {
+            // Odd while a read-only run is being made (see RO_MAP_SEQ).
+            RO_MAP_SEQ.fetch_add(1, Ordering::AcqRel);
         }
-        Ok(())
+        let result = (|| {
+            // SAFETY: the range is inside the window (checked), which this Window owns; no
+            // Rust reference points into guest RAM (all access is volatile through raw
+            // pointers).
+            unsafe {
+                mman::map_shared_fixed_prot(addr, len, run.fd, run.file_offset, run.writable)
+            }
+            .map_err(|e| err(&e))?;
+            self.uffd.register(addr, len).map_err(|e| err(&e))?;
+            if read_only {
+                self.uffd
+                    .write_protect(addr, len, true)
+                    .map_err(|e| err(&e))?;
+                // SAFETY: as above.
+                unsafe { mman::make_writable(addr, len) }.map_err(|e| err(&e))?;
+            } else {
+                self.dirty.store(true, Ordering::Relaxed);
+            }
+            Ok(())
+        })();
+        if read_only {
+            RO_MAP_SEQ.fetch_add(1, Ordering::AcqRel);
+        }
+        if result.is_err() {
+            // Leave nothing of the run: the manager frees or keeps its frames, and any
+            // access faults back to it.
+            let _ = self.unmap_run(run.gfn, run.pages);
+        }
+        result
     }
 
     fn unmap_run(&self, gfn: Gfn, pages: u64) -> Result<(), HostMmuError> {
@@ -384,6 +416,12 @@ impl HostMmu for Window {
         self.protect_run(gfn, pages, false)
     }
 }
+
+/// Counts read-only runs being mapped, in every window of the process: odd while one is
+/// between its `PROT_READ` mapping and its final `PROT_WRITE` (write-protected) state.
+/// A vCPU whose `KVM_RUN` fails with `EFAULT` retries when the count is odd or moved
+/// during the run (a guest write hit such a run), and reports a crash otherwise.
+pub static RO_MAP_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// A fresh window range from [`Window::prepare_fresh`], not yet committed.
 #[derive(Debug)]

@@ -172,13 +172,33 @@ pub unsafe fn map_shared_fixed(
     fd: BorrowedFd<'_>,
     offset: u64,
 ) -> Result<(), MmanError> {
+    // SAFETY: the caller's contract is this function's.
+    unsafe { map_shared_fixed_prot(addr, len, fd, offset, true) }
+}
+
+/// As [`map_shared_fixed`], read-only unless `writable`.
+///
+/// # Safety
+/// As [`map_shared_fixed`].
+pub unsafe fn map_shared_fixed_prot(
+    addr: u64,
+    len: u64,
+    fd: BorrowedFd<'_>,
+    offset: u64,
+    writable: bool,
+) -> Result<(), MmanError> {
+    let prot = if writable {
+        libc::PROT_READ | libc::PROT_WRITE
+    } else {
+        libc::PROT_READ
+    };
     // SAFETY: the caller owns the target range (contract above); MAP_FIXED only replaces
     // mappings inside it.
     let p = unsafe {
         libc::mmap(
             addr as *mut libc::c_void,
             len as usize,
-            libc::PROT_READ | libc::PROT_WRITE,
+            prot,
             libc::MAP_SHARED | libc::MAP_FIXED,
             fd.as_raw_fd(),
             offset as libc::off_t,
@@ -187,6 +207,31 @@ pub unsafe fn map_shared_fixed(
     if p == libc::MAP_FAILED {
         return Err(mmap_error(
             "map memfd run",
+            addr,
+            len,
+            io::Error::last_os_error(),
+        ));
+    }
+    Ok(())
+}
+
+/// Makes `addr .. addr + len` readable and writable (`mprotect`).
+///
+/// # Safety
+/// The caller owns the range (a run of a guest RAM window); no Rust reference points into
+/// it.
+pub unsafe fn make_writable(addr: u64, len: u64) -> Result<(), MmanError> {
+    // SAFETY: the caller owns the range; mprotect changes only its protection.
+    let rc = unsafe {
+        libc::mprotect(
+            addr as *mut libc::c_void,
+            len as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+        )
+    };
+    if rc != 0 {
+        return Err(mmap_error(
+            "mprotect run",
             addr,
             len,
             io::Error::last_os_error(),
