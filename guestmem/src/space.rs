@@ -229,7 +229,7 @@ impl Default for ManagerConfig {
     fn default() -> Self {
         ManagerConfig {
             fault_around: Order::new(6).unwrap_or(Order::ZERO),
-            cow_around: Order::new(4).unwrap_or(Order::ZERO),
+            cow_around: Order::new(6).unwrap_or(Order::ZERO),
             rmap: rmap::RmapConfig::default(),
         }
     }

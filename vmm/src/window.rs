@@ -353,7 +353,7 @@ impl HostMmu for Window {
             // Rust reference points into guest RAM (all access is volatile through raw
             // pointers).
             unsafe {
-                mman::map_shared_fixed_prot(addr, len, run.fd, run.file_offset, run.writable)
+                mman::map_shared_fixed_prot(addr, len, run.fd, run.file_offset, run.writable, true)
             }
             .map_err(|e| err(&e))?;
             self.uffd.register(addr, len).map_err(|e| err(&e))?;
