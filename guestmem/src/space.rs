@@ -1137,9 +1137,9 @@ impl AddressSpace {
 
     /// The VM's memory use now.
     ///
-    /// A page is private when its block is this VM's alone and its frame has one mapping;
-    /// otherwise the VMs mapping the frame are counted through the reverse map (exact, at
-    /// the cost of a walk per shared frame).
+    /// A frame named by one page-table block only (mapcount 1) is mapped by exactly the
+    /// VMs sharing that block; a frame named by several blocks has the VMs mapping it
+    /// counted through the reverse map (exact, at the cost of a walk per such frame).
     pub fn memory(&self) -> MemoryUsage {
         let regions = self.read_regions();
         let mut u = MemoryUsage::default();
@@ -1147,13 +1147,19 @@ impl AddressSpace {
         for r in &regions.list {
             for b in 0..r.pt.table.blocks() {
                 let slot = r.pt.table.lock_block(b);
-                let alone = slot.sharers() == 1;
+                let sharers = slot.sharers() as u32;
                 for s in 0..r.pt.table.block_len(b) {
                     if let Some(pfn) = slot.pte(s).pfn() {
                         u.resident += 1;
-                        if alone && self.mm.pool.frame(pfn).mapcount() == 1 {
-                            u.private += 1;
-                            u.pss += 1.0;
+                        // A frame named by this block only: the VMs sharing the block are
+                        // exactly the VMs mapping it.
+                        if self.mm.pool.frame(pfn).mapcount() == 1 {
+                            if sharers <= 1 {
+                                u.private += 1;
+                            } else {
+                                u.shared += 1;
+                            }
+                            u.pss += 1.0 / f64::from(sharers.max(1));
                         } else {
                             maybe_shared.push(pfn);
                         }
