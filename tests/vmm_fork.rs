@@ -247,14 +247,30 @@ fn a_clone_that_runs_out_of_frames_fails_alone_and_returns_them() {
     run(&parent, Command::new(Op::Fill, data(0), FILLED, 1));
     let (mut clones, _) = parent.fork(&hv, &ForkOptions::new(1)).expect("fork");
     let clone = clones.pop().expect("clone");
+    // The clone reads the parent's pages first: they are mapped into its window read-only,
+    // over frames the parent still uses.
+    clone
+        .vm()
+        .run(0, Command::new(Op::Touch, data(0), FILLED, 0))
+        .expect("touch");
+    // It fails filling fresh pages above them, so those stay shared and read-only.
     let r = clone
         .vm()
-        .run(0, Command::new(Op::Fill, data(0), 3 * FILLED, 5));
+        .run(0, Command::new(Op::Fill, data(FILLED), 3 * FILLED, 5));
     match r {
         Err(VcpuError::FaultFailed { reason, .. }) => {
             assert!(reason.contains("frame"), "{reason}")
         }
         other => panic!("expected the clone to run out of frames, got {other:?}"),
+    }
+    // A failed VM's window must not become a way into frames others share: writes to it
+    // complete (on private memory) and the parent's bytes stay as they were.
+    for p in 0..FILLED {
+        clone
+            .vm()
+            .window()
+            .write_u64s(data(p).gpa(), &[0xDEAD_BEEF])
+            .expect("write into the failed clone's window");
     }
     drop(clone);
     verify_all(&parent, &[]);

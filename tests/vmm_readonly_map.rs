@@ -1,16 +1,15 @@
 //! A read-only run is never writable: the window maps it `PROT_READ` until userfaultfd
 //! write-protection is in place, and a guest write in that moment gets `EFAULT` from
-//! `KVM_RUN`, which the vCPU retries while `RO_MAP_SEQ` shows a read-only mapping in
-//! flight. This test holds a page in that in-between state while the guest writes it.
+//! `KVM_RUN`, which the vCPU retries while `window::ro_map_state` shows such a change
+//! in flight. This test holds a page in that in-between state while the guest writes it.
 //! Needs /dev/kvm; fails saying so unless SKIP_KVM=1.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use guestmem::types::Gfn;
 use vmm::guest::{DATA_START, pattern};
-use vmm::window::RO_MAP_SEQ;
+use vmm::window::{ro_map_begin, ro_map_end};
 use vmm::{Command, FaultResolver, Hypervisor, Op, ScaffoldResolver, Vm, VmConfig};
 
 fn hypervisor() -> Option<Hypervisor> {
@@ -45,14 +44,14 @@ fn a_guest_write_to_a_run_still_being_made_read_only_waits_instead_of_crashing()
     // The page is now mapped; put it in the state map_run leaves a read-only run in
     // between its mmap and its write-protection, with the sequence odd.
     let addr = vm.window().host_base() + page.0 * 4096;
-    RO_MAP_SEQ.fetch_add(1, Ordering::AcqRel);
+    ro_map_begin();
     protect(addr, libc::PROT_READ);
     let vcpu = vm.vcpu(0).expect("vCPU 0");
     vcpu.submit(Command::new(Op::Fill, page, 1, 2))
         .expect("submit");
     std::thread::sleep(Duration::from_millis(50));
     protect(addr, libc::PROT_READ | libc::PROT_WRITE);
-    RO_MAP_SEQ.fetch_add(1, Ordering::AcqRel);
+    ro_map_end();
 
     vcpu.wait()
         .expect("the write waited for the mapping instead of crashing the VM");

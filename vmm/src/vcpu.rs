@@ -819,21 +819,21 @@ fn crash(s: &Shared, fd: &VcpuFd, reason: String) -> VcpuError {
     }
 }
 
-/// Whether an `EFAULT` from `KVM_RUN` may come from a read-only run being mapped (see
-/// [`crate::window::RO_MAP_SEQ`]): one is in flight, or one was made during the run.
-/// Waits for it to finish before the caller retries; gives up after many `EFAULT`s in a
-/// row, so that a real one is still reported.
-fn ro_map_in_flight(seq_before: u64, retries: &mut u32) -> bool {
+/// Whether an `EFAULT` from `KVM_RUN` may come from a host-view change that refuses
+/// writes for a moment ([`crate::window::ro_map_state`]): one is in flight, or one
+/// completed during the run. Waits for those in flight before the caller retries; gives
+/// up after many `EFAULT`s in a row, so that a real one is still reported.
+fn ro_map_in_flight(gen_before: u64, retries: &mut u32) -> bool {
     const MAX_RETRIES: u32 = 10_000;
-    let now = crate::window::RO_MAP_SEQ.load(Ordering::Acquire);
-    if now == seq_before && now % 2 == 0 {
+    let (in_flight, generation) = crate::window::ro_map_state();
+    if in_flight == 0 && generation == gen_before {
         return false;
     }
     *retries += 1;
     if *retries > MAX_RETRIES {
         return false;
     }
-    while crate::window::RO_MAP_SEQ.load(Ordering::Acquire) % 2 == 1 {
+    while crate::window::ro_map_state().0 > 0 {
         std::thread::yield_now();
     }
     true
@@ -859,7 +859,7 @@ fn run_to_doorbell(s: &Shared) -> Result<kvm_regs, VcpuError> {
             return Err(VcpuError::FaultFailed { vcpu: s.id, reason });
         }
         let mut fd = lock(&s.fd);
-        let ro_seq = crate::window::RO_MAP_SEQ.load(Ordering::Acquire);
+        let ro_gen = crate::window::ro_map_state().1;
         let ran = fd.run();
         if ran.is_ok() {
             efault_retries = 0;
@@ -895,7 +895,7 @@ fn run_to_doorbell(s: &Shared) -> Result<kvm_regs, VcpuError> {
             }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(Some(())),
             Err(e)
-                if e.errno() == libc::EFAULT && ro_map_in_flight(ro_seq, &mut efault_retries) =>
+                if e.errno() == libc::EFAULT && ro_map_in_flight(ro_gen, &mut efault_retries) =>
             {
                 Ok(Some(()))
             }

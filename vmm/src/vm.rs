@@ -513,9 +513,11 @@ impl Vm {
         loop {
             // SeqCst: pairs with the handler's store before it reads the queue; if it is
             // not busy and the queue is empty, no event is in flight.
-            let busy = self.link.handler_busy.load(Ordering::SeqCst);
+            // Queue first, then busy: the handler sets busy before it reads an event, so
+            // an event consumed after our poll shows up as busy.
             // SAFETY: one valid pollfd, zero timeout.
             let readable = unsafe { libc::poll(&mut p, 1, 0) } > 0;
+            let busy = self.link.handler_busy.load(Ordering::SeqCst);
             if (!busy && !readable) || self.failure().is_some() || self.handler_gone() {
                 return;
             }
@@ -743,11 +745,17 @@ fn fault_loop(
 }
 
 /// Lets the access behind `ev` complete without the resolver (the VM has failed).
+///
+/// Never by removing write-protection: the page may be a frame other VMs share. The page
+/// is replaced by private anonymous memory outside userfaultfd, so the access completes
+/// on memory no one else sees, and the vCPU reaches its failure check.
 fn release(uffd: &Uffd, ev: UffdEvent) {
     if let UffdEvent::Missing { addr, .. } | UffdEvent::WriteProtect { addr, .. } = ev {
-        let _ = uffd.write_protect(addr, PAGE, false);
-        let _ = uffd.unregister(addr, PAGE);
-        let _ = uffd.wake(addr, PAGE);
+        let page = addr & !(PAGE - 1);
+        // SAFETY: `page` is a page of this VM's window (the fault came from its uffd),
+        // which the window owns and the failed VM no longer uses for guest memory.
+        let _ = unsafe { crate::sys::mman::make_hole(page, PAGE) };
+        let _ = uffd.wake(page, PAGE);
     }
 }
 

@@ -331,8 +331,8 @@ impl HostMmu for Window {
     /// All or nothing, and a read-only run is never writable: it is mapped `PROT_READ`,
     /// registered and write-protected with userfaultfd, and only then made `PROT_WRITE`
     /// (the write-protection holds). A guest write in between gets `EFAULT` from
-    /// `KVM_RUN`, which the vCPU loop retries while [`RO_MAP_SEQ`] shows such a mapping in
-    /// flight. On any error the run is made a hole again.
+    /// `KVM_RUN`, which the vCPU loop retries while such a mapping is in flight
+    /// ([`ro_map_state`]). On any error the run is made a hole again.
     fn map_run(&self, run: MapRun<'_>) -> Result<(), HostMmuError> {
         let (addr, len) = self.check_run("map_run", run.gfn, run.pages)?;
         let err = |e: &dyn std::fmt::Display| {
@@ -345,8 +345,7 @@ impl HostMmu for Window {
         };
         let read_only = !run.writable;
         if read_only {
-            // Odd while a read-only run is being made (see RO_MAP_SEQ).
-            RO_MAP_SEQ.fetch_add(1, Ordering::AcqRel);
+            ro_map_begin();
         }
         let result = (|| {
             // SAFETY: the range is inside the window (checked), which this Window owns; no
@@ -369,7 +368,7 @@ impl HostMmu for Window {
             Ok(())
         })();
         if read_only {
-            RO_MAP_SEQ.fetch_add(1, Ordering::AcqRel);
+            ro_map_end();
         }
         if result.is_err() {
             // Leave nothing of the run: the manager frees or keeps its frames, and any
@@ -379,13 +378,25 @@ impl HostMmu for Window {
         result
     }
 
+    /// The new hole is inaccessible until it is registered with userfaultfd, so that no
+    /// guest access can populate it behind the manager's back (a vCPU meanwhile gets
+    /// `EFAULT`, retried as for read-only runs).
     fn unmap_run(&self, gfn: Gfn, pages: u64) -> Result<(), HostMmuError> {
         let (addr, len) = self.check_run("unmap_run", gfn, pages)?;
-        // SAFETY: as in map_run.
-        unsafe { mman::make_hole(addr, len) }.map_err(|e| mmu_err("unmap_run", gfn, pages, e))?;
-        self.uffd
-            .register(addr, len)
-            .map_err(|e| mmu_err("unmap_run", gfn, pages, e))
+        ro_map_begin();
+        let result = (|| {
+            // SAFETY: as in map_run.
+            unsafe { mman::make_hole_inaccessible(addr, len) }
+                .map_err(|e| mmu_err("unmap_run", gfn, pages, e))?;
+            self.uffd
+                .register(addr, len)
+                .map_err(|e| mmu_err("unmap_run", gfn, pages, e))?;
+            // SAFETY: as in map_run.
+            unsafe { mman::make_writable(addr, len) }
+                .map_err(|e| mmu_err("unmap_run", gfn, pages, e))
+        })();
+        ro_map_end();
+        result
     }
 
     fn protect_run(&self, gfn: Gfn, pages: u64, writable: bool) -> Result<(), HostMmuError> {
@@ -417,11 +428,37 @@ impl HostMmu for Window {
     }
 }
 
-/// Counts read-only runs being mapped, in every window of the process: odd while one is
-/// between its `PROT_READ` mapping and its final `PROT_WRITE` (write-protected) state.
-/// A vCPU whose `KVM_RUN` fails with `EFAULT` retries when the count is odd or moved
-/// during the run (a guest write hit such a run), and reports a crash otherwise.
-pub static RO_MAP_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// Host-view changes in flight that leave a guest range briefly inaccessible for writes
+/// (a read-only run between its `PROT_READ` mapping and its write-protected `PROT_WRITE`
+/// state, or a new hole before it is registered), in every window of the process.
+static RO_MAP_IN_FLIGHT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// Bumped each time such a change completes.
+static RO_MAP_GEN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Marks the start of a change that makes a guest range refuse writes for a moment (see
+/// [`ro_map_state`]). Pair with [`ro_map_end`].
+pub fn ro_map_begin() {
+    // AcqRel: pairs with the Acquire loads in `ro_map_state` of a vCPU thread.
+    RO_MAP_IN_FLIGHT.fetch_add(1, Ordering::AcqRel);
+}
+
+/// Marks the end of a change begun with [`ro_map_begin`].
+pub fn ro_map_end() {
+    // Generation first, so that a vCPU that sees no change in flight also sees that one
+    // completed since it entered the guest. AcqRel: pairs with `ro_map_state`.
+    RO_MAP_GEN.fetch_add(1, Ordering::AcqRel);
+    RO_MAP_IN_FLIGHT.fetch_sub(1, Ordering::AcqRel);
+}
+
+/// `(changes in flight, completed changes)`. A vCPU whose `KVM_RUN` fails with `EFAULT`
+/// retries when a change is in flight or one completed during the run, and reports a
+/// crash otherwise.
+pub fn ro_map_state() -> (u64, u64) {
+    (
+        RO_MAP_IN_FLIGHT.load(Ordering::Acquire),
+        RO_MAP_GEN.load(Ordering::Acquire),
+    )
+}
 
 /// A fresh window range from [`Window::prepare_fresh`], not yet committed.
 #[derive(Debug)]

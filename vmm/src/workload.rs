@@ -212,7 +212,11 @@ impl Workload {
             .iter()
             .enumerate()
             .map(|(i, s)| {
-                let start = s.offset + s.stride * at.stride_index;
+                let start = s
+                    .stride
+                    .checked_mul(at.stride_index)
+                    .and_then(|d| d.checked_add(s.offset))
+                    .unwrap_or(u64::MAX);
                 let pages = s.pages.unwrap_or(at.slice_pages.saturating_sub(start));
                 let end = start.saturating_add(pages);
                 if pages == 0 || end > at.slice_pages {
@@ -228,7 +232,7 @@ impl Workload {
                     op: s.op,
                     start: Gfn(at.slice_start.0 + start),
                     pages,
-                    seed: s.seed + at.seed_offset,
+                    seed: s.seed.wrapping_add(at.seed_offset),
                     count: s.count,
                 })
             })

@@ -322,6 +322,34 @@ pub unsafe fn make_hole(addr: u64, len: u64) -> Result<(), MmanError> {
     Ok(())
 }
 
+/// As [`make_hole`], but the hole refuses every access (`PROT_NONE`) until the caller
+/// registers it and calls [`make_writable`].
+///
+/// # Safety
+/// As for [`make_hole`].
+pub unsafe fn make_hole_inaccessible(addr: u64, len: u64) -> Result<(), MmanError> {
+    // SAFETY: the caller owns the target range (contract above).
+    let p = unsafe {
+        libc::mmap(
+            addr as *mut libc::c_void,
+            len as usize,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(mmap_error(
+            "make hole",
+            addr,
+            len,
+            io::Error::last_os_error(),
+        ));
+    }
+    Ok(())
+}
+
 /// Unmaps `addr .. addr + len`.
 ///
 /// # Safety
