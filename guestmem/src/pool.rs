@@ -70,9 +70,32 @@ pub enum PoolError {
     /// The pool's frames do not fit in a 32-bit frame number.
     #[error("the pool has more than 2^32 frames (16 TiB); use a smaller pool")]
     TooLarge,
+    /// The pool's bookkeeping alone would take too much of the host's memory.
+    #[error(
+        "a pool of {pool} bytes needs {meta} bytes of frame descriptors, more than a quarter of the host's {host} bytes; use a smaller pool"
+    )]
+    TooLargeForHost {
+        /// Pool size.
+        pool: u64,
+        /// Bookkeeping it needs.
+        meta: u64,
+        /// Host memory.
+        host: u64,
+    },
     /// A host call failed.
     #[error(transparent)]
     Host(#[from] HostError),
+}
+
+/// Bytes of bookkeeping per frame: its descriptor plus the buddy lists' entries.
+const DESCRIPTOR_BYTES: u64 = std::mem::size_of::<Frame>() as u64 + 12;
+
+/// The host's memory (`MemTotal`), if it can be read.
+fn host_memory_bytes() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// How to build one node.
@@ -349,6 +372,17 @@ impl Pool {
             }
             if base + u64::from(n.frames) > u64::from(u32::MAX) || i > usize::from(u16::MAX) {
                 return Err(PoolError::TooLarge);
+            }
+            // Descriptors and buddy lists cost about 48 bytes per frame, allocated now.
+            let meta = (base + u64::from(n.frames)) * DESCRIPTOR_BYTES;
+            if let Some(total) = host_memory_bytes() {
+                if meta > total / 4 {
+                    return Err(PoolError::TooLargeForHost {
+                        pool: (base + u64::from(n.frames)) * PAGE_SIZE as u64,
+                        meta,
+                        host: total,
+                    });
+                }
             }
             nodes.push(Node::new(
                 NodeId(i as u16),
@@ -643,6 +677,18 @@ mod tests {
             .alloc(NodeId(0), Order::new(2).unwrap(), FrameInit::Zeroed)
             .unwrap();
         assert_eq!(p.frame(got).refcount(), 1);
+    }
+
+    #[test]
+    fn a_pool_whose_bookkeeping_outgrows_the_host_is_refused() {
+        let e = Pool::new(&PoolConfig::uniform(
+            u64::from(u32::MAX) * PAGE_SIZE as u64,
+            1,
+            AllocatorKind::Magazine,
+        ))
+        .unwrap_err();
+        assert!(matches!(e, PoolError::TooLargeForHost { .. }), "{e}");
+        assert!(e.to_string().contains("smaller pool"));
     }
 
     #[test]

@@ -778,11 +778,17 @@ impl AddressSpace {
         if let Err(e) = self.map_run(region, first, pages, pfn, true) {
             // The host view must not keep any part of a run whose frames go back to the
             // pool (a view's map_run is all-or-nothing, but do not rely on it here).
-            let _ = region.pt.mmu.unmap_run(region.pt.gfn(first), pages);
+            let unmapped = region.pt.mmu.unmap_run(region.pt.gfn(first), pages).is_ok();
             let mut freed = Vec::with_capacity(pages as usize);
             for i in 0..pages {
                 block.set(s0 + i as usize, Pte::EMPTY);
-                self.drop_mapping(pfn.offset(i as u32), &mut freed);
+                if unmapped {
+                    self.drop_mapping(pfn.offset(i as u32), &mut freed);
+                }
+            }
+            if !unmapped {
+                // The host view may still map them: leaking beats handing them on.
+                tracing::error!(vm = %self.id, pages, "host view kept a failed run; frames leaked");
             }
             self.free_frames(&freed);
             return Err(self.host_err(e));
@@ -857,10 +863,16 @@ impl AddressSpace {
         if let Err(e) = self.map_run(region, first, n, new, true) {
             // As in zero_fill: no part of the failed run may stay in the host view; the
             // old frames are faulted back in read-only on the next access.
-            let _ = region.pt.mmu.unmap_run(region.pt.gfn(first), n);
+            let unmapped = region.pt.mmu.unmap_run(region.pt.gfn(first), n).is_ok();
             for (i, old_pte) in olds.iter().enumerate() {
                 block.set(s0 + i, *old_pte);
-                self.drop_mapping(new.offset(i as u32), &mut freed);
+                if unmapped {
+                    self.drop_mapping(new.offset(i as u32), &mut freed);
+                }
+            }
+            if !unmapped {
+                // The host view may still map the copies: leaking beats handing them on.
+                tracing::error!(vm = %self.id, pages = n, "host view kept a failed run; frames leaked");
             }
             self.free_frames(&freed);
             return Err(self.host_err(e));
