@@ -458,6 +458,16 @@ fn cmd_run(common: &Common, vms: u32, w: &str) -> Result<RunReport, CliError> {
         cpu: common.cpu,
         ..VmConfig::new(mem, common.vcpus)
     };
+    // Each VM holds a few descriptors (KVM VM, vCPUs, userfaultfd, event fds): check the
+    // limit up front (after raising the soft limit to the hard one) for a clear message.
+    let limit = vmm::raise_nofile_limit();
+    let open = vmm::open_fds().unwrap_or(0);
+    let need = u64::from(vms) * (4 + u64::from(common.vcpus));
+    if open + need + 16 > limit {
+        return Err(CliError::Host(format!(
+            "{vms} VMs need about {need} file descriptors and {open} are open, but the open-file limit is {limit}: raise it (ulimit -n, or LimitNOFILE) or run fewer VMs"
+        )));
+    }
     let machines = (0..vms)
         .map(|_| ManagedVm::new(&hv, &cfg, &mm).map_err(CliError::from_run))
         .collect::<Result<Vec<_>, _>>()?;

@@ -33,6 +33,9 @@ use guestmem::types::Gfn;
 
 use crate::guest::{Command, Op};
 
+/// The most random accesses one step may ask for (about a minute of guest work here).
+pub const MAX_COUNT: u64 = 1 << 30;
+
 /// A workload could not be parsed.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum WorkloadError {
@@ -48,6 +51,9 @@ pub enum WorkloadError {
     /// An unknown key.
     #[error("unknown key {0:?}: use seed, offset, pages, count or stride")]
     UnknownKey(String),
+    /// A `count` so large the run would not finish.
+    #[error("count={0} is too large: at most {MAX_COUNT} random accesses per step")]
+    CountTooLarge(u64),
     /// A value that is not a number.
     #[error("{key}={value}: not a number (sizes may end in K, M or G)")]
     BadNumber {
@@ -176,7 +182,12 @@ impl std::str::FromStr for Workload {
                 };
                 match k {
                     "seed" => step.seed = num()?,
-                    "count" => step.count = num()?,
+                    "count" => {
+                        step.count = num()?;
+                        if step.count > MAX_COUNT {
+                            return Err(WorkloadError::CountTooLarge(step.count));
+                        }
+                    }
                     "offset" => step.offset = parse_pages(k, v)?,
                     "pages" => step.pages = Some(parse_pages(k, v)?),
                     "stride" => step.stride = parse_pages(k, v)?,
