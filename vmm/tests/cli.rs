@@ -150,3 +150,37 @@ fn fork_reports_every_vm_verified_and_clones_share_memory() {
     // Each clone wrote only its own 64 pages: the rest it shares.
     assert_eq!(vms[2]["memory_pages"]["private"], 64);
 }
+
+#[test]
+fn host_limits_exit_2_with_a_hint() {
+    if !kvm() {
+        return;
+    }
+    // A pool whose descriptors alone would not fit in the host.
+    rejects(&["run", "--mem", "8M", "--pool", "100000G"], "smaller pool");
+    // A step that would run for ever.
+    rejects(
+        &[
+            "run",
+            "--mem",
+            "8M",
+            "--workload",
+            "random:count=18446744073709551615",
+        ],
+        "too large",
+    );
+    // Too few file descriptors for the VMs asked for.
+    let out = Command::new("sh")
+        .args([
+            "-c",
+            &format!(
+                "ulimit -n 40; exec {} run --vms 20 --mem 4M",
+                env!("CARGO_BIN_EXE_vmm")
+            ),
+        ])
+        .output()
+        .expect("run the vmm binary under a low open-file limit");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("open-file limit"), "{err}");
+}
