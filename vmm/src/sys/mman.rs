@@ -300,26 +300,8 @@ pub fn map_shared(len: u64, fd: BorrowedFd<'_>) -> Result<*mut u8, MmanError> {
 ///
 /// As for [`map_shared_fixed`].
 pub unsafe fn make_hole(addr: u64, len: u64) -> Result<(), MmanError> {
-    // SAFETY: the caller owns the target range (contract above).
-    let p = unsafe {
-        libc::mmap(
-            addr as *mut libc::c_void,
-            len as usize,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_NORESERVE,
-            -1,
-            0,
-        )
-    };
-    if p == libc::MAP_FAILED {
-        return Err(mmap_error(
-            "make hole",
-            addr,
-            len,
-            io::Error::last_os_error(),
-        ));
-    }
-    Ok(())
+    // SAFETY: the caller's contract is this function's.
+    unsafe { hole(addr, len, libc::PROT_READ | libc::PROT_WRITE) }
 }
 
 /// As [`make_hole`], but the hole refuses every access (`PROT_NONE`) until the caller
@@ -328,12 +310,22 @@ pub unsafe fn make_hole(addr: u64, len: u64) -> Result<(), MmanError> {
 /// # Safety
 /// As for [`make_hole`].
 pub unsafe fn make_hole_inaccessible(addr: u64, len: u64) -> Result<(), MmanError> {
-    // SAFETY: the caller owns the target range (contract above).
+    // SAFETY: the caller's contract is this function's.
+    unsafe { hole(addr, len, libc::PROT_NONE) }
+}
+
+/// An anonymous private mapping with `prot` over `addr .. addr + len`.
+///
+/// # Safety
+/// As for [`make_hole`].
+unsafe fn hole(addr: u64, len: u64, prot: libc::c_int) -> Result<(), MmanError> {
+    // SAFETY: the caller owns the target range (contract above); MAP_FIXED only replaces
+    // mappings inside it.
     let p = unsafe {
         libc::mmap(
             addr as *mut libc::c_void,
             len as usize,
-            libc::PROT_NONE,
+            prot,
             libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_NORESERVE,
             -1,
             0,
