@@ -118,29 +118,13 @@ impl Memfd {
     /// Returns `offset .. offset + len` to the host: the range reads as zero afterwards and
     /// holds no host memory until written again.
     pub fn punch_hole(&self, offset: u64, len: u64) -> Result<(), HostError> {
-        let err = |source| HostError::Punch {
-            offset,
-            bytes: len,
-            source,
-        };
-        let (o, l) = match (libc::off_t::try_from(offset), libc::off_t::try_from(len)) {
-            (Ok(o), Ok(l)) => (o, l),
-            _ => return Err(err(io::Error::from(io::ErrorKind::InvalidInput))),
-        };
-        // SAFETY: `fd` is a valid memfd; fallocate with these flags only changes the
-        // file's contents, which every mapping observes as zeros.
-        let rc = unsafe {
-            libc::fallocate(
-                self.fd.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                o,
-                l,
-            )
-        };
-        if rc != 0 {
-            return Err(err(io::Error::last_os_error()));
-        }
-        Ok(())
+        let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        self.fallocate(mode, offset, len)
+            .map_err(|source| HostError::Punch {
+                offset,
+                bytes: len,
+                source,
+            })
     }
 
     /// Allocates host memory for all of the memfd now (`fallocate`), so that later first
@@ -152,18 +136,24 @@ impl Memfd {
     /// Allocates host memory for `offset .. offset + len` now (`fallocate`); the contents
     /// are unchanged (zero where nothing was written).
     pub fn allocate(&self, offset: u64, len: u64) -> Result<(), HostError> {
-        let err = |source| HostError::Allocate {
-            offset,
-            bytes: len,
-            source,
-        };
+        self.fallocate(0, offset, len)
+            .map_err(|source| HostError::Allocate {
+                offset,
+                bytes: len,
+                source,
+            })
+    }
+
+    fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
         let (o, l) = match (libc::off_t::try_from(offset), libc::off_t::try_from(len)) {
             (Ok(o), Ok(l)) => (o, l),
-            _ => return Err(err(io::Error::from(io::ErrorKind::InvalidInput))),
+            _ => return Err(io::Error::from(io::ErrorKind::InvalidInput)),
         };
-        // SAFETY: `fd` is a valid memfd; mode 0 only allocates blocks, contents unchanged.
-        if unsafe { libc::fallocate(self.fd.as_raw_fd(), 0, o, l) } != 0 {
-            return Err(err(io::Error::last_os_error()));
+        // SAFETY: `fd` is a valid memfd; with mode 0 (allocate) or PUNCH_HOLE|KEEP_SIZE,
+        // fallocate only changes which blocks back the file, never what a mapping reads
+        // except that punched ranges read as zero.
+        if unsafe { libc::fallocate(self.fd.as_raw_fd(), mode, o, l) } != 0 {
+            return Err(io::Error::last_os_error());
         }
         Ok(())
     }
