@@ -266,6 +266,9 @@ impl Window {
 
     /// Reads the 8-byte word at `gpa` (8-aligned) from the host side. A hole raises a
     /// userfaultfd fault on the calling thread, resolved by the VM's fault handler.
+    ///
+    /// Not while a fork of this VM runs on another thread: a fork may swap the window's
+    /// host range (`commit_fresh`) under the access.
     pub fn read_u64(&self, gpa: Gpa) -> Result<u64, WindowError> {
         let a = self.check("read", Gpa(gpa.0 & !7), 8)?;
         // SAFETY: `a` is 8-aligned and inside the window's live mapping (checked); guest
@@ -274,6 +277,9 @@ impl Window {
     }
 
     /// Writes `bytes` at `gpa` from the host side (volatile, byte by byte where unaligned).
+    ///
+    /// Not while a fork of this VM runs on another thread: a fork may swap the window's
+    /// host range (`commit_fresh`) under the access.
     pub fn write_bytes(&self, gpa: Gpa, bytes: &[u8]) -> Result<(), WindowError> {
         let a = self.check("write", gpa, bytes.len() as u64)?;
         for (i, b) in bytes.iter().enumerate() {
@@ -284,6 +290,9 @@ impl Window {
     }
 
     /// Writes the 8-byte words `words` starting at `gpa` (8-aligned).
+    ///
+    /// Not while a fork of this VM runs on another thread: a fork may swap the window's
+    /// host range (`commit_fresh`) under the access.
     pub fn write_u64s(&self, gpa: Gpa, words: &[u64]) -> Result<(), WindowError> {
         let a = self.check("write", Gpa(gpa.0 & !7), words.len() as u64 * 8)?;
         for (i, w) in words.iter().enumerate() {
