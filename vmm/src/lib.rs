@@ -11,7 +11,7 @@
 //! workload language.
 //!
 //! Layering: [`sys`] is the only place with raw host syscalls (userfaultfd, mmap, memfd);
-//! KVM goes through kvm-ioctls. See issue 5 for the plan and docs/ARCHITECTURE.md.
+//! KVM goes through kvm-ioctls. See docs/ARCHITECTURE.md for how the pieces fit.
 //!
 //! A guest on guestmem-managed memory, filling and verifying 1000 pages:
 //!
