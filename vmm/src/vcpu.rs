@@ -605,19 +605,25 @@ impl Vcpu {
             .msr_indices
             .chunks(kvm_bindings::KVM_MAX_MSR_ENTRIES)
         {
-            let entries: Vec<_> = chunk
-                .iter()
-                .map(|&index| kvm_msr_entry {
-                    index,
-                    ..Default::default()
-                })
-                .collect();
-            let mut m = Msrs::from_entries(&entries).map_err(|_| VcpuError::Kvm {
-                op: "build the MSR list",
-                source: std::io::Error::other("too many MSRs"),
-            })?;
-            let n = fd.get_msrs(&mut m).map_err(kvm("KVM_GET_MSRS"))?;
-            msrs.extend_from_slice(&m.as_slice()[..n]);
+            // KVM_GET_MSRS stops at the first MSR it refuses: skip that one and read on,
+            // as restoring does, so no later MSR is lost.
+            let mut rest = chunk;
+            while !rest.is_empty() {
+                let entries: Vec<_> = rest
+                    .iter()
+                    .map(|&index| kvm_msr_entry {
+                        index,
+                        ..Default::default()
+                    })
+                    .collect();
+                let mut m = Msrs::from_entries(&entries).map_err(|_| VcpuError::Kvm {
+                    op: "build the MSR list",
+                    source: std::io::Error::other("too many MSRs"),
+                })?;
+                let n = fd.get_msrs(&mut m).map_err(kvm("KVM_GET_MSRS"))?;
+                msrs.extend_from_slice(&m.as_slice()[..n.min(rest.len())]);
+                rest = rest.get(n + 1..).unwrap_or(&[]);
+            }
         }
         Ok(VcpuState {
             regs: fd.get_regs().map_err(kvm("KVM_GET_REGS"))?,
