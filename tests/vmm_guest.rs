@@ -417,3 +417,24 @@ fn repeated_pause_and_resume_under_load_loses_nothing() {
     }
     assert_eq!(t.vm.fault_counts().missing_write, 4 * per);
 }
+
+#[test]
+fn a_command_submitted_while_paused_is_refused_and_runs_after_resume() {
+    let Some(hv) = hypervisor() else { return };
+    let t = vm(&hv, 8 * MIB, 1);
+    t.vm.pause();
+    let e =
+        t.vm.vcpu(0)
+            .expect("vCPU 0")
+            .submit(Command::new(Op::Fill, data(0), 1, 1))
+            .expect_err("a paused vCPU takes no new command");
+    assert!(matches!(e, VcpuError::Paused(0)), "{e}");
+    assert!(e.to_string().contains("resume"));
+    t.vm.resume();
+    t.vm.run(0, Command::new(Op::Fill, data(0), 1, 1))
+        .expect("runs after resume");
+    let r =
+        t.vm.run(0, Command::new(Op::Verify, data(0), 1, 1))
+            .expect("verify");
+    assert_eq!(r.mismatches(), 0);
+}

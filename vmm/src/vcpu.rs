@@ -213,6 +213,10 @@ pub enum VcpuError {
     /// A state operation needs the vCPU paused or idle.
     #[error("vCPU {0} is running a command: pause it first")]
     NotPaused(u32),
+    /// A new command was submitted while the vCPU is paused (its state may be being saved
+    /// for a fork).
+    #[error("vCPU {0} is paused: resume it before submitting a command")]
+    Paused(u32),
     /// `wait` without a submitted command, or the vCPU thread is gone.
     #[error("vCPU {0} has no command in flight")]
     NothingInFlight(u32),
@@ -488,6 +492,12 @@ impl Vcpu {
         if let Req::Run(cmd) | Req::Continue(cmd) = req {
             if !ctl.booted {
                 return Err(VcpuError::NotBooted(self.id()));
+            }
+            // A new command loads its registers before the thread parks: while paused
+            // (a fork saving state), it would change the state behind the snapshot.
+            // Continuing a restored command loads nothing and is allowed.
+            if ctl.pause && matches!(req, Req::Run(_)) {
+                return Err(VcpuError::Paused(self.id()));
             }
             ctl.queued.push_back(cmd);
         }
