@@ -9,9 +9,10 @@ use std::sync::Arc;
 use guestmem::types::Gfn;
 use guestmem::{AllocatorKind, Manager, ManagerConfig, Pool, PoolConfig};
 use vmm::guest::DATA_START;
-use vmm::{
-    Command, ForkError, ForkOptions, Hypervisor, ManagedVm, Op, VcpuError, VmConfig, open_fds,
-};
+use vmm::{Command, ForkError, ForkOptions, ManagedVm, Op, VcpuError, VmConfig, open_fds};
+
+mod common;
+use common::hypervisor;
 
 /// Tests run on parallel threads of one process; the one that counts open descriptors
 /// takes this for writing, every other test for reading.
@@ -21,17 +22,6 @@ const MIB: u64 = 1 << 20;
 const SLICE: u64 = 64;
 /// Pages the parent fills before the fork.
 const FILLED: u64 = 1024;
-
-fn hypervisor() -> Option<Hypervisor> {
-    if !std::path::Path::new("/dev/kvm").exists() {
-        if std::env::var("SKIP_KVM").as_deref() == Ok("1") {
-            eprintln!("skipping: /dev/kvm is missing and SKIP_KVM=1");
-            return None;
-        }
-        panic!("/dev/kvm is missing: these tests need KVM (set SKIP_KVM=1 to skip them)");
-    }
-    Some(Hypervisor::new().expect("open /dev/kvm"))
-}
 
 fn manager(pool_bytes: u64) -> (Arc<Pool>, Arc<Manager>) {
     let pool = Arc::new(

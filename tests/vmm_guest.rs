@@ -9,20 +9,10 @@ use vmm::{
     Command, FaultResolver, Hypervisor, Op, ScaffoldResolver, VcpuError, Vm, VmConfig, VmError,
 };
 
-const MIB: u64 = 1 << 20;
+mod common;
+use common::hypervisor;
 
-/// Opens /dev/kvm, or says why not: `None` means "skip" (SKIP_KVM=1 and no KVM).
-fn hypervisor() -> Option<Hypervisor> {
-    let present = std::path::Path::new("/dev/kvm").exists();
-    if !present {
-        if std::env::var("SKIP_KVM").as_deref() == Ok("1") {
-            eprintln!("skipping: /dev/kvm is missing and SKIP_KVM=1");
-            return None;
-        }
-        panic!("/dev/kvm is missing: these tests need KVM (set SKIP_KVM=1 to skip them)");
-    }
-    Some(Hypervisor::new().expect("open /dev/kvm"))
-}
+const MIB: u64 = 1 << 20;
 
 struct TestVm {
     vm: Vm,

@@ -7,20 +7,12 @@ use std::sync::Arc;
 use guestmem::types::Gfn;
 use guestmem::{AllocatorKind, Manager, ManagerConfig, Pool, PoolConfig, RegionSpec};
 use vmm::guest::DATA_START;
-use vmm::{Command, FaultResolver, Hypervisor, Op, SpaceResolver, Vm, VmConfig};
+use vmm::{Command, FaultResolver, Op, SpaceResolver, Vm, VmConfig};
+
+mod common;
+use common::hypervisor;
 
 const MIB: u64 = 1 << 20;
-
-fn hypervisor() -> Option<Hypervisor> {
-    if !std::path::Path::new("/dev/kvm").exists() {
-        if std::env::var("SKIP_KVM").as_deref() == Ok("1") {
-            eprintln!("skipping: /dev/kvm is missing and SKIP_KVM=1");
-            return None;
-        }
-        panic!("/dev/kvm is missing: these tests need KVM (set SKIP_KVM=1 to skip them)");
-    }
-    Some(Hypervisor::new().expect("open /dev/kvm"))
-}
 
 #[test]
 fn guest_fills_and_verifies_memory_managed_by_guestmem() {

@@ -10,18 +10,10 @@ use std::time::Duration;
 use guestmem::types::Gfn;
 use vmm::guest::{DATA_START, pattern};
 use vmm::window::{ro_map_begin, ro_map_end};
-use vmm::{Command, FaultResolver, Hypervisor, Op, ScaffoldResolver, Vm, VmConfig};
+use vmm::{Command, FaultResolver, Op, ScaffoldResolver, Vm, VmConfig};
 
-fn hypervisor() -> Option<Hypervisor> {
-    if !std::path::Path::new("/dev/kvm").exists() {
-        if std::env::var("SKIP_KVM").as_deref() == Ok("1") {
-            eprintln!("skipping: /dev/kvm is missing and SKIP_KVM=1");
-            return None;
-        }
-        panic!("/dev/kvm is missing: these tests need KVM (set SKIP_KVM=1 to skip them)");
-    }
-    Some(Hypervisor::new().expect("open /dev/kvm"))
-}
+mod common;
+use common::hypervisor;
 
 fn protect(addr: u64, prot: libc::c_int) {
     // SAFETY: `addr` is one page of the test VM's guest RAM window, which the VM owns and
