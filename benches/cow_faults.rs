@@ -69,8 +69,5 @@ fn main() {
         }
     }
     println!("{}", exp.table("ns_per_page", "host-cow"));
-    match exp.write_json() {
-        Ok(p) => println!("wrote {}", p.display()),
-        Err(e) => eprintln!("could not write the JSON: {e}"),
-    }
+    exp.finish();
 }

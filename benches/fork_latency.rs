@@ -78,8 +78,5 @@ fn main() {
         eprintln!("{mib} MiB: guestmem fork {fork_ms:.2} ms, host fork {host_ms:.2} ms");
     }
     println!("{}", exp.table("fork_ms", "host-fork"));
-    match exp.write_json() {
-        Ok(p) => println!("wrote {}", p.display()),
-        Err(e) => eprintln!("could not write the JSON: {e}"),
-    }
+    exp.finish();
 }

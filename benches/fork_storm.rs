@@ -171,8 +171,5 @@ fn main() {
     ] {
         println!("{}", exp.table(m, "flat+blocking"));
     }
-    match exp.write_json() {
-        Ok(p) => println!("wrote {}", p.display()),
-        Err(e) => eprintln!("could not write the JSON: {e}"),
-    }
+    exp.finish();
 }

@@ -298,8 +298,5 @@ fn main() {
     }
     println!("{}", exp.table("first_touch_ns", "standard"));
     println!("{}", exp.table("cow_ns", "standard"));
-    match exp.write_json() {
-        Ok(p) => println!("wrote {}", p.display()),
-        Err(e) => eprintln!("cannot write the results: {e}"),
-    }
+    exp.finish();
 }

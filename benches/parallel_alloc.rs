@@ -219,10 +219,7 @@ fn main() {
         );
         println!("{}", exp.table(metric, AllocatorKind::PerCpuLists.name()));
     }
-    match exp.write_json() {
-        Ok(path) => println!("wrote {}", path.display()),
-        Err(e) => eprintln!("could not write the results: {e}"),
-    }
+    exp.finish();
     println!(
         "took {:.1} s in {mode:?} mode",
         started.elapsed().as_secs_f64()

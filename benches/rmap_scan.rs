@@ -395,8 +395,5 @@ fn main() {
         .unwrap_or(f64::NAN);
     assert!(reuse_chain <= 3.0, "anon_vma reuse bounds the chain");
 
-    match exp.write_json() {
-        Ok(path) => println!("wrote {}", path.display()),
-        Err(e) => eprintln!("could not write the experiment's JSON: {e}"),
-    }
+    exp.finish();
 }

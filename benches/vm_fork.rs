@@ -299,8 +299,5 @@ fn main() {
     println!("{}", exp.table("fork_ms", "host-fork"));
     println!("{}", exp.table("per_clone_ms", "kvm-bare"));
     println!("{}", exp.table("idle_clone_kib", "kvm-bare"));
-    match exp.write_json() {
-        Ok(p) => println!("wrote {}", p.display()),
-        Err(e) => eprintln!("could not write the JSON: {e}"),
-    }
+    exp.finish();
 }

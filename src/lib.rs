@@ -155,6 +155,15 @@ impl Experiment {
         Ok(path)
     }
 
+    /// Writes the JSON file and says where (or why not) on the terminal: the last step of
+    /// every experiment program.
+    pub fn finish(&self) {
+        match self.write_json() {
+            Ok(path) => println!("wrote {}", path.display()),
+            Err(e) => eprintln!("could not write {}: {e}", self.path().display()),
+        }
+    }
+
     /// Renders a table of `metric` for every row, with the ratio of each row's value to
     /// the `baseline` variant's value at the same parameters (`-` when there is none).
     pub fn table(&self, metric: &str, baseline: &str) -> String {
