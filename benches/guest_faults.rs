@@ -110,16 +110,14 @@ fn standard(hv: &Hypervisor, pages: u64) -> Sample {
         ..VmConfig::new(mem, 1)
     };
     let parent = Vm::new(hv, &cfg, |w| {
-        w.map_host_backed(fd.as_fd(), false)
-            .map_err(|e| vmm::FaultError::Other(e.to_string()))?;
+        w.map_host_backed(fd.as_fd(), false)?;
         Ok(Arc::new(HostBacked) as Arc<dyn FaultResolver>)
     })
     .expect("standard VM");
     let first_touch = fill(&parent, pages, 1);
     verify(&parent, pages, 1);
     let clone = Vm::new(hv, &cfg, |w| {
-        w.map_host_backed(fd.as_fd(), true)
-            .map_err(|e| vmm::FaultError::Other(e.to_string()))?;
+        w.map_host_backed(fd.as_fd(), true)?;
         Ok(Arc::new(HostBacked) as Arc<dyn FaultResolver>)
     })
     .expect("standard clone");
@@ -170,7 +168,7 @@ fn managed(hv: &Hypervisor, pages: u64, around: (u32, u32), cpu: Option<usize>) 
                     }],
                     w.clone(),
                 )
-                .map_err(|e| vmm::FaultError::Other(e.to_string()))?;
+                .map_err(vmm::FaultError::Space)?;
             space = Some(s.clone());
             Ok(Arc::new(SpaceResolver::new(s)) as Arc<dyn FaultResolver>)
         },

@@ -264,7 +264,7 @@ fn a_clone_that_runs_out_of_frames_fails_alone_and_returns_them() {
         .run(0, Command::new(Op::Fill, data(FILLED), 3 * FILLED, 5));
     match r {
         Err(VcpuError::FaultFailed { reason, .. }) => {
-            assert!(reason.contains("frame"), "{reason}")
+            assert!(reason.to_string().contains("frame"), "{reason}")
         }
         other => panic!("expected the clone to run out of frames, got {other:?}"),
     }

@@ -297,7 +297,7 @@ fn a_fault_that_cannot_be_resolved_stops_only_its_vm() {
     assert!(
         small
             .failure()
-            .is_some_and(|f| f.contains("out of guest frames"))
+            .is_some_and(|f| f.to_string().contains("out of guest frames"))
     );
     let v = good
         .vm
@@ -338,10 +338,7 @@ impl FaultResolver for UnpopulatedResolver {
         // SAFETY: one page inside the VM's window, which outlives the VM's use of it; no
         // Rust reference points into guest RAM.
         unsafe { vmm::sys::mman::map_shared_fixed(addr, 4096, self.fd.as_fd(), gfn.0 * 4096) }?;
-        self.window
-            .uffd()
-            .register(addr, 4096)
-            .map_err(|e| vmm::FaultError::Other(e.to_string()))?;
+        self.window.uffd().register(addr, 4096)?;
         Ok(())
     }
 }

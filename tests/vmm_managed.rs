@@ -34,7 +34,7 @@ fn guest_fills_and_verifies_memory_managed_by_guestmem() {
                 }],
                 w.clone(),
             )
-            .map_err(|e| vmm::FaultError::Other(e.to_string()))?;
+            .map_err(vmm::FaultError::Space)?;
         space = Some(s.clone());
         Ok(Arc::new(SpaceResolver::new(s)) as Arc<dyn FaultResolver>)
     })
@@ -99,7 +99,7 @@ fn paused_guest_forks_into_a_child_that_continues_the_same_command() {
     let parent = Vm::new(&hv, &VmConfig::new(mem, 1), |w| {
         let s = mm
             .create(&regions, w.clone())
-            .map_err(|e| vmm::FaultError::Other(e.to_string()))?;
+            .map_err(vmm::FaultError::Space)?;
         space = Some(s.clone());
         Ok(Arc::new(SpaceResolver::new(s)) as Arc<dyn FaultResolver>)
     })
@@ -134,9 +134,7 @@ fn paused_guest_forks_into_a_child_that_continues_the_same_command() {
             ..VmConfig::new(mem, 1)
         },
         |w| {
-            let c = space
-                .fork(w.clone())
-                .map_err(|e| vmm::FaultError::Other(e.to_string()))?;
+            let c = space.fork(w.clone()).map_err(vmm::FaultError::Space)?;
             child_space = Some(c.clone());
             Ok(Arc::new(SpaceResolver::new(c)) as Arc<dyn FaultResolver>)
         },

@@ -16,7 +16,7 @@ use guestmem::mmu::{HostMmu, MapRun};
 use guestmem::types::{Gfn, NodeId, PAGE_SIZE, Pfn};
 
 use crate::sys::mman::{self, MmanError};
-use crate::sys::uffd::{Uffd, UffdEvent};
+use crate::sys::uffd::{Uffd, UffdError, UffdEvent};
 use crate::window::Window;
 
 const PAGE: u64 = PAGE_SIZE as u64;
@@ -36,9 +36,54 @@ pub enum FaultError {
     /// A host memory call failed.
     #[error(transparent)]
     Mman(#[from] MmanError),
-    /// Another resolver's error.
-    #[error("{0}")]
-    Other(String),
+    /// The guest RAM window failed.
+    #[error(transparent)]
+    Window(#[from] crate::window::WindowError),
+    /// A userfaultfd call (reading faults, waking a vCPU) failed.
+    #[error(transparent)]
+    Uffd(#[from] UffdError),
+    /// The memory manager refused the fault (out of frames, the VM's limit, ...).
+    #[error(transparent)]
+    Space(#[from] guestmem::SpaceError),
+    /// A fault reached a VM shell before it was given memory.
+    #[error("a {kind:?} fault at {gfn} in a VM shell with no memory: attach a resolver first")]
+    NoResolver {
+        /// The page.
+        gfn: Gfn,
+        /// The access.
+        kind: FaultKind,
+    },
+    /// The same fault came back again and again after being resolved.
+    #[error(
+        "{event:?} came back {count} times after being resolved: the page the resolver maps \
+         there is not populated in its memfd (populate frames before mapping them, e.g. \
+         Pool::prefault or writing the zero fill)"
+    )]
+    Repeating {
+        /// The event.
+        event: UffdEvent,
+        /// How many times in a row.
+        count: u32,
+    },
+    /// The fault handler panicked; the VM's memory state is unknown and it is stopped.
+    #[error("the fault handler panicked ({0}); the VM is stopped, its siblings run on")]
+    Panicked(String),
+}
+
+impl FaultError {
+    /// Whether the fault failed on a host limit the user can raise (see
+    /// [`crate::window::host_mmu_limit`]) rather than on the guest or its memory.
+    pub fn is_host_limit(&self) -> bool {
+        match self {
+            FaultError::Mman(e) => e.is_host_limit(),
+            FaultError::Window(e) => e.is_host_limit(),
+            FaultError::HostMmu(e) => crate::window::host_mmu_limit(e),
+            FaultError::Space(guestmem::SpaceError::Host { source, .. }) => {
+                crate::window::host_mmu_limit(source)
+            }
+            _ => false,
+        }
+    }
 }
 
 /// The kind of a guest memory fault.
@@ -147,8 +192,7 @@ pub fn handle_event(
     counter.fetch_add(1, Ordering::Relaxed);
     // Counted before the wake: once woken, the vCPU may finish its command and the
     // counts be read.
-    uffd.wake(addr, PAGE)
-        .map_err(|e| FaultError::Other(e.to_string()))?;
+    uffd.wake(addr, PAGE)?;
     stats
         .handler_ns
         .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);

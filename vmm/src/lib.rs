@@ -28,9 +28,7 @@
 //! let mem = 32 << 20;
 //! let vm = Vm::new(&hv, &VmConfig::new(mem, 1), |window| {
 //!     let regions = [RegionSpec { start: Gfn(0), pages: mem / 4096 }];
-//!     let space = mm
-//!         .create(&regions, window.clone())
-//!         .map_err(|e| FaultError::Other(e.to_string()))?;
+//!     let space = mm.create(&regions, window.clone()).map_err(FaultError::Space)?;
 //!     Ok(Arc::new(SpaceResolver::new(space)) as Arc<dyn FaultResolver>)
 //! })?;
 //! let data = Gfn(vmm::guest::DATA_START / 4096);

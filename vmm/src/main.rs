@@ -19,7 +19,7 @@ use vmm::guest::{DATA_START, MAX_RAM};
 use vmm::workload::{Model, Placement, Workload};
 use vmm::{
     CmdResult, Command, FaultCounts, ForkError, ForkOptions, Hypervisor, ManagedVm, Op, ShellPool,
-    Vm, VmConfig,
+    VcpuError, Vm, VmConfig, VmError,
 };
 
 const MIB: u64 = 1 << 20;
@@ -169,14 +169,37 @@ impl CliError {
         }
     }
 
-    /// A guest or VM error: host limits are exit 2, the rest 1.
-    fn from_run(e: impl std::fmt::Display) -> CliError {
-        let m = e.to_string();
-        if m.contains("vm.max_map_count") || m.contains("open-file limit") {
-            CliError::Host(m)
+    /// A guest or VM error: host limits are exit 2, the rest 1 (classified by the
+    /// error's variant, never by its text).
+    fn from_run(e: impl HostLimit) -> CliError {
+        if e.is_host_limit() {
+            CliError::Host(e.to_string())
         } else {
-            CliError::Failed(m)
+            CliError::Failed(e.to_string())
         }
+    }
+}
+
+/// The errors of running VMs, which know whether they are a host limit.
+trait HostLimit: std::fmt::Display {
+    fn is_host_limit(&self) -> bool;
+}
+
+impl HostLimit for VmError {
+    fn is_host_limit(&self) -> bool {
+        VmError::is_host_limit(self)
+    }
+}
+
+impl HostLimit for VcpuError {
+    fn is_host_limit(&self) -> bool {
+        VcpuError::is_host_limit(self)
+    }
+}
+
+impl HostLimit for ForkError {
+    fn is_host_limit(&self) -> bool {
+        ForkError::is_host_limit(self)
     }
 }
 
@@ -695,12 +718,7 @@ fn cmd_fork(p: &ForkParams<'_>) -> Result<ForkReport, CliError> {
         clones: p.clones,
         reserve_pages: per_clone,
     };
-    let fork_err = |e: ForkError| match e {
-        ForkError::PoolExhausted { .. } | ForkError::FileLimit { .. } => {
-            CliError::Host(e.to_string())
-        }
-        other => CliError::from_run(other),
-    };
+    let fork_err = |e: ForkError| CliError::from_run(e);
     let mut shell_ms = None;
     let shells = ShellPool::new(&cfg);
     if p.shells {

@@ -66,10 +66,8 @@ impl FaultResolver for SpaceResolver {
         } else {
             Access::Read
         };
-        self.space
-            .handle_fault(gfn, access)
-            .map(|_| ())
-            .map_err(|e| FaultError::Other(e.to_string()))
+        self.space.handle_fault(gfn, access)?;
+        Ok(())
     }
 }
 
@@ -130,6 +128,18 @@ pub enum ForkError {
     },
 }
 
+impl ForkError {
+    /// Whether the fork was refused or failed on a limit the user can raise (pool,
+    /// descriptors, host mappings) rather than on the guest.
+    pub fn is_host_limit(&self) -> bool {
+        match self {
+            ForkError::PoolExhausted { .. } | ForkError::FileLimit { .. } => true,
+            ForkError::Clone { source, .. } => source.is_host_limit(),
+            ForkError::Save(e) | ForkError::Restore { source: e, .. } => e.is_host_limit(),
+        }
+    }
+}
+
 /// How to fork.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ForkOptions {
@@ -187,10 +197,7 @@ impl ManagedVm {
             start: Gfn(0),
             pages: cfg.mem_bytes / crate::PAGE_SIZE_U64,
         }];
-        Self::build(hv, cfg, |w| {
-            mm.create(&regions, w.clone())
-                .map_err(|e| FaultError::Other(e.to_string()))
-        })
+        Self::build(hv, cfg, |w| Ok(mm.create(&regions, w.clone())?))
     }
 
     fn build(
@@ -283,6 +290,9 @@ impl ManagedVm {
             clones: opts.clones - ready,
             ..*opts
         })?;
+        // One fork of this VM at a time, and the pause is counted: a `resume` from another
+        // thread cannot let a vCPU run while its state is being saved or moved.
+        let _serial = self.vm.fork_guard();
         let t0 = Instant::now();
         self.vm.pause();
         let pause_ns = t0.elapsed().as_nanos() as u64;
@@ -366,11 +376,7 @@ impl ManagedVm {
         let mut clones = Vec::with_capacity(opts.clones);
         for index in 0..opts.clones {
             let t = Instant::now();
-            let fork_space = |w: &Arc<Window>| {
-                self.space
-                    .fork(w.clone())
-                    .map_err(|e| FaultError::Other(e.to_string()))
-            };
+            let fork_space = |w: &Arc<Window>| Ok(self.space.fork(w.clone())?);
             let clone = match shells.and_then(|p| p.take(&cfg)) {
                 Some(shell) => Self::adopt(shell, fork_space),
                 None => Self::build(hv, &cfg, fork_space),

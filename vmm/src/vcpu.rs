@@ -18,9 +18,10 @@
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicI32, AtomicPtr, AtomicU32, Ordering};
-use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use kvm_bindings::{
     CpuId, Msrs, kvm_debugregs, kvm_fpu, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_run,
@@ -29,6 +30,7 @@ use kvm_bindings::{
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
 
+use crate::fault::FaultError;
 use crate::guest::{self, CmdResult, Command, DOORBELL_PORT, ERROR_PORT};
 
 /// The signal that kicks a vCPU thread out of `KVM_RUN`.
@@ -198,8 +200,8 @@ pub enum VcpuError {
     FaultFailed {
         /// vCPU index.
         vcpu: u32,
-        /// The resolver's error.
-        reason: String,
+        /// The resolver's error (shared by every vCPU of the VM).
+        reason: Arc<FaultError>,
     },
     /// No vCPU with this index.
     #[error("the VM has no vCPU {0}")]
@@ -217,6 +219,13 @@ pub enum VcpuError {
     /// for a fork).
     #[error("vCPU {0} is paused: resume it before submitting a command")]
     Paused(u32),
+    /// The command did not finish by the deadline given to [`Vcpu::wait_deadline`]; it is
+    /// still running.
+    #[error(
+        "vCPU {0} did not finish its command in time (an endless loop in the guest?): give it \
+         longer (--timeout) or a smaller workload"
+    )]
+    Timeout(u32),
     /// `wait` without a submitted command, or the vCPU thread is gone.
     #[error("vCPU {0} has no command in flight")]
     NothingInFlight(u32),
@@ -230,6 +239,13 @@ pub enum VcpuError {
         /// End of guest RAM.
         hi: u64,
     },
+}
+
+impl VcpuError {
+    /// Whether the vCPU stopped on a host limit (its VM's fault hit one).
+    pub fn is_host_limit(&self) -> bool {
+        matches!(self, VcpuError::FaultFailed { reason, .. } if reason.is_host_limit())
+    }
 }
 
 fn kvm(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
@@ -271,8 +287,8 @@ pub struct VcpuState {
 #[derive(Debug)]
 pub(crate) struct VmLink {
     pub ram: u64,
-    /// Set by the fault handler when a fault cannot be resolved.
-    pub failure: Mutex<Option<String>>,
+    /// Set by the fault handler when a fault cannot be resolved (the first error wins).
+    pub failure: Mutex<Option<Arc<FaultError>>>,
     /// The fault handler may hold an event: set before it reads the userfaultfd, cleared
     /// once a read finds the queue empty. SeqCst, paired with the load in `Vm::pause`'s
     /// quiesce (with the queue's readability checked after it).
@@ -281,7 +297,9 @@ pub(crate) struct VmLink {
 
 #[derive(Debug, Default)]
 struct Ctl {
-    pause: bool,
+    /// Outstanding [`Vcpu::pause`]s not yet matched by a [`Vcpu::resume`]: pauses nest, so
+    /// a fork's pause is not undone by a `resume` from another thread.
+    pauses: u32,
     /// The thread is inside a command (between request and reply).
     busy: bool,
     /// The thread is parked on `pause` inside a command.
@@ -496,7 +514,7 @@ impl Vcpu {
             // A new command loads its registers before the thread parks: while paused
             // (a fork saving state), it would change the state behind the snapshot.
             // Continuing a restored command loads nothing and is allowed.
-            if ctl.pause && matches!(req, Req::Run(_)) {
+            if ctl.pauses > 0 && matches!(req, Req::Run(_)) {
                 return Err(VcpuError::Paused(self.id()));
             }
             ctl.queued.push_back(cmd);
@@ -513,16 +531,34 @@ impl Vcpu {
 
     /// Waits for the oldest submitted command's result.
     pub fn wait(&self) -> Result<CmdResult, VcpuError> {
+        self.wait_deadline(None)
+    }
+
+    /// As [`Vcpu::wait`], but gives up at `deadline` with [`VcpuError::Timeout`]: the
+    /// command stays in flight (a later `wait` can still collect it, and dropping the VM
+    /// stops it). A guest in an endless loop is reported instead of waited on forever.
+    pub fn wait_deadline(&self, deadline: Option<Instant>) -> Result<CmdResult, VcpuError> {
+        let rx = lock(&self.rx);
         {
-            let mut ctl = lock(&self.shared.ctl);
+            let ctl = lock(&self.shared.ctl);
             if ctl.outstanding == 0 {
                 return Err(VcpuError::NothingInFlight(self.id()));
             }
-            ctl.outstanding -= 1;
         }
-        lock(&self.rx)
-            .recv()
-            .map_err(|_| VcpuError::NothingInFlight(self.id()))?
+        let r = match deadline {
+            None => rx.recv().map_err(|_| VcpuError::NothingInFlight(self.id())),
+            Some(d) => rx
+                .recv_timeout(d.saturating_duration_since(Instant::now()))
+                .map_err(|e| match e {
+                    RecvTimeoutError::Timeout => VcpuError::Timeout(self.id()),
+                    RecvTimeoutError::Disconnected => VcpuError::NothingInFlight(self.id()),
+                }),
+        };
+        if !matches!(r, Err(VcpuError::Timeout(_))) {
+            let mut ctl = lock(&self.shared.ctl);
+            ctl.outstanding = ctl.outstanding.saturating_sub(1);
+        }
+        r?
     }
 
     /// Runs `cmd` to completion.
@@ -532,12 +568,12 @@ impl Vcpu {
     }
 
     /// Stops the vCPU: when this returns it is not in `KVM_RUN` and will not enter it until
-    /// [`Vcpu::resume`]. A command in flight stays in flight. A fault it was waiting on may
-    /// still be resolved afterwards; for a snapshot use `Vm::pause`, which also waits for
-    /// those.
+    /// every pause is matched by a [`Vcpu::resume`] (pauses nest). A command in flight
+    /// stays in flight. A fault it was waiting on may still be resolved afterwards; for a
+    /// snapshot use `Vm::pause`, which also waits for those.
     pub fn pause(&self) {
         let mut ctl = lock(&self.shared.ctl);
-        ctl.pause = true;
+        ctl.pauses = ctl.pauses.saturating_add(1);
         while ctl.busy && !ctl.parked {
             if let Some(t) = &self.thread {
                 // Kick after setting `pause` (the run loop checks it after clearing
@@ -553,12 +589,21 @@ impl Vcpu {
         }
     }
 
-    /// Lets a paused vCPU run again.
+    /// Undoes one [`Vcpu::pause`]; the vCPU runs again once every pause is undone. A
+    /// `resume` without a pause does nothing.
     pub fn resume(&self) {
         let mut ctl = lock(&self.shared.ctl);
-        ctl.pause = false;
+        ctl.pauses = ctl.pauses.saturating_sub(1);
+        let run = ctl.pauses == 0;
         drop(ctl);
-        self.shared.cv.notify_all();
+        if run {
+            self.shared.cv.notify_all();
+        }
+    }
+
+    /// Outstanding pauses (0: free to run).
+    pub fn pauses(&self) -> u32 {
+        lock(&self.shared.ctl).pauses
     }
 
     pub(crate) fn quiescent(&self) -> Result<Option<Command>, VcpuError> {
@@ -670,10 +715,13 @@ impl Vcpu {
         load_state(fd, state, self.shared.has_xcrs, self.shared.has_xsave)
     }
 
-    /// Moves this paused (or idle) vCPU onto `fd` (prepared by [`Vcpu::prepare_fd`]) and
-    /// returns the old fd. A command in flight continues on the new fd at resume.
-    pub(crate) fn swap_fd(&self, mut fd: VcpuFd) -> Result<VcpuFd, VcpuError> {
-        self.quiescent()?;
+    /// Moves this vCPU onto `fd` (prepared by [`Vcpu::prepare_fd`]) and returns the old
+    /// fd. A command in flight continues on the new fd at resume. Cannot fail: a fork
+    /// calls it after its commit point, so the caller must have checked
+    /// [`Vcpu::quiescent`] with the VM paused (pause count held, forks serialised), which
+    /// keeps the thread out of `KVM_RUN` and its fd lock free until resume.
+    pub(crate) fn install_fd(&self, mut fd: VcpuFd) -> VcpuFd {
+        debug_assert!(self.pauses() > 0, "install_fd on a running vCPU");
         let mut cur = lock(&self.shared.fd);
         self.shared
             .kick
@@ -684,7 +732,7 @@ impl Vcpu {
         while self.shared.kick.in_kick.load(Ordering::SeqCst) != 0 {
             std::hint::spin_loop();
         }
-        Ok(std::mem::replace(&mut *cur, fd))
+        std::mem::replace(&mut *cur, fd)
     }
 
     /// Loads `state` into this vCPU (paused or idle, with nothing in flight); if the state
@@ -754,8 +802,9 @@ impl Drop for Vcpu {
             let mut ctl = lock(&self.shared.ctl);
             ctl.dead = true;
         }
-        // Unpark a paused thread and kick it out of KVM_RUN; it sees `dead` and stops.
-        self.resume();
+        // Unpark a paused thread (it checks `dead` whatever the pause count) and kick it
+        // out of KVM_RUN; it sees `dead` and stops.
+        self.shared.cv.notify_all();
         if let Some(t) = self.thread.take() {
             while !t.is_finished() {
                 let _ = t.kill(kick_signal());
@@ -861,7 +910,7 @@ fn run_to_doorbell(s: &Shared) -> Result<kvm_regs, VcpuError> {
     loop {
         {
             let mut ctl = lock(&s.ctl);
-            while ctl.pause && !ctl.dead {
+            while ctl.pauses > 0 && !ctl.dead {
                 ctl.parked = true;
                 s.cv.notify_all();
                 ctl = s.cv.wait(ctl).unwrap_or_else(|e| e.into_inner());

@@ -8,6 +8,7 @@
 //! cross-CPU wake-ups cost about 5x here.
 
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -56,6 +57,29 @@ pub enum VmError {
     /// A vCPU failed.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+    /// The VM's fault handler failed (the VM is stopped).
+    #[error("the VM is stopped: {0}")]
+    Failed(#[source] Arc<FaultError>),
+}
+
+impl VmError {
+    /// Whether creating or running the VM failed on a host limit the user can raise
+    /// (mappings, memory, descriptors) rather than on the guest.
+    pub fn is_host_limit(&self) -> bool {
+        match self {
+            VmError::Window(e) => e.is_host_limit(),
+            VmError::Fault(e) => e.is_host_limit(),
+            VmError::Failed(e) => e.is_host_limit(),
+            VmError::Vcpu(e) => e.is_host_limit(),
+            VmError::Kvm { source, .. } => {
+                matches!(
+                    source.raw_os_error(),
+                    Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM)
+                )
+            }
+            _ => false,
+        }
+    }
 }
 
 fn kvm_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -248,6 +272,9 @@ pub struct Vm {
     vm_fd: Mutex<Arc<VmFd>>,
     link: Arc<VmLink>,
     stats: Arc<FaultStats>,
+    /// Held across a whole snapshot-fork of this VM ([`Vm::fork_guard`]): forks of one
+    /// VM are serialised, so no second fork can resume the vCPUs under the first.
+    fork_lock: Mutex<()>,
     resolver: Arc<LateResolver>,
     window: Arc<Window>,
     cfg: VmConfig,
@@ -263,9 +290,7 @@ impl FaultResolver for LateResolver {
     fn resolve(&self, gfn: Gfn, kind: FaultKind) -> Result<(), FaultError> {
         match self.inner.get() {
             Some(r) => r.resolve(gfn, kind),
-            None => Err(FaultError::Other(format!(
-                "a {kind:?} fault at {gfn} in a VM shell with no memory: attach a resolver first"
-            ))),
+            None => Err(FaultError::NoResolver { gfn, kind }),
         }
     }
 }
@@ -401,6 +426,7 @@ impl Vm {
             vm_fd: Mutex::new(vm_fd.clone()),
             link,
             stats,
+            fork_lock: Mutex::new(()),
             resolver: Arc::new(LateResolver::default()),
             window,
             cfg: cfg.clone(),
@@ -441,7 +467,7 @@ impl Vm {
         if self.cfg.load_guest {
             write_boot_region(&self.window, self.resolver.as_ref(), self.cfg.mem_bytes)?;
             if let Some(reason) = self.failure() {
-                return Err(VmError::Fault(FaultError::Other(reason)));
+                return Err(VmError::Failed(reason));
             }
             for v in &self.vcpus {
                 v.boot()?;
@@ -550,16 +576,24 @@ impl Vm {
     }
 
     /// Why the VM stopped, if its fault handler failed.
-    pub fn failure(&self) -> Option<String> {
-        self.vcpu_link_failure()
-    }
-
-    fn vcpu_link_failure(&self) -> Option<String> {
+    pub fn failure(&self) -> Option<Arc<FaultError>> {
         self.link
             .failure
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// Stops the VM with `reason` (the first reason wins): its vCPUs return
+    /// [`VcpuError::FaultFailed`] at their next exit, and faults still arriving are let
+    /// through on private memory (see `release`). Other VMs are not affected.
+    pub fn fail(&self, reason: FaultError) {
+        fail(&self.link, reason, &self.kick);
+    }
+
+    /// Serialises snapshot-forks of this VM: hold the guard from the pause to the resume.
+    pub fn fork_guard(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.fork_lock.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The KVM VM fd (a fork may give the VM a new one: see [`Vm::rebirth`]).
@@ -604,9 +638,14 @@ impl Vm {
             v.prepare_fd(&fd, &hv.cpuid, st)?;
             fds.push(fd);
         }
-        // Everything is ready: commit (each vCPU is paused, so swap_fd cannot fail; if one
-        // did, the VM would run on a mix, so check them all first).
+        // Everything that can fail is done: check that every vCPU is paused (its thread
+        // parked or idle, out of KVM_RUN, and held there by the pause count), then
+        // commit. Nothing after this point can fail, so no vCPU is ever left on the old
+        // memslot while its range is retired.
         for v in &self.vcpus {
+            if v.pauses() == 0 {
+                return Err(VmError::Vcpu(VcpuError::NotPaused(v.id())));
+            }
             v.quiescent()?;
         }
         let (old_addr, len) = self.window.commit_fresh(fresh, &new_vm, 0);
@@ -614,13 +653,12 @@ impl Vm {
             &mut *self.vm_fd.lock().unwrap_or_else(|e| e.into_inner()),
             new_vm,
         );
-        let mut old_fds = Vec::with_capacity(fds.len());
-        for (v, fd) in self.vcpus.iter().zip(fds) {
-            match v.swap_fd(fd) {
-                Ok(old) => old_fds.push(old),
-                Err(e) => tracing::error!("vCPU {} could not move to the new VM: {e}", v.id()),
-            }
-        }
+        let old_fds: Vec<_> = self
+            .vcpus
+            .iter()
+            .zip(fds)
+            .map(|(v, fd)| v.install_fd(fd))
+            .collect();
         // vCPU fds first, then the VM (its last reference), then the range it mapped.
         Ok(crate::window::Retiree::new(
             old_addr,
@@ -699,15 +737,21 @@ fn fault_loop(
         },
     ];
     // After a failure the VM is dead but threads may still fault on its RAM (vCPUs until
-    // their next exit, the VMM writing the boot region): each later fault's page is
-    // unregistered and woken, so the access completes on plain host memory and the thread
-    // reaches its failure check instead of hanging.
+    // their next exit, the VMM writing the boot region): each later fault is let through
+    // (`release`), so the thread reaches its failure check instead of hanging.
     let mut failed = false;
     loop {
         // SAFETY: `fds` is a valid array of two pollfds for the duration of the call.
         let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
         if n < 0 {
-            continue; // EINTR
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            // Anything else will not go away by polling again: stop the VM, don't spin.
+            tracing::error!("polling the guest's userfaultfd failed: {e}");
+            fail(link, FaultError::Uffd(UffdError::Read(e)), kick);
+            return;
         }
         if fds[1].revents != 0 {
             return;
@@ -723,38 +767,53 @@ fn fault_loop(
                 }
                 Err(e) => {
                     tracing::error!("reading guest faults failed: {e}");
-                    fail(link, e.to_string(), kick);
+                    fail(link, FaultError::Uffd(e), kick);
+                    link.handler_busy.store(false, Ordering::SeqCst);
                     return;
                 }
             };
             if failed {
-                release(&uffd, ev);
+                release(window, &uffd, ev);
                 continue;
             }
-            let r = repeats
-                .check(ev)
-                .and_then(|()| handle_event(window, &uffd, resolver, stats, ev));
+            // A panic in the resolver (a bug, or a poisoned lock it refuses to use) fails
+            // this VM only; the handler goes on letting its threads through.
+            let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                repeats
+                    .check(ev)
+                    .and_then(|()| handle_event(window, &uffd, resolver, stats, ev))
+            }))
+            .unwrap_or_else(|p| Err(FaultError::Panicked(panic_message(&p))));
             if let Err(e) = r {
                 tracing::error!("guest fault failed: {e}");
-                fail(link, e.to_string(), kick);
+                fail(link, e, kick);
                 failed = true;
-                release(&uffd, ev);
+                release(window, &uffd, ev);
             }
         }
     }
 }
 
+/// The text of a panic payload.
+fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| (*s).to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
+}
+
 /// Lets the access behind `ev` complete without the resolver (the VM has failed).
 ///
-/// Never by removing write-protection: the page may be a frame other VMs share. The page
-/// is replaced by private anonymous memory outside userfaultfd, so the access completes
-/// on memory no one else sees, and the vCPU reaches its failure check.
-fn release(uffd: &Uffd, ev: UffdEvent) {
+/// Never by removing write-protection: the page may be a frame other VMs share. A page
+/// of the VM's *current* window is replaced by private anonymous memory outside
+/// userfaultfd, so the access completes on memory no one else sees and the thread
+/// reaches its failure check. An address outside the current window (a retired or fresh
+/// range the userfaultfd still covers) is only woken, never mapped over: that range may
+/// already be on its way back to the host, and its addresses reused by another mapping.
+fn release(window: &Window, uffd: &Uffd, ev: UffdEvent) {
     if let UffdEvent::Missing { addr, .. } | UffdEvent::WriteProtect { addr, .. } = ev {
         let page = addr & !(PAGE - 1);
-        // SAFETY: `page` is a page of this VM's window (the fault came from its uffd),
-        // which the window owns and the failed VM no longer uses for guest memory.
-        let _ = unsafe { crate::sys::mman::make_hole(page, PAGE) };
+        let _ = window.release_page(page);
         let _ = uffd.wake(page, PAGE);
     }
 }
@@ -775,12 +834,10 @@ impl Repeats {
         if self.last == Some(ev) {
             self.count += 1;
             if self.count >= Self::LIMIT {
-                return Err(FaultError::Other(format!(
-                    "{ev:?} came back {} times after being resolved: the page the resolver \
-                     maps there is not populated in its memfd (populate frames before mapping \
-                     them, e.g. Pool::prefault or writing the zero fill)",
-                    self.count
-                )));
+                return Err(FaultError::Repeating {
+                    event: ev,
+                    count: self.count,
+                });
             }
         } else {
             self.last = Some(ev);
@@ -791,11 +848,11 @@ impl Repeats {
 }
 
 /// Records the VM's failure (the first reason wins) and kicks its vCPUs.
-fn fail(link: &VmLink, reason: String, kick: &Mutex<Vec<libc::pthread_t>>) {
+fn fail(link: &VmLink, reason: FaultError, kick: &Mutex<Vec<libc::pthread_t>>) {
     link.failure
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .get_or_insert(reason);
+        .get_or_insert_with(|| Arc::new(reason));
     let threads = kick.lock().unwrap_or_else(|e| e.into_inner());
     for &t in threads.iter() {
         // SAFETY: the list holds only live vCPU threads: Vm::drop empties it (under this

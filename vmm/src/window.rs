@@ -25,6 +25,8 @@
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use parking_lot::{RwLock, RwLockReadGuard};
 use std::sync::{Arc, Mutex, Weak};
 
 use kvm_bindings::kvm_userspace_memory_region;
@@ -79,9 +81,14 @@ struct Memslot {
 /// Guest RAM's host window (see the module docs).
 #[derive(Debug)]
 pub struct Window {
-    /// Host address of guest-physical 0: a mapping the Window owns. Changes only in
-    /// `protect_for_fork`, with the VM paused (Relaxed: the pause hand-off orders it).
-    base: AtomicU64,
+    /// Host address of guest-physical 0: a mapping the Window owns. Every access through
+    /// the window (host accessors, `HostMmu` calls) holds a read guard for its whole
+    /// duration ([`Window::pin`]), so the range it computed stays the window's; a fork's
+    /// swap to a fresh range (`commit_fresh`) takes it for writing. Readers take it
+    /// recursively (`read_recursive`: a waiting writer does not block them), because an
+    /// accessor holding a guard may fault, and the fault handler resolving that fault
+    /// takes a guard of its own.
+    base: RwLock<u64>,
     size: u64,
     uffd: Arc<Uffd>,
     /// Something writable was mapped since the window was created or last swapped.
@@ -105,7 +112,7 @@ impl Window {
         mman::check_map_headroom(Self::MIN_MAP_HEADROOM)?;
         let base = mman::reserve(size)?;
         let w = Window {
-            base: AtomicU64::new(base as u64),
+            base: RwLock::new(base as u64),
             size,
             uffd,
             dirty: AtomicBool::new(false),
@@ -116,10 +123,36 @@ impl Window {
         Ok(w)
     }
 
-    /// The host address of guest-physical 0. It changes when a fork swaps the window
-    /// (see the module docs): do not cache it across a fork.
+    /// The host address of guest-physical 0 now. It changes when a fork swaps the window
+    /// (see the module docs): to use it for an access, hold [`Window::pin`] instead.
     pub fn host_base(&self) -> u64 {
-        self.base.load(Ordering::Relaxed)
+        *self.base.read_recursive()
+    }
+
+    /// Pins the window's host range for an access: while the guard lives, no fork can
+    /// swap the range, so addresses computed from [`BaseGuard::base`] stay inside it
+    /// (vm-memory's `GuestMemoryAtomic::memory()` snapshot, in one word).
+    pub fn pin(&self) -> BaseGuard<'_> {
+        BaseGuard(self.base.read_recursive())
+    }
+
+    /// Lets a faulting access to `page` (a host address) of a failed VM complete on
+    /// private memory, if `page` is inside the window's current range; returns whether
+    /// it was. Anything else is left alone: it may be a retired or fresh range that the
+    /// userfaultfd still covers, or addresses already reused by another mapping.
+    pub fn release_page(&self, page: u64) -> bool {
+        let g = self.pin();
+        let Some(off) = page.checked_sub(g.base()) else {
+            return false;
+        };
+        if off >= self.size {
+            return false;
+        }
+        // SAFETY: `page` is a page of this window's current range (checked under the
+        // guard, which keeps the range from being swapped), which the window owns; the
+        // failed VM no longer uses it for guest memory, and no Rust reference points into
+        // guest RAM.
+        unsafe { mman::make_hole(page & !(PAGE - 1), PAGE) }.is_ok()
     }
 
     /// Tells the window which KVM memslot it backs (the whole window, at gpa 0), so that
@@ -159,7 +192,18 @@ impl Window {
     /// returns the old range, which the caller must retire with [`retire`] once no KVM VM
     /// uses it. The VM must be paused: nothing may access guest RAM meanwhile.
     pub fn commit_fresh(&self, fresh: FreshRange, vm: &Arc<VmFd>, slot: u32) -> (u64, u64) {
-        let old = self.base.swap(fresh.addr, Ordering::Relaxed);
+        let mut base = self.base.write();
+        self.commit_locked(&mut base, fresh, vm, slot)
+    }
+
+    fn commit_locked(
+        &self,
+        base: &mut u64,
+        fresh: FreshRange,
+        vm: &Arc<VmFd>,
+        slot: u32,
+    ) -> (u64, u64) {
+        let old = std::mem::replace(base, fresh.addr);
         std::mem::forget(fresh);
         self.dirty.store(false, Ordering::Relaxed);
         self.swaps.fetch_add(1, Ordering::Relaxed);
@@ -179,7 +223,16 @@ impl Window {
         };
         let fresh = self.prepare_fresh()?;
         let set = |addr: u64, size: u64| set_memslot(&vm, slot, addr, size);
-        let old = self.host_base();
+        // Called by `AddressSpace::fork` with the space's lock held: a host accessor that
+        // holds a pin and faults would wait for that lock, so do not wait for it here
+        // either; the caller write-protects instead.
+        let Some(mut base) = self
+            .base
+            .try_write_for(std::time::Duration::from_millis(10))
+        else {
+            return Ok(false);
+        };
+        let old = *base;
         // KVM cannot change a memslot's host address in place: delete, then re-create.
         // Deleting zaps KVM's mappings of the slot, about 13 ms per populated GiB here;
         // `Vm::rebirth` (a fresh VM for the parent) avoids even that.
@@ -188,7 +241,8 @@ impl Window {
             let _ = set(old, self.size);
             return Err(e);
         }
-        let (old, len) = self.commit_fresh(fresh, &vm, slot);
+        let (old, len) = self.commit_locked(&mut base, fresh, &vm, slot);
+        drop(base);
         retire(old, len);
         Ok(true)
     }
@@ -214,9 +268,16 @@ impl Window {
         (off < self.size).then_some(Gfn(off / PAGE))
     }
 
-    fn check(&self, what: &'static str, gpa: Gpa, len: u64) -> Result<u64, WindowError> {
+    /// The host address of `gpa .. gpa + len` in the pinned range, if inside guest RAM.
+    fn check(
+        &self,
+        g: &BaseGuard<'_>,
+        what: &'static str,
+        gpa: Gpa,
+        len: u64,
+    ) -> Result<u64, WindowError> {
         match gpa.0.checked_add(len) {
-            Some(end) if end <= self.size => Ok(self.host_base() + gpa.0),
+            Some(end) if end <= self.size => Ok(g.base() + gpa.0),
             _ => Err(WindowError::OutOfRange {
                 what,
                 gpa,
@@ -228,18 +289,19 @@ impl Window {
 
     fn check_run(
         &self,
+        g: &BaseGuard<'_>,
         op: &'static str,
         gfn: Gfn,
         pages: u64,
     ) -> Result<(u64, u64), HostMmuError> {
         let len = pages.saturating_mul(PAGE);
-        self.check(op, gfn.gpa(), len)
+        self.check(g, op, gfn.gpa(), len)
             .map(|a| (a, len))
             .map_err(|e| HostMmuError {
                 op,
                 gfn,
                 pages,
-                source: io::Error::new(io::ErrorKind::InvalidInput, e.to_string()),
+                source: io::Error::new(io::ErrorKind::InvalidInput, e),
             })
     }
 
@@ -270,7 +332,8 @@ impl Window {
     /// Not while a fork of this VM runs on another thread: a fork may swap the window's
     /// host range (`commit_fresh`) under the access.
     pub fn read_u64(&self, gpa: Gpa) -> Result<u64, WindowError> {
-        let a = self.check("read", Gpa(gpa.0 & !7), 8)?;
+        let g = self.pin();
+        let a = self.check(&g, "read", Gpa(gpa.0 & !7), 8)?;
         // SAFETY: `a` is 8-aligned and inside the window's live mapping (checked); guest
         // memory may change under us, hence the volatile read.
         Ok(unsafe { (a as *const u64).read_volatile() })
@@ -281,7 +344,8 @@ impl Window {
     /// Not while a fork of this VM runs on another thread: a fork may swap the window's
     /// host range (`commit_fresh`) under the access.
     pub fn write_bytes(&self, gpa: Gpa, bytes: &[u8]) -> Result<(), WindowError> {
-        let a = self.check("write", gpa, bytes.len() as u64)?;
+        let g = self.pin();
+        let a = self.check(&g, "write", gpa, bytes.len() as u64)?;
         for (i, b) in bytes.iter().enumerate() {
             // SAFETY: inside the window's live mapping (checked above).
             unsafe { (a as *mut u8).add(i).write_volatile(*b) };
@@ -294,7 +358,9 @@ impl Window {
     /// Not while a fork of this VM runs on another thread: a fork may swap the window's
     /// host range (`commit_fresh`) under the access.
     pub fn write_u64s(&self, gpa: Gpa, words: &[u64]) -> Result<(), WindowError> {
-        let a = self.check("write", Gpa(gpa.0 & !7), words.len() as u64 * 8)?;
+        let g = self.pin();
+        let len = (words.len() as u64).saturating_mul(8);
+        let a = self.check(&g, "write", Gpa(gpa.0 & !7), len)?;
         for (i, w) in words.iter().enumerate() {
             // SAFETY: 8-aligned and inside the window's live mapping (checked above).
             unsafe { (a as *mut u64).add(i).write_volatile(*w) };
@@ -313,7 +379,8 @@ impl Window {
         fd: std::os::fd::BorrowedFd<'_>,
         private: bool,
     ) -> Result<(), WindowError> {
-        let (addr, len) = (self.host_base(), self.size);
+        let g = self.pin();
+        let (addr, len) = (g.base(), self.size);
         self.uffd.unregister(addr, len)?;
         // SAFETY: the whole window is ours; no Rust reference points into guest RAM.
         unsafe {
@@ -327,12 +394,30 @@ impl Window {
     }
 }
 
-fn mmu_err(op: &'static str, gfn: Gfn, pages: u64, e: impl std::error::Error) -> HostMmuError {
+/// A host-view error, its cause kept typed inside the `io::Error` (see
+/// [`host_mmu_limit`]).
+fn mmu_err(op: &'static str, gfn: Gfn, pages: u64, e: impl Into<WindowError>) -> HostMmuError {
     HostMmuError {
         op,
         gfn,
         pages,
-        source: io::Error::other(e.to_string()),
+        source: io::Error::other(e.into()),
+    }
+}
+
+/// Whether a host-view error from a [`Window`] was a host limit (the mapping limit).
+pub fn host_mmu_limit(e: &HostMmuError) -> bool {
+    e.source
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<WindowError>())
+        .is_some_and(WindowError::is_host_limit)
+}
+
+impl WindowError {
+    /// Whether this is a host limit the user can raise (mappings, memory for memfds)
+    /// rather than a fault of the VM.
+    pub fn is_host_limit(&self) -> bool {
+        matches!(self, WindowError::Mman(e) if e.is_host_limit())
     }
 }
 
@@ -343,15 +428,9 @@ impl HostMmu for Window {
     /// `KVM_RUN`, which the vCPU loop retries while such a mapping is in flight
     /// ([`ro_map_state`]). On any error the run is made a hole again.
     fn map_run(&self, run: MapRun<'_>) -> Result<(), HostMmuError> {
-        let (addr, len) = self.check_run("map_run", run.gfn, run.pages)?;
-        let err = |e: &dyn std::fmt::Display| {
-            mmu_err(
-                "map_run",
-                run.gfn,
-                run.pages,
-                std::io::Error::other(e.to_string()),
-            )
-        };
+        let g = self.pin();
+        let (addr, len) = self.check_run(&g, "map_run", run.gfn, run.pages)?;
+        let err = |e: WindowError| mmu_err("map_run", run.gfn, run.pages, e);
         let read_only = !run.writable;
         if read_only {
             ro_map_begin();
@@ -363,14 +442,14 @@ impl HostMmu for Window {
             unsafe {
                 mman::map_shared_fixed_prot(addr, len, run.fd, run.file_offset, run.writable, true)
             }
-            .map_err(|e| err(&e))?;
-            self.uffd.register(addr, len).map_err(|e| err(&e))?;
+            .map_err(|e| err(e.into()))?;
+            self.uffd.register(addr, len).map_err(|e| err(e.into()))?;
             if read_only {
                 self.uffd
                     .write_protect(addr, len, true)
-                    .map_err(|e| err(&e))?;
+                    .map_err(|e| err(e.into()))?;
                 // SAFETY: as above.
-                unsafe { mman::make_writable(addr, len) }.map_err(|e| err(&e))?;
+                unsafe { mman::make_writable(addr, len) }.map_err(|e| err(e.into()))?;
             } else {
                 self.dirty.store(true, Ordering::Relaxed);
             }
@@ -382,7 +461,7 @@ impl HostMmu for Window {
         if result.is_err() {
             // Leave nothing of the run: the manager frees or keeps its frames, and any
             // access faults back to it.
-            let _ = self.unmap_run(run.gfn, run.pages);
+            let _ = self.unmap_pinned(&g, run.gfn, run.pages);
         }
         result
     }
@@ -391,25 +470,12 @@ impl HostMmu for Window {
     /// guest access can populate it behind the manager's back (a vCPU meanwhile gets
     /// `EFAULT`, retried as for read-only runs).
     fn unmap_run(&self, gfn: Gfn, pages: u64) -> Result<(), HostMmuError> {
-        let (addr, len) = self.check_run("unmap_run", gfn, pages)?;
-        ro_map_begin();
-        let result = (|| {
-            // SAFETY: as in map_run.
-            unsafe { mman::make_hole_inaccessible(addr, len) }
-                .map_err(|e| mmu_err("unmap_run", gfn, pages, e))?;
-            self.uffd
-                .register(addr, len)
-                .map_err(|e| mmu_err("unmap_run", gfn, pages, e))?;
-            // SAFETY: as in map_run.
-            unsafe { mman::make_writable(addr, len) }
-                .map_err(|e| mmu_err("unmap_run", gfn, pages, e))
-        })();
-        ro_map_end();
-        result
+        self.unmap_pinned(&self.pin(), gfn, pages)
     }
 
     fn protect_run(&self, gfn: Gfn, pages: u64, writable: bool) -> Result<(), HostMmuError> {
-        let (addr, len) = self.check_run("protect_run", gfn, pages)?;
+        let g = self.pin();
+        let (addr, len) = self.check_run(&g, "protect_run", gfn, pages)?;
         if writable {
             self.dirty.store(true, Ordering::Relaxed);
         }
@@ -434,6 +500,38 @@ impl HostMmu for Window {
             return Ok(());
         }
         self.protect_run(gfn, pages, false)
+    }
+}
+
+impl Window {
+    /// `unmap_run` under a pin the caller holds.
+    fn unmap_pinned(&self, g: &BaseGuard<'_>, gfn: Gfn, pages: u64) -> Result<(), HostMmuError> {
+        let (addr, len) = self.check_run(g, "unmap_run", gfn, pages)?;
+        ro_map_begin();
+        let result = (|| {
+            // SAFETY: as in map_run.
+            unsafe { mman::make_hole_inaccessible(addr, len) }
+                .map_err(|e| mmu_err("unmap_run", gfn, pages, e))?;
+            self.uffd
+                .register(addr, len)
+                .map_err(|e| mmu_err("unmap_run", gfn, pages, e))?;
+            // SAFETY: as in map_run.
+            unsafe { mman::make_writable(addr, len) }
+                .map_err(|e| mmu_err("unmap_run", gfn, pages, e))
+        })();
+        ro_map_end();
+        result
+    }
+}
+
+/// A pinned window range (see [`Window::pin`]).
+#[derive(Debug)]
+pub struct BaseGuard<'a>(RwLockReadGuard<'a, u64>);
+
+impl BaseGuard<'_> {
+    /// Host address of guest-physical 0, stable while the guard lives.
+    pub fn base(&self) -> u64 {
+        *self.0
     }
 }
 
@@ -572,11 +670,24 @@ pub fn retire_after<T: Send + 'static>(addr: u64, len: u64, first: T) {
         // SAFETY: as above.
         unsafe { mman::unmap(addr as *mut u8, len) }
     };
-    if let Err(e) = std::thread::Builder::new()
+    // If no thread can be started, the caller pays for the teardown: a retired range
+    // never stays mapped for want of a thread.
+    let slot = Arc::new(Mutex::new(Some(work)));
+    let theirs = Arc::clone(&slot);
+    let spawned = std::thread::Builder::new()
         .name("window-retire".into())
-        .spawn(work)
-    {
-        tracing::warn!("no thread to retire a window range ({e}); it stays reserved");
+        .spawn(move || {
+            let w = theirs.lock().unwrap_or_else(|e| e.into_inner()).take();
+            if let Some(w) = w {
+                w();
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!("no thread to retire a window range ({e}); retiring it inline");
+        let w = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(w) = w {
+            w();
+        }
     }
 }
 

@@ -50,6 +50,14 @@ pub enum MmanError {
     },
 }
 
+impl MmanError {
+    /// Whether the host ran out of something the user can raise: mappings
+    /// (`vm.max_map_count`) or memory and descriptors for a memfd.
+    pub fn is_host_limit(&self) -> bool {
+        matches!(self, MmanError::MapLimit { .. } | MmanError::Memfd { .. })
+    }
+}
+
 /// Creates a memfd of `bytes` bytes (sparse: pages are allocated on first touch).
 pub fn memfd(name: &str, bytes: u64) -> Result<OwnedFd, MmanError> {
     let err = |source| MmanError::Memfd { bytes, source };
