@@ -56,5 +56,7 @@ pub use fault::{FaultCounts, FaultError, FaultKind, FaultResolver, HostBacked, S
 pub use guest::{CmdResult, Command, Op};
 pub use managed::{ForkError, ForkOptions, ForkTiming, ManagedVm, SpaceResolver};
 pub use vcpu::{RegsDump, Vcpu, VcpuError, VcpuState};
-pub use vm::{BareVm, Hypervisor, ShellPool, Vm, VmConfig, VmError, open_fds, raise_nofile_limit};
+pub use vm::{
+    BareVm, Hold, Hypervisor, ShellPool, Vm, VmConfig, VmError, open_fds, raise_nofile_limit,
+};
 pub use window::{Window, WindowError};

@@ -290,16 +290,16 @@ impl ManagedVm {
             clones: opts.clones - ready,
             ..*opts
         })?;
-        // One fork of this VM at a time, and the pause is counted: a `resume` from another
-        // thread cannot let a vCPU run while its state is being saved or moved.
+        // One fork of this VM at a time, and the parent is held (not paused): no `resume`
+        // from another thread can let a vCPU run while its state is saved or moved.
         let _serial = self.vm.fork_guard();
         let t0 = Instant::now();
-        self.vm.pause();
+        let hold = self.vm.hold();
         let pause_ns = t0.elapsed().as_nanos() as u64;
         let mut retiree = None;
         let r = self.fork_paused(hv, opts, shells, &mut retiree);
         let total_ns = t0.elapsed().as_nanos() as u64;
-        self.vm.resume();
+        drop(hold);
         // The parent's old VM and window go now, in the background.
         drop(retiree);
         let (clones, mut timing) = r?;

@@ -297,9 +297,11 @@ pub(crate) struct VmLink {
 
 #[derive(Debug, Default)]
 struct Ctl {
-    /// Outstanding [`Vcpu::pause`]s not yet matched by a [`Vcpu::resume`]: pauses nest, so
-    /// a fork's pause is not undone by a `resume` from another thread.
+    /// Outstanding [`Vcpu::pause`]s not yet matched by a [`Vcpu::resume`] (pauses nest).
     pauses: u32,
+    /// Outstanding internal holds (a fork's [`Vcpu::hold`]): counted apart from
+    /// `pauses`, so no `resume` from any thread can unpark a vCPU a fork holds.
+    holds: u32,
     /// The thread is inside a command (between request and reply).
     busy: bool,
     /// The thread is parked on `pause` inside a command.
@@ -312,6 +314,13 @@ struct Ctl {
     dead: bool,
     /// Submitted commands not yet waited for.
     outstanding: u32,
+}
+
+impl Ctl {
+    /// Whether anything holds the vCPU out of `KVM_RUN`.
+    fn stopped(&self) -> bool {
+        self.pauses > 0 || self.holds > 0
+    }
 }
 
 #[derive(Debug)]
@@ -514,7 +523,7 @@ impl Vcpu {
             // A new command loads its registers before the thread parks: while paused
             // (a fork saving state), it would change the state behind the snapshot.
             // Continuing a restored command loads nothing and is allowed.
-            if ctl.pauses > 0 && matches!(req, Req::Run(_)) {
+            if ctl.stopped() && matches!(req, Req::Run(_)) {
                 return Err(VcpuError::Paused(self.id()));
             }
             ctl.queued.push_back(cmd);
@@ -574,6 +583,29 @@ impl Vcpu {
     pub fn pause(&self) {
         let mut ctl = lock(&self.shared.ctl);
         ctl.pauses = ctl.pauses.saturating_add(1);
+        self.park(ctl);
+    }
+
+    /// As [`Vcpu::pause`], as an internal hold that only [`Vcpu::unhold`] undoes.
+    pub(crate) fn hold(&self) {
+        let mut ctl = lock(&self.shared.ctl);
+        ctl.holds = ctl.holds.saturating_add(1);
+        self.park(ctl);
+    }
+
+    /// Undoes one [`Vcpu::hold`].
+    pub(crate) fn unhold(&self) {
+        let mut ctl = lock(&self.shared.ctl);
+        ctl.holds = ctl.holds.saturating_sub(1);
+        let run = !ctl.stopped();
+        drop(ctl);
+        if run {
+            self.shared.cv.notify_all();
+        }
+    }
+
+    /// Waits until the thread is parked or idle (the caller has raised a pause or hold).
+    fn park(&self, mut ctl: MutexGuard<'_, Ctl>) {
         while ctl.busy && !ctl.parked {
             if let Some(t) = &self.thread {
                 // Kick after setting `pause` (the run loop checks it after clearing
@@ -594,16 +626,21 @@ impl Vcpu {
     pub fn resume(&self) {
         let mut ctl = lock(&self.shared.ctl);
         ctl.pauses = ctl.pauses.saturating_sub(1);
-        let run = ctl.pauses == 0;
+        let run = !ctl.stopped();
         drop(ctl);
         if run {
             self.shared.cv.notify_all();
         }
     }
 
-    /// Outstanding pauses (0: free to run).
+    /// Outstanding [`Vcpu::pause`]s.
     pub fn pauses(&self) -> u32 {
         lock(&self.shared.ctl).pauses
+    }
+
+    /// Whether the vCPU is held out of `KVM_RUN` (a pause or a fork's hold).
+    pub fn is_stopped(&self) -> bool {
+        lock(&self.shared.ctl).stopped()
     }
 
     pub(crate) fn quiescent(&self) -> Result<Option<Command>, VcpuError> {
@@ -721,7 +758,7 @@ impl Vcpu {
     /// [`Vcpu::quiescent`] with the VM paused (pause count held, forks serialised), which
     /// keeps the thread out of `KVM_RUN` and its fd lock free until resume.
     pub(crate) fn install_fd(&self, mut fd: VcpuFd) -> VcpuFd {
-        debug_assert!(self.pauses() > 0, "install_fd on a running vCPU");
+        debug_assert!(self.is_stopped(), "install_fd on a running vCPU");
         let mut cur = lock(&self.shared.fd);
         self.shared
             .kick
@@ -910,7 +947,7 @@ fn run_to_doorbell(s: &Shared) -> Result<kvm_regs, VcpuError> {
     loop {
         {
             let mut ctl = lock(&s.ctl);
-            while ctl.pauses > 0 && !ctl.dead {
+            while ctl.stopped() && !ctl.dead {
                 ctl.parked = true;
                 s.cv.notify_all();
                 ctl = s.cv.wait(ctl).unwrap_or_else(|e| e.into_inner());

@@ -555,9 +555,18 @@ impl Vm {
         self.handler.as_ref().is_none_or(|h| h.is_finished())
     }
 
-    /// Resumes every vCPU.
+    /// Undoes one [`Vm::pause`] of every vCPU (pauses nest; see [`Vcpu::resume`]).
     pub fn resume(&self) {
         self.vcpus.iter().for_each(Vcpu::resume);
+    }
+
+    /// Holds every vCPU out of `KVM_RUN` as [`Vm::pause`] does, until the returned guard
+    /// is dropped. A hold is counted apart from pauses: no [`Vm::resume`], from any
+    /// thread, lets a vCPU run while the hold lives (a snapshot-fork holds its parent).
+    pub fn hold(&self) -> Hold<'_> {
+        self.vcpus.iter().for_each(Vcpu::hold);
+        self.quiesce_handler();
+        Hold { vm: self }
     }
 
     /// The guest RAM window.
@@ -643,7 +652,7 @@ impl Vm {
         // commit. Nothing after this point can fail, so no vCPU is ever left on the old
         // memslot while its range is retired.
         for v in &self.vcpus {
-            if v.pauses() == 0 {
+            if !v.is_stopped() {
                 return Err(VmError::Vcpu(VcpuError::NotPaused(v.id())));
             }
             v.quiescent()?;
@@ -683,6 +692,19 @@ impl Drop for Vm {
         if let Some(h) = self.handler.take() {
             let _ = h.join();
         }
+    }
+}
+
+/// Every vCPU of a VM held out of `KVM_RUN` ([`Vm::hold`]); dropping it lets them run
+/// (unless paused).
+#[derive(Debug)]
+pub struct Hold<'a> {
+    vm: &'a Vm,
+}
+
+impl Drop for Hold<'_> {
+    fn drop(&mut self) {
+        self.vm.vcpus.iter().for_each(Vcpu::unhold);
     }
 }
 
