@@ -27,7 +27,7 @@ const MAX_BATCH: usize = 16384;
 fn pool(kind: AllocatorKind) -> Pool {
     Pool::new(&PoolConfig {
         nodes: vec![NodeConfig {
-            frames: 2 * MAX_BATCH as u32,
+            frames: 2 * MAX_BATCH as u64,
             host_node: None,
         }],
         allocator: kind,

@@ -61,7 +61,7 @@ struct Timing {
 fn pool(kind: AllocatorKind) -> Pool {
     Pool::new(&PoolConfig {
         nodes: vec![NodeConfig {
-            frames: (2 * MAX_THREADS * BATCH) as u32,
+            frames: (2 * MAX_THREADS * BATCH) as u64,
             host_node: None,
         }],
         allocator: kind,

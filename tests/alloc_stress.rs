@@ -163,7 +163,7 @@ fn worker(shared: &Shared, me: usize, threads: usize, seed: u64) {
 fn stress(kind: AllocatorKind, threads: usize) {
     let pool = Pool::new(&PoolConfig {
         nodes: vec![NodeConfig {
-            frames: FRAMES,
+            frames: u64::from(FRAMES),
             host_node: None,
         }],
         allocator: kind,

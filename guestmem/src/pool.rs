@@ -67,9 +67,20 @@ pub enum PoolError {
         /// The minimum.
         min: u32,
     },
-    /// The pool's frames do not fit in a 32-bit frame number.
-    #[error("the pool has more than 2^32 frames (16 TiB); use a smaller pool")]
-    TooLarge,
+    /// The pool's frames do not fit in a 32-bit frame number, or it has too many nodes.
+    #[error(
+        "a pool of {frames} frames in {nodes} node(s) cannot be indexed: at most {max_frames} frames (16 TiB) in at most {max_nodes} nodes; use a smaller pool"
+    )]
+    TooLarge {
+        /// Frames asked for in all.
+        frames: u64,
+        /// Nodes asked for.
+        nodes: usize,
+        /// The most frames a pool can have.
+        max_frames: u64,
+        /// The most nodes a pool can have.
+        max_nodes: usize,
+    },
     /// The pool's bookkeeping alone would take too much of the host's memory.
     #[error(
         "a pool of {pool} bytes needs {meta} bytes of frame descriptors, more than a quarter of the host's {host} bytes; use a smaller pool"
@@ -101,8 +112,8 @@ fn host_memory_bytes() -> Option<u64> {
 /// How to build one node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeConfig {
-    /// Frames in the node.
-    pub frames: u32,
+    /// Frames in the node (a pool holds at most 2^32 - 1 in all; [`Pool::new`] checks).
+    pub frames: u64,
     /// Host NUMA node to bind the node's memory to, if any.
     pub host_node: Option<u32>,
 }
@@ -120,7 +131,8 @@ impl PoolConfig {
     /// `nodes` nodes of `bytes / nodes` each, unbound, with `allocator`.
     pub fn uniform(bytes: u64, nodes: usize, allocator: AllocatorKind) -> PoolConfig {
         let nodes = nodes.max(1);
-        let frames = (bytes / PAGE_SIZE as u64 / nodes as u64).min(u64::from(u32::MAX)) as u32;
+        // No clamp: a size beyond what frame numbers can index is refused by `Pool::new`.
+        let frames = bytes / PAGE_SIZE as u64 / nodes as u64;
         PoolConfig {
             nodes: vec![
                 NodeConfig {
@@ -152,16 +164,18 @@ impl Node {
     fn new(
         id: NodeId,
         base: Pfn,
+        frames: u32,
         cfg: &NodeConfig,
         kind: AllocatorKind,
     ) -> Result<Node, PoolError> {
-        let bytes = u64::from(cfg.frames) * PAGE_SIZE as u64;
+        let bytes = u64::from(frames) * PAGE_SIZE as u64;
         let memfd = Memfd::create(&format!("guestmem-node{}", id.0), bytes)?;
         let map = DirectMap::new(&memfd)?;
         if let Some(h) = cfg.host_node {
             map.bind_to_host_node(h)?;
         }
-        let frames: Box<[Frame]> = (0..cfg.frames).map(|_| Frame::default()).collect();
+        let count = frames;
+        let frames: Box<[Frame]> = (0..count).map(|_| Frame::default()).collect();
         for f in frames.iter() {
             f.set(FrameFlags::KNOWN_ZERO | FrameFlags::UNBACKED);
         }
@@ -170,7 +184,7 @@ impl Node {
             id,
             base,
             frames,
-            alloc: Allocator::new(kind, cfg.frames, cpu_count()),
+            alloc: Allocator::new(kind, count, cpu_count()),
             map,
             memfd,
         })
@@ -362,35 +376,45 @@ impl Pool {
                 min: 1,
             });
         }
+        let total = cfg
+            .nodes
+            .iter()
+            .try_fold(0u64, |sum, n| sum.checked_add(n.frames))
+            .unwrap_or(u64::MAX);
+        let max_nodes = usize::from(u16::MAX) + 1;
+        let too_large = || PoolError::TooLarge {
+            frames: total,
+            nodes: cfg.nodes.len(),
+            max_frames: u64::from(u32::MAX),
+            max_nodes,
+        };
+        if total > u64::from(u32::MAX) || cfg.nodes.len() > max_nodes {
+            return Err(too_large());
+        }
         for (i, n) in cfg.nodes.iter().enumerate() {
             if n.frames == 0 {
                 return Err(PoolError::TooSmall {
                     node: i,
-                    frames: n.frames,
+                    frames: 0,
                     min: 1,
                 });
             }
-            if base + u64::from(n.frames) > u64::from(u32::MAX) || i > usize::from(u16::MAX) {
-                return Err(PoolError::TooLarge);
-            }
             // Descriptors and buddy lists cost about 48 bytes per frame, allocated now.
-            let meta = (base + u64::from(n.frames)) * DESCRIPTOR_BYTES;
+            let meta = (base + n.frames) * DESCRIPTOR_BYTES;
             if let Some(total) = host_memory_bytes() {
                 if meta > total / 4 {
                     return Err(PoolError::TooLargeForHost {
-                        pool: (base + u64::from(n.frames)) * PAGE_SIZE as u64,
+                        pool: (base + n.frames) * PAGE_SIZE as u64,
                         meta,
                         host: total,
                     });
                 }
             }
-            nodes.push(Node::new(
-                NodeId(i as u16),
-                Pfn(base as u32),
-                n,
-                cfg.allocator,
-            )?);
-            base += u64::from(n.frames);
+            let frames = u32::try_from(n.frames).map_err(|_| too_large())?;
+            let first = u32::try_from(base).map_err(|_| too_large())?;
+            let id = u16::try_from(i).map_err(|_| too_large())?;
+            nodes.push(Node::new(NodeId(id), Pfn(first), frames, n, cfg.allocator)?);
+            base += n.frames;
         }
         Ok(Pool {
             nodes,
@@ -553,7 +577,7 @@ mod tests {
         Pool::new(&PoolConfig {
             nodes: vec![
                 NodeConfig {
-                    frames,
+                    frames: frames.into(),
                     host_node: None
                 };
                 nodes
@@ -689,6 +713,32 @@ mod tests {
         .unwrap_err();
         assert!(matches!(e, PoolError::TooLargeForHost { .. }), "{e}");
         assert!(e.to_string().contains("smaller pool"));
+    }
+
+    #[test]
+    fn a_pool_beyond_what_frame_numbers_index_is_refused_not_clamped() {
+        // 16 TiB + one page: one frame more than a 32-bit frame number can name.
+        let bytes = (u64::from(u32::MAX) + 1) * PAGE_SIZE as u64;
+        let e = Pool::new(&PoolConfig::uniform(bytes, 1, AllocatorKind::Magazine)).unwrap_err();
+        assert!(
+            matches!(e, PoolError::TooLarge { frames, .. } if frames == u64::from(u32::MAX) + 1),
+            "{e}"
+        );
+        // Two nodes whose sum, not either alone, is too many.
+        let half = NodeConfig {
+            frames: u64::from(u32::MAX / 2 + 1),
+            host_node: None,
+        };
+        let e = Pool::new(&PoolConfig {
+            nodes: vec![half.clone(), half],
+            allocator: AllocatorKind::Magazine,
+        })
+        .unwrap_err();
+        assert!(matches!(e, PoolError::TooLarge { .. }), "{e}");
+        // A size whose frame count wraps a u32 is not mistaken for a small pool.
+        let bytes = (u64::from(u32::MAX) + 2) * 4 * PAGE_SIZE as u64;
+        let e = Pool::new(&PoolConfig::uniform(bytes, 4, AllocatorKind::Magazine)).unwrap_err();
+        assert!(matches!(e, PoolError::TooLarge { .. }), "{e}");
     }
 
     #[test]

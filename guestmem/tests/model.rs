@@ -62,7 +62,7 @@ fn manager_cow(
     let pool = Arc::new(
         Pool::new(&PoolConfig {
             nodes: vec![guestmem::NodeConfig {
-                frames,
+                frames: u64::from(frames),
                 host_node: None,
             }],
             allocator: kind,
