@@ -1,0 +1,79 @@
+//! What the manager did, counted like `/proc/vmstat`: globally and per VM.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::FaultOutcome;
+
+/// Counters of what the manager did, like `/proc/vmstat` (all `Relaxed`: statistics).
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub(super) zero_fill_faults: AtomicU64,
+    pub(super) zero_fill_pages: AtomicU64,
+    pub(super) cow_copies: AtomicU64,
+    pub(super) cow_copy_faults: AtomicU64,
+    pub(super) cow_reuses: AtomicU64,
+    pub(super) map_existing: AtomicU64,
+    pub(super) forks: AtomicU64,
+    pub(super) exits: AtomicU64,
+    pub(super) frames_freed: AtomicU64,
+}
+
+/// A snapshot of [`Counters`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct CounterSnapshot {
+    /// First-touch faults.
+    pub zero_fill_faults: u64,
+    /// Pages mapped by first-touch faults (more than the faults with fault-around).
+    pub zero_fill_pages: u64,
+    /// Pages copied by copy-on-write faults.
+    pub cow_copies: u64,
+    /// Copy-on-write faults that copied (one or a run of pages each).
+    pub cow_copy_faults: u64,
+    /// Copy-on-write faults that reused the frame.
+    pub cow_reuses: u64,
+    /// Faults on pages already present (host view filled lazily, e.g. after fork).
+    pub map_existing: u64,
+    /// Forks.
+    pub forks: u64,
+    /// Exits.
+    pub exits: u64,
+    /// Frames returned to the pool.
+    pub frames_freed: u64,
+}
+
+impl Counters {
+    pub(super) fn add(&self, c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// The counts now.
+    pub fn snapshot(&self) -> CounterSnapshot {
+        let r = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        CounterSnapshot {
+            zero_fill_faults: r(&self.zero_fill_faults),
+            zero_fill_pages: r(&self.zero_fill_pages),
+            cow_copies: r(&self.cow_copies),
+            cow_copy_faults: r(&self.cow_copy_faults),
+            cow_reuses: r(&self.cow_reuses),
+            map_existing: r(&self.map_existing),
+            forks: r(&self.forks),
+            exits: r(&self.exits),
+            frames_freed: r(&self.frames_freed),
+        }
+    }
+
+    pub(super) fn record(&self, o: FaultOutcome) {
+        match o {
+            FaultOutcome::ZeroFill { pages } => {
+                self.add(&self.zero_fill_faults, 1);
+                self.add(&self.zero_fill_pages, pages);
+            }
+            FaultOutcome::CowCopy { pages } => {
+                self.add(&self.cow_copy_faults, 1);
+                self.add(&self.cow_copies, pages);
+            }
+            FaultOutcome::CowReuse => self.add(&self.cow_reuses, 1),
+            FaultOutcome::MapExisting { .. } => self.add(&self.map_existing, 1),
+        }
+    }
+}

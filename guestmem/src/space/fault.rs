@@ -1,0 +1,352 @@
+//! Fault resolution: first touch (with fault-around), copy-on-write (copy or reuse),
+//! and re-mapping present pages into the host view.
+
+use super::{Access, AddressSpace, AnonVma, FaultOutcome, Region, SpaceError, release_link};
+use crate::frame::{Frame, FrameFlags};
+use crate::mmu::{HostMmuError, MapRun};
+use crate::pagetable::{Block, PTES_PER_BLOCK, Pte, PteKind, Slot};
+use crate::pool::FrameInit;
+use crate::types::{Gfn, NodeId, Order, Pfn};
+
+impl AddressSpace {
+    /// Resolves a guest fault at `gfn` (what the VMM calls for a userfaultfd event).
+    pub fn handle_fault(&self, gfn: Gfn, access: Access) -> Result<FaultOutcome, SpaceError> {
+        let regions = self.read_regions();
+        let region = self.find(&regions, gfn)?;
+        let index = gfn.0 - region.pt.start.0;
+        let (mut slot, s) = region.pt.table.lock(index);
+        let pte = slot.effective(s);
+        let satisfied = match access {
+            Access::Read => pte.is_present(),
+            Access::Write => pte.is_writable(),
+        };
+        if satisfied {
+            // The manager has the page; the host view lost it or never had it (a fork
+            // child's view is filled this way).
+            let pages = self.map_existing(region, &slot, index)?;
+            let o = FaultOutcome::MapExisting { pages };
+            self.mm.count(&self.counters, o);
+            return Ok(o);
+        }
+        self.fault_locked(region, &mut slot, index, access)
+    }
+
+    /// Resolves a fault with the entry's block locked. On return the entry satisfies
+    /// `access` and the host view maps it.
+    pub(super) fn fault_locked(
+        &self,
+        region: &Region,
+        slot: &mut Slot,
+        index: u64,
+        access: Access,
+    ) -> Result<FaultOutcome, SpaceError> {
+        let s = (index % PTES_PER_BLOCK as u64) as usize;
+        let o = match slot.effective(s).kind() {
+            PteKind::Empty => self.zero_fill(region, slot, index)?,
+            PteKind::Present {
+                writable: false, ..
+            } if access == Access::Write => self.write_protect_fault(region, slot, index)?,
+            PteKind::Present { .. } => FaultOutcome::MapExisting {
+                pages: self.map_existing(region, slot, index)?,
+            },
+            PteKind::Swap { .. } | PteKind::Migration { .. } => {
+                unreachable!("swap and migration entries are not created yet")
+            }
+        };
+        self.mm.count(&self.counters, o);
+        Ok(o)
+    }
+
+    /// Makes `slot`'s block this VM's own (copying a block shared by a fork), keeping
+    /// frames' mapcounts equal to the number of blocks naming them.
+    pub(super) fn exclusive<'s>(&self, slot: &'s mut Slot) -> &'s mut Block {
+        let pool = &self.mm.pool;
+        let mut freed = Vec::new();
+        let block = slot.make_exclusive(
+            |p| {
+                if let Some(pfn) = p.pfn() {
+                    let f = pool.frame(pfn);
+                    f.map();
+                    f.get();
+                }
+            },
+            |p| {
+                if let Some(pfn) = p.pfn() {
+                    self.drop_mapping(pfn, &mut freed);
+                }
+            },
+        );
+        self.free_frames(&freed);
+        block
+    }
+
+    pub(super) fn alloc(&self, order: Order, init: FrameInit) -> Result<Pfn, SpaceError> {
+        self.mm
+            .pool
+            .alloc(NodeId(0), order, init)
+            .map_err(|source| SpaceError::Alloc {
+                vm: self.id,
+                source,
+            })
+    }
+
+    pub(super) fn host_err(&self, source: HostMmuError) -> SpaceError {
+        SpaceError::Host {
+            vm: self.id,
+            source,
+        }
+    }
+
+    pub(super) fn map_run(
+        &self,
+        region: &Region,
+        index: u64,
+        pages: u64,
+        pfn: Pfn,
+        writable: bool,
+    ) -> Result<(), HostMmuError> {
+        let node = self.mm.pool.node_of(pfn);
+        region.pt.mmu.map_run(MapRun {
+            gfn: region.pt.gfn(index),
+            pages,
+            node: node.id(),
+            pfn,
+            fd: node.memfd(),
+            file_offset: node.file_offset(pfn),
+            writable,
+        })
+    }
+
+    /// Files a new frame under the region's own anon_vma at `pgoff`.
+    fn link_new(&self, region: &Region, frame: &Frame, pgoff: u64) {
+        let anon = region
+            .rmap
+            .anon_vma()
+            .expect("anon_vma_prepare ran at region creation");
+        let old = frame.set_rmap_link(AnonVma::into_raw(anon.clone()), pgoff);
+        debug_assert_eq!(old, 0, "a new frame has no rmap link");
+    }
+
+    /// First touch: map a zero-filled frame, or a run of them (fault-around).
+    fn zero_fill(
+        &self,
+        region: &Region,
+        slot: &mut Slot,
+        index: u64,
+    ) -> Result<FaultOutcome, SpaceError> {
+        let around = self.mm.config.fault_around;
+        let n = u64::from(around.frames());
+        let first = index & !(n - 1);
+        let s0 = (first % PTES_PER_BLOCK as u64) as usize;
+        let fits = n > 1
+            && first + n <= region.pt.table.pages()
+            && (s0..s0 + n as usize).all(|s| slot.pte(s).is_empty());
+        let run = if fits {
+            self.alloc(around, FrameInit::Zeroed).ok()
+        } else {
+            None
+        };
+        let (first, order, pfn) = match run {
+            Some(pfn) => (first, around, pfn),
+            None => (
+                index,
+                Order::ZERO,
+                self.alloc(Order::ZERO, FrameInit::Zeroed)?,
+            ),
+        };
+        let pages = u64::from(order.frames());
+        let s0 = (first % PTES_PER_BLOCK as u64) as usize;
+        let block = self.exclusive(slot);
+        for i in 0..pages {
+            let p = pfn.offset(i as u32);
+            let frame = self.mm.pool.frame(p);
+            self.link_new(region, frame, region.pt.pgoff(first + i));
+            frame.set(FrameFlags::SWAP_BACKED);
+            frame.map();
+            block.set(s0 + i as usize, Pte::present(p, true));
+        }
+        if let Err(e) = self.map_run(region, first, pages, pfn, true) {
+            // The host view must not keep any part of a run whose frames go back to the
+            // pool (a view's map_run is all-or-nothing, but do not rely on it here).
+            let unmapped = region.pt.mmu.unmap_run(region.pt.gfn(first), pages).is_ok();
+            let mut freed = Vec::with_capacity(pages as usize);
+            for i in 0..pages {
+                block.set(s0 + i as usize, Pte::EMPTY);
+                if unmapped {
+                    self.drop_mapping(pfn.offset(i as u32), &mut freed);
+                }
+            }
+            if !unmapped {
+                // The host view may still map them: leaking beats handing them on.
+                tracing::error!(vm = %self.id, pages, "host view kept a failed run; frames leaked");
+            }
+            self.free_frames(&freed);
+            return Err(self.host_err(e));
+        }
+        Ok(FaultOutcome::ZeroFill { pages })
+    }
+
+    /// A write to a present, write-protected page: reuse it if this is its only mapping,
+    /// else copy it.
+    fn write_protect_fault(
+        &self,
+        region: &Region,
+        slot: &mut Slot,
+        index: u64,
+    ) -> Result<FaultOutcome, SpaceError> {
+        let s = (index % PTES_PER_BLOCK as u64) as usize;
+        let block = self.exclusive(slot);
+        let pte = block.get(s);
+        let Some(old) = pte.pfn() else {
+            unreachable!("write_protect_fault on a non-present entry");
+        };
+        let frame = self.mm.pool.frame(old);
+        // Reuse needs the frame lock: it may move the frame's rmap link, which walkers
+        // read with the frame locked.
+        if frame.mapcount() == 1 && frame.refcount() == 1 && frame.try_lock() {
+            let pgoff = region.pt.pgoff(index);
+            let anon = region.rmap.anon_vma().expect("prepared at creation");
+            if frame.rmap_link().0 != AnonVma::as_raw(anon) {
+                // page_move_anon_rmap: the frame is ours alone now; file it under our
+                // anon_vma so later walks find it in O(1).
+                let old_link = frame.set_rmap_link(AnonVma::into_raw(anon.clone()), pgoff);
+                if old_link != 0 {
+                    // SAFETY: `old_link` came from `AnonVma::into_raw` when the frame was
+                    // linked, and the frame's reference is given up exactly once here.
+                    unsafe { AnonVma::drop_raw(old_link) };
+                }
+            }
+            frame.unlock();
+            block.set(s, pte.mkwrite().mkdirty().mkyoung());
+            if let Err(e) = region.pt.mmu.protect_run(region.pt.gfn(index), 1, true) {
+                block.set(s, pte);
+                return Err(self.host_err(e));
+            }
+            return Ok(FaultOutcome::CowReuse);
+        }
+        let (first, n) = self.cow_run(region, block, index);
+        let order = Order::new(n.trailing_zeros()).unwrap_or(Order::ZERO);
+        let (first, n, new) = match self.alloc(order, FrameInit::Overwritten) {
+            Ok(new) => (first, n, new),
+            Err(_) if n > 1 => (index, 1, self.alloc(Order::ZERO, FrameInit::Overwritten)?),
+            Err(e) => return Err(e),
+        };
+        let s0 = (first % PTES_PER_BLOCK as u64) as usize;
+        let olds: Vec<Pte> = (0..n as usize).map(|i| block.get(s0 + i)).collect();
+        for (i, old_pte) in olds.iter().enumerate() {
+            let Some(old) = old_pte.pfn() else {
+                unreachable!("cow_run covers present entries only");
+            };
+            let new_i = new.offset(i as u32);
+            // SAFETY: `new_i` is ours alone; `old` is mapped read-only everywhere (it is
+            // shared, or locked by someone who does not write it), so nothing writes it
+            // during the copy.
+            unsafe { self.mm.pool.copy_frame(new_i, old) };
+            let nf = self.mm.pool.frame(new_i);
+            self.link_new(region, nf, region.pt.pgoff(first + i as u64));
+            nf.set(FrameFlags::SWAP_BACKED);
+            nf.map();
+            let pte = Pte::present(new_i, true);
+            block.set(s0 + i, if s0 + i == s { pte.mkdirty() } else { pte });
+        }
+        let mut freed = Vec::new();
+        if let Err(e) = self.map_run(region, first, n, new, true) {
+            // As in zero_fill: no part of the failed run may stay in the host view; the
+            // old frames are faulted back in read-only on the next access.
+            let unmapped = region.pt.mmu.unmap_run(region.pt.gfn(first), n).is_ok();
+            for (i, old_pte) in olds.iter().enumerate() {
+                block.set(s0 + i, *old_pte);
+                if unmapped {
+                    self.drop_mapping(new.offset(i as u32), &mut freed);
+                }
+            }
+            if !unmapped {
+                // The host view may still map the copies: leaking beats handing them on.
+                tracing::error!(vm = %self.id, pages = n, "host view kept a failed run; frames leaked");
+            }
+            self.free_frames(&freed);
+            return Err(self.host_err(e));
+        }
+        for old in olds.iter().filter_map(|p| p.pfn()) {
+            self.drop_mapping(old, &mut freed);
+        }
+        self.free_frames(&freed);
+        Ok(FaultOutcome::CowCopy { pages: n })
+    }
+
+    /// The run of entries a copy-on-write fault at `index` copies: the naturally aligned
+    /// `2^cow_around` entries around it if they are all present and write-protected and
+    /// lie in the region, else the entry alone.
+    fn cow_run(&self, region: &Region, block: &Block, index: u64) -> (u64, u64) {
+        let n = u64::from(self.mm.config.cow_around.frames());
+        let first = index & !(n - 1);
+        let s0 = (first % PTES_PER_BLOCK as u64) as usize;
+        let whole = n > 1
+            && first + n <= region.pt.table.pages()
+            && (s0..s0 + n as usize).all(|t| {
+                let p = block.get(t);
+                p.is_present() && !p.is_writable()
+            });
+        if whole { (first, n) } else { (index, 1) }
+    }
+
+    /// Maps the present entry `index` into the host view, with its neighbours in the same
+    /// block that continue the run (consecutive frames, same permission).
+    fn map_existing(&self, region: &Region, slot: &Slot, index: u64) -> Result<u64, SpaceError> {
+        let s = (index % PTES_PER_BLOCK as u64) as usize;
+        let pte = slot.effective(s);
+        let Some(pfn) = pte.pfn() else {
+            unreachable!("map_existing on a non-present entry");
+        };
+        let w = pte.is_writable();
+        let node = self.mm.pool.node_of(pfn);
+        let len = region
+            .pt
+            .table
+            .block_len((index / PTES_PER_BLOCK as u64) as usize);
+        let continues = |t: usize| {
+            let e = slot.effective(t);
+            let want = i64::from(pfn.0) + t as i64 - s as i64;
+            e.is_writable() == w
+                && e.pfn()
+                    .is_some_and(|p| i64::from(p.0) == want && node.contains(p))
+        };
+        let mut lo = s;
+        while lo > 0 && continues(lo - 1) {
+            lo -= 1;
+        }
+        let mut hi = s + 1;
+        while hi < len && continues(hi) {
+            hi += 1;
+        }
+        let first_index = index - (s - lo) as u64;
+        let first_pfn = Pfn(pfn.0 - (s - lo) as u32);
+        let pages = (hi - lo) as u64;
+        if let Err(e) = self.map_run(region, first_index, pages, first_pfn, w) {
+            // A half-made read-only run could be writable: leave nothing of it mapped.
+            let _ = region.pt.mmu.unmap_run(region.pt.gfn(first_index), pages);
+            return Err(self.host_err(e));
+        }
+        Ok(pages)
+    }
+
+    /// Drops one mapping of `pfn`; pushes it to `freed` when that was its last reference.
+    pub(super) fn drop_mapping(&self, pfn: Pfn, freed: &mut Vec<Pfn>) {
+        let frame = self.mm.pool.frame(pfn);
+        frame.unmap();
+        if frame.put() == 0 {
+            release_link(frame);
+            freed.push(pfn);
+        }
+    }
+
+    pub(super) fn free_frames(&self, freed: &[Pfn]) {
+        if freed.is_empty() {
+            return;
+        }
+        self.mm.pool.free_batch(freed);
+        self.mm
+            .counters
+            .add(&self.mm.counters.frames_freed, freed.len() as u64);
+    }
+}

@@ -1,0 +1,301 @@
+//! The [`Manager`]: what all address spaces share (pool, reverse maps, counters), and the
+//! reverse-map walks that reclaim and migration start from a frame.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, RwLock};
+
+use super::counters::{CounterSnapshot, Counters};
+use super::{
+    AddressSpace, AnonVma, FaultOutcome, Region, RegionHandle, RegionPt, RegionSpec, Regions,
+    SpaceError, release_link,
+};
+use crate::mmu::HostMmu;
+use crate::pagetable::{PTES_PER_BLOCK, PageTable};
+use crate::pool::Pool;
+use crate::types::{Order, Pfn, VmId};
+
+/// How the manager behaves.
+#[derive(Debug, Clone)]
+pub struct ManagerConfig {
+    /// First touch maps a naturally aligned run of `2^fault_around` pages when they are
+    /// all untouched (fewer host mappings, fewer faults); 0 turns it off.
+    pub fault_around: Order,
+    /// A copy-on-write fault that must copy copies the naturally aligned run of
+    /// `2^cow_around` pages around it into contiguous new frames, when every page of the
+    /// run is present and write-protected: one fault and one host mapping per run instead
+    /// of per page, at the price of private copies of pages the guest did not write
+    /// (they are shared no more). 0 turns it off.
+    pub cow_around: Order,
+    /// Reverse-map design and clone locking.
+    pub rmap: rmap::RmapConfig,
+}
+
+impl Default for ManagerConfig {
+    fn default() -> Self {
+        ManagerConfig {
+            fault_around: Order::new(6).unwrap_or(Order::ZERO),
+            cow_around: Order::new(6).unwrap_or(Order::ZERO),
+            rmap: rmap::RmapConfig::default(),
+        }
+    }
+}
+
+/// What all address spaces share: the pool, the reverse-map context, the counters.
+#[derive(Debug)]
+pub struct Manager {
+    pub(super) pool: Arc<Pool>,
+    pub(super) rmap: rmap::Rmap,
+    pub(super) counters: Counters,
+    pub(super) config: ManagerConfig,
+    pub(super) next_vm: AtomicU32,
+}
+
+impl Manager {
+    /// A manager over `pool`.
+    pub fn new(pool: Arc<Pool>, config: ManagerConfig) -> Arc<Manager> {
+        Arc::new(Manager {
+            pool,
+            rmap: rmap::Rmap::new(config.rmap),
+            counters: Counters::default(),
+            config,
+            next_vm: AtomicU32::new(0),
+        })
+    }
+
+    /// The pool.
+    pub fn pool(&self) -> &Arc<Pool> {
+        &self.pool
+    }
+
+    /// The reverse-map context (design switches and counters).
+    pub fn rmap(&self) -> &rmap::Rmap {
+        &self.rmap
+    }
+
+    /// Global counters.
+    pub fn counters(&self) -> CounterSnapshot {
+        self.counters.snapshot()
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ManagerConfig {
+        &self.config
+    }
+
+    /// Creates an address space with `regions`, mirrored into `mmu`.
+    pub fn create(
+        self: &Arc<Self>,
+        regions: &[RegionSpec],
+        mmu: Arc<dyn HostMmu>,
+    ) -> Result<Arc<AddressSpace>, SpaceError> {
+        let id = VmId(self.next_vm.fetch_add(1, Ordering::Relaxed));
+        let mut sorted = regions.to_vec();
+        sorted.sort_by_key(|r| r.start);
+        for (i, r) in sorted.iter().enumerate() {
+            let bad = |why| SpaceError::BadRegion {
+                start: r.start,
+                pages: r.pages,
+                why,
+            };
+            if r.pages == 0 {
+                return Err(bad("it is empty"));
+            }
+            if r.start
+                .0
+                .checked_add(r.pages)
+                .is_none_or(|end| end > 1 << 40)
+            {
+                return Err(bad("it ends beyond 2^52 bytes of guest-physical space"));
+            }
+            if i > 0 && sorted[i - 1].start.0 + sorted[i - 1].pages > r.start.0 {
+                return Err(bad("it overlaps another region"));
+            }
+        }
+        let mut list = Vec::with_capacity(sorted.len());
+        for r in &sorted {
+            let pt = Arc::new(RegionPt {
+                vm: id,
+                start: r.start,
+                table: PageTable::new(r.pages),
+                mmu: Arc::clone(&mmu),
+            });
+            let linked = self
+                .rmap
+                .region(Arc::clone(&pt), r.start.0..r.start.0 + r.pages)
+                .and_then(|mut rr| self.rmap.anon_vma_prepare(&mut rr).map(|_| rr));
+            let rr = match linked {
+                Ok(rr) => rr,
+                Err(source) => {
+                    for mut done in list.drain(..).map(|r: Region| r.rmap) {
+                        self.rmap.unlink_anon_vmas(&mut done);
+                    }
+                    return Err(SpaceError::Rmap { vm: id, source });
+                }
+            };
+            list.push(Region { pt, rmap: rr });
+        }
+        Ok(Arc::new(AddressSpace {
+            id,
+            mm: Arc::clone(self),
+            mmu,
+            regions: RwLock::new(Regions {
+                list,
+                exited: false,
+            }),
+            counters: Counters::default(),
+            exited: AtomicBool::new(false),
+        }))
+    }
+
+    pub(super) fn count(&self, vm: &Counters, o: FaultOutcome) {
+        self.counters.record(o);
+        vm.record(o);
+    }
+}
+
+/// How reclaim's referenced check ([`Manager::frame_referenced`]) takes its locks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum ReferencedLocking {
+    /// Seed 1: `try_read` on the anon_vma root and `try_lock` on each page-table lock;
+    /// anything contended counts as referenced (the page stays active), so reclaim never
+    /// waits behind a fork, an exit or a faulting vCPU.
+    Trylock,
+    /// The older design: wait for the root lock and every page-table lock.
+    Blocking,
+}
+
+/// What [`Manager::frame_referenced`] found.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Referenced {
+    /// Mappings whose entry was young (their young bit is now cleared).
+    pub referenced: u32,
+    /// Mappings the walk handed to the check (the rmap's cost).
+    pub examined: u64,
+    /// A lock was contended (only with [`ReferencedLocking::Trylock`]).
+    pub contended: bool,
+}
+
+impl Referenced {
+    /// Whether reclaim should treat the frame as recently used.
+    pub fn is_referenced(&self) -> bool {
+        self.referenced > 0 || self.contended
+    }
+}
+
+impl Manager {
+    /// Reclaim's `page_referenced`: walks the reverse map of `pfn` and tests-and-clears
+    /// the young bit of every entry mapping it.
+    ///
+    /// Takes a reference on the frame (skipping a frame being freed) and its frame lock
+    /// (a locked frame is busy: reported as contended) so that its rmap link stays put.
+    pub fn frame_referenced(&self, pfn: Pfn, locking: ReferencedLocking) -> Referenced {
+        let mut out = Referenced::default();
+        if u64::from(pfn.0) >= self.pool.total_frames() {
+            return out;
+        }
+        let frame = self.pool.frame(pfn);
+        if !frame.get_unless_zero() {
+            return out;
+        }
+        if !frame.try_lock() {
+            out.contended = true;
+            self.put_frame(pfn);
+            return out;
+        }
+        let (raw, pgoff) = frame.rmap_link();
+        if raw != 0 {
+            // SAFETY: `raw` came from `AnonVma::into_raw` when the frame was linked; the
+            // link changes or is released only with the frame locked or at refcount 0,
+            // and we hold both the frame lock and a reference, so it stays alive.
+            let anon = unsafe { AnonVma::borrow_raw(raw) };
+            let mode = match locking {
+                ReferencedLocking::Trylock => rmap::WalkMode::TryShared,
+                ReferencedLocking::Blocking => rmap::WalkMode::Shared,
+            };
+            let walked = rmap::rmap_walk(anon, pgoff, mode, |region: &RegionHandle, pgoff| {
+                out.examined += 1;
+                let index = pgoff - region.start.0;
+                if index >= region.table.pages() {
+                    return std::ops::ControlFlow::Continue(());
+                }
+                let locked = match locking {
+                    ReferencedLocking::Trylock => region.table.try_lock(index),
+                    ReferencedLocking::Blocking => Some(region.table.lock(index)),
+                };
+                let Some((mut blk, slot)) = locked else {
+                    out.contended = true;
+                    return std::ops::ControlFlow::Continue(());
+                };
+                let pte = blk.pte(slot);
+                if pte.pfn() == Some(pfn) && pte.is_young() {
+                    out.referenced += 1;
+                    // A block shared after a fork keeps its young bits until one of its
+                    // users copies it; the check still reports the access.
+                    if let Some(b) = blk.unique_mut() {
+                        b.set(slot, pte.mkold());
+                    }
+                }
+                std::ops::ControlFlow::Continue(())
+            });
+            if matches!(walked, Ok(rmap::WalkOutcome::Contended)) {
+                out.contended = true;
+            }
+        }
+        frame.unlock();
+        self.put_frame(pfn);
+        out
+    }
+
+    /// How many VMs map `pfn` now, counted through its reverse map (0 if it is free).
+    pub fn mappers(&self, pfn: Pfn) -> u32 {
+        if u64::from(pfn.0) >= self.pool.total_frames() {
+            return 0;
+        }
+        let frame = self.pool.frame(pfn);
+        if !frame.get_unless_zero() {
+            return 0;
+        }
+        let mut n = 0;
+        // Wait for the frame lock: a holder (reclaim, migration) keeps it briefly.
+        while !frame.try_lock() {
+            std::thread::yield_now();
+        }
+        let (raw, pgoff) = frame.rmap_link();
+        if raw != 0 {
+            // SAFETY: as in `frame_referenced`: we hold a reference and the frame lock.
+            let anon = unsafe { AnonVma::borrow_raw(raw) };
+            let _ = rmap::rmap_walk(
+                anon,
+                pgoff,
+                rmap::WalkMode::Shared,
+                |r: &RegionHandle, pgoff| {
+                    let index = pgoff - r.start.0;
+                    if index < r.table.pages()
+                        && r.table
+                            .lock(index)
+                            .0
+                            .pte((index % PTES_PER_BLOCK as u64) as usize)
+                            .pfn()
+                            == Some(pfn)
+                    {
+                        n += 1;
+                    }
+                    std::ops::ControlFlow::Continue(())
+                },
+            );
+        }
+        frame.unlock();
+        self.put_frame(pfn);
+        n
+    }
+
+    /// Drops a transient reference; frees the frame if it was the last.
+    pub(super) fn put_frame(&self, pfn: Pfn) {
+        let frame = self.pool.frame(pfn);
+        if frame.put() == 0 {
+            release_link(frame);
+            self.pool.free(pfn, Order::ZERO);
+            self.counters.add(&self.counters.frames_freed, 1);
+        }
+    }
+}

@@ -1,0 +1,435 @@
+//! Guest address spaces: the `mm_struct` of a VM.
+//!
+//! An [`AddressSpace`] holds a VM's RAM regions, each with a page table (gfn -> frame)
+//! and an anon_vma chain (its reverse-map side). It resolves faults (first touch with
+//! fault-around, copy-on-write with reuse when it is the frame's only user, re-mapping of
+//! present pages into the host view), forks copy-on-write, and exits returning every
+//! frame. A [`Manager`] owns the pool, the reverse-map context and the global counters
+//! that all address spaces share.
+//!
+//! Invariants kept here (checked by the model tests):
+//! - a frame mapped by more than one page-table entry is writable in none of them, so a
+//!   write always faults and copies (or reuses, once it is down to one mapper);
+//! - a frame's mapcount equals the number of present entries naming it, and its refcount
+//!   equals its mapcount plus transient holders;
+//! - a frame that leaves its last mapper goes back to the pool, with its rmap link
+//!   released, and is zeroed before any next owner sees it (the pool's rule).
+//!
+//! The host view ([`HostMmu`]) is told about mapping changes with the block lock held.
+//! A fork write-protects the parent's host view at once but fills the child's lazily:
+//! the child's first access to a page faults, finds the entry present and maps it (and
+//! its contiguous neighbours) read-only.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, RwLock, RwLockReadGuard};
+
+use crate::frame::Frame;
+use crate::mmu::{HostMmu, HostMmuError};
+use crate::pagetable::{PageTable, Pte};
+use crate::pool::AllocError;
+use crate::types::{Gfn, Gpa, PAGE_SIZE, VmId};
+
+mod counters;
+mod fault;
+mod fork;
+mod manager;
+
+pub use counters::{CounterSnapshot, Counters};
+pub use manager::{Manager, ManagerConfig, Referenced, ReferencedLocking};
+
+/// The largest region: 1 TiB of 4 KiB pages.
+pub const MAX_REGION_PAGES: u64 = 1 << 28;
+
+/// The handle the reverse maps keep for a region: enough to find and lock its entries.
+pub type RegionHandle = Arc<RegionPt>;
+type AnonVma = rmap::AnonVma<RegionHandle>;
+
+/// Errors of address-space operations. Each is returned to the VM that caused it; other
+/// VMs are not affected.
+#[derive(Debug, thiserror::Error)]
+pub enum SpaceError {
+    /// The page is in no RAM region of the VM.
+    #[error("{gfn} is outside every RAM region of {vm}: check the guest's memory size")]
+    OutOfRange {
+        /// The VM.
+        vm: VmId,
+        /// The page.
+        gfn: Gfn,
+    },
+    /// The pool could not give the VM a frame.
+    #[error("{vm} needs a frame: {source}")]
+    Alloc {
+        /// The VM.
+        vm: VmId,
+        /// Why not.
+        #[source]
+        source: AllocError,
+    },
+    /// The host view could not follow a mapping change.
+    #[error("{vm}: {source}")]
+    Host {
+        /// The VM.
+        vm: VmId,
+        /// The host's error.
+        #[source]
+        source: HostMmuError,
+    },
+    /// Linking the reverse maps failed (allocation failure while forking).
+    #[error("{vm}: could not link the reverse maps ({source}); the VM is unchanged")]
+    Rmap {
+        /// The VM.
+        vm: VmId,
+        /// The rmap error.
+        #[source]
+        source: rmap::RmapError,
+    },
+    /// A region is empty, overlaps another, or does not fit in guest-physical space.
+    #[error("bad RAM region at {start} of {pages} pages: {why}")]
+    BadRegion {
+        /// First page.
+        start: Gfn,
+        /// Pages.
+        pages: u64,
+        /// What is wrong.
+        why: &'static str,
+    },
+    /// The VM has exited.
+    #[error("{0} has exited")]
+    Exited(VmId),
+}
+
+/// A kind of guest access.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// A read (or instruction fetch).
+    Read,
+    /// A write.
+    Write,
+}
+
+/// What a fault did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultOutcome {
+    /// First touch: `pages` zero-filled frames mapped (more than 1 with fault-around).
+    ZeroFill {
+        /// Pages mapped.
+        pages: u64,
+    },
+    /// A write to a shared page copied it, or the run of `pages` around it, into new
+    /// frames.
+    CowCopy {
+        /// Pages copied.
+        pages: u64,
+    },
+    /// A write to a write-protected page whose only user is this VM made it writable.
+    CowReuse,
+    /// The page was present in the manager; the host view got `pages` pages mapped.
+    MapExisting {
+        /// Pages mapped into the host view.
+        pages: u64,
+    },
+}
+
+/// Memory use of one VM, like smem's columns.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct MemoryUsage {
+    /// Pages backed by a frame.
+    pub resident: u64,
+    /// Resident pages whose frame other mappings share.
+    pub shared: u64,
+    /// Resident pages whose frame only this VM maps.
+    pub private: u64,
+    /// Proportional set size in pages: each frame counted 1/mapcount.
+    pub pss: f64,
+}
+
+/// A RAM region to create: `pages` guest pages from `start`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RegionSpec {
+    /// First guest page.
+    pub start: Gfn,
+    /// Pages.
+    pub pages: u64,
+}
+
+/// A region's page table and identity: what the reverse maps point at.
+#[derive(Debug)]
+pub struct RegionPt {
+    vm: VmId,
+    start: Gfn,
+    table: PageTable,
+    mmu: Arc<dyn HostMmu>,
+}
+
+impl RegionPt {
+    /// The VM owning the region.
+    pub fn vm(&self) -> VmId {
+        self.vm
+    }
+
+    /// The region's first guest page.
+    pub fn start(&self) -> Gfn {
+        self.start
+    }
+
+    /// The region's page table.
+    pub fn table(&self) -> &PageTable {
+        &self.table
+    }
+
+    /// The VM's host view.
+    pub fn mmu(&self) -> &Arc<dyn HostMmu> {
+        &self.mmu
+    }
+
+    /// The page offset (the rmap key) of entry `index`.
+    pub fn pgoff(&self, index: u64) -> u64 {
+        self.start.0 + index
+    }
+
+    fn gfn(&self, index: u64) -> Gfn {
+        self.start.offset(index)
+    }
+}
+
+/// A RAM region: its page table plus its anon_vma chain.
+#[derive(Debug)]
+struct Region {
+    pt: RegionHandle,
+    rmap: rmap::RegionRmap<RegionHandle>,
+}
+
+impl Region {
+    fn contains(&self, gfn: Gfn) -> bool {
+        gfn.0.wrapping_sub(self.pt.start.0) < self.pt.table.pages()
+    }
+}
+
+/// The regions of a VM, under its `mmap_lock`.
+#[derive(Debug, Default)]
+struct Regions {
+    list: Vec<Region>,
+    exited: bool,
+}
+
+/// One VM's guest memory (see the module docs).
+#[derive(Debug)]
+pub struct AddressSpace {
+    id: VmId,
+    mm: Arc<Manager>,
+    mmu: Arc<dyn HostMmu>,
+    /// The mmap_lock: read for faults and accesses, write for fork and exit.
+    regions: RwLock<Regions>,
+    counters: Counters,
+    exited: AtomicBool,
+}
+
+impl AddressSpace {
+    /// The VM's id.
+    pub fn id(&self) -> VmId {
+        self.id
+    }
+
+    /// The manager.
+    pub fn manager(&self) -> &Arc<Manager> {
+        &self.mm
+    }
+
+    /// The VM's own counters.
+    pub fn counters(&self) -> CounterSnapshot {
+        self.counters.snapshot()
+    }
+
+    /// The RAM regions, as created.
+    pub fn regions(&self) -> Vec<RegionSpec> {
+        self.read_regions()
+            .list
+            .iter()
+            .map(|r| RegionSpec {
+                start: r.pt.start,
+                pages: r.pt.table.pages(),
+            })
+            .collect()
+    }
+
+    fn read_regions(&self) -> RwLockReadGuard<'_, Regions> {
+        self.regions.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn find<'a>(&self, regions: &'a Regions, gfn: Gfn) -> Result<&'a Region, SpaceError> {
+        if regions.exited {
+            return Err(SpaceError::Exited(self.id));
+        }
+        regions
+            .list
+            .iter()
+            .find(|r| r.contains(gfn))
+            .ok_or(SpaceError::OutOfRange { vm: self.id, gfn })
+    }
+
+    /// Copies `buf.len()` bytes from guest-physical `gpa` (faulting pages in as a read).
+    pub fn read(&self, gpa: Gpa, buf: &mut [u8]) -> Result<(), SpaceError> {
+        let mut done = 0;
+        self.access(gpa, buf.len(), Access::Read, |page, off, n| {
+            // SAFETY: `page` points to a frame of PAGE_SIZE bytes mapped readable by this
+            // VM, its block locked by `access`; `off + n <= PAGE_SIZE`; `buf` has room.
+            unsafe { std::ptr::copy_nonoverlapping(page.add(off), buf.as_mut_ptr().add(done), n) };
+            done += n;
+        })
+    }
+
+    /// Copies `data` to guest-physical `gpa` (faulting pages in as a write).
+    pub fn write(&self, gpa: Gpa, data: &[u8]) -> Result<(), SpaceError> {
+        let mut done = 0;
+        self.access(gpa, data.len(), Access::Write, |page, off, n| {
+            // SAFETY: `page` points to a frame mapped writable by this VM alone (a writable
+            // entry is its frame's only mapping), its block locked by `access`.
+            unsafe { std::ptr::copy_nonoverlapping(data.as_ptr().add(done), page.add(off), n) };
+            done += n;
+        })
+    }
+
+    /// Walks `len` bytes from `gpa` page by page; for each, makes the entry satisfy
+    /// `access` and calls `f(page pointer, offset in page, bytes)` with its block locked.
+    fn access(
+        &self,
+        gpa: Gpa,
+        len: usize,
+        access: Access,
+        mut f: impl FnMut(*mut u8, usize, usize),
+    ) -> Result<(), SpaceError> {
+        let regions = self.read_regions();
+        let mut at = gpa.0;
+        let end = gpa
+            .0
+            .checked_add(len as u64)
+            .ok_or(SpaceError::OutOfRange {
+                vm: self.id,
+                gfn: gpa.gfn(),
+            })?;
+        while at < end {
+            let here = Gpa(at);
+            let region = self.find(&regions, here.gfn())?;
+            let index = here.gfn().0 - region.pt.start.0;
+            let (mut slot, s) = region.pt.table.lock(index);
+            let pte = slot.effective(s);
+            let ok = match access {
+                Access::Read => pte.is_present(),
+                Access::Write => pte.is_writable(),
+            };
+            if !ok {
+                self.fault_locked(region, &mut slot, index, access)?;
+            }
+            let pte = slot.pte(s);
+            let pfn = pte.pfn().expect("fault_locked made the entry present");
+            // Young and dirty bits live in blocks this VM owns; a read through a block
+            // shared by a fork leaves it shared.
+            if let Some(b) = slot.unique_mut() {
+                let marked = match access {
+                    Access::Write => pte.mkyoung().mkdirty(),
+                    Access::Read => pte.mkyoung(),
+                };
+                b.set(s, marked);
+            }
+            let off = here.page_offset();
+            let n = (PAGE_SIZE - off).min((end - at) as usize);
+            f(self.mm.pool.page_ptr(pfn), off, n);
+            at += n as u64;
+        }
+        Ok(())
+    }
+
+    /// The VM's memory use now.
+    ///
+    /// A frame named by one page-table block only (mapcount 1) is mapped by exactly the
+    /// VMs sharing that block; a frame named by several blocks has the VMs mapping it
+    /// counted through the reverse map (exact, at the cost of a walk per such frame).
+    pub fn memory(&self) -> MemoryUsage {
+        let regions = self.read_regions();
+        let mut u = MemoryUsage::default();
+        let mut maybe_shared = Vec::new();
+        for r in &regions.list {
+            for b in 0..r.pt.table.blocks() {
+                let slot = r.pt.table.lock_block(b);
+                let sharers = slot.sharers() as u32;
+                for s in 0..r.pt.table.block_len(b) {
+                    if let Some(pfn) = slot.pte(s).pfn() {
+                        u.resident += 1;
+                        // A frame named by this block only: the VMs sharing the block are
+                        // exactly the VMs mapping it.
+                        if self.mm.pool.frame(pfn).mapcount() == 1 {
+                            if sharers <= 1 {
+                                u.private += 1;
+                            } else {
+                                u.shared += 1;
+                            }
+                            u.pss += 1.0 / f64::from(sharers.max(1));
+                        } else {
+                            maybe_shared.push(pfn);
+                        }
+                    }
+                }
+            }
+        }
+        drop(regions);
+        for pfn in maybe_shared {
+            let n = self.mm.mappers(pfn).max(1);
+            if n > 1 {
+                u.shared += 1;
+            } else {
+                u.private += 1;
+            }
+            u.pss += 1.0 / f64::from(n);
+        }
+        u
+    }
+
+    /// The entry for `gfn` as this VM may use it now (for tests and tools).
+    pub fn pte(&self, gfn: Gfn) -> Result<Pte, SpaceError> {
+        Ok(self.entry(gfn)?.pte)
+    }
+
+    /// The entry for `gfn` and the block holding it (for tests and tools).
+    pub fn entry(&self, gfn: Gfn) -> Result<EntryInfo, SpaceError> {
+        let regions = self.read_regions();
+        let region = self.find(&regions, gfn)?;
+        let (slot, s) = region.pt.table.lock(gfn.0 - region.pt.start.0);
+        Ok(EntryInfo {
+            pte: slot.effective(s),
+            block: slot.block_id(),
+            sharers: slot.sharers(),
+        })
+    }
+
+    /// The host view.
+    pub fn mmu(&self) -> &Arc<dyn HostMmu> {
+        &self.mmu
+    }
+}
+
+/// One entry and its block, as [`AddressSpace::entry`] reports them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EntryInfo {
+    /// The entry as the VM may use it (write bit cleared while its block is shared).
+    pub pte: Pte,
+    /// The block's identity (0: no block yet).
+    pub block: usize,
+    /// VMs sharing the block.
+    pub sharers: usize,
+}
+
+impl Drop for AddressSpace {
+    fn drop(&mut self) {
+        self.exit();
+    }
+}
+
+/// Releases a frame's rmap link (its reference on an anon_vma) before it is freed.
+fn release_link(frame: &Frame) {
+    let old = frame.set_rmap_link(0, 0);
+    if old != 0 {
+        // SAFETY: `old` came from `AnonVma::into_raw` when the frame was linked; the
+        // frame's last reference is gone, so no walker reads the link any more.
+        unsafe { AnonVma::drop_raw(old) };
+    }
+}
