@@ -31,6 +31,7 @@
 //! page-table lock of the entry that maps or unmaps them.
 
 pub mod alloc;
+pub mod charge;
 pub mod frame;
 pub mod host;
 pub mod mmu;
@@ -42,9 +43,10 @@ pub mod types;
 pub(crate) mod zone;
 
 pub use alloc::AllocatorKind;
+pub use charge::{ChargeError, ChargeSnapshot};
 pub use pool::{AllocError, FrameInit, NodeConfig, Pool, PoolConfig};
 pub use space::{
-    Access, AddressSpace, EntryInfo, FaultOutcome, Manager, ManagerConfig, MemoryUsage, Referenced,
-    ReferencedLocking, RegionSpec, SpaceError,
+    Access, AddressSpace, ChildOptions, EntryInfo, FaultOutcome, Manager, ManagerConfig,
+    MemoryUsage, Referenced, ReferencedLocking, RegionSpec, SpaceError,
 };
 pub use types::{Gfn, Gpa, NodeId, Order, PAGE_SIZE, Pfn, VmId};

@@ -71,6 +71,14 @@ pub trait HostMmu: Send + Sync + fmt::Debug {
     fn protect_for_fork(&self, gfn: Gfn, pages: u64) -> Result<(), HostMmuError> {
         self.protect_run(gfn, pages, false)
     }
+
+    /// Called by an exit for each region before any of its frames is freed: from now on
+    /// no access through the view may reach a frame of `gfn .. gfn + pages`, and the
+    /// manager will not map the run again. On error the manager keeps (leaks) the
+    /// region's frames rather than hand them to another VM. The default unmaps the run.
+    fn revoke(&self, gfn: Gfn, pages: u64) -> Result<(), HostMmuError> {
+        self.unmap_run(gfn, pages)
+    }
 }
 
 /// A [`HostMmu`] with no host view: for address spaces driven only by software access.

@@ -9,8 +9,19 @@
 
 use std::sync::Arc;
 
-use crate::sync::{Mutex, MutexGuard, lock, try_lock};
+use crate::sync::{Mutex, MutexGuard};
 use crate::types::Pfn;
+
+/// A block lock whose holder panicked: its entries and the frames' counts may be half
+/// updated, so nothing may use them as if nothing had happened. The VM owning the table
+/// is failed; its frames are kept (leaked) rather than handed to anyone else.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("a page-table lock was poisoned by a panic while it was held")]
+pub struct Poisoned;
+
+fn lock_checked<T>(m: &Mutex<T>) -> Result<MutexGuard<'_, T>, Poisoned> {
+    m.lock().map_err(|_| Poisoned)
+}
 
 /// Entries per page-table block (one lock each): 512, as an x86 page-table page.
 pub const PTES_PER_BLOCK: usize = 512;
@@ -337,6 +348,15 @@ impl Slot {
         }
     }
 
+    /// For an exit whose host view could not be revoked: keeps the block (and so its
+    /// frames) alive for ever, so that no frame a stale host mapping may still reach is
+    /// ever freed and handed to another VM. Leaking beats handing on.
+    pub fn leak(&mut self) {
+        if let Some(b) = self.block.take() {
+            std::mem::forget(b);
+        }
+    }
+
     /// For exit: empties the slot; returns the block if this VM was its last user (the
     /// caller drops the block's mappings).
     pub fn take(&mut self) -> Option<Block> {
@@ -362,15 +382,17 @@ impl PageTable {
     }
 
     /// A table sharing every block of `parent` (fork): O(blocks), no entry is copied.
-    pub fn share_from(parent: &PageTable) -> PageTable {
-        PageTable {
-            slots: parent
-                .slots
-                .iter()
-                .map(|s| Mutex::new(lock(s).share()))
-                .collect(),
+    /// Refused if any of the parent's block locks is poisoned.
+    pub fn share_from(parent: &PageTable) -> Result<PageTable, Poisoned> {
+        let slots = parent
+            .slots
+            .iter()
+            .map(|s| lock_checked(s).map(|mut g| Mutex::new(g.share())))
+            .collect::<Result<_, _>>()?;
+        Ok(PageTable {
+            slots,
             pages: parent.pages,
-        }
+        })
     }
 
     /// Entries in the table.
@@ -385,25 +407,31 @@ impl PageTable {
 
     /// Locks the block holding entry `index`; returns the guard and the entry's slot in it.
     #[inline]
-    pub fn lock(&self, index: u64) -> (MutexGuard<'_, Slot>, usize) {
+    pub fn lock(&self, index: u64) -> Result<(MutexGuard<'_, Slot>, usize), Poisoned> {
         debug_assert!(index < self.pages);
         let b = (index / PTES_PER_BLOCK as u64) as usize;
-        (
-            lock(&self.slots[b]),
+        Ok((
+            lock_checked(&self.slots[b])?,
             (index % PTES_PER_BLOCK as u64) as usize,
-        )
+        ))
     }
 
     /// Locks block `b`.
     #[inline]
-    pub fn lock_block(&self, b: usize) -> MutexGuard<'_, Slot> {
-        lock(&self.slots[b])
+    pub fn lock_block(&self, b: usize) -> Result<MutexGuard<'_, Slot>, Poisoned> {
+        lock_checked(&self.slots[b])
     }
 
-    /// Tries to lock the block holding entry `index` (reclaim's referenced check, seed 1).
-    pub fn try_lock(&self, index: u64) -> Option<(MutexGuard<'_, Slot>, usize)> {
+    /// Tries to lock the block holding entry `index` (reclaim's referenced check, seed 1):
+    /// `Ok(None)` when another thread holds it.
+    pub fn try_lock(&self, index: u64) -> Result<Option<(MutexGuard<'_, Slot>, usize)>, Poisoned> {
         let b = (index / PTES_PER_BLOCK as u64) as usize;
-        try_lock(&self.slots[b]).map(|g| (g, (index % PTES_PER_BLOCK as u64) as usize))
+        let s = (index % PTES_PER_BLOCK as u64) as usize;
+        match self.slots[b].try_lock() {
+            Ok(g) => Ok(Some((g, s))),
+            Err(std::sync::TryLockError::WouldBlock) => Ok(None),
+            Err(std::sync::TryLockError::Poisoned(_)) => Err(Poisoned),
+        }
     }
 
     /// Entries of block `b` that exist (the last block may be partial).
@@ -446,12 +474,28 @@ mod tests {
         assert_eq!(t.blocks(), 2);
         assert_eq!(t.block_len(0), 512);
         assert_eq!(t.block_len(1), 488);
-        let (g, i) = t.lock(513);
+        let (g, i) = t.lock(513).unwrap();
         assert_eq!(i, 1);
         assert_eq!(g.pte(1), Pte::EMPTY);
-        assert!(t.try_lock(600).is_none(), "same block is locked");
+        assert!(t.try_lock(600).unwrap().is_none(), "same block is locked");
         drop(g);
-        assert!(t.try_lock(600).is_some());
+        assert!(t.try_lock(600).unwrap().is_some());
+    }
+
+    #[test]
+    fn a_lock_poisoned_by_a_panic_is_reported_not_used() {
+        let t = PageTable::new(1000);
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _g = t.lock(3).unwrap();
+            panic!("injected while holding block 0");
+        }));
+        assert!(r.is_err());
+        assert_eq!(t.lock(5).err(), Some(Poisoned));
+        assert!(t.try_lock(5).is_err());
+        assert!(t.lock_block(0).is_err());
+        assert!(PageTable::share_from(&t).is_err());
+        // The other block is untouched.
+        assert!(t.lock(600).is_ok());
     }
 }
 

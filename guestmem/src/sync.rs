@@ -33,16 +33,6 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     }
 }
 
-/// Tries to lock `m` without waiting; `None` when another thread holds it. (Loom's
-/// `try_lock` returns std's `TryLockError` too.)
-pub(crate) fn try_lock<T>(m: &Mutex<T>) -> Option<MutexGuard<'_, T>> {
-    match m.try_lock() {
-        Ok(g) => Some(g),
-        Err(std::sync::TryLockError::Poisoned(e)) => Some(e.into_inner()),
-        Err(std::sync::TryLockError::WouldBlock) => None,
-    }
-}
-
 /// Spins before [`SpinLock::lock`] starts yielding the CPU (on a 2-vCPU host the
 /// holder may be preempted: spinning for its whole time slice would waste ours).
 #[cfg(not(loom))]

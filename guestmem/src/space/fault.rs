@@ -2,19 +2,20 @@
 //! and re-mapping present pages into the host view.
 
 use super::{Access, AddressSpace, AnonVma, FaultOutcome, Region, SpaceError, release_link};
+use crate::charge::ChargeError;
 use crate::frame::{Frame, FrameFlags};
 use crate::mmu::{HostMmuError, MapRun};
 use crate::pagetable::{Block, PTES_PER_BLOCK, Pte, PteKind, Slot};
-use crate::pool::FrameInit;
+use crate::pool::{AllocError, FrameInit};
 use crate::types::{Gfn, NodeId, Order, Pfn};
 
 impl AddressSpace {
     /// Resolves a guest fault at `gfn` (what the VMM calls for a userfaultfd event).
     pub fn handle_fault(&self, gfn: Gfn, access: Access) -> Result<FaultOutcome, SpaceError> {
-        let regions = self.read_regions();
+        let regions = self.read_regions()?;
         let region = self.find(&regions, gfn)?;
         let index = gfn.0 - region.pt.start.0;
-        let (mut slot, s) = region.pt.table.lock(index);
+        let (mut slot, s) = self.lock_entry(region, index)?;
         let pte = slot.effective(s);
         let satisfied = match access {
             Access::Read => pte.is_present(),
@@ -80,14 +81,43 @@ impl AddressSpace {
         block
     }
 
+    /// Allocates `2^order` contiguous frames charged to this VM: its limit and the
+    /// reservations of others are checked first, the pool asked only if they allow it.
     pub(super) fn alloc(&self, order: Order, init: FrameInit) -> Result<Pfn, SpaceError> {
-        self.mm
-            .pool
-            .alloc(NodeId(0), order, init)
-            .map_err(|source| SpaceError::Alloc {
-                vm: self.id,
-                source,
-            })
+        let frames = u64::from(order.frames());
+        let charges = &self.mm.charges;
+        let paid = match charges.try_charge(&self.charge, frames) {
+            Ok(p) => p,
+            Err(ChargeError::Reserved { .. }) if !charges.any_reserved() => {
+                // Nothing is reserved: every frame is simply in use.
+                return Err(SpaceError::Alloc {
+                    vm: self.id,
+                    source: AllocError::Exhausted {
+                        frames: order.frames(),
+                        free: self.mm.pool.free_frames(),
+                    },
+                });
+            }
+            Err(e) => return Err(e.into()),
+        };
+        match self.mm.pool.alloc(NodeId(0), order, init) {
+            Ok(pfn) => {
+                for i in 0..order.frames() {
+                    self.mm
+                        .pool
+                        .frame(pfn.offset(i))
+                        .set_charge(self.charge.id());
+                }
+                Ok(pfn)
+            }
+            Err(source) => {
+                charges.cancel(&self.charge, frames, paid);
+                Err(SpaceError::Alloc {
+                    vm: self.id,
+                    source,
+                })
+            }
+        }
     }
 
     pub(super) fn host_err(&self, source: HostMmuError) -> SpaceError {
@@ -341,12 +371,6 @@ impl AddressSpace {
     }
 
     pub(super) fn free_frames(&self, freed: &[Pfn]) {
-        if freed.is_empty() {
-            return;
-        }
-        self.mm.pool.free_batch(freed);
-        self.mm
-            .counters
-            .add(&self.mm.counters.frames_freed, freed.len() as u64);
+        self.mm.release_frames(freed);
     }
 }

@@ -6,11 +6,12 @@ use std::sync::{Arc, RwLock};
 
 use super::counters::{CounterSnapshot, Counters};
 use super::{
-    AddressSpace, AnonVma, FaultOutcome, Region, RegionHandle, RegionPt, RegionSpec, Regions,
-    SpaceError, release_link,
+    AddressSpace, AnonVma, FaultOutcome, MAX_REGION_PAGES, Region, RegionHandle, RegionPt,
+    RegionSpec, Regions, SpaceError, release_link,
 };
+use crate::charge::Charges;
 use crate::mmu::HostMmu;
-use crate::pagetable::{PTES_PER_BLOCK, PageTable};
+use crate::pagetable::PageTable;
 use crate::pool::Pool;
 use crate::types::{Order, Pfn, VmId};
 
@@ -48,12 +49,14 @@ pub struct Manager {
     pub(super) counters: Counters,
     pub(super) config: ManagerConfig,
     pub(super) next_vm: AtomicU32,
+    pub(super) charges: Charges,
 }
 
 impl Manager {
     /// A manager over `pool`.
     pub fn new(pool: Arc<Pool>, config: ManagerConfig) -> Arc<Manager> {
         Arc::new(Manager {
+            charges: Charges::new(pool.total_frames()),
             pool,
             rmap: rmap::Rmap::new(config.rmap),
             counters: Counters::default(),
@@ -82,6 +85,18 @@ impl Manager {
         &self.config
     }
 
+    /// Frames of the pool neither charged to a VM nor reserved for one: what a new
+    /// reservation or an unreserved allocation can still get.
+    pub fn unclaimed_frames(&self) -> u64 {
+        self.charges.available()
+    }
+
+    /// Charges alive: VMs running, or exited with frames still charged to them (shared
+    /// by a clone). For leak checks.
+    pub fn live_charges(&self) -> usize {
+        self.charges.live()
+    }
+
     /// Creates an address space with `regions`, mirrored into `mmu`.
     pub fn create(
         self: &Arc<Self>,
@@ -100,6 +115,9 @@ impl Manager {
             if r.pages == 0 {
                 return Err(bad("it is empty"));
             }
+            if r.pages > MAX_REGION_PAGES {
+                return Err(bad("it is larger than 1 TiB (MAX_REGION_PAGES)"));
+            }
             if r.start
                 .0
                 .checked_add(r.pages)
@@ -107,6 +125,7 @@ impl Manager {
             {
                 return Err(bad("it ends beyond 2^52 bytes of guest-physical space"));
             }
+            // Both checked above: the previous region ends below 2^40.
             if i > 0 && sorted[i - 1].start.0 + sorted[i - 1].pages > r.start.0 {
                 return Err(bad("it overlaps another region"));
             }
@@ -144,6 +163,7 @@ impl Manager {
             }),
             counters: Counters::default(),
             exited: AtomicBool::new(false),
+            charge: self.charges.register(id, None),
         }))
     }
 
@@ -220,9 +240,11 @@ impl Manager {
                 }
                 let locked = match locking {
                     ReferencedLocking::Trylock => region.table.try_lock(index),
-                    ReferencedLocking::Blocking => Some(region.table.lock(index)),
+                    ReferencedLocking::Blocking => region.table.lock(index).map(Some),
                 };
-                let Some((mut blk, slot)) = locked else {
+                // Contended, or poisoned (a failed VM's entries are not to be trusted or
+                // changed): either way the frame is kept, as if referenced.
+                let Ok(Some((mut blk, slot))) = locked else {
                     out.contended = true;
                     return std::ops::ControlFlow::Continue(());
                 };
@@ -270,13 +292,12 @@ impl Manager {
                 rmap::WalkMode::Shared,
                 |r: &RegionHandle, pgoff| {
                     let index = pgoff - r.start.0;
+                    // A poisoned block (its VM has failed) is counted as mapping the
+                    // frame: its entries are kept as they were.
                     if index < r.table.pages()
                         && r.table
                             .lock(index)
-                            .0
-                            .pte((index % PTES_PER_BLOCK as u64) as usize)
-                            .pfn()
-                            == Some(pfn)
+                            .map_or(true, |(g, s)| g.pte(s).pfn() == Some(pfn))
                     {
                         n += 1;
                     }
@@ -289,13 +310,25 @@ impl Manager {
         n
     }
 
+    /// Returns frames whose last reference is gone to the pool, uncharging them first
+    /// (after `free` they may already belong to someone else).
+    pub(super) fn release_frames(&self, freed: &[Pfn]) {
+        if freed.is_empty() {
+            return;
+        }
+        self.charges
+            .uncharge(freed.iter().map(|&p| self.pool.frame(p).take_charge()));
+        self.pool.free_batch(freed);
+        self.counters
+            .add(&self.counters.frames_freed, freed.len() as u64);
+    }
+
     /// Drops a transient reference; frees the frame if it was the last.
     pub(super) fn put_frame(&self, pfn: Pfn) {
         let frame = self.pool.frame(pfn);
         if frame.put() == 0 {
             release_link(frame);
-            self.pool.free(pfn, Order::ZERO);
-            self.counters.add(&self.counters.frames_freed, 1);
+            self.release_frames(&[pfn]);
         }
     }
 }

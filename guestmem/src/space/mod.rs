@@ -21,11 +21,12 @@
 //! its contiguous neighbours) read-only.
 
 use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::sync::{Arc, MutexGuard, RwLock, RwLockReadGuard};
 
+use crate::charge::{Charge, ChargeError, ChargeSnapshot};
 use crate::frame::Frame;
 use crate::mmu::{HostMmu, HostMmuError};
-use crate::pagetable::{PageTable, Pte};
+use crate::pagetable::{PageTable, Poisoned, Pte, Slot};
 use crate::pool::AllocError;
 use crate::types::{Gfn, Gpa, PAGE_SIZE, VmId};
 
@@ -35,6 +36,7 @@ mod fork;
 mod manager;
 
 pub use counters::{CounterSnapshot, Counters};
+pub use fork::ChildOptions;
 pub use manager::{Manager, ManagerConfig, Referenced, ReferencedLocking};
 
 /// The largest region: 1 TiB of 4 KiB pages.
@@ -96,6 +98,21 @@ pub enum SpaceError {
     /// The VM has exited.
     #[error("{0} has exited")]
     Exited(VmId),
+    /// The VM's frame account refused the allocation: its limit, or frames reserved for
+    /// other VMs.
+    #[error(transparent)]
+    Charge(#[from] ChargeError),
+    /// A lock of the VM's memory was poisoned: a panic interrupted an update of it, so
+    /// its state cannot be trusted. The VM is failed; its frames are kept, not reused.
+    #[error(
+        "{vm}'s {lock} lock was poisoned by a panic in an earlier operation; the VM's memory can no longer be trusted: destroy the VM"
+    )]
+    Poisoned {
+        /// The VM.
+        vm: VmId,
+        /// Which lock: "page-table" or "mmap".
+        lock: &'static str,
+    },
 }
 
 /// A kind of guest access.
@@ -222,6 +239,8 @@ pub struct AddressSpace {
     regions: RwLock<Regions>,
     counters: Counters,
     exited: AtomicBool,
+    /// The frames it allocated, its limit and reservation.
+    charge: Arc<Charge>,
 }
 
 impl AddressSpace {
@@ -242,7 +261,10 @@ impl AddressSpace {
 
     /// The RAM regions, as created.
     pub fn regions(&self) -> Vec<RegionSpec> {
-        self.read_regions()
+        // The list never changes after creation: a poisoned lock still guards it whole.
+        self.regions
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
             .list
             .iter()
             .map(|r| RegionSpec {
@@ -252,8 +274,44 @@ impl AddressSpace {
             .collect()
     }
 
-    fn read_regions(&self) -> RwLockReadGuard<'_, Regions> {
-        self.regions.read().unwrap_or_else(|e| e.into_inner())
+    /// The VM's frame account: frames charged to it, its limit, its reservation.
+    pub fn charge(&self) -> ChargeSnapshot {
+        self.charge.snapshot()
+    }
+
+    /// Sets or clears the VM's frame limit (`memory.max`). An allocation that would take
+    /// the VM past it fails with [`ChargeError::Limit`], for this VM alone; a limit below
+    /// what is charged now takes nothing away, it refuses further allocations.
+    pub fn set_limit(&self, frames: Option<u64>) {
+        self.charge.set_limit(frames);
+    }
+
+    /// Reserves `frames` more frames of the pool for this VM: no other VM can take them.
+    pub fn reserve(&self, frames: u64) -> Result<(), SpaceError> {
+        Ok(self.mm.charges.reserve(&self.charge, frames)?)
+    }
+
+    /// The regions under the mmap_lock (read); a lock poisoned by a panic in a fork or
+    /// exit fails the VM.
+    fn read_regions(&self) -> Result<RwLockReadGuard<'_, Regions>, SpaceError> {
+        self.regions.read().map_err(|_| self.poisoned("mmap"))
+    }
+
+    fn poisoned(&self, lock: &'static str) -> SpaceError {
+        SpaceError::Poisoned { vm: self.id, lock }
+    }
+
+    /// Locks the block of entry `index` of `region`.
+    fn lock_entry<'r>(
+        &self,
+        region: &'r Region,
+        index: u64,
+    ) -> Result<(MutexGuard<'r, Slot>, usize), SpaceError> {
+        region
+            .pt
+            .table
+            .lock(index)
+            .map_err(|Poisoned| self.poisoned("page-table"))
     }
 
     fn find<'a>(&self, regions: &'a Regions, gfn: Gfn) -> Result<&'a Region, SpaceError> {
@@ -298,7 +356,7 @@ impl AddressSpace {
         access: Access,
         mut f: impl FnMut(*mut u8, usize, usize),
     ) -> Result<(), SpaceError> {
-        let regions = self.read_regions();
+        let regions = self.read_regions()?;
         let mut at = gpa.0;
         let end = gpa
             .0
@@ -311,7 +369,7 @@ impl AddressSpace {
             let here = Gpa(at);
             let region = self.find(&regions, here.gfn())?;
             let index = here.gfn().0 - region.pt.start.0;
-            let (mut slot, s) = region.pt.table.lock(index);
+            let (mut slot, s) = self.lock_entry(region, index)?;
             let pte = slot.effective(s);
             let ok = match access {
                 Access::Read => pte.is_present(),
@@ -344,13 +402,18 @@ impl AddressSpace {
     /// A frame named by one page-table block only (mapcount 1) is mapped by exactly the
     /// VMs sharing that block; a frame named by several blocks has the VMs mapping it
     /// counted through the reverse map (exact, at the cost of a walk per such frame).
+    ///
+    /// Blocks whose lock is poisoned are left out (their entries cannot be trusted).
     pub fn memory(&self) -> MemoryUsage {
-        let regions = self.read_regions();
+        // The region list never changes after creation: a poisoned lock still guards it.
+        let regions = self.regions.read().unwrap_or_else(|e| e.into_inner());
         let mut u = MemoryUsage::default();
         let mut maybe_shared = Vec::new();
         for r in &regions.list {
             for b in 0..r.pt.table.blocks() {
-                let slot = r.pt.table.lock_block(b);
+                let Ok(slot) = r.pt.table.lock_block(b) else {
+                    continue;
+                };
                 let sharers = slot.sharers() as u32;
                 for s in 0..r.pt.table.block_len(b) {
                     if let Some(pfn) = slot.pte(s).pfn() {
@@ -391,9 +454,9 @@ impl AddressSpace {
 
     /// The entry for `gfn` and the block holding it (for tests and tools).
     pub fn entry(&self, gfn: Gfn) -> Result<EntryInfo, SpaceError> {
-        let regions = self.read_regions();
+        let regions = self.read_regions()?;
         let region = self.find(&regions, gfn)?;
-        let (slot, s) = region.pt.table.lock(gfn.0 - region.pt.start.0);
+        let (slot, s) = self.lock_entry(region, gfn.0 - region.pt.start.0)?;
         Ok(EntryInfo {
             pte: slot.effective(s),
             block: slot.block_id(),
