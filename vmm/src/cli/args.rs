@@ -1,0 +1,168 @@
+//! The command line as clap types: the subcommands, the options they share and the
+//! WORKLOAD help text. Parsing only; every range and size check is in [`super::limits`].
+
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+pub(crate) const WORKLOAD_HELP: &str = "\
+WORKLOAD syntax: STEP[,STEP...], each STEP is OP[:KEY=VALUE...]
+  ops:  fill (write the seed's pattern), verify (check it), touch (read a word per page),
+        random (seeded random reads/writes), checksum (sum every word), dirty (write a word per page)
+  keys: seed=N (default 1), offset=N (first page of the range, from the start of the vCPU's
+        slice; default 0), pages=N (default: rest of the slice), count=N (random accesses,
+        default 10000), stride=N (fork's second phase: clone k's range starts k*N pages later)
+  offset, pages and stride also take sizes: 4M, 1G.
+Each vCPU works on its own slice of guest RAM (above the 1 MiB boot region); its seeds are
+offset by the vCPU index and by 1000 per VM (100000 per fork clone), so every slice holds its
+own pattern and `verify:seed=N` checks what `fill:seed=N` wrote.
+Example: --workload fill:seed=1,verify:seed=1,random:seed=7:count=100000,checksum";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "vmm",
+    about = "KVM guests on memory the VMM manages itself: run workloads, snapshot-fork running VMs",
+    after_help = WORKLOAD_HELP
+)]
+pub(crate) struct Cli {
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub(crate) enum AllocatorArg {
+    /// Per-CPU magazines with a depot (seed 5).
+    Magazine,
+    /// Linux's per-cpu page lists.
+    Percpu,
+    /// One global lock.
+    Global,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub(crate) enum RmapArg {
+    /// anon_vma chains (seed 2).
+    Chain,
+    /// One anon_vma per fork tree (pre-2010 Linux).
+    Flat,
+}
+
+/// Options every subcommand shares.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct Common {
+    /// Guest RAM per VM: 256M, 1G ... (a multiple of 2 MiB, 4 MiB to 64 GiB).
+    #[arg(long, default_value = "256M")]
+    pub mem: String,
+    /// vCPUs per VM (1 to 64); each works on its own slice of RAM.
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u32,
+    /// Frame pool size (default: what the VMs can write, plus 16 MiB; at most 16T less
+    /// one page). The pool is sparse: host memory is used only for frames handed out.
+    #[arg(long)]
+    pub pool: Option<String>,
+    /// Frame allocator design.
+    #[arg(long, value_enum, default_value = "magazine")]
+    pub allocator: AllocatorArg,
+    /// Reverse-map design.
+    #[arg(long, value_enum, default_value = "chain")]
+    pub rmap: RmapArg,
+    /// Pin every VM's vCPUs and fault handler to this host CPU, one of those this process
+    /// may run on (0 to N-1; cross-CPU wake-ups cost).
+    #[arg(long)]
+    pub cpu: Option<usize>,
+    /// Give up when the guests' work has not finished SECS seconds (fractions allowed)
+    /// after the VMs start: the late VM, vCPU and step are named, the VMs are stopped and
+    /// the exit status is 1. Default: no limit.
+    #[arg(long, value_name = "SECS", value_parser = parse_timeout)]
+    pub timeout: Option<Duration>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `--timeout`: positive seconds, fractions allowed.
+fn parse_timeout(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds (like 30 or 0.5)"))?;
+    if secs.is_nan() || secs <= 0.0 {
+        return Err(format!(
+            "{s:?}: the timeout must be more than 0 seconds (leave --timeout out for no limit)"
+        ));
+    }
+    Duration::try_from_secs_f64(secs)
+        .map_err(|_| format!("{s:?} seconds is too long: leave --timeout out for no limit"))
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ForkArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Clones to fork the VM into.
+    #[arg(long, default_value_t = 8)]
+    pub clones: usize,
+    /// Workload run in the VM before the fork (see WORKLOAD syntax).
+    #[arg(long, default_value = "fill:seed=1")]
+    pub phase1: String,
+    /// Workload run after the fork in the parent and in every clone, each with its own
+    /// seeds; `stride` gives each VM its own range.
+    #[arg(long, default_value = "fill:seed=2:pages=256:stride=256")]
+    pub phase2: String,
+    /// Also fork clone 1 once more and run the second phase in that grandchild.
+    #[arg(long)]
+    pub grandchild: bool,
+    /// Create the clones' VMs (KVM VM, memslot, vCPUs, threads) before pausing the
+    /// parent, so the fork itself creates none (the time to make them is reported apart).
+    #[arg(long)]
+    pub shells: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum Cmd {
+    /// Launch VMs and run a workload in each (see WORKLOAD syntax below).
+    #[command(after_help = WORKLOAD_HELP)]
+    Run {
+        #[command(flatten)]
+        common: Common,
+        /// VMs to run at once.
+        #[arg(long, default_value_t = 1)]
+        vms: u32,
+        /// The guest commands to run.
+        #[arg(long, default_value = "fill:seed=1,verify:seed=1")]
+        workload: String,
+    },
+    /// Run a VM, snapshot-fork it into clones, run a second phase in each, verify all.
+    #[command(after_help = WORKLOAD_HELP)]
+    Fork(ForkArgs),
+    /// A snapshot-fork experiment with defaults: a 256 MiB, 2-vCPU guest fills 192 MiB,
+    /// forks into 8 clones (VM shells made beforehand), each rewrites its own 8 MiB (4 MiB
+    /// per vCPU), the parent too, clone 1 forks again; every VM verifies all it holds.
+    Demo {
+        /// Clones.
+        #[arg(long, default_value_t = 8)]
+        clones: usize,
+        /// Print JSON instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_timeout;
+    use std::time::Duration;
+
+    #[test]
+    fn timeouts_parse_as_positive_seconds() {
+        assert_eq!(parse_timeout("30"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_timeout("0.5"), Ok(Duration::from_millis(500)));
+    }
+
+    #[test]
+    fn zero_negative_and_absurd_timeouts_are_rejected() {
+        for bad in ["0", "-1", "NaN", "soon", "1e300"] {
+            assert!(parse_timeout(bad).is_err(), "{bad}");
+        }
+    }
+}

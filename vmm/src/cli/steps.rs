@@ -1,0 +1,163 @@
+//! Turning a workload into each vCPU's guest commands and running them step by step on
+//! every vCPU of a VM at once, against the run's deadline (`--timeout`), recording what
+//! each page holds so the VM can be verified afterwards.
+
+use std::time::{Duration, Instant};
+
+use guestmem::types::Gfn;
+use vmm::guest::DATA_START;
+use vmm::workload::{Model, Placement, Workload};
+use vmm::{CmdResult, Command, Op, Vm};
+
+use super::error::CliError;
+use super::limits::PAGE;
+
+/// A workload from `flag`'s text.
+pub(crate) fn workload(flag: &str, s: &str) -> Result<Workload, CliError> {
+    s.parse().map_err(|source| CliError::Workload {
+        given: Some(format!("{flag} {s:?}")),
+        source,
+    })
+}
+
+/// Pages per vCPU slice of a guest of `mem` bytes with `vcpus` vCPUs.
+fn slice_pages(mem: u64, vcpus: u32) -> u64 {
+    (mem - DATA_START) / PAGE / u64::from(vcpus)
+}
+
+/// Each vCPU's commands for `w` (seeds offset as the WORKLOAD help says).
+pub(crate) fn plan(
+    w: &Workload,
+    mem: u64,
+    vcpus: u32,
+    seed_offset: u64,
+    stride_index: u64,
+) -> Result<Vec<Vec<Command>>, CliError> {
+    let per = slice_pages(mem, vcpus);
+    (0..u64::from(vcpus))
+        .map(|i| {
+            w.commands(&Placement {
+                slice_start: Gfn(DATA_START / PAGE + i * per),
+                slice_pages: per,
+                seed_offset: seed_offset + i,
+                stride_index,
+            })
+            .map_err(|source| CliError::Workload {
+                given: None,
+                source,
+            })
+        })
+        .collect()
+}
+
+/// Pages a plan may write (fill, random, dirty ranges), checked.
+pub(crate) fn written_pages(plan: &[Vec<Command>]) -> Result<u64, CliError> {
+    plan.iter()
+        .flatten()
+        .filter(|c| matches!(c.op, Op::Fill | Op::Random | Op::Dirty))
+        .try_fold(0u64, |sum, c| sum.checked_add(c.pages))
+        .ok_or_else(|| {
+            CliError::Usage(
+                "the workload writes more pages than 64 bits count: use fewer steps".into(),
+            )
+        })
+}
+
+/// When the guests' work must be done: `--timeout` from when it started.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Deadline {
+    at: Option<Instant>,
+    timeout: Option<Duration>,
+}
+
+impl Deadline {
+    /// `timeout` from now (none: wait for ever).
+    pub(crate) fn starting_now(timeout: Option<Duration>) -> Deadline {
+        Deadline {
+            // A timeout too far off to represent is no limit in practice.
+            at: timeout.and_then(|t| Instant::now().checked_add(t)),
+            timeout,
+        }
+    }
+}
+
+/// One step's outcome over all vCPUs.
+#[derive(Debug, Clone, serde::Serialize)]
+pub(crate) struct StepReport {
+    pub op: Op,
+    pub pages: u64,
+    /// Verify: mismatched words; others: 0.
+    pub mismatches: u64,
+    /// Checksum/touch/random: the guest's sums (wrapping) over the vCPUs.
+    pub result: u64,
+    pub ms: f64,
+}
+
+fn step_name(s: usize, op: Op) -> String {
+    format!("step {} ({})", s + 1, format!("{op:?}").to_lowercase())
+}
+
+/// Runs each step on every vCPU at once (vCPU `i` gets `plan[i][step]`), records it in
+/// `model` and returns the per-step reports. `who` names the VM in errors.
+pub(crate) fn run_plan(
+    vm: &Vm,
+    who: &str,
+    plan: &[Vec<Command>],
+    model: &mut Model,
+    deadline: Deadline,
+) -> Result<Vec<StepReport>, CliError> {
+    let steps = plan.first().map_or(0, Vec::len);
+    let mut out = Vec::with_capacity(steps);
+    for s in 0..steps {
+        let op = plan[0][s].op;
+        let fail = |e| CliError::from_step(e, who, || step_name(s, op), deadline.timeout);
+        let t = Instant::now();
+        for (v, cmds) in vm.vcpus().iter().zip(plan) {
+            v.submit(cmds[s]).map_err(fail)?;
+        }
+        let mut rep = StepReport {
+            op,
+            pages: 0,
+            mismatches: 0,
+            result: 0,
+            ms: 0.0,
+        };
+        for (v, cmds) in vm.vcpus().iter().zip(plan) {
+            let r: CmdResult = v.wait_deadline(deadline.at).map_err(fail)?;
+            rep.pages += cmds[s].pages;
+            if cmds[s].op == Op::Verify {
+                rep.mismatches += r.mismatches();
+            } else {
+                rep.result = rep.result.wrapping_add(r.r0);
+            }
+            model.apply(&cmds[s]);
+        }
+        rep.ms = t.elapsed().as_secs_f64() * 1e3;
+        out.push(rep);
+    }
+    Ok(out)
+}
+
+/// Verifies every page whose pattern `model` knows, spreading the commands over the vCPUs;
+/// returns (pages checked, mismatched words).
+pub(crate) fn verify_model(
+    vm: &Vm,
+    who: &str,
+    model: &Model,
+    deadline: Deadline,
+) -> Result<(u64, u64), CliError> {
+    let cmds = model.verify_commands();
+    let n = vm.vcpus().len();
+    let fail = |e| CliError::from_step(e, who, || "the final verify".into(), deadline.timeout);
+    let (mut pages, mut bad) = (0, 0);
+    for chunk in cmds.chunks(n) {
+        for (v, c) in vm.vcpus().iter().zip(chunk) {
+            v.submit(*c).map_err(fail)?;
+        }
+        for (v, c) in vm.vcpus().iter().zip(chunk) {
+            bad += v.wait_deadline(deadline.at).map_err(fail)?.mismatches();
+            pages += c.pages;
+        }
+    }
+    Ok((pages, bad))
+}
