@@ -49,6 +49,9 @@
 //!    and the depot (`Allocator::drain`) and tries once more before it reports
 //!    exhaustion, as Linux drains the pcp lists before OOM. (A concurrent thread may
 //!    cache frames again right after the drain; like Linux, the retry is not repeated.)
+//!    Only order-0 requests drain: every larger request in this manager is opportunistic
+//!    (fault-around, copy-around) and falls back to smaller runs, so on a fragmented pool
+//!    a drain per fault would cost every CPU's cache for nothing.
 //!
 //! Every frame is at any time in exactly one place: the zone, one magazine (in a slot or
 //! the depot), a per-cpu list, or with its owner; every move between places happens with
@@ -276,11 +279,15 @@ impl Allocator {
         self.zone.acquisitions()
     }
 
-    /// Allocates `2^order` frames; `cpu` is the caller's CPU (a hint). `None` only when
-    /// the zone and every cache are out of such blocks.
+    /// Allocates `2^order` frames; `cpu` is the caller's CPU (a hint). For order 0,
+    /// `None` only when the zone and every cache are out of frames; a larger request
+    /// fails as soon as the zone has no such block (see step 5 of the module docs).
     pub(crate) fn alloc(&self, order: u32, cpu: usize) -> Option<u32> {
         if let Some(f) = self.alloc_once(order, cpu) {
             return Some(f);
+        }
+        if order > 0 {
+            return None;
         }
         self.drain();
         self.alloc_once(order, cpu)

@@ -372,3 +372,48 @@ fn a_region_larger_than_max_region_pages_is_refused() {
         .unwrap_err();
     assert!(matches!(e, SpaceError::BadRegion { .. }), "{e}");
 }
+
+#[test]
+fn a_fragmented_pool_still_maps_runs_not_single_frames() {
+    use guestmem::mmu::{MmuCall, RecordingMmu};
+    use guestmem::{FrameInit, NodeId, Order};
+    let pool = Arc::new(
+        Pool::new(&PoolConfig::uniform(
+            1024 * PAGE_SIZE as u64,
+            1,
+            AllocatorKind::GlobalLock,
+        ))
+        .expect("pool"),
+    );
+    // Take every 8-frame block, give back every other one: no free block above 8 frames.
+    let eight = Order::new(3).unwrap();
+    let mut blocks = Vec::new();
+    while let Ok(p) = pool.alloc(NodeId(0), eight, FrameInit::Zeroed) {
+        blocks.push(p);
+    }
+    for p in blocks.iter().step_by(2) {
+        pool.free(*p, eight);
+    }
+    let mm = Manager::new(Arc::clone(&pool), ManagerConfig::default());
+    let rec = Arc::new(RecordingMmu::default());
+    let vm = space(&mm, rec.clone());
+    write_pages(&vm, 0, 64, 1).unwrap();
+    let maps: Vec<u64> = rec
+        .take()
+        .into_iter()
+        .filter_map(|c| match c {
+            MmuCall::Map { pages, .. } => Some(pages),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        maps,
+        vec![8; 8],
+        "eight runs of eight pages, not 64 single frames"
+    );
+    vm.exit();
+    for p in blocks.iter().skip(1).step_by(2) {
+        pool.free(*p, eight);
+    }
+    assert_eq!(pool.free_frames(), pool.total_frames());
+}

@@ -164,20 +164,27 @@ impl AddressSpace {
         slot: &mut Slot,
         index: u64,
     ) -> Result<FaultOutcome, SpaceError> {
-        let around = self.mm.config.fault_around;
-        let n = u64::from(around.frames());
-        let first = index & !(n - 1);
-        let s0 = (first % PTES_PER_BLOCK as u64) as usize;
-        let fits = n > 1
-            && first + n <= region.pt.table.pages()
-            && (s0..s0 + n as usize).all(|s| slot.pte(s).is_empty());
-        let run = if fits {
-            self.alloc(around, FrameInit::Zeroed).ok()
-        } else {
-            None
-        };
+        // The largest naturally aligned run around `index`, up to `2^fault_around`, whose
+        // entries are all empty and for which the pool has a contiguous block: a pool too
+        // fragmented for the full run still maps 32, 16, ... pages per host mapping
+        // rather than one (each host mapping counts against `vm.max_map_count`).
+        let mut run = None;
+        for o in (1..=self.mm.config.fault_around.get()).rev() {
+            let n = 1u64 << o;
+            let first = index & !(n - 1);
+            let s0 = (first % PTES_PER_BLOCK as u64) as usize;
+            let fits = first + n <= region.pt.table.pages()
+                && (s0..s0 + n as usize).all(|s| slot.pte(s).is_empty());
+            let Some(order) = Order::new(o).filter(|_| fits) else {
+                continue;
+            };
+            if let Ok(pfn) = self.alloc(order, FrameInit::Zeroed) {
+                run = Some((first, order, pfn));
+                break;
+            }
+        }
         let (first, order, pfn) = match run {
-            Some(pfn) => (first, around, pfn),
+            Some(r) => r,
             None => (
                 index,
                 Order::ZERO,
