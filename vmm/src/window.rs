@@ -57,6 +57,16 @@ pub enum WindowError {
         "moving guest RAM's KVM memslot to a fresh window failed: {0}; the host may be short of memory"
     )]
     Memslot(#[source] io::Error),
+    /// The window would need more host mappings than its budget.
+    #[error(
+        "guest RAM's host window needs more than its budget of {budget} host mappings ({used} now): its frames are scattered across the frame pool; give the pool more memory (so it fragments less) or raise the window's mapping budget"
+    )]
+    MapBudget {
+        /// Host mappings the window has now.
+        used: u64,
+        /// Its budget.
+        budget: u64,
+    },
     /// An access outside guest RAM.
     #[error("{what} at {gpa} ({len} bytes) is outside guest RAM of {size:#x} bytes")]
     OutOfRange {
@@ -96,9 +106,22 @@ pub struct Window {
     /// Windows swapped out so far (statistics).
     swaps: AtomicU64,
     memslot: Mutex<Option<Memslot>>,
+    /// Host mappings the window holds at most (an estimate that only errs high: each
+    /// mapping change adds at most two), recounted from `/proc/self/maps` when it passes
+    /// the budget.
+    mappings: AtomicU64,
+    /// Most host mappings the window may hold: `vm.max_map_count` is one limit for the
+    /// whole process, so a VM whose memory is scattered over the pool fails alone instead
+    /// of using up every sibling's mappings.
+    map_budget: AtomicU64,
 }
 
 impl Window {
+    /// The default mapping budget: a quarter of the host's `vm.max_map_count` (at least
+    /// 1024; 16,382 with the usual limit of 65,530).
+    pub fn default_map_budget() -> u64 {
+        (mman::max_map_count().unwrap_or(65_530) / 4).max(1024)
+    }
     /// Mappings that must be free under `vm.max_map_count` to create a window.
     pub const MIN_MAP_HEADROOM: u64 = 64;
 
@@ -118,6 +141,8 @@ impl Window {
             dirty: AtomicBool::new(false),
             swaps: AtomicU64::new(0),
             memslot: Mutex::new(None),
+            mappings: AtomicU64::new(1),
+            map_budget: AtomicU64::new(Self::default_map_budget()),
         };
         w.uffd.register(base as u64, size)?;
         Ok(w)
@@ -207,6 +232,8 @@ impl Window {
         std::mem::forget(fresh);
         self.dirty.store(false, Ordering::Relaxed);
         self.swaps.fetch_add(1, Ordering::Relaxed);
+        // A fresh range is one hole: one mapping.
+        self.mappings.store(1, Ordering::Relaxed);
         self.bind_memslot(vm, slot);
         (old, self.size)
     }
@@ -303,6 +330,39 @@ impl Window {
                 pages,
                 source: io::Error::new(io::ErrorKind::InvalidInput, e),
             })
+    }
+
+    /// Sets the most host mappings the window may hold (see [`Window::default_map_budget`]).
+    pub fn set_map_budget(&self, budget: u64) {
+        self.map_budget.store(budget.max(1), Ordering::Relaxed);
+    }
+
+    /// The window's mapping budget.
+    pub fn map_budget(&self) -> u64 {
+        self.map_budget.load(Ordering::Relaxed)
+    }
+
+    /// Claims room for one mapping change (at most two new host mappings) under the
+    /// budget, recounting the real mappings when the estimate passes it.
+    fn claim_mappings(&self, op: &'static str, gfn: Gfn, pages: u64) -> Result<(), HostMmuError> {
+        let budget = self.map_budget();
+        let estimate = self.mappings.fetch_add(2, Ordering::Relaxed) + 2;
+        if estimate <= budget {
+            return Ok(());
+        }
+        // Counting costs a read of /proc/self/maps: only when the estimate says so.
+        let used = self.host_mappings().unwrap_or(estimate - 2);
+        self.mappings.store(used + 2, Ordering::Relaxed);
+        if used + 2 <= budget {
+            return Ok(());
+        }
+        self.mappings.store(used, Ordering::Relaxed);
+        Err(mmu_err(
+            op,
+            gfn,
+            pages,
+            WindowError::MapBudget { used, budget },
+        ))
     }
 
     /// Host mappings (VMAs) the window consists of now, from `/proc/self/maps`: one per
@@ -430,6 +490,7 @@ impl HostMmu for Window {
     fn map_run(&self, run: MapRun<'_>) -> Result<(), HostMmuError> {
         let g = self.pin();
         let (addr, len) = self.check_run(&g, "map_run", run.gfn, run.pages)?;
+        self.claim_mappings("map_run", run.gfn, run.pages)?;
         let err = |e: WindowError| mmu_err("map_run", run.gfn, run.pages, e);
         let read_only = !run.writable;
         if read_only {
@@ -507,6 +568,15 @@ impl Window {
     /// `unmap_run` under a pin the caller holds.
     fn unmap_pinned(&self, g: &BaseGuard<'_>, gfn: Gfn, pages: u64) -> Result<(), HostMmuError> {
         let (addr, len) = self.check_run(g, "unmap_run", gfn, pages)?;
+        if gfn == Gfn(0) && pages == self.pages() {
+            // The whole window becomes one hole: one mapping (never refused).
+            self.mappings.store(1, Ordering::Relaxed);
+        } else {
+            // A hole never needs more mappings than the budget allows the window: an
+            // unmap that would pass it is still made (it must be, to fail closed), and
+            // the next map_run is refused instead.
+            let _ = self.claim_mappings("unmap_run", gfn, pages);
+        }
         ro_map_begin();
         let result = (|| {
             // SAFETY: as in map_run.

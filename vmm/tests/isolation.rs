@@ -7,7 +7,9 @@
 //! - pauses nest: a `resume` from another thread cannot unpark a vCPU that a fork holds
 //!   paused, and forks of one VM run one at a time;
 //! - a failed VM's faults are let through only inside its current window: a retired
-//!   range is never mapped over.
+//!   range is never mapped over;
+//! - a window whose memory is scattered over the pool runs out of its own mapping
+//!   budget, with a clear error, while a sibling window still maps.
 //!
 //! Needs /dev/kvm (fails saying so unless SKIP_KVM=1).
 
@@ -283,4 +285,61 @@ mod vm {
     pub fn retire_now(addr: u64, len: u64) {
         vmm::window::retire(addr, len);
     }
+}
+
+fn scattered_maps(
+    w: &vmm::Window,
+    fd: std::os::fd::BorrowedFd<'_>,
+    n: u64,
+) -> Result<u64, guestmem::mmu::HostMmuError> {
+    use guestmem::mmu::{HostMmu, MapRun};
+    use guestmem::types::{NodeId, Pfn};
+    // Every other page, each from a file offset no neighbour continues: no two merge.
+    for i in 0..n {
+        w.map_run(MapRun {
+            gfn: Gfn(2 * i),
+            pages: 1,
+            node: NodeId(0),
+            pfn: Pfn(0),
+            fd,
+            file_offset: (4 * i % 512) * 4096,
+            writable: true,
+        })?;
+    }
+    Ok(n)
+}
+
+#[test]
+fn a_scattered_window_runs_out_of_its_own_mapping_budget_and_a_sibling_still_maps() {
+    use guestmem::mmu::HostMmu;
+    use std::os::fd::AsFd;
+    let fd = vmm::sys::mman::memfd("budget", 512 * 4096).expect("memfd");
+    let uffd = || Arc::new(vmm::sys::uffd::Uffd::new().expect("userfaultfd"));
+    let a = vmm::Window::new(uffd(), 1024 * 4096).expect("window");
+    let b = vmm::Window::new(uffd(), 1024 * 4096).expect("window");
+    assert!(a.map_budget() >= 1024, "a sensible default budget");
+    a.set_map_budget(100);
+    let e = scattered_maps(&a, fd.as_fd(), 400).unwrap_err();
+    let typed = e
+        .source
+        .get_ref()
+        .and_then(|s| s.downcast_ref::<vmm::WindowError>());
+    match typed {
+        Some(vmm::WindowError::MapBudget { used, budget: 100 }) => {
+            assert!(*used <= 100, "never past the budget: {used}");
+        }
+        other => panic!("expected MapBudget, got {other:?} ({e})"),
+    }
+    assert!(e.to_string().contains("budget"), "{e}");
+    let used = a.host_mappings().expect("maps");
+    assert!(used <= 100, "the window holds at most its budget: {used}");
+    // The sibling, on the default budget, maps four times as much.
+    assert_eq!(
+        scattered_maps(&b, fd.as_fd(), 400).expect("sibling maps"),
+        400
+    );
+    assert!(b.host_mappings().expect("maps") > 400);
+    // Dropping the whole range gives the window its budget back.
+    a.unmap_run(Gfn(0), 1024).expect("unmap");
+    assert_eq!(scattered_maps(&a, fd.as_fd(), 40).expect("maps again"), 40);
 }
