@@ -59,9 +59,10 @@ newtype!(
 );
 
 impl Pfn {
-    /// The frame `n` frames after this one.
+    /// The frame `n` frames after this one (within one allocation: internal only).
     pub fn offset(self, n: u32) -> Pfn {
-        Pfn(self.0 + n)
+        debug_assert!(self.0.checked_add(n).is_some(), "{self:?} + {n} overflows");
+        Pfn(self.0.wrapping_add(n))
     }
 
     /// As an index into a frame table.
@@ -71,14 +72,31 @@ impl Pfn {
 }
 
 impl Gfn {
-    /// The guest-physical address of the first byte of this page.
+    /// The guest-physical address of the first byte of this page. For page numbers from
+    /// outside (a guest, a caller), use [`Gfn::checked_gpa`].
     pub fn gpa(self) -> Gpa {
+        debug_assert!(
+            self.checked_gpa().is_some(),
+            "{self:?} has no 64-bit address"
+        );
         Gpa(self.0 << PAGE_SHIFT)
     }
 
-    /// The page `n` pages after this one.
+    /// The guest-physical address of this page, `None` if it does not fit in 64 bits.
+    pub fn checked_gpa(self) -> Option<Gpa> {
+        (self.0 <= u64::MAX >> PAGE_SHIFT).then_some(Gpa(self.0 << PAGE_SHIFT))
+    }
+
+    /// The page `n` pages after this one (within a region: internal only). For numbers
+    /// from outside, use [`Gfn::checked_offset`].
     pub fn offset(self, n: u64) -> Gfn {
-        Gfn(self.0 + n)
+        debug_assert!(self.0.checked_add(n).is_some(), "{self:?} + {n} overflows");
+        Gfn(self.0.wrapping_add(n))
+    }
+
+    /// The page `n` pages after this one, `None` on overflow.
+    pub fn checked_offset(self, n: u64) -> Option<Gfn> {
+        self.0.checked_add(n).map(Gfn)
     }
 }
 
@@ -128,6 +146,14 @@ mod tests {
         assert_eq!(gpa.gfn(), Gfn(0x12345));
         assert_eq!(gpa.page_offset(), 0x678);
         assert_eq!(Gfn(0x12345).gpa(), Gpa(0x1234_5000));
+    }
+
+    #[test]
+    fn checked_conversions_refuse_what_does_not_fit() {
+        assert_eq!(Gfn(1).checked_gpa(), Some(Gpa(4096)));
+        assert_eq!(Gfn(1 << 52).checked_gpa(), None);
+        assert_eq!(Gfn(u64::MAX).checked_offset(1), None);
+        assert_eq!(Gfn(3).checked_offset(4), Some(Gfn(7)));
     }
 
     #[test]

@@ -322,7 +322,9 @@ impl Window {
         pages: u64,
     ) -> Result<(u64, u64), HostMmuError> {
         let len = pages.saturating_mul(PAGE);
-        self.check(g, op, gfn.gpa(), len)
+        // A page number with no 64-bit address is outside any window (not wrapped into it).
+        let gpa = gfn.checked_gpa().unwrap_or(Gpa(u64::MAX));
+        self.check(g, op, gpa, len)
             .map(|a| (a, len))
             .map_err(|e| HostMmuError {
                 op,

@@ -339,6 +339,17 @@ fn a_scattered_window_runs_out_of_its_own_mapping_budget_and_a_sibling_still_map
         400
     );
     assert!(b.host_mappings().expect("maps") > 400);
+    // A page number whose address would wrap into the window is refused, not mapped.
+    let wrapped = a.map_run(guestmem::mmu::MapRun {
+        gfn: Gfn((1 << 52) + 2),
+        pages: 1,
+        node: guestmem::types::NodeId(0),
+        pfn: guestmem::types::Pfn(0),
+        fd: fd.as_fd(),
+        file_offset: 0,
+        writable: true,
+    });
+    assert!(wrapped.is_err(), "a wrapping gfn must be out of range");
     // Dropping the whole range gives the window its budget back.
     a.unmap_run(Gfn(0), 1024).expect("unmap");
     assert_eq!(scattered_maps(&a, fd.as_fd(), 40).expect("maps again"), 40);
