@@ -17,6 +17,8 @@
 //!     anon_vma root lock (rmap; write = link/unlink, read = rmap walk)
 //!       page-table slot lock (one per 512 gfns; Slot in pagetable.rs)
 //!         [frame lock only by try_lock here: COW reuse in write_protect_fault]
+//!         HostMmu calls (the VMM's window: host mmap lock, KVM memslot lock)
+//! charge table RwLock (charge.rs; read per batch of frees, write per VM created/gone)
 //! CPU slot spinlock (magazine / per-cpu list)   [alloc.rs; taken inside any of the above]
 //!   depot lock (magazines)
 //!     zone lock (buddy)
@@ -29,6 +31,12 @@
 //!
 //! Frame descriptors ([`frame::Frame`]) are atomics: their counts change under the
 //! page-table lock of the entry that maps or unmaps them.
+//!
+//! A page-table or mmap lock poisoned by a panic is never used as if nothing happened:
+//! the VM gets [`SpaceError::Poisoned`] and its frames under that lock are leaked, not
+//! reused. Fork protects the parent's host view before sharing; exit revokes the view
+//! before freeing (see `space/fork.rs`). Each VM's frames are charged to it
+//! ([`charge`]), with an optional limit and reservation.
 
 pub mod alloc;
 pub mod charge;
