@@ -39,6 +39,9 @@ struct Counts {
     free_frames: u64,
     /// `/proc/self/maps` lines outside the VM's current window.
     maps: u64,
+    /// KiB mapped outside the VM's window and the brk heap: a leaked range merged into a
+    /// neighbouring mapping adds no line, but adds its size.
+    mapped_kib: u64,
     /// Threads of the process (a leaked thread would hide in the maps count: its stack
     /// comes from glibc's cache, mapped either way).
     threads: u64,
@@ -84,12 +87,31 @@ fn counts(pool: &Pool, vm: &ManagedVm) -> Counts {
         fds: open_fds().expect("count /proc/self/fd"),
         free_frames: pool.free_frames(),
         maps: maps.lines().count() as u64 - window,
+        mapped_kib: mapped_outside(&maps, vm) / 1024,
         avcs: rmap.avcs_allocated - rmap.avcs_freed,
         anon_vmas: rmap.anon_vmas_allocated - rmap.anon_vmas_freed,
         threads: std::fs::read_dir("/proc/self/task")
             .expect("read /proc/self/task")
             .count() as u64,
     }
+}
+
+/// Bytes of the mappings in `maps` outside `vm`'s window and the brk heap (which grows
+/// and shrinks with malloc).
+fn mapped_outside(maps: &str, vm: &ManagedVm) -> u64 {
+    let lo = vm.vm().window().host_base();
+    let hi = lo + vm.vm().window().size();
+    maps.lines()
+        .filter(|l| !l.ends_with("[heap]"))
+        .filter_map(|l| {
+            let (a, b) = l.split_whitespace().next()?.split_once('-')?;
+            Some((
+                u64::from_str_radix(a, 16).ok()?,
+                u64::from_str_radix(b, 16).ok()?,
+            ))
+        })
+        .map(|(a, b)| b.saturating_sub(a) - b.min(hi).saturating_sub(a.max(lo)))
+        .sum()
 }
 
 /// The counts once background teardown (window-retire threads, exiting vCPU threads) is
@@ -114,10 +136,10 @@ fn settled(pool: &Pool, vm: &ManagedVm, want: Counts) -> Counts {
     }
 }
 
-/// Pages the in-flight command reads, past the slices.
-const TOUCHED: u64 = 1024;
+/// Pages the in-flight command writes (one word each), past the slices.
+const TOUCHED: u64 = 512;
 
-fn touch() -> Command {
+fn dirty() -> Command {
     Command::new(Op::Dirty, slice(VCPUS), TOUCHED, 0)
 }
 
@@ -342,17 +364,18 @@ fn inject_once(
     round: usize,
     seed: u64,
 ) {
-    // The last vCPU reads across the fork (its pages fault in from the manager once a
-    // fork has reborn the parent, so the command is usually in flight at the pause): its
-    // state is saved mid-command, and it must go on.
+    // The last vCPU writes across the fork (its pages fault in from the manager once a
+    // fork has reborn the parent, so the command is often in flight at the pause): its
+    // state is saved mid-command, a clone may continue it and copy pages before the
+    // rollback, and the parent must go on with it.
     let last = parent.vm().vcpus().last().expect("a vCPU");
-    last.submit(touch()).expect("submit the in-flight touch");
+    last.submit(dirty()).expect("submit the in-flight write");
     let vm_fd = parent.vm().vm_fd();
     arm(mm, case.step, case.skip);
     let r = fork(hv, parent, round);
     disarm(mm);
     last.wait_deadline(deadline())
-        .unwrap_or_else(|e| panic!("{case:?}: the in-flight touch: {e}"));
+        .unwrap_or_else(|e| panic!("{case:?}: the in-flight write: {e}"));
     match (r, case.expect) {
         (Err(e), Some(expect)) => assert!(expect(&e), "{case:?}: unexpected error {e:?}"),
         (Ok(clones), None) => {
@@ -389,8 +412,8 @@ fn a_failure_at_every_fork_step_leaves_the_parent_running_and_nothing_behind() {
         let mut seed = 1000 * n as u64;
         write(&parent, seed);
         verify(&parent, seed, "parent before any fork");
-        // The in-flight reads' pages get their frames now, before the baseline.
-        parent.vm().run(0, touch()).expect("touch");
+        // The in-flight writes' pages get their frames now, before the baseline.
+        parent.vm().run(0, dirty()).expect("dirty");
         let base = settled(&pool, &parent, counts(&pool, &parent));
 
         // The first fork, checked on its own.
