@@ -40,6 +40,7 @@
 //! ```
 
 pub mod asm;
+pub mod failpoint;
 pub mod fault;
 pub mod guest;
 pub mod managed;

@@ -376,7 +376,17 @@ impl ManagedVm {
         let mut clones = Vec::with_capacity(opts.clones);
         for index in 0..opts.clones {
             let t = Instant::now();
-            let fork_space = |w: &Arc<Window>| Ok(self.space.fork(w.clone())?);
+            let fork_space = |w: &Arc<Window>| {
+                crate::failpoint::hit(crate::failpoint::ForkStep::SpaceFork).map_err(|_| {
+                    guestmem::SpaceError::Rmap {
+                        vm: self.space.id(),
+                        source: rmap::RmapError::AllocFailed {
+                            what: "an anon_vma",
+                        },
+                    }
+                })?;
+                Ok(self.space.fork(w.clone())?)
+            };
             let clone = match shells.and_then(|p| p.take(&cfg)) {
                 Some(shell) => Self::adopt(shell, fork_space),
                 None => Self::build(hv, &cfg, fork_space),

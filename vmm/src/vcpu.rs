@@ -717,6 +717,9 @@ impl Vcpu {
                 rest = rest.get(n + 1..).unwrap_or(&[]);
             }
         }
+        crate::failpoint::hit(crate::failpoint::ForkStep::SaveState)
+            .map_err(kvm_ioctls::Error::new)
+            .map_err(kvm("KVM_GET_REGS"))?;
         Ok(VcpuState {
             regs: fd.get_regs().map_err(kvm("KVM_GET_REGS"))?,
             sregs: fd.get_sregs().map_err(kvm("KVM_GET_SREGS"))?,
@@ -779,6 +782,9 @@ impl Vcpu {
         if self.quiescent()?.is_some() {
             return Err(VcpuError::NotPaused(self.id()));
         }
+        crate::failpoint::hit(crate::failpoint::ForkStep::RestoreState)
+            .map_err(kvm_ioctls::Error::new)
+            .map_err(kvm("KVM_SET_SREGS"))?;
         load_state(
             &lock(&self.shared.fd),
             state,

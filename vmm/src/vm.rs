@@ -17,6 +17,7 @@ use guestmem::types::{Gfn, Gpa, PAGE_SIZE};
 use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Cap, Kvm, VmFd};
 
+use crate::failpoint::{self, ForkStep};
 use crate::fault::{FaultCounts, FaultError, FaultKind, FaultResolver, FaultStats, handle_event};
 use crate::guest::{self, CmdResult, Command};
 use crate::sys::uffd::{Uffd, UffdError, UffdEvent};
@@ -393,9 +394,17 @@ impl Vm {
         if cfg.vcpus == 0 {
             return Err(VmError::Config("a VM needs at least one vCPU".into()));
         }
+        failpoint::hit(ForkStep::ShellUffd).map_err(|e| UffdError::Open(failpoint::io(e)))?;
         let uffd = Arc::new(Uffd::new()?);
         let window = Arc::new(Window::new(uffd, cfg.mem_bytes)?);
-        let vm_fd = Arc::new(hv.kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
+        let vm_fd = Arc::new(
+            failpoint::hit(ForkStep::ShellVm)
+                .map_err(kvm_ioctls::Error::new)
+                .and_then(|()| hv.kvm.create_vm())
+                .map_err(kvm_err("KVM_CREATE_VM"))?,
+        );
+        failpoint::hit(ForkStep::ShellMemslot)
+            .map_err(|e| WindowError::Memslot(failpoint::io(e)))?;
         crate::window::set_memslot(&vm_fd, 0, window.host_base(), cfg.mem_bytes)?;
         window.bind_memslot(&vm_fd, 0);
         // Intel hardware KVM wants a TSS address set before running; harmless elsewhere.
@@ -435,8 +444,9 @@ impl Vm {
         // can fault and be resolved (once a resolver is attached).
         vm.handler = Some(vm.spawn_handler(cfg.cpu)?);
         for id in 0..cfg.vcpus {
-            let fd = vm_fd
-                .create_vcpu(u64::from(id))
+            let fd = failpoint::hit(ForkStep::ShellVcpu)
+                .map_err(kvm_ioctls::Error::new)
+                .and_then(|()| vm_fd.create_vcpu(u64::from(id)))
                 .map_err(kvm_err("KVM_CREATE_VCPU"))?;
             let setup = VcpuSetup {
                 id,
@@ -486,11 +496,15 @@ impl Vm {
             source: e,
         })?;
         let kick = self.kick.clone();
-        std::thread::Builder::new()
-            .name("uffd-handler".into())
-            .spawn(move || {
-                crate::vcpu::pin_current(cpu);
-                fault_loop(&window, resolver.as_ref(), &stats, &link, &stop, &kick)
+        failpoint::hit(ForkStep::ShellHandler)
+            .map_err(failpoint::io)
+            .and_then(|()| {
+                std::thread::Builder::new()
+                    .name("uffd-handler".into())
+                    .spawn(move || {
+                        crate::vcpu::pin_current(cpu);
+                        fault_loop(&window, resolver.as_ref(), &stats, &link, &stop, &kick)
+                    })
             })
             .map_err(|e| VmError::Kvm {
                 op: "spawn the fault handler thread",
@@ -635,15 +649,35 @@ impl Vm {
                 self.vcpus.len()
             )));
         }
+        failpoint::hit(ForkStep::RebirthFresh).map_err(|e| {
+            WindowError::Mman(crate::sys::mman::MmanError::Mmap {
+                op: "reserve window",
+                addr: 0,
+                len: self.cfg.mem_bytes,
+                source: failpoint::io(e),
+            })
+        })?;
         let fresh = self.window.prepare_fresh()?;
-        let new_vm = Arc::new(hv.kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
+        let new_vm = Arc::new(
+            failpoint::hit(ForkStep::RebirthVm)
+                .map_err(kvm_ioctls::Error::new)
+                .and_then(|()| hv.kvm.create_vm())
+                .map_err(kvm_err("KVM_CREATE_VM"))?,
+        );
+        failpoint::hit(ForkStep::RebirthMemslot)
+            .map_err(|e| WindowError::Memslot(failpoint::io(e)))?;
         crate::window::set_memslot(&new_vm, 0, fresh.addr(), self.cfg.mem_bytes)?;
         let _ = new_vm.set_tss_address(0xfffb_d000);
         let mut fds = Vec::with_capacity(self.vcpus.len());
         for (v, st) in self.vcpus.iter().zip(states) {
-            let fd = new_vm
-                .create_vcpu(u64::from(v.id()))
+            let fd = failpoint::hit(ForkStep::RebirthVcpu)
+                .map_err(kvm_ioctls::Error::new)
+                .and_then(|()| new_vm.create_vcpu(u64::from(v.id())))
                 .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            failpoint::hit(ForkStep::RebirthLoad).map_err(|e| VcpuError::Kvm {
+                op: "KVM_SET_SREGS",
+                source: failpoint::io(e),
+            })?;
             v.prepare_fd(&fd, &hv.cpuid, st)?;
             fds.push(fd);
         }

@@ -551,6 +551,19 @@ impl HostMmu for Window {
     /// swapped for a fresh one; otherwise the run is write-protected. The VM must be
     /// paused (no vCPU in guest mode, no fault in flight).
     fn protect_for_fork(&self, gfn: Gfn, pages: u64) -> Result<(), HostMmuError> {
+        crate::failpoint::hit(crate::failpoint::ForkStep::ProtectForFork).map_err(|e| {
+            mmu_err(
+                "protect_for_fork",
+                gfn,
+                pages,
+                UffdError::Ioctl {
+                    op: "UFFDIO_WRITEPROTECT",
+                    start: self.host_base() + gfn.gpa().0,
+                    len: pages * PAGE,
+                    source: crate::failpoint::io(e),
+                },
+            )
+        })?;
         let whole = gfn == Gfn(0) && pages == self.pages();
         if whole && !self.dirty.load(Ordering::Relaxed) {
             return Ok(());
