@@ -145,9 +145,10 @@ impl ForkError {
 pub struct ForkOptions {
     /// Clones to make.
     pub clones: usize,
-    /// Free frames the pool must still have per clone (0: no check). Clones share every
-    /// page at first and copy on write; this refuses a fork that could not give each
-    /// clone this many private pages.
+    /// Frames of the pool reserved for each clone's own copies (0: none). Clones share
+    /// every page at first and copy on write; each clone gets this many frames that no
+    /// other VM's allocation can take, and a fork that cannot reserve them for every
+    /// clone is refused before anything is paused.
     pub reserve_pages: u64,
 }
 
@@ -310,10 +311,11 @@ impl ManagedVm {
 
     fn check_limits(&self, opts: &ForkOptions) -> Result<(), ForkError> {
         let clones = opts.clones;
-        let pool = self.space.manager().pool();
         let need = opts.reserve_pages.saturating_mul(clones as u64);
         if need > 0 {
-            let free = pool.free_frames();
+            // Frames neither charged to a VM nor reserved for one (the reservations are
+            // made, clone by clone, by the fork itself).
+            let free = self.space.manager().unclaimed_frames();
             if free < need {
                 return Err(ForkError::PoolExhausted {
                     clones,
@@ -385,7 +387,15 @@ impl ManagedVm {
                         },
                     }
                 })?;
-                Ok(self.space.fork(w.clone())?)
+                // The reservation is made here, with the fork: no other VM can take the
+                // clone's frames afterwards (a refusal leaves nothing shared).
+                Ok(self.space.fork_with(
+                    w.clone(),
+                    guestmem::ChildOptions {
+                        limit: None,
+                        reserve: opts.reserve_pages,
+                    },
+                )?)
             };
             let clone = match shells.and_then(|p| p.take(&cfg)) {
                 Some(shell) => Self::adopt(shell, fork_space),

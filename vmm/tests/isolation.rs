@@ -354,3 +354,90 @@ fn a_scattered_window_runs_out_of_its_own_mapping_budget_and_a_sibling_still_map
     a.unmap_run(Gfn(0), 1024).expect("unmap");
     assert_eq!(scattered_maps(&a, fd.as_fd(), 40).expect("maps again"), 40);
 }
+
+fn mm_with_pool(bytes: u64) -> (Arc<Pool>, Arc<Manager>) {
+    let pool =
+        Arc::new(Pool::new(&PoolConfig::uniform(bytes, 1, AllocatorKind::Magazine)).expect("pool"));
+    (pool.clone(), Manager::new(pool, ManagerConfig::default()))
+}
+
+fn cmd(
+    vm: &ManagedVm,
+    op: Op,
+    start: Gfn,
+    pages: u64,
+    seed: u64,
+) -> Result<vmm::CmdResult, VcpuError> {
+    vm.vm().run(0, Command::new(op, start, pages, seed))
+}
+
+/// A KVM clone forked with a reservation copies that many pages even after a greedy
+/// sibling has taken every other frame; without one, the same clone runs out.
+fn clone_against_a_greedy_sibling(reserve_pages: u64) -> Result<u64, VcpuError> {
+    let hv = Hypervisor::new().expect("open /dev/kvm");
+    let (pool, mm) = mm_with_pool(48 * MIB);
+    let parent = ManagedVm::new(&hv, &VmConfig::new(16 * MIB, 1), &mm).expect("parent");
+    cmd(&parent, Op::Fill, data(0), 1024, 1).expect("fill");
+    let opts = ForkOptions {
+        clones: 1,
+        reserve_pages,
+    };
+    let (mut clones, _) = parent.fork(&hv, &opts).expect("fork");
+    let clone = clones.pop().expect("clone");
+    assert_eq!(clone.space().charge().reserved, reserve_pages);
+    // The greedy sibling fills until the pool (or what is not reserved) runs out: it
+    // fails alone.
+    let greedy = ManagedVm::new(&hv, &VmConfig::new(64 * MIB, 1), &mm).expect("greedy");
+    let r = cmd(&greedy, Op::Fill, data(0), 15_000, 9);
+    assert!(
+        matches!(r, Err(VcpuError::FaultFailed { .. })),
+        "the greedy VM must run out: {r:?}"
+    );
+    // The clone rewrites its first 1024 pages (1024 copies) and verifies them.
+    let result = cmd(&clone, Op::Fill, data(0), 1024, 7)
+        .and_then(|_| cmd(&clone, Op::Verify, data(0), 1024, 7))
+        .map(|r| r.mismatches());
+    // The parent, whatever happened, still has its own bytes.
+    let bad = cmd(&parent, Op::Verify, data(0), 1024, 1).expect("parent verify");
+    assert_eq!(bad.mismatches(), 0);
+    drop((clone, greedy, parent));
+    assert_eq!(pool.free_frames(), pool.total_frames());
+    assert_eq!(mm.live_charges(), 0);
+    result
+}
+
+#[test]
+fn a_clones_reservation_holds_against_a_greedy_sibling() {
+    if hypervisor().is_none() {
+        return;
+    }
+    // fault-around may copy up to 64 pages per fault: 1024 pages need at most 1024+63.
+    assert_eq!(
+        clone_against_a_greedy_sibling(1100).expect("reserved copies"),
+        0
+    );
+    // The check can fail: without the reservation the sibling took the frames.
+    assert!(clone_against_a_greedy_sibling(0).is_err());
+}
+
+#[test]
+fn a_vm_at_its_frame_limit_fails_alone_and_its_sibling_verifies() {
+    let Some(hv) = hypervisor() else { return };
+    let (pool, mm) = mm_with_pool(64 * MIB);
+    let capped = ManagedVm::new(&hv, &VmConfig::new(16 * MIB, 1), &mm).expect("capped");
+    let sibling = ManagedVm::new(&hv, &VmConfig::new(16 * MIB, 1), &mm).expect("sibling");
+    capped.space().set_limit(Some(1000));
+    match cmd(&capped, Op::Fill, data(0), 2000, 3) {
+        Err(VcpuError::FaultFailed { reason, .. }) => {
+            let msg = reason.to_string();
+            assert!(msg.contains("memory limit"), "{msg}");
+        }
+        other => panic!("expected the limit to stop it, got {other:?}"),
+    }
+    assert!(capped.space().charge().usage <= 1000);
+    cmd(&sibling, Op::Fill, data(0), 3000, 4).expect("sibling fills");
+    let bad = cmd(&sibling, Op::Verify, data(0), 3000, 4).expect("sibling verifies");
+    assert_eq!(bad.mismatches(), 0);
+    drop((capped, sibling));
+    assert_eq!(pool.free_frames(), pool.total_frames());
+}
