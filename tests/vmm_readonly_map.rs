@@ -35,8 +35,11 @@ const PAGE: u64 = 4096;
 const FROZEN: u64 = 0;
 /// The seed of the frozen frame's bytes.
 const FROZEN_SEED: u64 = 0xF0F0;
-/// Read-only maps the test makes.
-const FREEZES: u64 = 5000;
+/// Read-only maps the test makes at most: fewer than the fault handler's limit on one
+/// fault repeating back to back (10,000), which each of them may add one to.
+const MAX_FREEZES: u64 = 9000;
+/// Guest writes that must meet a read-only run (each costs a copy) before the test ends.
+const COPIES: u64 = 1000;
 /// The page the test writes.
 const TARGET: Gfn = Gfn(DATA_START / PAGE);
 
@@ -193,10 +196,8 @@ fn a_guest_writing_a_page_being_mapped_read_only_never_writes_through_it() {
     let mut writes = 0u64;
     std::thread::scope(|s| {
         let mapper = s.spawn(|| {
-            // Fewer than the fault handler's limit on one fault repeating back to back
-            // (10,000), which every freeze of this one page counts towards.
-            for _ in 0..FREEZES {
-                if stop.load(Ordering::Relaxed) {
+            for _ in 0..MAX_FREEZES {
+                if stop.load(Ordering::Relaxed) || resolver.copies() >= COPIES {
                     break;
                 }
                 resolver.freeze(TARGET).expect("map_run read-only");
@@ -231,9 +232,11 @@ fn a_guest_writing_a_page_being_mapped_read_only_never_writes_through_it() {
     let freezes = freezes.into_inner();
     let copies = resolver.copies();
     // Both sides really raced: many read-only runs mapped, many writes faulting on them.
-    assert_eq!(freezes, FREEZES);
+    assert!(
+        copies >= COPIES,
+        "only {copies} writes met one of {freezes} read-only runs"
+    );
     assert!(writes >= 1, "no fill completed");
-    assert!(copies >= 100, "only {copies} writes met a read-only run");
     assert_eq!(vm.fault_counts().write_protect, copies);
     // The frozen frame never changed: the page's bytes changed only by copy-on-write.
     assert_eq!(resolver.frozen_changes(), 0);
