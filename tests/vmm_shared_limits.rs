@@ -130,6 +130,18 @@ fn of_two_vms_on_a_pool_too_small_for_both_the_one_that_runs_out_fails_alone() {
 
 #[test]
 fn a_vm_fragmented_past_the_mapping_limit_fails_alone_beside_a_running_sibling() {
+    fragmented_beside_a_sibling(false);
+}
+
+#[test]
+fn a_vm_fragmented_past_its_window_budget_fails_alone_before_the_host_limit() {
+    fragmented_beside_a_sibling(true);
+}
+
+/// A VM scattering its window over the pool until it fails, beside a running sibling:
+/// with `budget`, the window's default mapping budget stops it (a quarter of the host's
+/// limit, so the process keeps mappings for everyone else); without, the host limit.
+fn fragmented_beside_a_sibling(budget: bool) {
     let _alone = ALONE.lock().unwrap_or_else(|e| e.into_inner());
     let Some(hv) = hypervisor() else { return };
     let limit = mman::max_map_count().expect("read vm.max_map_count");
@@ -151,6 +163,9 @@ fn a_vm_fragmented_past_the_mapping_limit_fails_alone_beside_a_running_sibling()
         .expect("the sibling's first fill");
     // 512 MiB, twice as many pages as the process may have mappings.
     let fragmented = ManagedVm::new(&hv, &VmConfig::new(512 * MIB, 1), &mm).expect("second VM");
+    if !budget {
+        fragmented.vm().window().set_map_budget(u64::MAX);
+    }
     let before = mman::map_count().expect("count mappings");
     assert!(
         before + 1000 < limit,
@@ -164,6 +179,18 @@ fn a_vm_fragmented_past_the_mapping_limit_fails_alone_beside_a_running_sibling()
         &sibling,
     );
     match r {
+        Err(e @ VcpuError::FaultFailed { .. }) if budget => {
+            let msg = e.to_string();
+            assert!(msg.contains("budget"), "{msg}");
+            let used = fragmented.vm().window().host_mappings().expect("maps");
+            let allowed = fragmented.vm().window().map_budget();
+            // Plus the private page the failed fault was released onto (its vCPU stops).
+            assert!(used <= allowed + 2, "{used} mappings, budget {allowed}");
+            assert!(
+                mman::map_count().expect("count") + limit / 2 < limit,
+                "the process keeps most of its mappings"
+            );
+        }
         Err(e @ VcpuError::FaultFailed { .. }) => {
             assert!(e.is_host_limit(), "{e}");
             let msg = e.to_string();
@@ -190,10 +217,11 @@ fn a_vm_fragmented_past_the_mapping_limit_fails_alone_beside_a_running_sibling()
     assert_eq!(verify(&sibling, data(0), SIBLING_PAGES, seed), 0);
     assert_eq!(verify(&sibling, data(SIBLING_PAGES), SIBLING_PAGES, 3), 0);
     drop(sibling);
-    // The fault that met the limit could not undo its host mapping either (that needs a
-    // mapping too), so the manager kept its frame rather than hand it on while a host
-    // view might still map it (guestmem's zero-fill error path): at most that one frame
-    // stays out of the pool, even after both VMs are gone.
-    let kept = pool.total_frames() - pool.free_frames();
-    assert!(kept <= 1, "{kept} frames never came back");
+    // The fault that met the limit may not have undone its host mapping (that needs a
+    // mapping too): its frame stayed with the VM, and the exit's revoke freed it.
+    assert_eq!(
+        pool.free_frames(),
+        pool.total_frames(),
+        "every frame came back"
+    );
 }

@@ -205,17 +205,23 @@ impl AddressSpace {
         if let Err(e) = self.map_run(region, first, pages, pfn, true) {
             // The host view must not keep any part of a run whose frames go back to the
             // pool (a view's map_run is all-or-nothing, but do not rely on it here).
-            let unmapped = region.pt.mmu.unmap_run(region.pt.gfn(first), pages).is_ok();
+            if region
+                .pt
+                .mmu
+                .unmap_run(region.pt.gfn(first), pages)
+                .is_err()
+            {
+                // The view may still map the run (an unmap needs host mappings too, and
+                // the host may be at its limit): the frames stay this VM's, entries and
+                // all, so its next access maps them again and its exit, which revokes the
+                // whole view, frees them. Nothing is lost and nothing handed on.
+                tracing::warn!(vm = %self.id, pages, "host view may keep a failed run; its frames stay with the VM");
+                return Err(self.host_err(e));
+            }
             let mut freed = Vec::with_capacity(pages as usize);
             for i in 0..pages {
                 block.set(s0 + i as usize, Pte::EMPTY);
-                if unmapped {
-                    self.drop_mapping(pfn.offset(i as u32), &mut freed);
-                }
-            }
-            if !unmapped {
-                // The host view may still map them: leaking beats handing them on.
-                tracing::error!(vm = %self.id, pages, "host view kept a failed run; frames leaked");
+                self.drop_mapping(pfn.offset(i as u32), &mut freed);
             }
             self.free_frames(&freed);
             return Err(self.host_err(e));
@@ -290,16 +296,20 @@ impl AddressSpace {
         if let Err(e) = self.map_run(region, first, n, new, true) {
             // As in zero_fill: no part of the failed run may stay in the host view; the
             // old frames are faulted back in read-only on the next access.
-            let unmapped = region.pt.mmu.unmap_run(region.pt.gfn(first), n).is_ok();
+            if region.pt.mmu.unmap_run(region.pt.gfn(first), n).is_err() {
+                // The view may still map the copies: keep them as the entries (the old
+                // frames are let go as on success), so nothing another VM shares is
+                // reachable and the exit's revoke frees them.
+                tracing::warn!(vm = %self.id, pages = n, "host view may keep a failed run; the copies stay with the VM");
+                for old in olds.iter().filter_map(|p| p.pfn()) {
+                    self.drop_mapping(old, &mut freed);
+                }
+                self.free_frames(&freed);
+                return Err(self.host_err(e));
+            }
             for (i, old_pte) in olds.iter().enumerate() {
                 block.set(s0 + i, *old_pte);
-                if unmapped {
-                    self.drop_mapping(new.offset(i as u32), &mut freed);
-                }
-            }
-            if !unmapped {
-                // The host view may still map the copies: leaking beats handing them on.
-                tracing::error!(vm = %self.id, pages = n, "host view kept a failed run; frames leaked");
+                self.drop_mapping(new.offset(i as u32), &mut freed);
             }
             self.free_frames(&freed);
             return Err(self.host_err(e));
