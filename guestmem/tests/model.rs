@@ -13,7 +13,11 @@
 //!
 //! The multi-thread run gives each thread its own family of VMs over one shared pool,
 //! manager and reverse-map context, so allocator, rmap and counter paths run concurrently
-//! while each thread checks its own model.
+//! while each thread checks its own model. The shared-tree run has all threads fork,
+//! write, copy-on-write fault and exit VMs of *one* fork tree (1500 pages, three blocks),
+//! so that blocks shared between relatives are copied, reused and released under
+//! concurrent forks and exits; it checks invariant 1 for every VM at every checkpoint
+//! (all threads stopped), invariants 2 and 3 over the whole tree, and invariant 4.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -21,7 +25,7 @@ use std::sync::Arc;
 use guestmem::mmu::NoopMmu;
 use guestmem::pagetable::PteKind;
 use guestmem::{
-    AddressSpace, AllocatorKind, Gfn, Gpa, Manager, ManagerConfig, Order, PAGE_SIZE, Pool,
+    Access, AddressSpace, AllocatorKind, Gfn, Gpa, Manager, ManagerConfig, Order, PAGE_SIZE, Pool,
     PoolConfig, RegionSpec,
 };
 use proptest::prelude::*;
@@ -219,53 +223,9 @@ impl Family {
     }
 
     /// Invariants 2 and 3 over this family (its frames are mapped by no one else).
-    ///
-    /// Page-table blocks are shared after a fork (read-only for all sharers), so a
-    /// frame's mapcount counts the distinct blocks naming it, and the VMs mapping it are
-    /// the sum of those blocks' sharers.
     fn check_mappings(&self) {
-        /// What the page tables say about one frame.
-        #[derive(Default)]
-        struct Seen {
-            /// Distinct (block, slot) pairs naming it.
-            entries: HashSet<(usize, u64)>,
-            /// VMs mapping it.
-            vms: usize,
-            /// Some entry is writable.
-            writable: bool,
-        }
-        let mut maps: HashMap<u32, Seen> = HashMap::new();
-        for (space, _) in &self.vms {
-            for r in REGIONS {
-                for g in r.start.0..r.start.0 + r.pages {
-                    let e = space.entry(Gfn(g)).unwrap();
-                    if let PteKind::Present { pfn, writable } = e.pte.kind() {
-                        let m = maps.entry(pfn.0).or_default();
-                        if m.entries.insert((e.block, g % 512)) {
-                            m.vms += e.sharers;
-                        }
-                        m.writable |= writable;
-                    }
-                }
-            }
-        }
-        let pool = self.mm.pool();
-        for (&pfn, seen) in &maps {
-            let (vms, writable) = (&seen.vms, &seen.writable);
-            let f = pool.frame(guestmem::Pfn(pfn));
-            let n = seen.entries.len() as u32;
-            assert_eq!(f.mapcount(), n, "mapcount of pfn {pfn:#x}");
-            assert_eq!(f.refcount(), n, "refcount of pfn {pfn:#x}");
-            assert!(
-                !(*writable && *vms > 1),
-                "pfn {pfn:#x} writable while mapped by {vms} VMs"
-            );
-            assert_eq!(
-                self.mm.mappers(guestmem::Pfn(pfn)) as usize,
-                *vms,
-                "rmap finds every VM mapping pfn {pfn:#x}"
-            );
-        }
+        let spaces: Vec<&AddressSpace> = self.vms.iter().map(|(s, _)| &**s).collect();
+        check_mappings(&self.mm, &spaces, &REGIONS);
     }
 
     fn finish(mut self) {
@@ -282,6 +242,57 @@ impl Family {
             }
             space.exit();
         }
+    }
+}
+
+/// Invariants 2 and 3 over `spaces`, which must be every VM mapping their frames, at
+/// rest (no fault or access in flight).
+///
+/// Page-table blocks are shared after a fork (read-only for all sharers), so a frame's
+/// mapcount counts the distinct blocks naming it, and the VMs mapping it are the sum of
+/// those blocks' sharers.
+fn check_mappings(mm: &Manager, spaces: &[&AddressSpace], regions: &[RegionSpec]) {
+    /// What the page tables say about one frame.
+    #[derive(Default)]
+    struct Seen {
+        /// Distinct (block, slot) pairs naming it.
+        entries: HashSet<(usize, u64)>,
+        /// VMs mapping it.
+        vms: usize,
+        /// Some entry is writable.
+        writable: bool,
+    }
+    let mut maps: HashMap<u32, Seen> = HashMap::new();
+    for space in spaces {
+        for r in regions {
+            for g in r.start.0..r.start.0 + r.pages {
+                let e = space.entry(Gfn(g)).unwrap();
+                if let PteKind::Present { pfn, writable } = e.pte.kind() {
+                    let m = maps.entry(pfn.0).or_default();
+                    if m.entries.insert((e.block, g % 512)) {
+                        m.vms += e.sharers;
+                    }
+                    m.writable |= writable;
+                }
+            }
+        }
+    }
+    let pool = mm.pool();
+    for (&pfn, seen) in &maps {
+        let (vms, writable) = (&seen.vms, &seen.writable);
+        let f = pool.frame(guestmem::Pfn(pfn));
+        let n = seen.entries.len() as u32;
+        assert_eq!(f.mapcount(), n, "mapcount of pfn {pfn:#x}");
+        assert_eq!(f.refcount(), n, "refcount of pfn {pfn:#x}");
+        assert!(
+            !(*writable && *vms > 1),
+            "pfn {pfn:#x} writable while mapped by {vms} VMs"
+        );
+        assert_eq!(
+            mm.mappers(guestmem::Pfn(pfn)) as usize,
+            *vms,
+            "rmap finds every VM mapping pfn {pfn:#x}"
+        );
     }
 }
 
@@ -344,6 +355,286 @@ fn hundred_thousand_operations_on_four_threads_match_the_model() {
 #[ignore = "soak: cargo test -p guestmem --release --test model -- --ignored"]
 fn soak_two_million_operations() {
     threaded(2_000_000, 4, 7);
+}
+
+/// The shared fork tree's one region: three blocks, the last one partial.
+const TREE: [RegionSpec; 1] = [RegionSpec {
+    start: Gfn(0),
+    pages: 1500,
+}];
+const TREE_BYTES: usize = 1500 * PAGE_SIZE;
+
+/// One VM of the shared tree and the bytes it must hold.
+struct TreeVm {
+    space: Arc<AddressSpace>,
+    model: Vec<u8>,
+    /// Distinct for every VM: what it writes is its own.
+    seed: u64,
+    writes: u64,
+}
+
+impl TreeVm {
+    fn verify(&self, what: &str) {
+        let mut buf = vec![0; TREE_BYTES];
+        self.space.read(Gpa(0), &mut buf).unwrap();
+        if buf != self.model {
+            let at = buf.iter().zip(&self.model).position(|(a, b)| a != b);
+            panic!(
+                "{what}: {:?} (seed {}) differs from its model first at byte {at:?}",
+                self.space.id(),
+                self.seed
+            );
+        }
+    }
+}
+
+/// The VMs of the tree that no thread is using, and how many exist in all.
+struct TreeState {
+    idle: Vec<TreeVm>,
+    live: usize,
+    next_seed: u64,
+}
+
+/// A barrier that a panicking thread breaks, so that the other threads fail at their next
+/// checkpoint (or while waiting for a VM) instead of waiting forever.
+struct Checkpoint {
+    /// Threads arrived, generation, broken.
+    state: std::sync::Mutex<(usize, u64, bool)>,
+    cv: std::sync::Condvar,
+    threads: usize,
+}
+
+impl Checkpoint {
+    fn new(threads: usize) -> Checkpoint {
+        Checkpoint {
+            state: std::sync::Mutex::new((0, 0, false)),
+            cv: std::sync::Condvar::new(),
+            threads,
+        }
+    }
+
+    /// Waits for every thread; true for exactly one of them (the last to arrive).
+    fn wait(&self) -> bool {
+        let mut g = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        assert!(!g.2, "another thread failed");
+        let generation = g.1;
+        g.0 += 1;
+        let leader = g.0 == self.threads;
+        if leader {
+            g.0 = 0;
+            g.1 += 1;
+            self.cv.notify_all();
+        } else {
+            while g.1 == generation && !g.2 {
+                g = self.cv.wait(g).unwrap_or_else(|e| e.into_inner());
+            }
+        }
+        assert!(!g.2, "another thread failed");
+        leader
+    }
+
+    fn is_broken(&self) -> bool {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).2
+    }
+}
+
+/// Breaks the checkpoint if its thread unwinds.
+struct BreakOnPanic<'a>(&'a Checkpoint);
+
+impl Drop for BreakOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.state.lock().unwrap_or_else(|e| e.into_inner()).2 = true;
+            self.0.cv.notify_all();
+        }
+    }
+}
+
+/// A page to touch: mostly where blocks and runs begin and end, so that VMs of the tree
+/// keep meeting in the same shared blocks.
+fn tree_gfn(rng: &mut SmallRng) -> u64 {
+    const HOT: [u64; 10] = [0, 1, 7, 8, 511, 512, 513, 1023, 1024, 1499];
+    if rng.random_bool(0.5) {
+        HOT[rng.random_range(0..HOT.len())]
+    } else {
+        rng.random_range(0..1500)
+    }
+}
+
+/// Threads share one fork tree: each takes a random idle VM, writes it (bytes drawn from
+/// the VM's own seed), reads and checks it, write-faults it (copy-on-write against its
+/// relatives), forks it or exits it, and puts it back. At every checkpoint all threads
+/// stop and every VM is checked against its model and invariants 2 and 3; at the end
+/// every VM exits and every frame must be back in the pool.
+fn shared_tree(
+    threads: usize,
+    rounds: usize,
+    ops_per_round: usize,
+    seed: u64,
+    design: rmap::Design,
+    around: (u32, u32),
+) {
+    const MAX_VMS: usize = 7;
+    let mm = manager_cow(16384, design, AllocatorKind::Magazine, around.0, around.1);
+    let total = mm.pool().total_frames();
+    let root = mm.create(&TREE, Arc::new(NoopMmu)).unwrap();
+    let mut root = TreeVm {
+        space: root,
+        model: vec![0; TREE_BYTES],
+        seed: 0,
+        writes: 0,
+    };
+    // The root touches every block before the first fork, so the children start out
+    // sharing all of them.
+    for g in [0u64, 600, 1200, 1499] {
+        let data = [0xC3; 100];
+        root.space.write(Gpa(g * PAGE_SIZE as u64), &data).unwrap();
+        root.model[g as usize * PAGE_SIZE..][..100].copy_from_slice(&data);
+    }
+    let state = std::sync::Mutex::new(TreeState {
+        idle: vec![root],
+        live: 1,
+        next_seed: 1,
+    });
+    let barrier = Checkpoint::new(threads);
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            let (state, barrier, mm) = (&state, &barrier, &mm);
+            s.spawn(move || {
+                let _guard = BreakOnPanic(barrier);
+                let mut rng = SmallRng::seed_from_u64(seed + t as u64);
+                for round in 0..rounds {
+                    for _ in 0..ops_per_round {
+                        let mut vm = loop {
+                            let mut st = state.lock().unwrap();
+                            if !st.idle.is_empty() {
+                                let i = rng.random_range(0..st.idle.len());
+                                break st.idle.swap_remove(i);
+                            }
+                            drop(st);
+                            assert!(!barrier.is_broken(), "another thread failed");
+                            std::thread::yield_now();
+                        };
+                        if tree_op(&mut rng, &mut vm, state, MAX_VMS) {
+                            state.lock().unwrap().idle.push(vm);
+                        }
+                    }
+                    // Checkpoint: everyone is at rest, every VM idle.
+                    if barrier.wait() {
+                        let st = state.lock().unwrap();
+                        assert_eq!(st.idle.len(), st.live);
+                        for vm in &st.idle {
+                            vm.verify(&format!("checkpoint {round}"));
+                        }
+                        let spaces: Vec<&AddressSpace> =
+                            st.idle.iter().map(|v| &*v.space).collect();
+                        check_mappings(mm, &spaces, &TREE);
+                    }
+                    barrier.wait();
+                }
+            });
+        }
+    });
+    let st = state.into_inner().unwrap();
+    for vm in &st.idle {
+        vm.verify("the end");
+    }
+    for vm in st.idle {
+        vm.space.exit();
+    }
+    assert_eq!(mm.pool().free_frames(), total, "frames leaked");
+    let c = mm.counters();
+    assert!(c.forks > 3 && c.exits > 3 && c.cow_copies > 0, "{c:?}");
+}
+
+/// One operation of [`shared_tree`] on `vm`; returns false when `vm` exited (and was
+/// counted out of `state.live`).
+fn tree_op(
+    rng: &mut SmallRng,
+    vm: &mut TreeVm,
+    state: &std::sync::Mutex<TreeState>,
+    max_vms: usize,
+) -> bool {
+    match rng.random_range(0..12) {
+        0..=4 => {
+            let gpa = tree_gfn(rng) * PAGE_SIZE as u64 + rng.random_range(0..PAGE_SIZE as u64);
+            let len = rng
+                .random_range(1..2 * PAGE_SIZE)
+                .min(TREE_BYTES - gpa as usize);
+            vm.writes += 1;
+            let (s, w) = (vm.seed, vm.writes);
+            let data: Vec<u8> = (0..len)
+                .map(|i| match i % 4 {
+                    0 => s as u8,
+                    1 => (s >> 8) as u8,
+                    2 => w as u8,
+                    _ => (i as u8) ^ 0x5A,
+                })
+                .collect();
+            vm.space.write(Gpa(gpa), &data).unwrap();
+            vm.model[gpa as usize..][..len].copy_from_slice(&data);
+        }
+        5..=6 => {
+            let gpa = tree_gfn(rng) * PAGE_SIZE as u64;
+            let len = (2 * PAGE_SIZE).min(TREE_BYTES - gpa as usize);
+            let mut buf = vec![0; len];
+            vm.space.read(Gpa(gpa), &mut buf).unwrap();
+            assert!(
+                buf == vm.model[gpa as usize..][..len],
+                "{:?} read wrong bytes at {gpa:#x}",
+                vm.space.id()
+            );
+        }
+        7..=8 => {
+            // A write fault without a write: copies or reuses, and changes no byte.
+            let g = tree_gfn(rng);
+            vm.space.handle_fault(Gfn(g), Access::Write).unwrap();
+            let mut buf = vec![0; PAGE_SIZE];
+            vm.space.read(Gfn(g).gpa(), &mut buf).unwrap();
+            assert!(
+                buf == vm.model[g as usize * PAGE_SIZE..][..PAGE_SIZE],
+                "{:?}: a write fault at gfn {g:#x} changed its bytes",
+                vm.space.id()
+            );
+        }
+        9 => {
+            let mut st = state.lock().unwrap();
+            if st.live < max_vms {
+                st.live += 1;
+                let seed = st.next_seed;
+                st.next_seed += 1;
+                drop(st);
+                let child = vm.space.fork(Arc::new(NoopMmu)).unwrap();
+                let child = TreeVm {
+                    space: child,
+                    model: vm.model.clone(),
+                    seed,
+                    writes: 0,
+                };
+                state.lock().unwrap().idle.push(child);
+            }
+        }
+        10 => {
+            let mut st = state.lock().unwrap();
+            if st.live > 2 {
+                // Counted out now, so no other thread exits the last VMs meanwhile.
+                st.live -= 1;
+                drop(st);
+                vm.verify("exit");
+                vm.space.exit();
+                assert!(vm.space.read(Gpa(0), &mut [0]).is_err());
+                return false;
+            }
+        }
+        _ => vm.verify("a full check"),
+    }
+    true
+}
+
+#[test]
+fn threads_sharing_one_fork_tree_keep_every_vm_its_own_bytes() {
+    shared_tree(3, 8, 200, 1, rmap::Design::Chain, (3, 2));
+    shared_tree(2, 6, 150, 2, rmap::Design::Flat, (0, 0));
 }
 
 #[test]

@@ -15,7 +15,9 @@
 //! - (c) every mapping of a live VM's view names the frame the VM's page table has for
 //!   that gfn, and is writable only if the entry is;
 //! - (d) an exited VM's view is empty: exit told the host to drop every region;
-//! - (e) a fault that succeeded left its page mapped in the view (writable for a write);
+//! - (e) a fault that succeeded left its page mapped in the view (writable for a write),
+//!   except that a copy-on-write reuse may leave an absent page absent (the ignored
+//!   `a_reuse_fault_maps_an_absent_page_into_the_host_view` states the contract);
 //! - (f) when a fork downgrades the parent's view, no frame it still maps writable is
 //!   already shared with the child (checked in the dedicated fork test only: it walks the
 //!   reverse map from inside the call).
