@@ -11,7 +11,7 @@
 //! that lands just before `KVM_RUN` makes it return `EINTR` at once; the run loop clears
 //! `immediate_exit` after every return and checks `pause` before every entry.
 //!
-//! A paused vCPU can be moved to a new KVM vCPU fd (`Vcpu::swap_fd`, used when a fork
+//! A paused vCPU can be moved to a new KVM vCPU fd (`Vcpu::install_fd`, used when a fork
 //! gives the parent a fresh VM): the kick handler finds the current `kvm_run` page through
 //! the vCPU's `KickCell`, and the swap waits until no handler is using the old page
 //! before handing the old fd back.
@@ -41,10 +41,10 @@ pub fn kick_signal() -> i32 {
 /// Where the kick handler finds the vCPU's `kvm_run` page.
 #[derive(Debug, Default)]
 struct KickCell {
-    /// The current vCPU fd's `kvm_run` mapping. SeqCst: stored by `swap_fd` before it
+    /// The current vCPU fd's `kvm_run` mapping. SeqCst: stored by `install_fd` before it
     /// reads `in_kick`, loaded by the handler after it raised `in_kick`.
     run: AtomicPtr<kvm_run>,
-    /// Kick handlers running now (see `swap_fd`).
+    /// Kick handlers running now (see `install_fd`).
     in_kick: AtomicU32,
 }
 
@@ -64,7 +64,7 @@ extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc
     k.in_kick.fetch_add(1, Ordering::SeqCst);
     let p = k.run.load(Ordering::SeqCst);
     if !p.is_null() {
-        // SAFETY: `p` is the current vCPU fd's kvm_run mapping: `swap_fd` replaces it only
+        // SAFETY: `p` is the current vCPU fd's kvm_run mapping: `install_fd` replaces it only
         // after storing the new pointer and seeing `in_kick` at zero, so the mapping we
         // loaded stays mapped until we lower `in_kick`; a byte store is signal-safe.
         unsafe { std::ptr::addr_of_mut!((*p).immediate_exit).write_volatile(1) };
@@ -744,7 +744,7 @@ impl Vcpu {
     }
 
     /// Readies `fd`, a new KVM vCPU of another VM, to take this vCPU's place: CPUID and
-    /// `state` loaded. Nothing changes for this vCPU until [`Vcpu::swap_fd`].
+    /// `state` loaded. Nothing changes for this vCPU until [`Vcpu::install_fd`].
     pub(crate) fn prepare_fd(
         &self,
         fd: &VcpuFd,
