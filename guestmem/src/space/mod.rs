@@ -21,12 +21,13 @@
 //! its contiguous neighbours) read-only.
 
 use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, MutexGuard, RwLock, RwLockReadGuard};
+use std::sync::{Arc, RwLock, RwLockReadGuard};
 
 use crate::charge::{Charge, ChargeError, ChargeSnapshot};
 use crate::frame::Frame;
 use crate::mmu::{HostMmu, HostMmuError};
 use crate::pagetable::{PageTable, Poisoned, Pte, Slot};
+use crate::sync::MutexGuard;
 use crate::pool::AllocError;
 use crate::types::{Gfn, Gpa, PAGE_SIZE, VmId};
 
