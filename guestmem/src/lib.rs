@@ -18,7 +18,7 @@
 //!       page-table slot lock (one per 512 gfns; Slot in pagetable.rs)
 //!         [frame lock only by try_lock here: COW reuse in write_protect_fault]
 //!         HostMmu calls (the VMM's window: host mmap lock, KVM memslot lock)
-//! charge table RwLock (charge.rs; read per batch of frees, write per VM created/gone)
+//! charge table RwLock (charge.rs; a leaf: taken inside any of the above, nothing inside it)
 //! CPU slot spinlock (magazine / per-cpu list)   [alloc.rs; taken inside any of the above]
 //!   depot lock (magazines)
 //!     zone lock (buddy)

@@ -27,8 +27,8 @@ use crate::charge::{Charge, ChargeError, ChargeSnapshot};
 use crate::frame::Frame;
 use crate::mmu::{HostMmu, HostMmuError};
 use crate::pagetable::{PageTable, Poisoned, Pte, Slot};
-use crate::sync::MutexGuard;
 use crate::pool::AllocError;
+use crate::sync::MutexGuard;
 use crate::types::{Gfn, Gpa, PAGE_SIZE, VmId};
 
 mod counters;
