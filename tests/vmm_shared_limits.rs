@@ -107,24 +107,7 @@ fn of_two_vms_on_a_pool_too_small_for_both_the_one_that_runs_out_fails_alone() {
         other => panic!("expected the second VM to run out of frames, got {other:?}"),
     }
     assert_eq!(pool.free_frames(), 0, "the pool really ran out");
-    assert!(
-        sibling.vm().failure().is_none(),
-        "only the second VM failed"
-    );
-    // Every word the sibling wrote is there, with the pool still empty...
-    assert_eq!(verify(&sibling, data(0), SIBLING_PAGES, seed), 0);
-    // ... and once the failed VM is gone its frames serve the sibling.
-    drop(greedy);
-    sibling
-        .vm()
-        .run(
-            0,
-            Command::new(Op::Fill, data(SIBLING_PAGES), SIBLING_PAGES, 3),
-        )
-        .expect("the sibling fills new pages");
-    assert_eq!(verify(&sibling, data(0), SIBLING_PAGES, seed), 0);
-    assert_eq!(verify(&sibling, data(SIBLING_PAGES), SIBLING_PAGES, 3), 0);
-    drop(sibling);
+    sibling_outlives(sibling, greedy, seed);
     assert_eq!(pool.free_frames(), pool.total_frames());
 }
 
@@ -199,14 +182,23 @@ fn fragmented_beside_a_sibling(budget: bool) {
         }
         other => panic!("expected the mapping limit, got {other:?}"),
     }
-    assert!(
-        sibling.vm().failure().is_none(),
-        "only the fragmented VM failed"
+    sibling_outlives(sibling, fragmented, seed);
+    // The fault that met the limit may not have undone its host mapping (that needs a
+    // mapping too): its frame stayed with the VM, and the exit's revoke freed it.
+    assert_eq!(
+        pool.free_frames(),
+        pool.total_frames(),
+        "every frame came back"
     );
-    // Every word the sibling wrote is there, next to the failed VM...
+}
+
+/// Beside `failed`, the sibling has every word it wrote (`seed` over its first
+/// `SIBLING_PAGES`) and is not failed; once `failed` is gone, the sibling maps new pages
+/// again and still verifies. Consumes both.
+fn sibling_outlives(sibling: ManagedVm, failed: ManagedVm, seed: u64) {
+    assert!(sibling.vm().failure().is_none(), "only the other VM failed");
     assert_eq!(verify(&sibling, data(0), SIBLING_PAGES, seed), 0);
-    // ... and after it, the sibling maps new pages again.
-    drop(fragmented);
+    drop(failed);
     sibling
         .vm()
         .run(
@@ -216,12 +208,4 @@ fn fragmented_beside_a_sibling(budget: bool) {
         .expect("the sibling fills new pages");
     assert_eq!(verify(&sibling, data(0), SIBLING_PAGES, seed), 0);
     assert_eq!(verify(&sibling, data(SIBLING_PAGES), SIBLING_PAGES, 3), 0);
-    drop(sibling);
-    // The fault that met the limit may not have undone its host mapping (that needs a
-    // mapping too): its frame stayed with the VM, and the exit's revoke freed it.
-    assert_eq!(
-        pool.free_frames(),
-        pool.total_frames(),
-        "every frame came back"
-    );
 }

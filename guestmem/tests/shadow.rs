@@ -240,30 +240,11 @@ enum ForkView {
     Drop,
 }
 
-/// A view with the default `protect_for_fork`.
+/// A view, with the `protect_for_fork` that `ForkView` names.
 #[derive(Debug)]
-struct ProtectingMmu(Arc<View>);
+struct ViewMmu(Arc<View>, ForkView);
 
-/// A view whose `protect_for_fork` drops the run.
-#[derive(Debug)]
-struct DroppingMmu(Arc<View>);
-
-impl HostMmu for ProtectingMmu {
-    fn map_run(&self, run: MapRun<'_>) -> Result<(), HostMmuError> {
-        self.0.map_run(run);
-        Ok(())
-    }
-    fn unmap_run(&self, gfn: Gfn, pages: u64) -> Result<(), HostMmuError> {
-        self.0.unmap_run(gfn, pages);
-        Ok(())
-    }
-    fn protect_run(&self, gfn: Gfn, pages: u64, writable: bool) -> Result<(), HostMmuError> {
-        self.0.protect_run(gfn, pages, writable);
-        Ok(())
-    }
-}
-
-impl HostMmu for DroppingMmu {
+impl HostMmu for ViewMmu {
     fn map_run(&self, run: MapRun<'_>) -> Result<(), HostMmuError> {
         self.0.map_run(run);
         Ok(())
@@ -277,18 +258,21 @@ impl HostMmu for DroppingMmu {
         Ok(())
     }
     fn protect_for_fork(&self, gfn: Gfn, pages: u64) -> Result<(), HostMmuError> {
-        self.0.check_still_allocated("protect_for_fork");
-        self.0.probe_fork(gfn, pages);
-        self.0.unmap_run(gfn, pages);
-        Ok(())
+        match self.1 {
+            // What the trait's default does.
+            ForkView::Protect => self.protect_run(gfn, pages, false),
+            ForkView::Drop => {
+                self.0.check_still_allocated("protect_for_fork");
+                self.0.probe_fork(gfn, pages);
+                self.0.unmap_run(gfn, pages);
+                Ok(())
+            }
+        }
     }
 }
 
 fn host_mmu(view: &Arc<View>, mode: ForkView) -> Arc<dyn HostMmu> {
-    match mode {
-        ForkView::Protect => Arc::new(ProtectingMmu(Arc::clone(view))),
-        ForkView::Drop => Arc::new(DroppingMmu(Arc::clone(view))),
-    }
+    Arc::new(ViewMmu(Arc::clone(view), mode))
 }
 
 /// One model configuration.
