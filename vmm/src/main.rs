@@ -4,25 +4,29 @@
 //!
 //! Exit status: 0 when everything ran and verified, 1 when a guest failed or a verify
 //! found a mismatch, 2 for bad input or a host that cannot run the VMs (no `/dev/kvm`,
-//! limits too low), always with a message saying what to do. `--timeout SECS` bounds the
-//! guests' work: a VM still running at the limit is named (with its vCPU and step), its
-//! VMs are stopped and the status is 1.
+//! limits too low), always with a message saying what to do; 130 after Ctrl-C. Every step
+//! of every VM counts towards the verdict. A run that stops early still prints the report
+//! of what had run. `--timeout SECS` bounds the guests' work: a VM still running at the
+//! limit is named (with its vCPU and step), its VMs are stopped and the status is 1.
 
 mod cli;
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
 
 use cli::args::{AllocatorArg, Cli, Cmd, Common, RmapArg};
+use cli::error::CliError;
 use cli::fork::{ForkParams, cmd_fork};
-use cli::report::{emit, print_fork, print_run};
+use cli::report::{ForkReport, RunReport, emit, print_fork, print_run};
 use cli::run::cmd_run;
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
@@ -31,31 +35,36 @@ fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
         }
     };
-    let demo_common;
-    let result = match &cli.cmd {
+    cli::feedback::catch_interrupts();
+    let (verified, error) = match &cli.cmd {
         Cmd::Run {
             common,
             vms,
             workload,
-        } => cmd_run(common, *vms, workload).map(|r| {
-            emit(common.json, &r, print_run);
-            r.verified
-        }),
-        Cmd::Fork(a) => cmd_fork(&ForkParams {
-            common: &a.common,
-            clones: a.clones,
-            phase1: &a.phase1,
-            phase2: &a.phase2,
-            grandchild: a.grandchild,
-            shells: a.shells,
-            progress: false,
-        })
-        .map(|r| {
-            emit(a.common.json, &r, print_fork);
-            r.verified
-        }),
-        Cmd::Demo { clones, json } => {
-            demo_common = Common {
+        } => {
+            let (report, error) = cmd_run(common, *vms, workload, common.events);
+            finish(common.json, common.events, report, error, print_run)
+        }
+        Cmd::Fork(a) => {
+            let (report, error) = cmd_fork(&ForkParams {
+                common: &a.common,
+                clones: a.clones,
+                phase1: &a.phase1,
+                phase2: &a.phase2,
+                grandchild: a.grandchild,
+                shells: a.shells,
+                demo: false,
+                events: a.common.events,
+            });
+            finish(a.common.json, a.common.events, report, error, print_fork)
+        }
+        Cmd::Demo {
+            clones,
+            json,
+            events,
+            corrupt,
+        } => {
+            let common = Common {
                 mem: "256M".into(),
                 vcpus: 2,
                 pool: None,
@@ -64,9 +73,11 @@ fn main() -> ExitCode {
                 cpu: None,
                 timeout: None,
                 json: *json,
+                events: *events,
+                corrupt: corrupt.clone(),
             };
-            cmd_fork(&ForkParams {
-                common: &demo_common,
+            let (report, error) = cmd_fork(&ForkParams {
+                common: &common,
                 clones: *clones,
                 // Each vCPU fills 96 of its 127 MiB; after the fork every VM rewrites its own
                 // 4 MiB per vCPU (the parent too), clone 1's child another.
@@ -74,23 +85,66 @@ fn main() -> ExitCode {
                 phase2: "fill:seed=2:pages=4M:stride=4M",
                 grandchild: true,
                 shells: true,
-                progress: true,
-            })
-            .map(|r| {
-                emit(*json, &r, print_fork);
-                r.verified
-            })
+                demo: true,
+                events: *events,
+            });
+            finish(*json, *events, report, error, print_fork)
         }
     };
-    match result {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => {
-            eprintln!("vmm: a verify found mismatches (see the report)");
-            ExitCode::from(1)
-        }
-        Err(e) => {
+    match error {
+        Some(e) => {
             eprintln!("vmm: {e}");
             ExitCode::from(e.code())
         }
+        None if verified => ExitCode::SUCCESS,
+        None => {
+            eprintln!("vmm: a verify found mismatches (see the report)");
+            ExitCode::from(1)
+        }
     }
+}
+
+/// A report's overall verdict.
+trait Verdict {
+    fn verified(&self) -> bool;
+}
+
+impl Verdict for RunReport {
+    fn verified(&self) -> bool {
+        self.verified
+    }
+}
+
+impl Verdict for ForkReport {
+    fn verified(&self) -> bool {
+        self.verified
+    }
+}
+
+/// Writes the report (text, `--json`, or the last `--events` line) and gives the verdict
+/// and the error to exit with (the command's own first, else a report that could not be
+/// written).
+fn finish<T: serde::Serialize + Verdict>(
+    json: bool,
+    events: bool,
+    report: Option<T>,
+    error: Option<CliError>,
+    text: impl FnOnce(&mut dyn std::io::Write, &T) -> std::io::Result<()>,
+) -> (bool, Option<CliError>) {
+    let Some(r) = report else {
+        return (false, error);
+    };
+    let written = if events {
+        cli::report::emit_event_line(&r)
+    } else {
+        emit(json, &r, text)
+    };
+    let error = match (error, written) {
+        (Some(e), Err(w)) => {
+            eprintln!("vmm: {w}");
+            Some(e)
+        }
+        (e, w) => e.or(w.err()),
+    };
+    (r.verified(), error)
 }

@@ -325,6 +325,10 @@ impl ManagedVm {
                 });
             }
         }
+        if clones == 0 {
+            // Every clone's VM exists already (shells): the fork opens no descriptor.
+            return Ok(());
+        }
         let limit = raise_nofile_limit();
         let need = fds_per_vm(self.vm.config().vcpus).saturating_mul(clones as u64);
         let open = open_fds().unwrap_or(0);

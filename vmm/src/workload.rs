@@ -14,6 +14,7 @@
 //! | `random` | `count` seeded random reads and writes |
 //! | `checksum` | sum every word |
 //! | `dirty` | write one word per page |
+//! | `crash` | execute `ud2` in the guest (a test of guest-fault reporting: the run fails) |
 //!
 //! | key | meaning | default |
 //! |---|---|---|
@@ -23,7 +24,10 @@
 //! | `count=N` | accesses (`random` only) | 10000 |
 //! | `stride=N` | in `vmm fork`'s second phase: clone k's range starts `k*N` pages later (the parent is k=0) | 0 |
 //!
-//! Sizes also take units: `offset=4M`, `pages=64M` mean bytes, converted to pages.
+//! Sizes also take units: `offset=4M`, `pages=64M` mean bytes, converted to pages (a size
+//! must be a whole number of 4 KiB pages). Each key may be given once per step, and only
+//! to an op that uses it: `seed` to fill, verify, random and dirty; `count` to random;
+//! `crash` takes no key. Anything else is refused rather than ignored.
 //! Every vCPU of every VM runs the workload on its own slice of RAM above the boot region;
 //! the seed a vCPU uses is `seed + vcpu + 1000 * vm` (and `+ 100000 * (clone + 1)` in a
 //! fork's clones), so no two slices hold the same pattern. `verify:seed=N` checks the
@@ -43,8 +47,37 @@ pub enum WorkloadError {
     #[error("the workload is empty: give steps like `fill:seed=1,verify:seed=1`")]
     Empty,
     /// An unknown operation.
-    #[error("unknown operation {0:?}: use fill, verify, touch, random, checksum or dirty")]
+    #[error("unknown operation {0:?}: use fill, verify, touch, random, checksum, dirty or crash")]
     UnknownOp(String),
+    /// A key given twice in one step.
+    #[error("{op}: {key} is given twice: give each key once per step")]
+    DuplicateKey {
+        /// The operation.
+        op: String,
+        /// The key.
+        key: String,
+    },
+    /// A key the operation does not use (it would be silently ignored).
+    #[error("{op} does not use {key}: {uses}")]
+    KeyIgnored {
+        /// The operation.
+        op: String,
+        /// The key.
+        key: String,
+        /// Which keys the operation does use.
+        uses: &'static str,
+    },
+    /// A size that is not a whole number of pages.
+    #[error(
+        "{key}={value} is not a whole number of 4 KiB pages: give pages (like {key}=16) or a \
+         multiple of 4K"
+    )]
+    NotPages {
+        /// The key.
+        key: String,
+        /// The value.
+        value: String,
+    },
     /// A `key=value` that is not one.
     #[error("{0:?} is not KEY=VALUE (keys: seed, offset, pages, count, stride)")]
     BadPair(String),
@@ -64,7 +97,8 @@ pub enum WorkloadError {
     },
     /// A range outside the vCPU's slice.
     #[error(
-        "step {step} ({op}) covers pages {start}..{end} of a {slice}-page slice: make the guest bigger (--mem) or the range smaller"
+        "step {step} ({op}) covers pages {start}..{end} of a {slice}-page slice{}: make the guest bigger (--mem) or the range smaller",
+        if *stride > 0 { format!(" (its range starts {stride_index} x stride={stride} pages later)") } else { String::new() }
     )]
     OutOfSlice {
         /// Step number (1-based).
@@ -77,6 +111,10 @@ pub enum WorkloadError {
         end: u64,
         /// Pages in the slice.
         slice: u64,
+        /// The step's stride (pages).
+        stride: u64,
+        /// The VM's stride index (a fork's VM number).
+        stride_index: u64,
     },
 }
 
@@ -104,7 +142,8 @@ pub struct Workload {
     pub steps: Vec<Step>,
 }
 
-fn op_name(op: Op) -> &'static str {
+/// The name of `op` in the workload syntax (`fill`, `verify`, ...).
+pub fn op_name(op: Op) -> &'static str {
     match op {
         Op::Fill => "fill",
         Op::Verify => "verify",
@@ -131,7 +170,14 @@ fn parse_pages(key: &str, value: &str) -> Result<u64, WorkloadError> {
                 _ => return Err(bad()),
             };
             let n: u64 = value[..i].parse().map_err(|_| bad())?;
-            n.checked_mul(1 << shift).map(|b| b / 4096).ok_or_else(bad)
+            let bytes = n.checked_mul(1 << shift).ok_or_else(bad)?;
+            if bytes % 4096 != 0 {
+                return Err(WorkloadError::NotPages {
+                    key: key.into(),
+                    value: value.into(),
+                });
+            }
+            Ok(bytes / 4096)
         }
         _ => value.parse().map_err(|_| bad()),
     }
@@ -159,8 +205,10 @@ impl std::str::FromStr for Workload {
                 "random" => Op::Random,
                 "checksum" => Op::Checksum,
                 "dirty" => Op::Dirty,
+                "crash" => Op::Crash,
                 other => return Err(WorkloadError::UnknownOp(other.into())),
             };
+            let uses = keys_used(op);
             let mut step = Step {
                 op,
                 seed: 1,
@@ -169,11 +217,29 @@ impl std::str::FromStr for Workload {
                 count: 10_000,
                 stride: 0,
             };
+            let mut seen: Vec<&str> = Vec::new();
             for pair in parts {
                 let (k, v) = pair
                     .split_once('=')
                     .ok_or_else(|| WorkloadError::BadPair(pair.into()))?;
                 let (k, v) = (k.trim(), v.trim());
+                if !KEYS.contains(&k) {
+                    return Err(WorkloadError::UnknownKey(k.into()));
+                }
+                if !uses.0.contains(&k) {
+                    return Err(WorkloadError::KeyIgnored {
+                        op: op_name(op).into(),
+                        key: k.into(),
+                        uses: uses.1,
+                    });
+                }
+                if seen.contains(&k) {
+                    return Err(WorkloadError::DuplicateKey {
+                        op: op_name(op).into(),
+                        key: k.into(),
+                    });
+                }
+                seen.push(k);
                 let num = || {
                     v.parse::<u64>().map_err(|_| WorkloadError::BadNumber {
                         key: k.into(),
@@ -200,6 +266,35 @@ impl std::str::FromStr for Workload {
             return Err(WorkloadError::Empty);
         }
         Ok(Workload { steps })
+    }
+}
+
+/// Every key of the syntax.
+const KEYS: [&str; 5] = ["seed", "offset", "pages", "count", "stride"];
+
+/// The keys `op` uses, and how to say so.
+fn keys_used(op: Op) -> (&'static [&'static str], &'static str) {
+    match op {
+        Op::Fill | Op::Verify | Op::Dirty => (
+            &["seed", "offset", "pages", "stride"],
+            "it takes seed, offset, pages and stride",
+        ),
+        Op::Random => (
+            &["seed", "offset", "pages", "count", "stride"],
+            "it takes seed, offset, pages, count and stride",
+        ),
+        Op::Touch | Op::Checksum => (
+            &["offset", "pages", "stride"],
+            "it takes offset, pages and stride (no seed: it reads what is there)",
+        ),
+        Op::Crash => (&[], "it takes no key"),
+    }
+}
+
+impl Workload {
+    /// Whether any step has a `stride` (meaningful only in a fork's second phase).
+    pub fn has_stride(&self) -> bool {
+        self.steps.iter().any(|s| s.stride > 0)
     }
 }
 
@@ -237,6 +332,8 @@ impl Workload {
                         start,
                         end,
                         slice: at.slice_pages,
+                        stride: s.stride,
+                        stride_index: at.stride_index,
                     });
                 }
                 Ok(Command {
@@ -380,6 +477,42 @@ mod tests {
             "fill:seed=x".parse::<Workload>(),
             Err(WorkloadError::BadNumber { .. })
         ));
+    }
+
+    #[test]
+    fn nonsense_that_used_to_be_ignored_is_refused() {
+        let err = |w: &str| w.parse::<Workload>().unwrap_err();
+        assert!(matches!(
+            err("fill:seed=1:seed=2"),
+            WorkloadError::DuplicateKey { .. }
+        ));
+        assert!(matches!(
+            err("fill:count=5"),
+            WorkloadError::KeyIgnored { .. }
+        ));
+        assert!(matches!(
+            err("checksum:seed=5"),
+            WorkloadError::KeyIgnored { .. }
+        ));
+        assert!(matches!(
+            err("crash:pages=1"),
+            WorkloadError::KeyIgnored { .. }
+        ));
+        assert!(matches!(
+            err("fill:offset=1K"),
+            WorkloadError::NotPages { .. }
+        ));
+        assert!(matches!(
+            err("fill:pages=6K"),
+            WorkloadError::NotPages { .. }
+        ));
+        // What is meant is still accepted.
+        let w: Workload = "fill:offset=8K:pages=4M,random:count=3:seed=2,crash"
+            .parse()
+            .unwrap();
+        assert_eq!((w.steps[0].offset, w.steps[0].pages), (2, Some(1024)));
+        assert_eq!(w.steps[2].op, Op::Crash);
+        assert!(!w.has_stride());
     }
 
     #[test]

@@ -133,7 +133,7 @@ fn malformed_workloads_exit_2_with_a_message() {
             "--phase2",
             "fill:pages=100:stride=300",
         ],
-        "slice",
+        "only 5 clones fit",
     );
 }
 

@@ -8,19 +8,27 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 pub(crate) const WORKLOAD_HELP: &str = "\
 WORKLOAD syntax: STEP[,STEP...], each STEP is OP[:KEY=VALUE...]
   ops:  fill (write the seed's pattern), verify (check it), touch (read a word per page),
-        random (seeded random reads/writes), checksum (sum every word), dirty (write a word per page)
+        random (seeded random reads/writes), checksum (sum every word), dirty (write a word per
+        page), crash (a guest fault: tests how a failing guest is reported)
   keys: seed=N (default 1), offset=N (first page of the range, from the start of the vCPU's
         slice; default 0), pages=N (default: rest of the slice), count=N (random accesses,
         default 10000), stride=N (fork's second phase: clone k's range starts k*N pages later)
-  offset, pages and stride also take sizes: 4M, 1G.
+  offset, pages and stride also take sizes (whole pages): 4M, 1G. Each key at most once per
+  step and only where it is used: seed for fill/verify/random/dirty, count for random; crash
+  takes none.
 Each vCPU works on its own slice of guest RAM (above the 1 MiB boot region); its seeds are
 offset by the vCPU index and by 1000 per VM (100000 per fork clone), so every slice holds its
 own pattern and `verify:seed=N` checks what `fill:seed=N` wrote.
-Example: --workload fill:seed=1,verify:seed=1,random:seed=7:count=100000,checksum";
+Example: --workload fill:seed=1,verify:seed=1,random:seed=7:count=100000,checksum
+
+Exit status: 0 every VM ran every step and every verify passed; 1 a guest failed, ran past
+--timeout or a verify found bad words; 2 bad input or a host that cannot run it (the message
+says what to do); 130 stopped by Ctrl-C (the report of what had run is printed first).";
 
 #[derive(Debug, Parser)]
 #[command(
     name = "vmm",
+    version,
     about = "KVM guests on memory the VMM manages itself: run workloads, snapshot-fork running VMs",
     after_help = WORKLOAD_HELP
 )]
@@ -75,9 +83,19 @@ pub(crate) struct Common {
     /// the exit status is 1. Default: no limit.
     #[arg(long, value_name = "SECS", value_parser = parse_timeout)]
     pub timeout: Option<Duration>,
-    /// Print JSON instead of text.
+    /// Print JSON instead of text (the whole configuration included; 64-bit guest results
+    /// as hex strings, so no JSON reader rounds them).
     #[arg(long)]
     pub json: bool,
+    /// Stream one JSON object per line on stdout as things happen (VM created, step done,
+    /// VM verified, failures), the report last as `{"event":"report",...}`.
+    #[arg(long)]
+    pub events: bool,
+    /// Test hook for the verdict itself: after the workload, flip one word of this VM's
+    /// memory from the host side ("parent", "clone 3", "clone 1.1"), so its final verify
+    /// must fail. Fork and demo only.
+    #[arg(long, hide = true, value_name = "VM")]
+    pub corrupt: Option<String>,
 }
 
 /// `--timeout`: positive seconds, fractions allowed.
@@ -99,7 +117,8 @@ fn parse_timeout(s: &str) -> Result<Duration, String> {
 pub(crate) struct ForkArgs {
     #[command(flatten)]
     pub common: Common,
-    /// Clones to fork the VM into.
+    /// Clones to fork the VM into (1 to 10000; with a `stride` in --phase2 each VM's range
+    /// must fit in its vCPU slice, which bounds them by --mem).
     #[arg(long, default_value_t = 8)]
     pub clones: usize,
     /// Workload run in the VM before the fork (see WORKLOAD syntax).
@@ -125,7 +144,7 @@ pub(crate) enum Cmd {
     Run {
         #[command(flatten)]
         common: Common,
-        /// VMs to run at once.
+        /// VMs to run at once (1 to 1000).
         #[arg(long, default_value_t = 1)]
         vms: u32,
         /// The guest commands to run.
@@ -139,12 +158,18 @@ pub(crate) enum Cmd {
     /// forks into 8 clones (VM shells made beforehand), each rewrites its own 8 MiB (4 MiB
     /// per vCPU), the parent too, clone 1 forks again; every VM verifies all it holds.
     Demo {
-        /// Clones.
+        /// Clones (1 to 29: each VM rewrites its own 4 MiB range of each vCPU's slice).
         #[arg(long, default_value_t = 8)]
         clones: usize,
         /// Print JSON instead of the table.
         #[arg(long)]
         json: bool,
+        /// Stream one JSON line per event on stdout (see `run --help`).
+        #[arg(long)]
+        events: bool,
+        /// See `fork --corrupt` (hidden: a test hook).
+        #[arg(long, hide = true, value_name = "VM")]
+        corrupt: Option<String>,
     },
 }
 

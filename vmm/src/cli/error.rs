@@ -81,6 +81,19 @@ pub(crate) enum CliError {
         /// The `--timeout` given.
         timeout: Duration,
     },
+    /// Ctrl-C (or SIGTERM) stopped the guests' work (exit 130, as a shell reports SIGINT).
+    #[error(
+        "{vm}: {step} was stopped by Ctrl-C (the VMs were stopped; the report shows what had finished)"
+    )]
+    Interrupted {
+        /// Which VM (and phase).
+        vm: String,
+        /// Which step.
+        step: String,
+    },
+    /// Writing the report failed (exit 2; a closed pipe ends quietly instead).
+    #[error("cannot write the report: {0}: free some space or write it elsewhere")]
+    Report(#[source] std::io::Error),
     /// A thread running a VM panicked (exit 1).
     #[error("a thread running {0} panicked")]
     Panicked(String),
@@ -101,6 +114,8 @@ impl CliError {
             CliError::Fork(e) => host_or_failed(e.is_host_limit()),
             CliError::Guest { source, .. } => host_or_failed(source.is_host_limit()),
             CliError::TimedOut { .. } | CliError::Panicked(_) => 1,
+            CliError::Interrupted { .. } => 130,
+            CliError::Report(_) => 2,
         }
     }
 
@@ -112,6 +127,10 @@ impl CliError {
         timeout: Option<Duration>,
     ) -> CliError {
         match (e, timeout) {
+            (VcpuError::Timeout(_), _) if super::feedback::interrupted() => CliError::Interrupted {
+                vm: vm.into(),
+                step: step(),
+            },
             (VcpuError::Timeout(vcpu), Some(timeout)) => CliError::TimedOut {
                 vm: vm.into(),
                 vcpu,

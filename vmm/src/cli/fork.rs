@@ -1,20 +1,26 @@
 //! `vmm fork` (and `vmm demo`): run a VM, snapshot-fork it into clones, run a second phase
 //! in the parent and every clone at once, verify every VM against what it wrote.
+//!
+//! Every step of every VM (phase 1 in the parent, phase 2 everywhere, the grandchild's)
+//! and every final verify reaches the report and the verdict. A VM that fails in phase 2
+//! is reported as stopped while the others go on; a failure before or during the fork
+//! stops the experiment, and the report still shows what had run.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use indicatif::{ProgressBar, ProgressStyle};
-use vmm::workload::Model;
+use serde_json::json;
+use vmm::workload::{Model, Workload, WorkloadError};
 use vmm::{Command, ForkOptions, ManagedVm, ShellPool, VmConfig};
 
 use super::args::Common;
 use super::error::CliError;
+use super::feedback::Feedback;
 use super::limits::{
-    MIB, PAGE, check_cpu, check_vcpus, default_pool, fork_need, guest_mem, hypervisor, manager,
-    pool_bytes,
+    MIB, PAGE, check_cpu, check_fds, check_host_memory, check_vcpus, default_pool, fork_need,
+    guest_mem, hypervisor, manager, pool_bytes, touched_bytes,
 };
-use super::report::{ForkReport, ForkVmReport};
-use super::steps::{Deadline, plan, run_plan, verify_model, workload, written_pages};
+use super::report::{Config, ForkReport, ForkVmReport};
+use super::steps::{Deadline, StepReport, plan, run_plan, verify_model, workload, written_pages};
 
 pub(crate) struct ForkParams<'a> {
     pub common: &'a Common,
@@ -23,7 +29,10 @@ pub(crate) struct ForkParams<'a> {
     pub phase2: &'a str,
     pub grandchild: bool,
     pub shells: bool,
-    pub progress: bool,
+    /// `vmm demo`: its limits are stated as demo's (it has no `--mem` or `--phase2`).
+    pub demo: bool,
+    /// `--events`: JSON lines on stdout.
+    pub events: bool,
 }
 
 /// The name of phase 2's VM `k` (0 the parent, then the clones, then the grandchild).
@@ -35,222 +44,458 @@ fn role(k: usize, clones: usize) -> String {
     }
 }
 
-pub(crate) fn cmd_fork(p: &ForkParams<'_>) -> Result<ForkReport, CliError> {
-    let started = Instant::now();
-    let common = p.common;
-    let mem = guest_mem(&common.mem)?;
-    check_vcpus(common.vcpus)?;
-    if p.clones == 0 || p.clones > 10_000 {
-        return Err(CliError::Usage(
-            "--clones must be between 1 and 10000".into(),
-        ));
-    }
-    check_cpu(common.cpu)?;
-    let (w1, w2) = (
-        workload("--phase1", p.phase1)?,
-        workload("--phase2", p.phase2)?,
-    );
-    let vcpus = common.vcpus;
-    let plan1 = plan(&w1, mem, vcpus, 0, 0)?;
-    let extra = usize::from(p.grandchild);
-    // VM k of phase 2: 0 the parent, 1..=clones the clones, then the grandchild.
-    let plans2 = (0..=p.clones + extra)
-        .map(|k| plan(&w2, mem, vcpus, 100_000 * k as u64, k as u64))
-        .collect::<Result<Vec<_>, _>>()?;
-    let per_clone = plans2
-        .iter()
-        .map(|pl| written_pages(pl))
-        .try_fold(0, |max, w| w.map(|w| w.max(max)))?;
-    let need = fork_need(mem, (p.clones + extra) as u64, per_clone)?;
-    let bar = if p.progress && !common.json {
-        let b = ProgressBar::new((4 + 2 * (p.clones + extra)) as u64);
-        b.set_style(
-            ProgressStyle::with_template(
-                "{spinner} [{elapsed_precise}] {bar:32} {pos}/{len} {msg}",
-            )
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-        );
-        b.enable_steady_tick(Duration::from_millis(100));
-        b
-    } else {
-        ProgressBar::hidden()
-    };
-    let bytes = pool_bytes(common, default_pool(need)?, mem)?;
-    let mm = manager(common, bytes)?;
-    bar.set_message("opening /dev/kvm");
-    let hv = hypervisor()?;
-    let pool = mm.pool().clone();
-    let cfg = VmConfig {
-        cpu: common.cpu,
-        ..VmConfig::new(mem, vcpus)
-    };
-    bar.set_message("booting the parent VM");
-    let parent = ManagedVm::new(&hv, &cfg, &mm)?;
-    let deadline = Deadline::starting_now(common.timeout);
-    bar.inc(1);
-    bar.set_message("phase 1 in the parent");
-    let mut parent_model = Model::new();
-    let steps1 = run_plan(
-        parent.vm(),
-        "parent, phase 1",
-        &plan1,
-        &mut parent_model,
-        deadline,
-    )?;
-    let bad1: u64 = steps1.iter().map(|s| s.mismatches).sum();
-    bar.inc(1);
-    bar.set_message(format!("forking into {} clones", p.clones));
-    let opts = ForkOptions {
-        clones: p.clones,
-        reserve_pages: per_clone,
-    };
-    let mut shell_ms = None;
-    let shells = ShellPool::new(&cfg);
-    if p.shells {
-        bar.set_message(format!("making {} VM shells", p.clones));
-        let t = Instant::now();
-        shells.fill(&hv, p.clones)?;
-        shell_ms = Some(t.elapsed().as_secs_f64() * 1e3 / p.clones as f64);
-        bar.set_message(format!("forking into {} clones", p.clones));
-    }
-    let (clones, timing) = parent.fork_with(&hv, &opts, Some(&shells))?;
-    bar.inc(1);
-    // Phase 2 everywhere at once (the parent too: it keeps running).
-    bar.set_message("phase 2 in the parent and every clone");
-    let mut models = vec![parent_model.clone(); p.clones + 1];
-    models[0] = parent_model;
-    let mut vms: Vec<&ManagedVm> = std::iter::once(&parent).chain(clones.iter()).collect();
-    run_phase2(&vms, &plans2, &mut models, &bar, deadline)?;
-    let mut grandchild = None;
-    let mut grandchild_ms = None;
-    if p.grandchild {
-        bar.set_message("forking clone 1 again");
-        let (mut g, t) = clones[0].fork(
-            &hv,
-            &ForkOptions {
-                clones: 1,
-                reserve_pages: per_clone,
-            },
-        )?;
-        grandchild_ms = Some(t.total_ns as f64 / 1e6);
-        grandchild = g.pop();
-        bar.inc(1);
-        if let Some(g) = &grandchild {
-            let mut m = models[1].clone();
-            let who = format!("{}, phase 2", role(p.clones + 1, p.clones));
-            run_plan(g.vm(), &who, &plans2[p.clones + 1], &mut m, deadline)?;
-            models.push(m);
-            vms.push(g);
+/// A VM of the experiment and what happened to it.
+struct Member {
+    role: String,
+    vm: ManagedVm,
+    model: Model,
+    steps: Vec<StepReport>,
+    fork_ms: Option<f64>,
+    /// The final verify: (pages, bad words).
+    verify: Option<(u64, u64)>,
+    /// Why it stopped early.
+    error: Option<CliError>,
+}
+
+impl Member {
+    fn new(role: String, vm: ManagedVm, model: Model, fork_ms: Option<f64>) -> Member {
+        Member {
+            role,
+            vm,
+            model,
+            steps: Vec::new(),
+            fork_ms,
+            verify: None,
+            error: None,
         }
-        bar.inc(1);
     }
-    bar.set_message("verifying every VM");
-    let verified: Vec<Result<(u64, u64), CliError>> = std::thread::scope(|s| {
-        let hs: Vec<_> = vms
-            .iter()
-            .zip(&models)
-            .enumerate()
-            .map(|(k, (vm, model))| {
-                let bar = bar.clone();
-                s.spawn(move || {
-                    let r = verify_model(vm.vm(), &role(k, p.clones), model, deadline);
-                    bar.inc(1);
-                    r
-                })
-            })
-            .collect();
-        hs.into_iter()
-            .enumerate()
-            .map(|(k, h)| {
-                h.join()
-                    .unwrap_or_else(|_| Err(CliError::Panicked(role(k, p.clones))))
-            })
-            .collect()
-    });
-    let mut rows = Vec::new();
-    for (k, (vm, v)) in vms.iter().zip(verified).enumerate() {
-        let (pages, bad) = v?;
-        let bad = bad + if k == 0 { bad1 } else { 0 };
-        let memory = vm.memory();
-        let c = vm.counters();
-        rows.push(ForkVmReport {
-            role: role(k, p.clones),
+
+    fn step_mismatches(&self) -> u64 {
+        self.steps.iter().map(|s| s.mismatches).sum()
+    }
+
+    fn row(&self) -> ForkVmReport {
+        let memory = self.vm.memory();
+        let c = self.vm.counters();
+        let (pages, fin) = self.verify.unwrap_or((0, 0));
+        let steps = self.step_mismatches();
+        ForkVmReport {
+            role: self.role.clone(),
             memory_pages: memory,
             memory_mib: memory.into(),
             cow_copies: c.cow_copies,
             cow_reuses: c.cow_reuses,
-            faults: vm.fault_counts(),
-            fork_ms: match k {
-                0 => None,
-                k if k <= p.clones => timing.clone_ns.get(k - 1).map(|&n| n as f64 / 1e6),
-                _ => grandchild_ms,
-            },
+            faults: self.vm.fault_counts(),
+            fork_ms: self.fork_ms,
+            steps: self.steps.clone(),
+            step_mismatches: steps,
             pages_verified: pages,
-            mismatches: bad,
-            verified: bad == 0,
-        });
+            final_mismatches: fin,
+            mismatches: steps.saturating_add(fin),
+            error: self.error.as_ref().map(ToString::to_string),
+            verified: self.error.is_none() && self.verify.is_some() && steps == 0 && fin == 0,
+        }
     }
-    bar.finish_and_clear();
+}
+
+/// What the experiment has made and measured so far.
+#[derive(Default)]
+struct Experiment {
+    members: Vec<Member>,
+    timing: Option<vmm::ForkTiming>,
+    grandchild_ms: Option<f64>,
+    shell_ms: Option<f64>,
+}
+
+/// The checked plan of a fork experiment.
+struct Plan {
+    mem: u64,
+    cfg: VmConfig,
+    plan1: Vec<Vec<Command>>,
+    /// VM k of phase 2: 0 the parent, 1..=clones the clones, then the grandchild.
+    plans2: Vec<Vec<Vec<Command>>>,
+    per_clone: u64,
+}
+
+/// The most clones whose phase-2 ranges fit when `w2`'s strides move VM k's range `k`
+/// strides on (VMs 0 ..= clones + extra).
+fn max_clones(w2: &Workload, mem: u64, vcpus: u32, extra: usize) -> Option<usize> {
+    (1..=10_000usize)
+        .take_while(|&n| plan(w2, mem, vcpus, 0, (n + extra) as u64).is_ok())
+        .last()
+}
+
+/// Checks everything the command line asks for (before anything is created).
+fn check(p: &ForkParams<'_>) -> Result<Plan, CliError> {
+    let common = p.common;
+    let mem = guest_mem(&common.mem)?;
+    check_vcpus(common.vcpus)?;
+    let max = if p.demo { DEMO_MAX_CLONES } else { 10_000 };
+    if p.clones == 0 || p.clones > max {
+        return Err(CliError::Usage(if p.demo {
+            format!(
+                "--clones must be between 1 and {DEMO_MAX_CLONES} for the demo (each VM rewrites \
+                 its own 4 MiB per vCPU of a 256 MiB guest): for more, use `vmm fork` with a \
+                 bigger --mem"
+            )
+        } else {
+            "--clones must be between 1 and 10000".into()
+        }));
+    }
+    check_cpu(common.cpu)?;
+    if let Some(c) = &common.corrupt {
+        let extra = usize::from(p.grandchild);
+        if !(0..=p.clones + extra).any(|k| role(k, p.clones) == *c) {
+            return Err(CliError::Usage(format!(
+                "--corrupt {c:?}: no such VM (parent, clone 1 .. clone {}{})",
+                p.clones,
+                if p.grandchild { ", clone 1.1" } else { "" }
+            )));
+        }
+    }
+    let (w1, w2) = (
+        workload("--phase1", p.phase1)?,
+        workload("--phase2", p.phase2)?,
+    );
+    if w1.has_stride() {
+        return Err(CliError::Usage(format!(
+            "--phase1 {:?}: stride applies only to --phase2 (it gives each VM of the fork its \
+             own range); drop it",
+            p.phase1
+        )));
+    }
+    let vcpus = common.vcpus;
+    let plan1 = plan(&w1, mem, vcpus, 0, 0)?;
+    let extra = usize::from(p.grandchild);
+    let plans2 = (0..=p.clones + extra)
+        .map(|k| plan(&w2, mem, vcpus, 100_000 * k as u64, k as u64))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| match e {
+            CliError::Workload {
+                source: WorkloadError::OutOfSlice { stride, .. },
+                ..
+            } if stride > 0 => {
+                let fit = max_clones(&w2, mem, vcpus, extra).unwrap_or(0);
+                CliError::Usage(format!(
+                    "--clones {}: VM k's --phase2 range starts k x stride={stride} pages on, and \
+                     only {fit} clones fit in {} MiB guests with {vcpus} vCPU(s){}: fork fewer \
+                     clones, use a smaller stride or range, or a bigger --mem",
+                    p.clones,
+                    mem / MIB,
+                    if p.grandchild {
+                        " and the grandchild"
+                    } else {
+                        ""
+                    }
+                ))
+            }
+            e => e,
+        })?;
+    let per_clone = plans2
+        .iter()
+        .map(|pl| written_pages(pl))
+        .try_fold(0, |max, w| w.map(|w| w.max(max)))?;
+    Ok(Plan {
+        mem,
+        cfg: VmConfig {
+            cpu: common.cpu,
+            ..VmConfig::new(mem, vcpus)
+        },
+        plan1,
+        plans2,
+        per_clone,
+    })
+}
+
+/// The most clones `vmm demo` runs: VM k (the parent 0, the clones, the grandchild)
+/// rewrites 4 MiB at k x 4 MiB of each vCPU's 127.5 MiB slice.
+pub(crate) const DEMO_MAX_CLONES: usize = 29;
+
+/// Runs the experiment. The report is there whenever anything ran (also when it then
+/// failed: with the error in it); the error says why it stopped early.
+pub(crate) fn cmd_fork(p: &ForkParams<'_>) -> (Option<ForkReport>, Option<CliError>) {
+    let started = Instant::now();
+    let pl = match check(p) {
+        Ok(pl) => pl,
+        Err(e) => return (None, Some(e)),
+    };
+    let common = p.common;
+    let extra = usize::from(p.grandchild);
+    // Every VM of phase 2 copies what it writes, the parent too (its pages are shared
+    // with the clones after the fork).
+    let copies = (p.clones + extra + 1) as u64;
+    let prepared = fork_need(pl.mem, copies, pl.per_clone).and_then(|need| {
+        let bytes = pool_bytes(common, default_pool(need)?, need)?;
+        let touched = touched_bytes(&pl.plan1, pl.mem)?
+            .saturating_add(copies.saturating_mul(pl.per_clone).saturating_mul(PAGE));
+        let mm = manager(common, bytes)?;
+        check_host_memory(touched.min(bytes))?;
+        check_fds(p.clones + extra, common.vcpus)?;
+        Ok((bytes, mm, hypervisor()?))
+    });
+    let (bytes, mm, hv) = match prepared {
+        Ok(x) => x,
+        Err(e) => return (None, Some(e)),
+    };
+    // Units of work: the parent made and its phase 1; each clone forked, its phase 2 and
+    // its verify (the parent's too).
+    let vms = 1 + p.clones + extra;
+    let steps1 = pl.plan1.first().map_or(0, Vec::len);
+    let steps2 = pl
+        .plans2
+        .first()
+        .and_then(|x| x.first())
+        .map_or(0, Vec::len);
+    let fb = Feedback::new(
+        (1 + steps1 + (vms - 1) + vms * (steps2 + 1)) as u64,
+        true,
+        p.events,
+    );
+    let mut cfg_record = Config::new(if p.demo { "demo" } else { "fork" }, common, pl.mem, bytes);
+    cfg_record.clones = Some(p.clones);
+    cfg_record.grandchild = p.grandchild;
+    cfg_record.shells = p.shells;
+    cfg_record.phase1 = Some(p.phase1.into());
+    cfg_record.phase2 = Some(p.phase2.into());
+    fb.event("start", json!({ "config": &cfg_record }));
+    let pool = mm.pool().clone();
+    let mut ex = Experiment::default();
+    let fatal = run(p, &pl, &hv, &mm, &fb, &mut ex).err();
+    fb.finish();
+    let rows: Vec<ForkVmReport> = ex.members.iter().map(Member::row).collect();
+    let first_failure = ex
+        .members
+        .iter()
+        .find_map(|m| m.error.as_ref().map(ToString::to_string));
+    let vm_error = ex.members.iter_mut().find_map(|m| m.error.take());
+    let timing = ex.timing.clone().unwrap_or_default();
     let mib = |pages: f64| pages * PAGE as f64 / MIB as f64;
-    let parent_resident = rows[0].memory_pages.resident;
+    let parent_resident = rows.first().map_or(0, |r| r.memory_pages.resident);
     let report = ForkReport {
-        mem_bytes: mem,
-        vcpus,
+        config: cfg_record,
+        mem_bytes: pl.mem,
+        vcpus: common.vcpus,
         clones: p.clones,
         fork_total_ms: timing.total_ns as f64 / 1e6,
         fork_pause_ms: timing.pause_ns as f64 / 1e6,
         fork_save_ms: timing.save_ns as f64 / 1e6,
         fork_rebirth_ms: timing.rebirth_ns as f64 / 1e6,
         fork_per_clone_ms: timing.total_ns as f64 / 1e6 / p.clones as f64,
-        grandchild_fork_ms: grandchild_ms,
-        shell_ms_per_clone: shell_ms,
+        grandchild_fork_ms: ex.grandchild_ms,
+        shell_ms_per_clone: ex.shell_ms,
         host_mib: pool.resident_bytes().unwrap_or(0) as f64 / MIB as f64,
         full_copies_mib: mib((parent_resident * rows.len() as u64) as f64),
         pss_total_mib: rows.iter().map(|r| r.memory_mib.pss).sum(),
-        verified: rows.iter().all(|r| r.verified),
+        verified: fatal.is_none()
+            && rows.len() == 1 + p.clones + extra
+            && rows.iter().all(|r| r.verified),
         vms: rows,
         frames_returned_at_exit: false,
+        error: fatal.as_ref().map(ToString::to_string).or(first_failure),
         elapsed_s: 0.0,
     };
-    drop(vms);
-    drop(grandchild);
-    drop(clones);
-    drop(parent);
-    Ok(ForkReport {
+    drop(ex);
+    let report = ForkReport {
         frames_returned_at_exit: pool.free_frames() == pool.total_frames(),
         elapsed_s: started.elapsed().as_secs_f64(),
         ..report
-    })
+    };
+    // A VM's own failure (phase 2) decides the status when nothing stopped the whole run.
+    (Some(report), fatal.or(vm_error))
 }
 
-/// Runs phase 2 in every VM at once (VM k gets `plans[k]`).
-fn run_phase2(
-    vms: &[&ManagedVm],
-    plans: &[Vec<Vec<Command>>],
-    models: &mut [Model],
-    bar: &ProgressBar,
-    deadline: Deadline,
+/// The experiment's steps, recording into `ex` as it goes.
+fn run(
+    p: &ForkParams<'_>,
+    pl: &Plan,
+    hv: &vmm::Hypervisor,
+    mm: &std::sync::Arc<guestmem::Manager>,
+    fb: &Feedback,
+    ex: &mut Experiment,
 ) -> Result<(), CliError> {
-    let clones = vms.len() - 1;
-    std::thread::scope(|s| {
-        let hs: Vec<_> = vms
+    fb.stage("booting the parent VM");
+    let parent = ManagedVm::new(hv, &pl.cfg, mm)?;
+    ex.members
+        .push(Member::new("parent".into(), parent, Model::new(), None));
+    fb.vm("parent", "created", None);
+    let deadline = Deadline::starting_now(p.common.timeout);
+    fb.stage("phase 1 in the parent");
+    {
+        let m = &mut ex.members[0];
+        let r = run_plan(
+            m.vm.vm(),
+            "parent, phase 1",
+            1,
+            &pl.plan1,
+            &mut m.model,
+            deadline,
+            &mut m.steps,
+        );
+        for s in &m.steps {
+            fb.step("parent", s);
+        }
+        r?;
+    }
+    let shells = ShellPool::new(&pl.cfg);
+    if p.shells {
+        fb.stage(format!("making {} VM shells", p.clones));
+        let t = Instant::now();
+        shells.fill(hv, p.clones)?;
+        ex.shell_ms = Some(t.elapsed().as_secs_f64() * 1e3 / p.clones as f64);
+    }
+    fb.stage(format!("forking into {} clones", p.clones));
+    let opts = ForkOptions {
+        clones: p.clones,
+        reserve_pages: pl.per_clone,
+    };
+    let (clones, timing) = ex.members[0].vm.fork_with(hv, &opts, Some(&shells))?;
+    let model = ex.members[0].model.clone();
+    for (k, c) in clones.into_iter().enumerate() {
+        let ms = timing.clone_ns.get(k).map(|&n| n as f64 / 1e6);
+        let who = role(k + 1, p.clones);
+        fb.vm(&who, "forked", ms);
+        ex.members.push(Member::new(who, c, model.clone(), ms));
+    }
+    ex.timing = Some(timing);
+    fb.stage("phase 2 in the parent and every clone");
+    phase2(&mut ex.members, &pl.plans2, fb, deadline);
+    if p.grandchild {
+        // Clone 1 forks again, unless it already failed (then the grandchild is missing
+        // from the report, and the verdict says so).
+        if ex.members[1].error.is_none() {
+            fb.stage("forking clone 1 again");
+            let (mut g, t) = ex.members[1].vm.fork(
+                hv,
+                &ForkOptions {
+                    clones: 1,
+                    reserve_pages: pl.per_clone,
+                },
+            )?;
+            ex.grandchild_ms = Some(t.total_ns as f64 / 1e6);
+            if let Some(g) = g.pop() {
+                let who = role(p.clones + 1, p.clones);
+                fb.vm(&who, "forked", ex.grandchild_ms);
+                let mut m = Member::new(
+                    who.clone(),
+                    g,
+                    ex.members[1].model.clone(),
+                    ex.grandchild_ms,
+                );
+                let r = run_plan(
+                    m.vm.vm(),
+                    &format!("{who}, phase 2"),
+                    2,
+                    &pl.plans2[p.clones + 1],
+                    &mut m.model,
+                    deadline,
+                    &mut m.steps,
+                );
+                for s in &m.steps {
+                    fb.step(&who, s);
+                }
+                if let Err(e) = r {
+                    fb.failed(&who, &e.to_string());
+                    m.error = Some(e);
+                }
+                ex.members.push(m);
+            }
+        }
+    }
+    if let Some(target) = &p.common.corrupt
+        && let Some(m) = ex
+            .members
             .iter()
+            .find(|m| m.role == *target && m.error.is_none())
+    {
+        corrupt(m)?;
+    }
+    fb.stage("verifying every VM");
+    verify_all(&mut ex.members, fb, deadline);
+    Ok(())
+}
+
+/// `--corrupt` (a test of the verdict itself): flips the bits of one word of the first
+/// page whose pattern `m`'s model knows, from the host side, so its final verify must find
+/// exactly one bad word.
+fn corrupt(m: &Member) -> Result<(), CliError> {
+    let Some(first) = m.model.verify_commands().first().map(|c| c.start.gpa()) else {
+        return Ok(());
+    };
+    let vm = m.vm.vm();
+    let word = vm.read_u64(first)?;
+    vm.window()
+        .write_u64s(first, &[!word])
+        .map_err(|e| CliError::Vm(e.into()))
+}
+
+/// Runs phase 2 in every VM at once (VM k gets `plans[k]`); a VM's failure (a panic too)
+/// is recorded in it, the others go on.
+fn phase2(members: &mut [Member], plans: &[Vec<Vec<Command>>], fb: &Feedback, deadline: Deadline) {
+    let outcomes: Vec<Result<(), CliError>> = std::thread::scope(|s| {
+        let handles: Vec<_> = members
+            .iter_mut()
             .zip(plans)
-            .zip(models.iter_mut())
-            .enumerate()
-            .map(|(k, ((vm, plan), model))| {
-                let bar = bar.clone();
-                s.spawn(move || {
-                    let who = format!("{}, phase 2", role(k, clones));
-                    let r = run_plan(vm.vm(), &who, plan, model, deadline).map(|_| ());
-                    bar.inc(1);
+            .map(|(m, plan)| {
+                let who = m.role.clone();
+                let h = s.spawn(move || {
+                    let r = run_plan(
+                        m.vm.vm(),
+                        &format!("{}, phase 2", m.role),
+                        2,
+                        plan,
+                        &mut m.model,
+                        deadline,
+                        &mut m.steps,
+                    );
+                    for st in m.steps.iter().filter(|st| st.phase == 2) {
+                        fb.step(&m.role, st);
+                    }
                     r
+                });
+                (who, h)
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|(who, h)| h.join().unwrap_or(Err(CliError::Panicked(who))))
+            .collect()
+    });
+    for (m, r) in members.iter_mut().zip(outcomes) {
+        if let Err(e) = r {
+            fb.failed(&m.role, &e.to_string());
+            m.error = Some(e);
+        }
+    }
+}
+
+/// The final verify of every VM that has not failed, all at once.
+fn verify_all(members: &mut [Member], fb: &Feedback, deadline: Deadline) {
+    let outcomes: Vec<Option<Result<(u64, u64), CliError>>> = std::thread::scope(|s| {
+        let handles: Vec<_> = members
+            .iter()
+            .map(|m| {
+                (m.error.is_none()).then(|| {
+                    let h = s.spawn(move || verify_model(m.vm.vm(), &m.role, &m.model, deadline));
+                    (m.role.clone(), h)
                 })
             })
             .collect();
-        hs.into_iter().enumerate().try_for_each(|(k, h)| {
-            h.join()
-                .unwrap_or_else(|_| Err(CliError::Panicked(role(k, clones))))
-        })
-    })
+        handles
+            .into_iter()
+            .map(|h| h.map(|(who, h)| h.join().unwrap_or(Err(CliError::Panicked(who)))))
+            .collect()
+    });
+    for (m, r) in members.iter_mut().zip(outcomes) {
+        match r {
+            None => {}
+            Some(Ok((pages, bad))) => {
+                fb.verified(&m.role, pages, bad);
+                m.verify = Some((pages, bad));
+            }
+            Some(Err(e)) => {
+                fb.failed(&m.role, &e.to_string());
+                m.error = Some(e);
+            }
+        }
+    }
 }

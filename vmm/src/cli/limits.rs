@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use guestmem::pool::PoolError;
 use guestmem::{AllocatorKind, Manager, ManagerConfig, Pool, PoolConfig};
-use vmm::Hypervisor;
 use vmm::guest::MAX_RAM;
+use vmm::{Command, Hypervisor};
 
 use super::args::{AllocatorArg, Common, RmapArg};
 use super::error::CliError;
@@ -142,6 +142,116 @@ pub(crate) fn pool_bytes(common: &Common, default_pool: u64, need: u64) -> Resul
     Ok(bytes)
 }
 
+/// Host bytes `plan` (one VM's commands) may make resident: every page any step covers
+/// (reads of a hole may take a frame too), at most the guest's `mem`.
+pub(crate) fn touched_bytes(plan: &[Vec<Command>], mem: u64) -> Result<u64, CliError> {
+    let pages = plan
+        .iter()
+        .flatten()
+        .try_fold(0u64, |sum, c| sum.checked_add(c.pages))
+        .ok_or_else(|| {
+            CliError::Usage("the workload covers more pages than 64 bits count".into())
+        })?;
+    Ok(pages.saturating_mul(PAGE).min(mem))
+}
+
+/// Memory this process may still use: the host's `MemAvailable` plus free swap, and no
+/// more than its cgroup's `memory.max` leaves. `None` if the host does not say.
+pub(crate) fn host_available() -> Option<HostMemory> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let field = |name: &str| {
+        meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map(|kib| kib * 1024)
+    };
+    let available = field("MemAvailable")?;
+    let swap = field("SwapFree").unwrap_or(0);
+    Some(HostMemory {
+        available,
+        swap,
+        cgroup: cgroup_room(),
+    })
+}
+
+/// What [`host_available`] found.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct HostMemory {
+    /// `MemAvailable`, bytes.
+    pub available: u64,
+    /// `SwapFree`, bytes.
+    pub swap: u64,
+    /// Room left under this process's cgroup v2 `memory.max`, bytes (none: no limit).
+    pub cgroup: Option<u64>,
+}
+
+impl HostMemory {
+    /// Bytes the VMs may make resident.
+    pub(crate) fn room(&self) -> u64 {
+        let host = self.available.saturating_add(self.swap);
+        self.cgroup.map_or(host, |c| c.min(host))
+    }
+}
+
+/// `memory.max - memory.current` of this process's cgroup (v2), if it has a limit.
+fn cgroup_room() -> Option<u64> {
+    let cg = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let path = cg.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let dir = std::path::Path::new("/sys/fs/cgroup").join(path.trim_start_matches('/'));
+    let read = |f: &str| std::fs::read_to_string(dir.join(f)).ok();
+    let max: u64 = read("memory.max")?.trim().parse().ok()?; // "max": no limit
+    let current: u64 = read("memory.current")?.trim().parse().ok()?;
+    Some(max.saturating_sub(current))
+}
+
+/// Refuses VMs that will make more than the host can hold resident (`need` bytes): they
+/// would run into the host's OOM killer.
+pub(crate) fn check_host_memory(need: u64) -> Result<(), CliError> {
+    let Some(host) = host_available() else {
+        return Ok(());
+    };
+    if need <= host.room() {
+        return Ok(());
+    }
+    Err(CliError::Host(format!(
+        "the VMs' workloads touch up to {} MiB of guest memory, but this host has {} MiB \
+         available (MemAvailable {} MiB + free swap {} MiB{}): use a smaller --mem, fewer VMs \
+         or clones, or a workload that touches less",
+        need.div_ceil(MIB),
+        host.room() / MIB,
+        host.available / MIB,
+        host.swap / MIB,
+        host.cgroup
+            .map(|c| format!(", at most {} MiB under this cgroup's memory.max", c / MIB))
+            .unwrap_or_default()
+    )))
+}
+
+/// Descriptors one VM holds: KVM VM, userfaultfd, two eventfd handles, a vCPU each.
+fn fds_per_vm(vcpus: u32) -> u64 {
+    4 + u64::from(vcpus)
+}
+
+/// Refuses to make `vms` more VMs of `vcpus` vCPUs when the open-file limit (the soft
+/// limit raised to the hard one first) cannot take their descriptors.
+pub(crate) fn check_fds(vms: usize, vcpus: u32) -> Result<(), CliError> {
+    let limit = vmm::raise_nofile_limit();
+    let open = vmm::open_fds().unwrap_or(0);
+    let need = (vms as u64).saturating_mul(fds_per_vm(vcpus));
+    // Room for the process's own files (the pool's memfd, the report, libraries).
+    const SPARE: u64 = 16;
+    if open.saturating_add(need).saturating_add(SPARE) > limit {
+        return Err(CliError::Host(format!(
+            "{vms} VM(s) of {vcpus} vCPU(s) need about {need} file descriptors ({} each) and \
+             {open} are open, but the open-file limit is {limit} (with {SPARE} kept spare): \
+             raise it (ulimit -n, or LimitNOFILE) or run fewer VMs or clones",
+            fds_per_vm(vcpus)
+        )));
+    }
+    Ok(())
+}
+
 /// Opens `/dev/kvm`, or says why not and what to do.
 pub(crate) fn hypervisor() -> Result<Hypervisor, CliError> {
     let path = std::path::Path::new("/dev/kvm");
@@ -242,6 +352,27 @@ mod tests {
             Some((1 << 30) + 8 * 256 * PAGE)
         );
         assert_eq!(default_pool(MIB).ok(), Some(17 * MIB));
+    }
+
+    #[test]
+    fn the_host_memory_check_refuses_what_cannot_fit_and_passes_what_can() {
+        let Some(host) = host_available() else { return };
+        assert!(check_host_memory(MIB).is_ok());
+        let too_much = host.room() + 64 * MIB;
+        let e = check_host_memory(too_much).unwrap_err();
+        assert_eq!(e.code(), 2);
+        assert!(e.to_string().contains("MemAvailable"), "{e}");
+    }
+
+    #[test]
+    fn the_descriptor_check_gives_real_numbers() {
+        assert!(check_fds(1, 1).is_ok());
+        let e = check_fds(1 << 40, 2).unwrap_err().to_string();
+        assert!(
+            e.contains(&format!("need about {} file", (1u64 << 40) * 6)),
+            "{e}"
+        );
+        assert!(!e.starts_with("0 "), "{e}");
     }
 
     #[test]

@@ -1,11 +1,12 @@
 //! The `vmm` program's pieces, one concern each: [`args`] (the clap command line),
 //! [`limits`] (checks on sizes, counts and sums of user input; opening KVM and the pool),
 //! [`steps`] (running a workload's steps on a VM's vCPUs against `--timeout`), [`run`] and
-//! [`fork`] (the subcommands), [`report`] (what they print) and [`error`] (why the program
+//! [`fork`] (the subcommands), [`report`] (what they print), [`feedback`] (progress, `--events`, Ctrl-C) and [`error`] (why the program
 //! stopped, and its exit status).
 
 pub(crate) mod args;
 pub(crate) mod error;
+pub(crate) mod feedback;
 pub(crate) mod fork;
 pub(crate) mod limits;
 pub(crate) mod report;

@@ -1,11 +1,74 @@
-//! What `run` and `fork` report, as JSON (serde) or as text.
+//! What `run` and `fork` report, as JSON (serde) or as text, and writing it: a report that
+//! cannot be written is an error ([`CliError::Report`]), except a closed pipe (`| head`),
+//! which ends quietly as Unix tools do.
+
+use std::io::{self, Write};
 
 use guestmem::MemoryUsage;
 use guestmem::space::CounterSnapshot;
 use vmm::{FaultCounts, Op};
 
+use super::args::{AllocatorArg, Common, RmapArg};
+use super::error::CliError;
 use super::limits::{MIB, PAGE};
 use super::steps::StepReport;
+
+/// Everything the run was asked to do, as given (JSON only).
+#[derive(Debug, Clone, serde::Serialize)]
+pub(crate) struct Config {
+    pub command: &'static str,
+    pub mem_bytes: u64,
+    pub vcpus: u32,
+    /// `vmm run`: VMs.
+    pub vms: Option<u32>,
+    /// `vmm fork`/`demo`: clones.
+    pub clones: Option<usize>,
+    pub grandchild: bool,
+    pub shells: bool,
+    pub pool_bytes: u64,
+    /// `--pool` as given (none: the default).
+    pub pool: Option<String>,
+    pub allocator: &'static str,
+    pub rmap: &'static str,
+    pub cpu: Option<usize>,
+    pub timeout_s: Option<f64>,
+    /// The workloads as typed: `workload` for run, `phase1`/`phase2` for fork.
+    pub workload: Option<String>,
+    pub phase1: Option<String>,
+    pub phase2: Option<String>,
+}
+
+impl Config {
+    /// The configuration of `command` from the shared options; the rest is filled in by
+    /// the command.
+    pub(crate) fn new(command: &'static str, c: &Common, mem: u64, pool_bytes: u64) -> Config {
+        Config {
+            command,
+            mem_bytes: mem,
+            vcpus: c.vcpus,
+            vms: None,
+            clones: None,
+            grandchild: false,
+            shells: false,
+            pool_bytes,
+            pool: c.pool.clone(),
+            allocator: match c.allocator {
+                AllocatorArg::Magazine => "magazine",
+                AllocatorArg::Percpu => "percpu",
+                AllocatorArg::Global => "global",
+            },
+            rmap: match c.rmap {
+                RmapArg::Chain => "chain",
+                RmapArg::Flat => "flat",
+            },
+            cpu: c.cpu,
+            timeout_s: c.timeout.map(|t| t.as_secs_f64()),
+            workload: None,
+            phase1: None,
+            phase2: None,
+        }
+    }
+}
 
 /// Memory in MiB, for reports.
 #[derive(Debug, Clone, Copy, serde::Serialize)]
@@ -37,46 +100,65 @@ pub(crate) struct VmRunReport {
     pub memory_pages: MemoryUsage,
     pub memory_mib: MemMib,
     pub window_host_mappings: Option<u64>,
+    /// Bad words the workload's verify steps found.
+    pub mismatches: u64,
+    /// Why this VM stopped early, if it did.
+    pub error: Option<String>,
+    /// Every step ran and no verify found a bad word.
     pub verified: bool,
 }
 
 #[derive(Debug, serde::Serialize)]
 pub(crate) struct RunReport {
+    pub config: Config,
     pub mem_bytes: u64,
     pub vcpus: u32,
     pub vms: Vec<VmRunReport>,
     pub pool_bytes: u64,
     pub host_resident_bytes: Option<u64>,
     pub frames_returned_at_exit: bool,
+    /// Why the run stopped before every VM finished, if it did.
+    pub error: Option<String>,
     pub verified: bool,
 }
 
-pub(crate) fn print_run(r: &RunReport) {
-    println!(
+/// One step as a text line.
+fn print_step(out: &mut dyn Write, indent: &str, s: &StepReport) -> io::Result<()> {
+    let what = match s.op {
+        Op::Verify if s.mismatches == 0 => "ok".to_string(),
+        Op::Verify => format!("{} BAD WORDS", s.mismatches),
+        Op::Fill | Op::Dirty | Op::Crash => String::new(),
+        _ => format!("result {:#x}", s.result),
+    };
+    writeln!(
+        out,
+        "{indent}{:<9} {:>8} pages {:>9.1} ms  {what}",
+        vmm::workload::op_name(s.op),
+        s.pages,
+        s.ms
+    )
+}
+
+pub(crate) fn print_run(out: &mut dyn Write, r: &RunReport) -> io::Result<()> {
+    writeln!(
+        out,
         "{} VM(s) of {} MiB, {} vCPU(s) each, on a {} MiB frame pool",
         r.vms.len(),
         r.mem_bytes / MIB,
         r.vcpus,
         r.pool_bytes / MIB
-    );
+    )?;
     for v in &r.vms {
-        println!("VM {}:", v.vm);
+        writeln!(out, "VM {}:", v.vm)?;
         for s in &v.steps {
-            let what = match s.op {
-                Op::Verify if s.mismatches == 0 => "ok".to_string(),
-                Op::Verify => format!("{} BAD WORDS", s.mismatches),
-                Op::Fill | Op::Dirty => String::new(),
-                _ => format!("result {:#x}", s.result),
-            };
-            println!(
-                "  {:<9} {:>8} pages {:>9.1} ms  {what}",
-                format!("{:?}", s.op).to_lowercase(),
-                s.pages,
-                s.ms
-            );
+            print_step(out, "  ", s)?;
+        }
+        if let Some(e) = &v.error {
+            writeln!(out, "  STOPPED: {e}")?;
         }
         let f = &v.faults;
-        println!(
+        writeln!(
+            out,
             "  faults: {} missing-read, {} missing-write, {} write-protect; zero-filled {} pages, \
              {} COW copies, {} COW reuses",
             f.missing_read,
@@ -85,19 +167,24 @@ pub(crate) fn print_run(r: &RunReport) {
             v.counters.zero_fill_pages,
             v.counters.cow_copies,
             v.counters.cow_reuses
-        );
+        )?;
         let m = &v.memory_mib;
-        println!(
+        writeln!(
+            out,
             "  memory: resident {:.1} MiB, shared {:.1}, private {:.1}, PSS {:.1}; {} host mappings; verify {}",
             m.resident,
             m.shared,
             m.private,
             m.pss,
             v.window_host_mappings.unwrap_or(0),
-            if v.verified { "passed" } else { "FAILED" }
-        );
+            verdict(v.verified, v.error.is_some(), v.mismatches)
+        )?;
     }
-    println!(
+    if let Some(e) = &r.error {
+        writeln!(out, "the run stopped early: {e}")?;
+    }
+    writeln!(
+        out,
         "host memory used by guest frames: {:.1} MiB; every frame returned at exit: {}; all verifies {}",
         r.host_resident_bytes.unwrap_or(0) as f64 / MIB as f64,
         if r.frames_returned_at_exit {
@@ -106,7 +193,16 @@ pub(crate) fn print_run(r: &RunReport) {
             "NO"
         },
         if r.verified { "passed" } else { "FAILED" }
-    );
+    )
+}
+
+/// A VM's verdict in words.
+fn verdict(verified: bool, stopped: bool, mismatches: u64) -> String {
+    match (verified, stopped) {
+        (true, _) => "passed".into(),
+        (false, true) => "NOT DONE (stopped)".into(),
+        (false, false) => format!("FAILED ({mismatches} bad words)"),
+    }
 }
 
 /// One VM of a fork experiment in the report.
@@ -120,13 +216,25 @@ pub(crate) struct ForkVmReport {
     pub faults: FaultCounts,
     /// Creating this clone (address-space fork, VM, vCPUs, state), ms.
     pub fork_ms: Option<f64>,
+    /// Every workload step this VM ran (phase 1 only in the parent).
+    pub steps: Vec<StepReport>,
+    /// Bad words the workload's own verify steps found.
+    pub step_mismatches: u64,
+    /// Pages the final verify (of everything this VM wrote or inherited) checked.
     pub pages_verified: u64,
+    /// Bad words the final verify found.
+    pub final_mismatches: u64,
+    /// `step_mismatches + final_mismatches`.
     pub mismatches: u64,
+    /// Why this VM stopped early, if it did (its final verify did not run).
+    pub error: Option<String>,
+    /// Every step and the final verify ran, and none found a bad word.
     pub verified: bool,
 }
 
 #[derive(Debug, serde::Serialize)]
 pub(crate) struct ForkReport {
+    pub config: Config,
     pub mem_bytes: u64,
     pub vcpus: u32,
     pub clones: usize,
@@ -152,12 +260,15 @@ pub(crate) struct ForkReport {
     /// Sum of the VMs' PSS, MiB (equals the frames in use).
     pub pss_total_mib: f64,
     pub frames_returned_at_exit: bool,
+    /// Why the experiment stopped before every VM finished, if it did.
+    pub error: Option<String>,
     pub verified: bool,
     pub elapsed_s: f64,
 }
 
-pub(crate) fn print_fork(r: &ForkReport) {
-    println!(
+pub(crate) fn print_fork(out: &mut dyn Write, r: &ForkReport) -> io::Result<()> {
+    writeln!(
+        out,
         "snapshot-fork of a {} MiB, {}-vCPU guest into {} clones{}",
         r.mem_bytes / MIB,
         r.vcpus,
@@ -167,20 +278,27 @@ pub(crate) fn print_fork(r: &ForkReport) {
         } else {
             ""
         }
-    );
-    println!();
-    println!(
-        "{:<10} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>9} {:>7}",
-        "VM", "resident", "shared", "private", "PSS", "COW", "faults", "fork ms", "verify"
-    );
-    println!(
-        "{:<10} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>9} {:>7}",
-        "", "MiB", "MiB", "MiB", "MiB", "copies", "", "", ""
-    );
+    )?;
+    writeln!(out)?;
+    let head = |out: &mut dyn Write, c: [&str; 9]| {
+        writeln!(
+            out,
+            "{:<10} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>9} {:>9}",
+            c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8]
+        )
+    };
+    head(
+        out,
+        [
+            "VM", "resident", "shared", "private", "PSS", "COW", "faults", "fork ms", "verify",
+        ],
+    )?;
+    head(out, ["", "MiB", "MiB", "MiB", "MiB", "copies", "", "", ""])?;
     for v in &r.vms {
         let m = &v.memory_mib;
-        println!(
-            "{:<10} {:>9.1} {:>9.1} {:>9.1} {:>9.2} {:>8} {:>8} {:>9} {:>7}",
+        writeln!(
+            out,
+            "{:<10} {:>9.1} {:>9.1} {:>9.1} {:>9.2} {:>8} {:>8} {:>9} {:>9}",
             v.role,
             m.resident,
             m.shared,
@@ -189,26 +307,58 @@ pub(crate) fn print_fork(r: &ForkReport) {
             v.cow_copies,
             v.faults.total(),
             v.fork_ms.map_or("-".into(), |t| format!("{t:.2}")),
-            if v.verified { "ok" } else { "FAILED" }
-        );
+            match (v.verified, &v.error) {
+                (true, _) => "ok",
+                (false, Some(_)) => "STOPPED",
+                (false, None) => "FAILED",
+            }
+        )?;
     }
-    println!();
-    println!(
-        "fork: {:.2} ms from pause to {} clones running ({:.2} ms per clone; pause {:.3} ms, \
-         save {:.3} ms, parent to a fresh VM {:.2} ms)",
-        r.fork_total_ms,
-        r.clones,
-        r.fork_per_clone_ms,
-        r.fork_pause_ms,
-        r.fork_save_ms,
-        r.fork_rebirth_ms
-    );
+    // What went wrong, VM by VM, in the table's names.
+    for v in r.vms.iter().filter(|v| !v.verified) {
+        for s in v.steps.iter().filter(|s| s.mismatches > 0) {
+            writeln!(
+                out,
+                "{}: phase {} {} found {} bad words",
+                v.role,
+                s.phase,
+                vmm::workload::op_name(s.op),
+                s.mismatches
+            )?;
+        }
+        if v.final_mismatches > 0 {
+            writeln!(
+                out,
+                "{}: the final verify found {} bad words in {} pages",
+                v.role, v.final_mismatches, v.pages_verified
+            )?;
+        }
+        if let Some(e) = &v.error {
+            writeln!(out, "{}: stopped: {e}", v.role)?;
+        }
+    }
+    writeln!(out)?;
+    if r.fork_total_ms > 0.0 {
+        writeln!(
+            out,
+            "fork: {:.2} ms from pause to {} clones running ({:.2} ms per clone; pause {:.3} ms, \
+             save {:.3} ms, parent to a fresh VM {:.2} ms)",
+            r.fork_total_ms,
+            r.clones,
+            r.fork_per_clone_ms,
+            r.fork_pause_ms,
+            r.fork_save_ms,
+            r.fork_rebirth_ms
+        )?;
+    }
     if let Some(s) = r.shell_ms_per_clone {
-        println!(
+        writeln!(
+            out,
             "      the clones' VMs were made before the pause ({s:.2} ms each): the fork created no KVM VM"
-        );
+        )?;
     }
-    println!(
+    writeln!(
+        out,
         "memory: {:.1} MiB of host memory for {} VMs (sum of PSS {:.1} MiB); {} full copies \
          would take {:.1} MiB ({:.1}x more)",
         r.host_mib,
@@ -217,8 +367,12 @@ pub(crate) fn print_fork(r: &ForkReport) {
         r.vms.len(),
         r.full_copies_mib,
         r.full_copies_mib / r.host_mib.max(1e-9)
-    );
-    println!(
+    )?;
+    if let Some(e) = &r.error {
+        writeln!(out, "the experiment stopped early: {e}")?;
+    }
+    writeln!(
+        out,
         "every VM verified: {}; every frame returned at exit: {}; {:.1} s in all",
         if r.verified { "yes" } else { "NO" },
         if r.frames_returned_at_exit {
@@ -227,16 +381,77 @@ pub(crate) fn print_fork(r: &ForkReport) {
             "NO"
         },
         r.elapsed_s
-    );
+    )
 }
 
-pub(crate) fn emit<T: serde::Serialize>(json: bool, r: &T, text: impl FnOnce(&T)) {
-    if json {
-        match serde_json::to_string_pretty(r) {
-            Ok(s) => println!("{s}"),
-            Err(e) => eprintln!("vmm: cannot format the report: {e}"),
-        }
+/// Writes the report to stdout: JSON with `json`, else `text`. A closed pipe ends quietly
+/// (`Ok`); any other write error (a full disk) is [`CliError::Report`].
+pub(crate) fn emit<T: serde::Serialize>(
+    json: bool,
+    r: &T,
+    text: impl FnOnce(&mut dyn Write, &T) -> io::Result<()>,
+) -> Result<(), CliError> {
+    write_report(&mut io::stdout().lock(), json, r, text)
+}
+
+/// With `--events`: the report as the last event line, `{"event": "report", "report": ...}`.
+pub(crate) fn emit_event_line<T: serde::Serialize>(r: &T) -> Result<(), CliError> {
+    let line = serde_json::json!({ "event": "report", "report": r });
+    write_report(&mut io::stdout().lock(), false, &line, |o, l| {
+        serde_json::to_writer(&mut *o, l).map_err(io::Error::from)?;
+        writeln!(o)
+    })
+}
+
+/// [`emit`] to any writer.
+pub(crate) fn write_report<T: serde::Serialize>(
+    out: &mut dyn Write,
+    json: bool,
+    r: &T,
+    text: impl FnOnce(&mut dyn Write, &T) -> io::Result<()>,
+) -> Result<(), CliError> {
+    let mut buf = io::BufWriter::new(out);
+    let written = if json {
+        serde_json::to_writer_pretty(&mut buf, r)
+            .map_err(io::Error::from)
+            .and_then(|()| writeln!(buf))
     } else {
-        text(r);
+        text(&mut buf, r)
+    };
+    match written.and_then(|()| buf.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
+        Err(e) => Err(CliError::Report(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Fails(io::ErrorKind);
+
+    impl Write for Fails {
+        fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+            Err(self.0.into())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_full_disk_is_an_error_and_a_closed_pipe_is_not() {
+        let r = serde_json::json!({ "a": 1 });
+        let text = |o: &mut dyn Write, _: &serde_json::Value| writeln!(o, "hello");
+        let full = write_report(&mut Fails(io::ErrorKind::StorageFull), false, &r, text);
+        assert!(matches!(full, Err(CliError::Report(_))), "{full:?}");
+        let full = write_report(&mut Fails(io::ErrorKind::StorageFull), true, &r, text);
+        assert!(matches!(full, Err(CliError::Report(_))), "{full:?}");
+        let pipe = write_report(&mut Fails(io::ErrorKind::BrokenPipe), false, &r, text);
+        assert!(pipe.is_ok(), "{pipe:?}");
+        let mut ok = Vec::new();
+        assert!(write_report(&mut ok, false, &r, text).is_ok());
+        assert_eq!(ok, b"hello\n");
     }
 }

@@ -1,77 +1,139 @@
 //! `vmm run`: launch VMs on one frame pool, run the workload in each at once, report.
+//!
+//! Every VM runs to its end even when another fails: a VM's failure is its row's error,
+//! the others' results are reported beside it, and the exit status is the failure's.
 
+use serde_json::json;
 use vmm::workload::Model;
 use vmm::{ManagedVm, VmConfig};
 
 use super::args::Common;
 use super::error::CliError;
+use super::feedback::Feedback;
 use super::limits::{
-    PAGE, check_cpu, check_vcpus, default_pool, guest_mem, hypervisor, manager, pool_bytes,
-    run_need,
+    PAGE, check_cpu, check_fds, check_host_memory, check_vcpus, default_pool, guest_mem,
+    hypervisor, manager, pool_bytes, run_need, touched_bytes,
 };
-use super::report::{RunReport, VmRunReport};
+use super::report::{Config, RunReport, VmRunReport};
 use super::steps::{Deadline, StepReport, plan, run_plan, workload};
 
-pub(crate) fn cmd_run(common: &Common, vms: u32, w: &str) -> Result<RunReport, CliError> {
-    let mem = guest_mem(&common.mem)?;
-    check_vcpus(common.vcpus)?;
-    if vms == 0 || vms > 1000 {
-        return Err(CliError::Usage("--vms must be between 1 and 1000".into()));
-    }
-    check_cpu(common.cpu)?;
-    let w = workload("--workload", w)?;
-    let plans = (0..vms)
-        .map(|v| plan(&w, mem, common.vcpus, 1000 * u64::from(v), 0))
-        .collect::<Result<Vec<_>, _>>()?;
-    let total = run_need(mem, vms)?;
-    let bytes = pool_bytes(common, default_pool(total)?, total)?;
-    let mm = manager(common, bytes)?;
-    let hv = hypervisor()?;
+/// Runs `vms` VMs of the workload `w`. The report is there whenever a VM was made (also
+/// when one then failed); the error says why the run did not finish.
+pub(crate) fn cmd_run(
+    common: &Common,
+    vms: u32,
+    w: &str,
+    events: bool,
+) -> (Option<RunReport>, Option<CliError>) {
+    let prepared = (|| {
+        let mem = guest_mem(&common.mem)?;
+        check_vcpus(common.vcpus)?;
+        if vms == 0 || vms > 1000 {
+            return Err(CliError::Usage("--vms must be between 1 and 1000".into()));
+        }
+        check_cpu(common.cpu)?;
+        if common.corrupt.is_some() {
+            return Err(CliError::Usage(
+                "--corrupt is for fork and demo (run has no final verify: give a verify step \
+                 with another seed instead)"
+                    .into(),
+            ));
+        }
+        let parsed = workload("--workload", w)?;
+        if parsed.has_stride() {
+            return Err(CliError::Usage(format!(
+                "--workload {w:?}: stride applies only to `vmm fork --phase2` (it gives each VM \
+                 of a fork its own range); drop it"
+            )));
+        }
+        let plans = (0..vms)
+            .map(|v| plan(&parsed, mem, common.vcpus, 1000 * u64::from(v), 0))
+            .collect::<Result<Vec<_>, _>>()?;
+        let total = run_need(mem, vms)?;
+        let bytes = pool_bytes(common, default_pool(total)?, total)?;
+        let touched = plans.iter().try_fold(0u64, |sum, p| {
+            touched_bytes(p, mem).map(|t| sum.saturating_add(t))
+        })?;
+        let mm = manager(common, bytes)?;
+        check_host_memory(touched.min(bytes))?;
+        check_fds(vms as usize, common.vcpus)?;
+        let hv = hypervisor()?;
+        Ok((mem, plans, bytes, mm, hv))
+    })();
+    let (mem, plans, bytes, mm, hv) = match prepared {
+        Ok(x) => x,
+        Err(e) => return (None, Some(e)),
+    };
+    let mut config = Config::new("run", common, mem, bytes);
+    config.vms = Some(vms);
+    config.workload = Some(w.into());
+    let steps = plans.first().and_then(|p| p.first()).map_or(0, Vec::len);
+    let fb = Feedback::new(u64::from(vms) * (1 + steps as u64), true, events);
+    fb.event("start", json!({ "config": &config }));
     let pool = mm.pool().clone();
     let cfg = VmConfig {
         cpu: common.cpu,
         ..VmConfig::new(mem, common.vcpus)
     };
-    // Each VM holds a few descriptors (KVM VM, vCPUs, userfaultfd, event fds): check the
-    // limit up front (after raising the soft limit to the hard one) for a clear message.
-    let limit = vmm::raise_nofile_limit();
-    let open = vmm::open_fds().unwrap_or(0);
-    let need = u64::from(vms) * (4 + u64::from(common.vcpus));
-    if open.saturating_add(need + 16) > limit {
-        return Err(CliError::Host(format!(
-            "{vms} VMs need about {need} file descriptors and {open} are open, but the open-file limit is {limit}: raise it (ulimit -n, or LimitNOFILE) or run fewer VMs"
-        )));
+    fb.stage(format!("creating {vms} VM(s)"));
+    let mut machines = Vec::new();
+    let mut fatal = None;
+    for i in 0..vms {
+        match ManagedVm::new(&hv, &cfg, &mm) {
+            Ok(m) => {
+                fb.vm(&format!("VM {i}"), "created", None);
+                machines.push(m);
+            }
+            Err(e) => {
+                fatal = Some(CliError::from(e));
+                break;
+            }
+        }
     }
-    let machines = (0..vms)
-        .map(|_| ManagedVm::new(&hv, &cfg, &mm))
-        .collect::<Result<Vec<_>, _>>()?;
     let deadline = Deadline::starting_now(common.timeout);
-    let results: Vec<Result<(Vec<StepReport>, u64), CliError>> = std::thread::scope(|s| {
-        let handles: Vec<_> = machines
-            .iter()
-            .zip(&plans)
-            .enumerate()
-            .map(|(i, (m, p))| {
-                s.spawn(move || {
-                    let mut model = Model::new();
-                    let steps = run_plan(m.vm(), &format!("VM {i}"), p, &mut model, deadline)?;
-                    let bad = steps.iter().map(|r| r.mismatches).sum();
-                    Ok((steps, bad))
+    let mut results: Vec<(Vec<StepReport>, Option<CliError>)> = Vec::new();
+    if fatal.is_none() {
+        fb.stage("running the workload in every VM");
+        results = std::thread::scope(|s| {
+            let handles: Vec<_> = machines
+                .iter()
+                .zip(&plans)
+                .enumerate()
+                .map(|(i, (m, p))| {
+                    let fb = &fb;
+                    s.spawn(move || {
+                        let who = format!("VM {i}");
+                        let mut model = Model::new();
+                        let mut steps = Vec::new();
+                        let r = run_plan(m.vm(), &who, 1, p, &mut model, deadline, &mut steps);
+                        for st in &steps {
+                            fb.step(&who, st);
+                        }
+                        if let Err(e) = &r {
+                            fb.failed(&who, &e.to_string());
+                        }
+                        (steps, r.err())
+                    })
                 })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .enumerate()
-            .map(|(i, h)| {
-                h.join()
-                    .unwrap_or_else(|_| Err(CliError::Panicked(format!("VM {i}"))))
-            })
-            .collect()
-    });
+                .collect();
+            handles
+                .into_iter()
+                .enumerate()
+                .map(|(i, h)| {
+                    h.join().unwrap_or_else(|_| {
+                        (Vec::new(), Some(CliError::Panicked(format!("VM {i}"))))
+                    })
+                })
+                .collect()
+        });
+    }
+    fb.finish();
     let mut reports = Vec::new();
-    for (i, (m, r)) in machines.iter().zip(results).enumerate() {
-        let (steps, bad) = r?;
+    let mut vm_error = None;
+    for (i, m) in machines.iter().enumerate() {
+        let (steps, error) = results.get_mut(i).map(std::mem::take).unwrap_or_default();
+        let bad = steps.iter().map(|r| r.mismatches).sum::<u64>();
+        let ran_all = error.is_none() && steps.len() == plans[i].first().map_or(0, Vec::len);
         let memory = m.memory();
         reports.push(VmRunReport {
             vm: i as u32,
@@ -81,18 +143,29 @@ pub(crate) fn cmd_run(common: &Common, vms: u32, w: &str) -> Result<RunReport, C
             memory_pages: memory,
             memory_mib: memory.into(),
             window_host_mappings: m.vm().window().host_mappings(),
-            verified: bad == 0,
+            mismatches: bad,
+            error: error.as_ref().map(ToString::to_string),
+            verified: ran_all && bad == 0,
         });
+        if vm_error.is_none() {
+            vm_error = error;
+        }
     }
     let host_resident_bytes = pool.resident_bytes().ok();
     drop(machines);
-    Ok(RunReport {
+    let error = fatal.or(vm_error);
+    let report = RunReport {
+        config,
         mem_bytes: mem,
         vcpus: common.vcpus,
-        verified: reports.iter().all(|r| r.verified),
+        verified: error.is_none()
+            && reports.len() == vms as usize
+            && reports.iter().all(|r| r.verified),
         vms: reports,
         pool_bytes: pool.total_frames() * PAGE,
         host_resident_bytes,
         frames_returned_at_exit: pool.free_frames() == pool.total_frames(),
-    })
+        error: error.as_ref().map(ToString::to_string),
+    };
+    (Some(report), error)
 }

@@ -6,10 +6,11 @@ use std::time::{Duration, Instant};
 
 use guestmem::types::Gfn;
 use vmm::guest::DATA_START;
-use vmm::workload::{Model, Placement, Workload};
-use vmm::{CmdResult, Command, Op, Vm};
+use vmm::workload::{Model, Placement, Workload, op_name};
+use vmm::{CmdResult, Command, Op, Vcpu, VcpuError, Vm};
 
 use super::error::CliError;
+use super::feedback::interrupted;
 use super::limits::PAGE;
 
 /// A workload from `flag`'s text.
@@ -81,33 +82,72 @@ impl Deadline {
     }
 }
 
+/// How long one wait for a vCPU lasts before Ctrl-C is looked at again.
+const WAIT_SLICE: Duration = Duration::from_millis(50);
+
+impl Deadline {
+    /// Waits for `v`'s command until the deadline, giving up early on Ctrl-C
+    /// ([`VcpuError::Timeout`] then, with [`interrupted`] set).
+    fn wait(&self, v: &Vcpu) -> Result<CmdResult, VcpuError> {
+        loop {
+            let slice = Instant::now() + WAIT_SLICE;
+            let until = self.at.map_or(slice, |d| d.min(slice));
+            match v.wait_deadline(Some(until)) {
+                Err(VcpuError::Timeout(i)) => {
+                    let late = self.at.is_some_and(|d| Instant::now() >= d);
+                    if late || interrupted() {
+                        return Err(VcpuError::Timeout(i));
+                    }
+                }
+                r => return r,
+            }
+        }
+    }
+}
+
 /// One step's outcome over all vCPUs.
 #[derive(Debug, Clone, serde::Serialize)]
 pub(crate) struct StepReport {
+    /// Which phase of a fork experiment (1 before the fork, 2 after); 1 in `vmm run`.
+    pub phase: u8,
+    /// The op's name in the workload syntax.
+    #[serde(serialize_with = "ser_op")]
     pub op: Op,
     pub pages: u64,
     /// Verify: mismatched words; others: 0.
     pub mismatches: u64,
-    /// Checksum/touch/random: the guest's sums (wrapping) over the vCPUs.
+    /// Checksum/touch/random: the guest's sums (wrapping) over the vCPUs, as a hex string
+    /// so that JSON readers keep every bit (a 64-bit value is past a double's 2^53).
+    #[serde(serialize_with = "ser_hex")]
     pub result: u64,
     pub ms: f64,
 }
 
+fn ser_op<S: serde::Serializer>(op: &Op, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(op_name(*op))
+}
+
+fn ser_hex<S: serde::Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format!("{v:#x}"))
+}
+
 fn step_name(s: usize, op: Op) -> String {
-    format!("step {} ({})", s + 1, format!("{op:?}").to_lowercase())
+    format!("step {} ({})", s + 1, op_name(op))
 }
 
 /// Runs each step on every vCPU at once (vCPU `i` gets `plan[i][step]`), records it in
-/// `model` and returns the per-step reports. `who` names the VM in errors.
+/// `model` and appends each finished step's report to `out` (so a step that fails leaves
+/// the ones before it reported). `who` names the VM in errors.
 pub(crate) fn run_plan(
     vm: &Vm,
     who: &str,
+    phase: u8,
     plan: &[Vec<Command>],
     model: &mut Model,
     deadline: Deadline,
-) -> Result<Vec<StepReport>, CliError> {
+    out: &mut Vec<StepReport>,
+) -> Result<(), CliError> {
     let steps = plan.first().map_or(0, Vec::len);
-    let mut out = Vec::with_capacity(steps);
     for s in 0..steps {
         let op = plan[0][s].op;
         let fail = |e| CliError::from_step(e, who, || step_name(s, op), deadline.timeout);
@@ -116,6 +156,7 @@ pub(crate) fn run_plan(
             v.submit(cmds[s]).map_err(fail)?;
         }
         let mut rep = StepReport {
+            phase,
             op,
             pages: 0,
             mismatches: 0,
@@ -123,7 +164,7 @@ pub(crate) fn run_plan(
             ms: 0.0,
         };
         for (v, cmds) in vm.vcpus().iter().zip(plan) {
-            let r: CmdResult = v.wait_deadline(deadline.at).map_err(fail)?;
+            let r: CmdResult = deadline.wait(v).map_err(fail)?;
             rep.pages += cmds[s].pages;
             if cmds[s].op == Op::Verify {
                 rep.mismatches += r.mismatches();
@@ -135,7 +176,7 @@ pub(crate) fn run_plan(
         rep.ms = t.elapsed().as_secs_f64() * 1e3;
         out.push(rep);
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Verifies every page whose pattern `model` knows, spreading the commands over the vCPUs;
@@ -155,7 +196,7 @@ pub(crate) fn verify_model(
             v.submit(*c).map_err(fail)?;
         }
         for (v, c) in vm.vcpus().iter().zip(chunk) {
-            bad += v.wait_deadline(deadline.at).map_err(fail)?.mismatches();
+            bad += deadline.wait(v).map_err(fail)?.mismatches();
             pages += c.pages;
         }
     }
