@@ -109,18 +109,18 @@ pub enum ForkError {
     #[error("saving the parent's vCPU state failed: {0}")]
     Save(#[source] VcpuError),
     /// Creating clone `index` failed.
-    #[error("creating clone {index} failed: {source}")]
+    #[error("creating clone {} failed: {source}", index + 1)]
     Clone {
-        /// Which clone (0-based) of this batch.
+        /// Which clone (0-based) of this batch; the message counts from 1, as reports do.
         index: usize,
         /// Why.
         #[source]
         source: VmError,
     },
     /// Loading the saved state into clone `index` failed.
-    #[error("restoring clone {index}'s vCPU state failed: {source}")]
+    #[error("restoring clone {}'s vCPU state failed: {source}", index + 1)]
     Restore {
-        /// Which clone.
+        /// Which clone (0-based; the message counts from 1).
         index: usize,
         /// Why.
         #[source]

@@ -70,6 +70,16 @@ impl Member {
         }
     }
 
+    /// `e`'s text with the memory manager's name of this VM (`vm6`) replaced by the
+    /// report's (`clone 3`).
+    fn named(&self, e: &CliError) -> String {
+        name_vm(
+            &e.to_string(),
+            &self.vm.space().id().to_string(),
+            &self.role,
+        )
+    }
+
     fn step_mismatches(&self) -> u64 {
         self.steps.iter().map(|s| s.mismatches).sum()
     }
@@ -92,10 +102,30 @@ impl Member {
             pages_verified: pages,
             final_mismatches: fin,
             mismatches: steps.saturating_add(fin),
-            error: self.error.as_ref().map(ToString::to_string),
+            error: self.error.as_ref().map(|e| self.named(e)),
             verified: self.error.is_none() && self.verify.is_some() && steps == 0 && fin == 0,
         }
     }
+}
+
+/// `text` with every whole-word `id` replaced by `role`.
+fn name_vm(text: &str, id: &str, role: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find(id) {
+        let before = rest[..i].chars().next_back();
+        let after = rest[i + id.len()..].chars().next();
+        let word = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
+        out.push_str(&rest[..i]);
+        out.push_str(if word(before) || word(after) {
+            id
+        } else {
+            role
+        });
+        rest = &rest[i + id.len()..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// What the experiment has made and measured so far.
@@ -266,7 +296,7 @@ pub(crate) fn cmd_fork(p: &ForkParams<'_>) -> (Option<ForkReport>, Option<CliErr
     let first_failure = ex
         .members
         .iter()
-        .find_map(|m| m.error.as_ref().map(ToString::to_string));
+        .find_map(|m| m.error.as_ref().map(|e| m.named(e)));
     let vm_error = ex.members.iter_mut().find_map(|m| m.error.take());
     let timing = ex.timing.clone().unwrap_or_default();
     let mib = |pages: f64| pages * PAGE as f64 / MIB as f64;
@@ -497,5 +527,18 @@ fn verify_all(members: &mut [Member], fb: &Feedback, deadline: Deadline) {
                 m.error = Some(e);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::name_vm;
+
+    #[test]
+    fn the_managers_vm_names_become_the_reports() {
+        assert_eq!(
+            name_vm("vm6 needs a frame (vm6): vm61 too", "vm6", "clone 3"),
+            "clone 3 needs a frame (clone 3): vm61 too"
+        );
     }
 }
