@@ -54,7 +54,7 @@ pub use alloc::AllocatorKind;
 pub use charge::{ChargeError, ChargeSnapshot};
 pub use pool::{AllocError, FrameInit, NodeConfig, Pool, PoolConfig};
 pub use space::{
-    Access, AddressSpace, ChildOptions, EntryInfo, FaultOutcome, Manager, ManagerConfig,
+    Access, AddressSpace, ChildOptions, CowRun, EntryInfo, FaultOutcome, Manager, ManagerConfig,
     MemoryUsage, Referenced, ReferencedLocking, RegionSpec, SpaceError,
 };
 pub use types::{Gfn, Gpa, NodeId, Order, PAGE_SIZE, Pfn, VmId};

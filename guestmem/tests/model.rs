@@ -25,8 +25,8 @@ use std::sync::Arc;
 use guestmem::mmu::NoopMmu;
 use guestmem::pagetable::PteKind;
 use guestmem::{
-    Access, AddressSpace, AllocatorKind, Gfn, Gpa, Manager, ManagerConfig, Order, PAGE_SIZE, Pool,
-    PoolConfig, RegionSpec,
+    Access, AddressSpace, AllocatorKind, CowRun, Gfn, Gpa, Manager, ManagerConfig, Order,
+    PAGE_SIZE, Pool, PoolConfig, RegionSpec,
 };
 use proptest::prelude::*;
 use rand::rngs::SmallRng;
@@ -53,7 +53,7 @@ fn in_ram(gpa: u64) -> bool {
 }
 
 fn manager(frames: u32, design: rmap::Design, kind: AllocatorKind, around: u32) -> Arc<Manager> {
-    manager_cow(frames, design, kind, around, 0)
+    manager_cow(frames, design, kind, around, 0, CowRun::Adaptive)
 }
 
 fn manager_cow(
@@ -62,6 +62,7 @@ fn manager_cow(
     kind: AllocatorKind,
     around: u32,
     cow_around: u32,
+    cow_run: CowRun,
 ) -> Arc<Manager> {
     let pool = Arc::new(
         Pool::new(&PoolConfig {
@@ -78,6 +79,7 @@ fn manager_cow(
         ManagerConfig {
             fault_around: Order::new(around).unwrap(),
             cow_around: Order::new(cow_around).unwrap(),
+            cow_run,
             rmap: rmap::RmapConfig {
                 design,
                 ..Default::default()
@@ -296,8 +298,14 @@ fn check_mappings(mm: &Manager, spaces: &[&AddressSpace], regions: &[RegionSpec]
     }
 }
 
-fn run_sequence(ops: &[Op], design: rmap::Design, kind: AllocatorKind, cow_around: u32) {
-    let mm = manager_cow(8192, design, kind, 2, cow_around);
+fn run_sequence(
+    ops: &[Op],
+    design: rmap::Design,
+    kind: AllocatorKind,
+    cow_around: u32,
+    cow_run: CowRun,
+) {
+    let mm = manager_cow(8192, design, kind, 2, cow_around, cow_run);
     let total = mm.pool().total_frames();
     let mut fam = Family::new(Arc::clone(&mm), 8);
     for op in ops {
@@ -312,17 +320,29 @@ proptest! {
 
     #[test]
     fn random_sequences_match_the_model_chain(ops in prop::collection::vec(op_strategy(), 1..200)) {
-        run_sequence(&ops, rmap::Design::Chain, AllocatorKind::Magazine, 0);
+        run_sequence(&ops, rmap::Design::Chain, AllocatorKind::Magazine, 0, CowRun::Adaptive);
+    }
+
+    #[test]
+    fn random_sequences_match_the_model_adaptive_cow(ops in prop::collection::vec(op_strategy(), 1..200)) {
+        run_sequence(&ops, rmap::Design::Chain, AllocatorKind::Magazine, 3, CowRun::Adaptive);
     }
 
     #[test]
     fn random_sequences_match_the_model_flat(ops in prop::collection::vec(op_strategy(), 1..200)) {
-        run_sequence(&ops, rmap::Design::Flat, AllocatorKind::PerCpuLists, 2);
+        run_sequence(&ops, rmap::Design::Flat, AllocatorKind::PerCpuLists, 2, CowRun::Fixed);
     }
 }
 
 fn threaded(total_ops: usize, threads: usize, seed: u64) {
-    let mm = manager_cow(16384, rmap::Design::Chain, AllocatorKind::Magazine, 3, 2);
+    let mm = manager_cow(
+        16384,
+        rmap::Design::Chain,
+        AllocatorKind::Magazine,
+        3,
+        2,
+        CowRun::Adaptive,
+    );
     let total = mm.pool().total_frames();
     std::thread::scope(|s| {
         for t in 0..threads {
@@ -473,9 +493,17 @@ fn shared_tree(
     seed: u64,
     design: rmap::Design,
     around: (u32, u32),
+    cow_run: CowRun,
 ) {
     const MAX_VMS: usize = 7;
-    let mm = manager_cow(16384, design, AllocatorKind::Magazine, around.0, around.1);
+    let mm = manager_cow(
+        16384,
+        design,
+        AllocatorKind::Magazine,
+        around.0,
+        around.1,
+        cow_run,
+    );
     let total = mm.pool().total_frames();
     let root = mm.create(&TREE, Arc::new(NoopMmu)).unwrap();
     let mut root = TreeVm {
@@ -633,8 +661,9 @@ fn tree_op(
 
 #[test]
 fn threads_sharing_one_fork_tree_keep_every_vm_its_own_bytes() {
-    shared_tree(3, 8, 200, 1, rmap::Design::Chain, (3, 2));
-    shared_tree(2, 6, 150, 2, rmap::Design::Flat, (0, 0));
+    shared_tree(3, 8, 200, 1, rmap::Design::Chain, (3, 2), CowRun::Adaptive);
+    shared_tree(2, 6, 150, 2, rmap::Design::Flat, (0, 0), CowRun::Adaptive);
+    shared_tree(2, 6, 150, 3, rmap::Design::Chain, (3, 3), CowRun::Fixed);
 }
 
 #[test]
@@ -798,8 +827,70 @@ fn parent_and_child_unshare_and_exit_concurrently_without_leaks() {
 }
 
 #[test]
+fn adaptive_copy_on_write_copies_what_is_written_and_grows_with_a_rewrite() {
+    let mm = manager_cow(
+        2048,
+        rmap::Design::Chain,
+        AllocatorKind::Magazine,
+        4,
+        6,
+        CowRun::Adaptive,
+    );
+    let ram = [RegionSpec {
+        start: Gfn(0),
+        pages: 1024,
+    }];
+    let vm = mm.create(&ram, Arc::new(NoopMmu)).unwrap();
+    vm.write(Gpa(0), &vec![5; 1024 * PAGE_SIZE]).unwrap();
+    let child = vm.fork(Arc::new(NoopMmu)).unwrap();
+    // Sparse writes, no two neighbours: one page copied each.
+    for p in (0..512u64).step_by(37) {
+        child.write(Gpa(p * PAGE_SIZE as u64 + 3), &[6]).unwrap();
+    }
+    let c = child.counters();
+    assert_eq!((c.cow_copy_faults, c.cow_copies), (14, 14), "{c:?}");
+    // A sequential rewrite of pages 512..1024 (two blocks): the run doubles behind the
+    // writes and settles into aligned runs of 64 that carry across the block boundary.
+    let before = child.counters();
+    for p in 512..1024u64 {
+        child.write(Gpa(p * PAGE_SIZE as u64), &[7]).unwrap();
+    }
+    let c = child.counters();
+    let (faults, pages) = (
+        c.cow_copy_faults - before.cow_copy_faults,
+        c.cow_copies - before.cow_copies,
+    );
+    assert_eq!(pages, 512, "a dense rewrite copies what it writes");
+    // 1, 2, 4, 8, 16, 32 then 64-page runs: 6 faults to ramp up, 7 full runs after.
+    assert!(faults <= 14, "{faults} faults for 512 pages");
+    // The parent is now the last sharer of pages 512..1024: it rewrites them by reuse,
+    // a run of 64 pages per fault and no copy.
+    let before = vm.counters();
+    for p in 512..1024u64 {
+        vm.write(Gpa(p * PAGE_SIZE as u64), &[8]).unwrap();
+    }
+    let c = vm.counters();
+    assert_eq!(c.cow_copies, before.cow_copies, "{c:?}");
+    assert_eq!(c.cow_reuses - before.cow_reuses, 512, "{c:?}");
+    let mut b = [0u8; 1];
+    child.read(Gpa(600 * PAGE_SIZE as u64), &mut b).unwrap();
+    assert_eq!(b, [7]);
+    vm.read(Gpa(600 * PAGE_SIZE as u64), &mut b).unwrap();
+    assert_eq!(b, [8]);
+    vm.read(Gpa(37 * PAGE_SIZE as u64 + 3), &mut b).unwrap();
+    assert_eq!(b, [5], "the parent keeps what the child overwrote");
+}
+
+#[test]
 fn copy_on_write_copies_a_whole_aligned_run_in_one_fault() {
-    let mm = manager_cow(1024, rmap::Design::Chain, AllocatorKind::Magazine, 4, 3);
+    let mm = manager_cow(
+        1024,
+        rmap::Design::Chain,
+        AllocatorKind::Magazine,
+        4,
+        3,
+        CowRun::Fixed,
+    );
     let vm = mm
         .create(&REGIONS, Arc::new(guestmem::mmu::RecordingMmu::default()))
         .unwrap();
@@ -937,7 +1028,14 @@ impl guestmem::mmu::HostMmu for FailingMmu {
 
 #[test]
 fn a_failed_host_mapping_leaves_no_mapping_and_returns_the_frames() {
-    let mm = manager_cow(256, rmap::Design::Chain, AllocatorKind::Magazine, 2, 2);
+    let mm = manager_cow(
+        256,
+        rmap::Design::Chain,
+        AllocatorKind::Magazine,
+        2,
+        2,
+        CowRun::Fixed,
+    );
     let mmu = Arc::new(FailingMmu::default());
     mmu.ok.store(1, std::sync::atomic::Ordering::Relaxed);
     let vm = mm.create(&REGIONS, mmu.clone()).unwrap();

@@ -21,6 +21,7 @@ fn manager(design: rmap::Design) -> Arc<Manager> {
         ManagerConfig {
             fault_around: Order::ZERO,
             cow_around: Order::ZERO,
+            cow_run: guestmem::CowRun::default(),
             rmap: rmap::RmapConfig {
                 design,
                 ..Default::default()

@@ -306,6 +306,7 @@ fn manager(cfg: Config) -> Arc<Manager> {
         ManagerConfig {
             fault_around,
             cow_around,
+            cow_run: guestmem::CowRun::default(),
             rmap: rmap::RmapConfig {
                 design: cfg.design,
                 ..Default::default()
@@ -457,7 +458,8 @@ impl World {
                     // (e), except that a reuse may leave an absent page absent (see
                     // `a_reuse_fault_maps_an_absent_page_into_the_host_view`).
                     let m = v.view.snapshot().get(&gfn).copied();
-                    let reused_absent = outcome == FaultOutcome::CowReuse && m.is_none();
+                    let reused_absent =
+                        matches!(outcome, FaultOutcome::CowReuse { .. }) && m.is_none();
                     assert!(
                         reused_absent || m.is_some_and(|m| m.writable || !write),
                         "(e) {:?}: a {access:?} fault at gfn {gfn:#x} ({r:?}) left {m:?} in \
@@ -713,7 +715,7 @@ fn a_reuse_fault_maps_an_absent_page_into_the_host_view() {
         let v = &w.live[0];
         assert!(!v.view.snapshot().contains_key(&0));
         let o = v.space.handle_fault(Gfn(0), Access::Write).unwrap();
-        assert_eq!(o, FaultOutcome::CowReuse, "{fork_view:?}");
+        assert!(matches!(o, FaultOutcome::CowReuse { .. }), "{fork_view:?}");
         let m = v.view.snapshot().get(&0).copied();
         assert!(
             m.is_some_and(|m| m.writable),

@@ -72,7 +72,7 @@ impl Counters {
                 self.add(&self.cow_copy_faults, 1);
                 self.add(&self.cow_copies, pages);
             }
-            FaultOutcome::CowReuse => self.add(&self.cow_reuses, 1),
+            FaultOutcome::CowReuse { pages } => self.add(&self.cow_reuses, pages),
             FaultOutcome::MapExisting { .. } => self.add(&self.map_existing, 1),
         }
     }

@@ -1,7 +1,11 @@
 //! Fault resolution: first touch (with fault-around), copy-on-write (copy or reuse),
 //! and re-mapping present pages into the host view.
 
-use super::{Access, AddressSpace, AnonVma, FaultOutcome, Region, SpaceError, release_link};
+use std::sync::atomic::Ordering;
+
+use super::{
+    Access, AddressSpace, AnonVma, CowRun, FaultOutcome, Region, SpaceError, release_link,
+};
 use crate::charge::ChargeError;
 use crate::frame::{Frame, FrameFlags};
 use crate::mmu::{HostMmuError, MapRun};
@@ -243,29 +247,37 @@ impl AddressSpace {
         let Some(old) = pte.pfn() else {
             unreachable!("write_protect_fault on a non-present entry");
         };
-        let frame = self.mm.pool.frame(old);
-        // Reuse needs the frame lock: it may move the frame's rmap link, which walkers
-        // read with the frame locked.
-        if frame.mapcount() == 1 && frame.refcount() == 1 && frame.try_lock() {
-            let pgoff = region.pt.pgoff(index);
-            let anon = region.rmap.anon_vma().expect("prepared at creation");
-            if frame.rmap_link().0 != AnonVma::as_raw(anon) {
-                // page_move_anon_rmap: the frame is ours alone now; file it under our
-                // anon_vma so later walks find it in O(1).
-                let old_link = frame.set_rmap_link(AnonVma::into_raw(anon.clone()), pgoff);
-                if old_link != 0 {
-                    // SAFETY: `old_link` came from `AnonVma::into_raw` when the frame was
-                    // linked, and the frame's reference is given up exactly once here.
-                    unsafe { AnonVma::drop_raw(old_link) };
+        if self.try_reuse(region, block, index, old) {
+            // The pages ahead that are this VM's alone too go writable with it, in the
+            // same host call (a fork's last sharer rewriting its memory takes one fault
+            // per run, not per page).
+            let max = u64::from(self.mm.config.cow_around.frames()).max(1);
+            let limit = (max - index % max)
+                .min((PTES_PER_BLOCK - s) as u64)
+                .min(region.pt.table.pages() - index);
+            let mut n = 1;
+            while n < limit {
+                let t = s + n as usize;
+                let p = block.get(t);
+                let Some(pfn) = p.pfn().filter(|_| !p.is_writable()) else {
+                    break;
+                };
+                if !self.try_reuse(region, block, index + n, pfn) {
+                    break;
                 }
+                n += 1;
             }
-            frame.unlock();
-            block.set(s, pte.mkwrite().mkdirty().mkyoung());
-            if let Err(e) = region.pt.mmu.protect_run(region.pt.gfn(index), 1, true) {
-                block.set(s, pte);
+            block.set(s, block.get(s).mkdirty().mkyoung());
+            if let Err(e) = region.pt.mmu.protect_run(region.pt.gfn(index), n, true) {
+                // Back to write-protected: the entries are as before, only the frames'
+                // rmap links moved (to where they now belong).
+                for i in 0..n as usize {
+                    let p = block.get(s + i);
+                    block.set(s + i, p.wrprotect());
+                }
                 return Err(self.host_err(e));
             }
-            return Ok(FaultOutcome::CowReuse);
+            return Ok(FaultOutcome::CowReuse { pages: n });
         }
         let (first, n) = self.cow_run(region, block, index);
         let order = Order::new(n.trailing_zeros()).unwrap_or(Order::ZERO);
@@ -318,23 +330,94 @@ impl AddressSpace {
             self.drop_mapping(old, &mut freed);
         }
         self.free_frames(&freed);
+        let end = region.pt.gfn(first + n).0;
+        self.cow_hint
+            .store(end << 8 | n.min(0xff), Ordering::Relaxed);
         Ok(FaultOutcome::CowCopy { pages: n })
     }
 
-    /// The run of entries a copy-on-write fault at `index` copies: the naturally aligned
-    /// `2^cow_around` entries around it if they are all present and write-protected and
-    /// lie in the region, else the entry alone.
+    /// Makes the write-protected entry `index` (frame `pfn`) writable without a copy if
+    /// this is the frame's only mapping and its lock is free: true if it did.
+    fn try_reuse(&self, region: &Region, block: &mut Block, index: u64, pfn: Pfn) -> bool {
+        let frame = self.mm.pool.frame(pfn);
+        // Reuse needs the frame lock: it may move the frame's rmap link, which walkers
+        // read with the frame locked.
+        // No other VM gains a mapping meanwhile: only a fork of this VM shares its frames,
+        // and a fork holds this VM's mmap_lock for writing, a fault for reading.
+        if !(frame.mapcount() == 1 && frame.refcount() == 1 && frame.try_lock()) {
+            return false;
+        }
+        let pgoff = region.pt.pgoff(index);
+        let anon = region.rmap.anon_vma().expect("prepared at creation");
+        if frame.rmap_link().0 != AnonVma::as_raw(anon) {
+            // page_move_anon_rmap: the frame is ours alone now; file it under our
+            // anon_vma so later walks find it in O(1).
+            let old_link = frame.set_rmap_link(AnonVma::into_raw(anon.clone()), pgoff);
+            if old_link != 0 {
+                // SAFETY: `old_link` came from `AnonVma::into_raw` when the frame was
+                // linked, and the frame's reference is given up exactly once here.
+                unsafe { AnonVma::drop_raw(old_link) };
+            }
+        }
+        frame.unlock();
+        let s = (index % PTES_PER_BLOCK as u64) as usize;
+        block.set(s, block.get(s).mkwrite());
+        true
+    }
+
+    /// The run of entries a copy-on-write fault at `index` copies (see [`CowRun`]):
+    /// `(first, pages)`, `pages` a power of two, every entry of it present and
+    /// write-protected, inside one block and the region.
     fn cow_run(&self, region: &Region, block: &Block, index: u64) -> (u64, u64) {
-        let n = u64::from(self.mm.config.cow_around.frames());
-        let first = index & !(n - 1);
-        let s0 = (first % PTES_PER_BLOCK as u64) as usize;
-        let whole = n > 1
-            && first + n <= region.pt.table.pages()
-            && (s0..s0 + n as usize).all(|t| {
-                let p = block.get(t);
-                p.is_present() && !p.is_writable()
-            });
-        if whole { (first, n) } else { (index, 1) }
+        let max = u64::from(self.mm.config.cow_around.frames());
+        if max <= 1 {
+            return (index, 1);
+        }
+        let shared = |t: usize| {
+            let p = block.get(t);
+            p.is_present() && !p.is_writable()
+        };
+        let s = (index % PTES_PER_BLOCK as u64) as usize;
+        match self.mm.config.cow_run {
+            CowRun::Fixed => {
+                let first = index & !(max - 1);
+                let s0 = (first % PTES_PER_BLOCK as u64) as usize;
+                let whole =
+                    first + max <= region.pt.table.pages() && (s0..s0 + max as usize).all(shared);
+                if whole { (first, max) } else { (index, 1) }
+            }
+            CowRun::Adaptive => {
+                // The private run just behind the fault: pages this VM wrote since the
+                // fork (copied, reused or zero-filled: writable entries).
+                let behind = (0..s)
+                    .rev()
+                    .take(max as usize)
+                    .take_while(|&t| {
+                        let p = block.get(t);
+                        p.is_present() && p.is_writable()
+                    })
+                    .count() as u64;
+                // A run that ended right here (across a block boundary too).
+                let hint = self.cow_hint.load(Ordering::Relaxed);
+                let gfn = region.pt.gfn(index).0;
+                let hinted = if hint >> 8 == gfn { hint & 0xff } else { 0 };
+                let behind = behind.max(hinted);
+                if behind == 0 {
+                    return (index, 1);
+                }
+                // Twice the run behind, and up to the next multiple of `max` at most, so
+                // that a long rewrite settles into naturally aligned full runs (which
+                // never cross a block).
+                let want = (2 * behind).min(max - index % max);
+                let block_end = PTES_PER_BLOCK - s;
+                let region_end = region.pt.table.pages() - index;
+                let limit = want.min(block_end as u64).min(region_end) as usize;
+                let ahead = (s..s + limit).take_while(|&t| shared(t)).count() as u64;
+                // A power of two, so the copies are one naturally aligned allocation.
+                let pages = 1u64 << ahead.max(1).ilog2();
+                (index, pages)
+            }
+        }
     }
 
     /// Maps the present entry `index` into the host view, with its neighbours in the same

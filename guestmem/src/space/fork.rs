@@ -5,6 +5,7 @@
 //! write can reach a shared frame without faulting), and an exit revokes the host view
 //! *before* any frame is freed (no stale mapping can reach a frame another VM gets next).
 
+use std::sync::atomic::AtomicU64;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
@@ -119,6 +120,7 @@ impl AddressSpace {
             counters: Counters::default(),
             exited: AtomicBool::new(false),
             charge,
+            cow_hint: AtomicU64::new(0),
         }))
     }
 

@@ -1,6 +1,7 @@
 //! The [`Manager`]: what all address spaces share (pool, reverse maps, counters), and the
 //! reverse-map walks that reclaim and migration start from a frame.
 
+use std::sync::atomic::AtomicU64;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, RwLock};
 
@@ -21,12 +22,12 @@ pub struct ManagerConfig {
     /// First touch maps a naturally aligned run of `2^fault_around` pages when they are
     /// all untouched (fewer host mappings, fewer faults); 0 turns it off.
     pub fault_around: Order,
-    /// A copy-on-write fault that must copy copies the naturally aligned run of
-    /// `2^cow_around` pages around it into contiguous new frames, when every page of the
-    /// run is present and write-protected: one fault and one host mapping per run instead
-    /// of per page, at the price of private copies of pages the guest did not write
-    /// (they are shared no more). 0 turns it off.
+    /// The most pages one copy-on-write fault copies (`2^cow_around`, into contiguous
+    /// new frames, with one host mapping): fewer faults for dense rewrites, at the price of
+    /// private copies of pages the guest did not write. 0 turns it off.
     pub cow_around: Order,
+    /// How a copy-on-write fault sizes its run (up to `cow_around`).
+    pub cow_run: CowRun,
     /// Reverse-map design and clone locking.
     pub rmap: rmap::RmapConfig,
 }
@@ -36,9 +37,25 @@ impl Default for ManagerConfig {
         ManagerConfig {
             fault_around: Order::new(6).unwrap_or(Order::ZERO),
             cow_around: Order::new(6).unwrap_or(Order::ZERO),
+            cow_run: CowRun::Adaptive,
             rmap: rmap::RmapConfig::default(),
         }
     }
+}
+
+/// How a copy-on-write fault sizes the run it copies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CowRun {
+    /// Grow with the write pattern, as readahead grows its window: a fault copies its page
+    /// alone unless the pages just before it are already this VM's own (written since the
+    /// fork); then it copies ahead twice as many pages as that private run is long, up
+    /// to `2^cow_around`. Sparse writes copy what they write; a sequential rewrite
+    /// reaches full runs after a handful of faults.
+    #[default]
+    Adaptive,
+    /// The naturally aligned `2^cow_around` run around the fault whenever every page of
+    /// it is shared (the older design: one sparse write copies the whole run).
+    Fixed,
 }
 
 /// What all address spaces share: the pool, the reverse-map context, the counters.
@@ -164,6 +181,7 @@ impl Manager {
             counters: Counters::default(),
             exited: AtomicBool::new(false),
             charge: self.charges.register(id, None),
+            cow_hint: AtomicU64::new(0),
         }))
     }
 

@@ -20,7 +20,7 @@
 //! the child's first access to a page faults, finds the entry present and maps it (and
 //! its contiguous neighbours) read-only.
 
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 
 use crate::charge::{Charge, ChargeError, ChargeSnapshot};
@@ -38,7 +38,7 @@ mod manager;
 
 pub use counters::{CounterSnapshot, Counters};
 pub use fork::ChildOptions;
-pub use manager::{Manager, ManagerConfig, Referenced, ReferencedLocking};
+pub use manager::{CowRun, Manager, ManagerConfig, Referenced, ReferencedLocking};
 
 /// The largest region: 1 TiB of 4 KiB pages.
 pub const MAX_REGION_PAGES: u64 = 1 << 28;
@@ -139,8 +139,12 @@ pub enum FaultOutcome {
         /// Pages copied.
         pages: u64,
     },
-    /// A write to a write-protected page whose only user is this VM made it writable.
-    CowReuse,
+    /// A write to a write-protected page whose only user is this VM made it writable,
+    /// with the `pages - 1` entries after it that were this VM's alone too.
+    CowReuse {
+        /// Pages made writable without a copy.
+        pages: u64,
+    },
     /// The page was present in the manager; the host view got `pages` pages mapped.
     MapExisting {
         /// Pages mapped into the host view.
@@ -242,6 +246,10 @@ pub struct AddressSpace {
     exited: AtomicBool,
     /// The frames it allocated, its limit and reservation.
     charge: Arc<Charge>,
+    /// Where the last copy-on-write run ended and how long it was (`end_gfn << 8 |
+    /// pages`), so a sequential rewrite keeps its run size across page-table blocks
+    /// ([`CowRun::Adaptive`]). A hint only: racing vCPUs may overwrite it.
+    cow_hint: AtomicU64,
 }
 
 impl AddressSpace {
