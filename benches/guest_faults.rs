@@ -8,28 +8,37 @@
 //!   first touch (no userfaultfd); its clone is a `MAP_PRIVATE` mapping of the parent's
 //!   memfd, as Firecracker and Cloud Hypervisor restore clones (COW by the host kernel).
 //! - `managed`: guestmem (`AddressSpace::handle_fault`) behind userfaultfd with the
-//!   manager's defaults (fault-around 64 pages; copy-on-write copies aligned runs of 64);
-//!   COW after `AddressSpace::fork` write-protects the parent.
-//! - `managed-run16`, `managed-run512`: as `managed` with copy-on-write runs of 16 and 512
-//!   pages (2 MiB).
+//!   manager's defaults (fault-around 64 pages; adaptive copy-on-write runs of up to 64:
+//!   one page for an isolated write, doubling behind a rewrite); COW after
+//!   `AddressSpace::fork` write-protects the parent.
+//! - `managed-fixed`: as `managed` with the older fixed runs (every COW fault copies the
+//!   aligned 64 pages around it).
+//! - `managed-run16`, `managed-run512`: as `managed` with copy-on-write runs of at most 16
+//!   and 512 pages (2 MiB).
 //! - `managed-single`: fault-around and copy-on-write runs off (one fault per page).
 //! - `managed-unpinned`: as `managed`, threads left to the scheduler.
 //! - `host-fork`: the host kernel's own COW fault cost (fork, then the parent writes one
 //!   byte per page), for the "COW per page no more than the host kernel's" target.
 //!
 //! First touch fills every byte of each page; the copy-on-write phase writes one word per
-//! page (as the host reference writes one byte per page).
+//! page (as the host reference writes one byte per page): the dense case. Then a second
+//! fork and a sparse phase: `random` writes to about one page in 100; `cow_amp_sparse` is
+//! the pages that phase copied over the distinct pages it wrote (1.0: only what is
+//! written), `cow_amp_dense` the same for the dense phase.
 //!
 //! Metrics: `first_touch_ns` and `cow_ns` per page (best of the samples), faults per page
 //! in each phase, `handler_ns` (resolve + wake) and `resolve_ns` (guestmem) per fault. Run: `cargo bench --bench guest_faults -- --quick`.
 
+use std::collections::HashSet;
 use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use guestmem::mmu::NoopMmu;
 use guestmem::types::{Gfn, Gpa};
-use guestmem::{AllocatorKind, Manager, ManagerConfig, Order, Pool, PoolConfig, RegionSpec};
+use guestmem::{
+    AllocatorKind, CowRun, Manager, ManagerConfig, Order, Pool, PoolConfig, RegionSpec,
+};
 use kvmm::{Experiment, Mode, Row};
 use vmm::guest::DATA_START;
 use vmm::sys::mman;
@@ -44,6 +53,8 @@ struct Sample {
     first_touch_faults: u64,
     handler_ns: u64,
     resolve_ns: u64,
+    /// Pages copied / distinct pages written, dense and sparse phases (managed only).
+    amp: Option<(f64, f64)>,
 }
 
 fn fill(vm: &Vm, pages: u64, seed: u64) -> Duration {
@@ -133,11 +144,18 @@ fn standard(hv: &Hypervisor, pages: u64) -> Sample {
         first_touch_faults: 0,
         handler_ns: 0,
         resolve_ns: 0,
+        amp: None,
     }
 }
 
 /// A managed VM: `fault_around` and `cow_around` are orders (0: off).
-fn managed(hv: &Hypervisor, pages: u64, around: (u32, u32), cpu: Option<usize>) -> Sample {
+fn managed(
+    hv: &Hypervisor,
+    pages: u64,
+    around: (u32, u32),
+    cow_run: CowRun,
+    cpu: Option<usize>,
+) -> Sample {
     let (fault_around, cow_around) = around;
     let mem = mem_for(pages);
     let pool = Arc::new(
@@ -149,6 +167,7 @@ fn managed(hv: &Hypervisor, pages: u64, around: (u32, u32), cpu: Option<usize>) 
         ManagerConfig {
             fault_around: Order::new(fault_around).unwrap_or(Order::ZERO),
             cow_around: Order::new(cow_around).unwrap_or(Order::ZERO),
+            cow_run,
             ..ManagerConfig::default()
         },
     );
@@ -160,6 +179,9 @@ fn managed(hv: &Hypervisor, pages: u64, around: (u32, u32), cpu: Option<usize>) 
             ..VmConfig::new(mem, 1)
         },
         |w| {
+            // `managed-single` maps every page on its own: more host mappings than the
+            // default per-window budget (a quarter of vm.max_map_count).
+            w.set_map_budget(u64::MAX);
             let s = mm
                 .create(
                     &[RegionSpec {
@@ -195,8 +217,23 @@ fn managed(hv: &Hypervisor, pages: u64, around: (u32, u32), cpu: Option<usize>) 
     let faults = (f1.total() - f0.total()) + (c1.total() - c0.total());
     let handler_ns = (f1.handler_ns - f0.handler_ns) + (c1.handler_ns - c0.handler_ns);
     let resolve_ns = (f1.resolve_ns - f0.resolve_ns) + (c1.resolve_ns - c0.resolve_ns);
+    let dense = (space.counters().cow_copies - copies0) as f64 / pages as f64;
+    // Sparse: a second fork, then random writes to about 1 page in 100.
+    let child2 = space
+        .fork(Arc::new(NoopMmu))
+        .expect("fork the address space");
+    let cmd = Command::random(Gfn(DATA_START / 4096), pages, 9, (pages / 50).max(8));
+    let written: HashSet<u64> = vmm::guest::random_accesses(&cmd)
+        .filter(|a| a.write)
+        .map(|a| a.gpa / 4096)
+        .collect();
+    let copies1 = space.counters().cow_copies;
+    vm.run(0, cmd)
+        .unwrap_or_else(|e| panic!("guest random failed: {e}"));
+    let sparse = (space.counters().cow_copies - copies1) as f64 / written.len() as f64;
     drop(vm);
     child.exit();
+    child2.exit();
     space.exit();
     Sample {
         first_touch,
@@ -205,6 +242,7 @@ fn managed(hv: &Hypervisor, pages: u64, around: (u32, u32), cpu: Option<usize>) 
         first_touch_faults: f1.total() - f0.total(),
         handler_ns,
         resolve_ns,
+        amp: Some((dense, sparse)),
     }
 }
 
@@ -218,6 +256,7 @@ fn host_fork(pages: u64) -> Sample {
         first_touch_faults: 0,
         handler_ns: 0,
         resolve_ns: 0,
+        amp: None,
     }
 }
 
@@ -238,22 +277,29 @@ fn main() {
     let variants: Vec<(&str, Run)> = vec![
         ("standard", Box::new(|| standard(&hv, pages))),
         // The manager's defaults: fault-around 64 pages, copy-on-write runs of 64.
-        ("managed", Box::new(|| managed(&hv, pages, (6, 6), Some(0)))),
+        (
+            "managed",
+            Box::new(|| managed(&hv, pages, (6, 6), CowRun::Adaptive, Some(0))),
+        ),
+        (
+            "managed-fixed",
+            Box::new(|| managed(&hv, pages, (6, 6), CowRun::Fixed, Some(0))),
+        ),
         (
             "managed-run16",
-            Box::new(|| managed(&hv, pages, (6, 4), Some(0))),
+            Box::new(|| managed(&hv, pages, (6, 4), CowRun::Adaptive, Some(0))),
         ),
         (
             "managed-run512",
-            Box::new(|| managed(&hv, pages, (6, 9), Some(0))),
+            Box::new(|| managed(&hv, pages, (6, 9), CowRun::Adaptive, Some(0))),
         ),
         (
             "managed-single",
-            Box::new(|| managed(&hv, pages, (0, 0), Some(0))),
+            Box::new(|| managed(&hv, pages, (0, 0), CowRun::Adaptive, Some(0))),
         ),
         (
             "managed-unpinned",
-            Box::new(|| managed(&hv, pages, (6, 6), None)),
+            Box::new(|| managed(&hv, pages, (6, 6), CowRun::Adaptive, None)),
         ),
         ("host-fork", Box::new(|| host_fork(pages))),
     ];
@@ -286,6 +332,11 @@ fn main() {
             );
         if *name != "host-fork" {
             row = row.metric("first_touch_ns", per(s.first_touch));
+        }
+        if let Some((dense, sparse)) = s.amp {
+            row = row
+                .metric("cow_amp_dense", dense)
+                .metric("cow_amp_sparse", sparse);
         }
         if s.faults > 0 {
             row = row
