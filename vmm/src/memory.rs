@@ -35,6 +35,11 @@
 //!   calling thread until that handler resolves it, like a vCPU's access.
 //! - A view is not `Send`: it is dropped on the thread that made it (the detection above
 //!   counts per thread).
+//! - vm-memory's trait methods keep vm-memory's contract: an access that runs past the end
+//!   of guest RAM copies the part inside before it fails (`read` returns the count,
+//!   `read_slice` fails with `PartialBuffer`). The checked accessors here
+//!   ([`GuestRam::read_u64`], [`GuestRam::write_bytes`], [`GuestRam::write_u64s`]) check
+//!   the whole range first and touch nothing when it is out of range.
 //!
 //! # Lock order
 //!

@@ -648,7 +648,7 @@ impl Window {
 }
 
 /// A pinned window range (see [`Window::pin`]). Not `Send`: it is released on the thread
-/// that took it, which counts it in [`PINNED_HERE`].
+/// that took it, which counts it as pinned by that thread.
 #[derive(Debug)]
 pub struct BaseGuard<'a> {
     base: RwLockReadGuard<'a, u64>,
