@@ -10,6 +10,12 @@
 //! taken from pre-created shells ([`ShellPool`]). [`workload`] is the `vmm` program's
 //! workload language.
 //!
+//! rust-vmm interop: [`Window::guest_memory`] (and [`Vm::guest_memory`]) give a VM's RAM
+//! as a `vm-memory` `GuestMemoryBackend` ([`memory::GuestRam`]), pinned at the window's
+//! current host range while it lives, so crates such as `linux-loader` can write into it;
+//! the VMM's own host-side accesses go through the same view. [`vm_memory`] is re-exported
+//! so that callers name the same version.
+//!
 //! Layering: [`sys`] is the only place with raw host syscalls (userfaultfd, mmap, memfd);
 //! KVM goes through kvm-ioctls. See docs/ARCHITECTURE.md for how the pieces fit.
 //!
@@ -44,6 +50,7 @@ pub mod failpoint;
 pub mod fault;
 pub mod guest;
 pub mod managed;
+pub mod memory;
 pub mod sys;
 pub mod vcpu;
 pub mod vm;
@@ -56,8 +63,10 @@ pub(crate) const PAGE_SIZE_U64: u64 = guestmem::types::PAGE_SIZE as u64;
 pub use fault::{FaultCounts, FaultError, FaultKind, FaultResolver, HostBacked, ScaffoldResolver};
 pub use guest::{CmdResult, Command, Op};
 pub use managed::{ForkError, ForkOptions, ForkTiming, ManagedVm, SpaceResolver};
+pub use memory::{GuestRam, RamRegion};
 pub use vcpu::{RegsDump, Vcpu, VcpuError, VcpuState};
 pub use vm::{
     BareVm, Hold, Hypervisor, ShellPool, Vm, VmConfig, VmError, open_fds, raise_nofile_limit,
 };
+pub use vm_memory;
 pub use window::{Window, WindowError};

@@ -649,6 +649,11 @@ impl Vm {
                 self.vcpus.len()
             )));
         }
+        // The commit below waits for every pin of the window; one held by this thread
+        // would never go (the caller write-protects in place instead).
+        if self.window.pinned_here() {
+            return Err(VmError::Window(WindowError::PinnedByForkingThread));
+        }
         failpoint::hit(ForkStep::RebirthFresh).map_err(|e| {
             WindowError::Mman(crate::sys::mman::MmanError::Mmap {
                 op: "reserve window",
@@ -710,9 +715,17 @@ impl Vm {
         ))
     }
 
-    /// Reads the word at `gpa` from the host side (faults a hole in, counted).
+    /// Reads the word at `gpa` (rounded down to 8) from the host side, through the
+    /// vm-memory view (faults a hole in, counted).
     pub fn read_u64(&self, gpa: Gpa) -> Result<u64, VmError> {
-        Ok(self.window.read_u64(gpa)?)
+        Ok(self.guest_memory().read_u64(gpa)?)
+    }
+
+    /// The VM's guest RAM as a vm-memory `GuestMemoryBackend`, pinned at its current host
+    /// range while the view lives ([`Window::guest_memory`]; see [`crate::memory`] for the
+    /// rules).
+    pub fn guest_memory(&self) -> crate::memory::GuestRam<'_> {
+        self.window.guest_memory()
     }
 }
 
@@ -759,13 +772,16 @@ fn write_boot_region(
     chunks.push((guest::CODE_GPA, program));
     // Page 0 too: KVM reads it when the vCPU first enters (descriptor tables based at 0).
     chunks.push((0, vec![0; 8]));
+    // One view for the whole region (this is not the fault-handler thread; resolving under
+    // it takes the mmap_lock below the view's pin, in lock order).
+    let mem = window.guest_memory();
     for (gpa, bytes) in chunks {
         let first = gpa / PAGE;
         let last = (gpa + bytes.len().max(1) as u64 - 1) / PAGE;
         for g in first..=last {
             resolver.resolve(Gfn(g), FaultKind::Missing { write: true })?;
         }
-        window.write_bytes(Gpa(gpa), &bytes)?;
+        mem.write_bytes(Gpa(gpa), &bytes)?;
     }
     Ok(())
 }

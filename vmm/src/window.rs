@@ -35,6 +35,7 @@ use kvm_ioctls::VmFd;
 use guestmem::mmu::{HostMmu, HostMmuError, MapRun};
 use guestmem::types::{Gfn, Gpa, PAGE_SIZE};
 
+use crate::memory::GuestRam;
 use crate::sys::mman::{self, MmanError};
 use crate::sys::uffd::{Uffd, UffdError};
 
@@ -79,6 +80,25 @@ pub enum WindowError {
         /// Size of guest RAM.
         size: u64,
     },
+    /// A host access through guest RAM's vm-memory view failed after its bounds check.
+    #[error("{what} at {gpa} ({len} bytes) through guest RAM's vm-memory view failed: {source}")]
+    Access {
+        /// What was attempted.
+        what: &'static str,
+        /// Guest address.
+        gpa: Gpa,
+        /// Length.
+        len: u64,
+        /// vm-memory's error.
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
+    /// The thread forking the VM holds a pin of its window (a [`crate::memory::GuestRam`]
+    /// view or a [`BaseGuard`]), so the window cannot be swapped for a fresh one.
+    #[error(
+        "this thread holds a view of the VM's guest RAM (Window::guest_memory or Window::pin) while forking it, so the fork cannot move the VM to a fresh window; drop the view before forking"
+    )]
+    PinnedByForkingThread,
 }
 
 /// The KVM memslot a window backs, so that a fork can move it onto a fresh window.
@@ -156,9 +176,45 @@ impl Window {
 
     /// Pins the window's host range for an access: while the guard lives, no fork can
     /// swap the range, so addresses computed from [`BaseGuard::base`] stay inside it
-    /// (vm-memory's `GuestMemoryAtomic::memory()` snapshot, in one word).
+    /// (vm-memory's `GuestMemoryAtomic::memory()` snapshot, in one word). For accesses,
+    /// prefer [`Window::guest_memory`], which holds this guard.
     pub fn pin(&self) -> BaseGuard<'_> {
-        BaseGuard(self.base.read_recursive())
+        let key = self.pin_key();
+        // A thread being torn down has no list: its pins go uncounted (it forks nothing).
+        let _ = PINNED_HERE.try_with(|p| p.borrow_mut().push(key));
+        BaseGuard {
+            base: self.base.read_recursive(),
+            key,
+            _not_send: std::marker::PhantomData,
+        }
+    }
+
+    /// Guest RAM as a vm-memory `GuestMemoryBackend`, pinned at its current host range for
+    /// the life of the view (see [`crate::memory`] for the rules: short-lived, never on the
+    /// fault-handler thread).
+    pub fn guest_memory(&self) -> GuestRam<'_> {
+        GuestRam::new(self)
+    }
+
+    /// Whether the calling thread holds a pin of this window ([`Window::pin`], or a
+    /// [`GuestRam`] view): a swap of its range on this thread would wait for itself.
+    pub(crate) fn pinned_here(&self) -> bool {
+        let key = self.pin_key();
+        PINNED_HERE
+            .try_with(|p| p.borrow().contains(&key))
+            .unwrap_or(false)
+    }
+
+    /// This window's name in [`PINNED_HERE`]: the address of its base lock (stable: a pin
+    /// borrows the window).
+    fn pin_key(&self) -> usize {
+        std::ptr::from_ref(&self.base) as usize
+    }
+
+    /// Whether some thread pins the base (a swap would have to wait).
+    #[cfg(test)]
+    pub(crate) fn base_is_pinned(&self) -> bool {
+        self.base.try_write().is_none()
     }
 
     /// Lets a faulting access to `page` (a host address) of a failed VM complete on
@@ -248,6 +304,10 @@ impl Window {
                 None => return Ok(false),
             }
         };
+        // A view held by the forking thread would make the wait below a sure timeout.
+        if self.pinned_here() {
+            return Ok(false);
+        }
         let fresh = self.prepare_fresh()?;
         let set = |addr: u64, size: u64| set_memslot(&vm, slot, addr, size);
         // Called by `AddressSpace::fork` with the space's lock held: a host accessor that
@@ -388,46 +448,24 @@ impl Window {
         )
     }
 
-    /// Reads the 8-byte word at `gpa` (8-aligned) from the host side. A hole raises a
-    /// userfaultfd fault on the calling thread, resolved by the VM's fault handler.
-    ///
-    /// Not while a fork of this VM runs on another thread: a fork may swap the window's
-    /// host range (`commit_fresh`) under the access.
+    /// Reads the 8-byte word at `gpa` rounded down to 8 from the host side, through the
+    /// vm-memory view ([`GuestRam::read_u64`]). A hole raises a userfaultfd fault on the
+    /// calling thread, resolved by the VM's fault handler (so never call it on that
+    /// thread). The view pins the window: a fork's swap of its range waits for the read.
     pub fn read_u64(&self, gpa: Gpa) -> Result<u64, WindowError> {
-        let g = self.pin();
-        let a = self.check(&g, "read", Gpa(gpa.0 & !7), 8)?;
-        // SAFETY: `a` is 8-aligned and inside the window's live mapping (checked); guest
-        // memory may change under us, hence the volatile read.
-        Ok(unsafe { (a as *const u64).read_volatile() })
+        self.guest_memory().read_u64(gpa)
     }
 
-    /// Writes `bytes` at `gpa` from the host side (volatile, byte by byte where unaligned).
-    ///
-    /// Not while a fork of this VM runs on another thread: a fork may swap the window's
-    /// host range (`commit_fresh`) under the access.
+    /// Writes `bytes` at `gpa` from the host side, through the vm-memory view
+    /// ([`GuestRam::write_bytes`]; faults as [`Window::read_u64`]).
     pub fn write_bytes(&self, gpa: Gpa, bytes: &[u8]) -> Result<(), WindowError> {
-        let g = self.pin();
-        let a = self.check(&g, "write", gpa, bytes.len() as u64)?;
-        for (i, b) in bytes.iter().enumerate() {
-            // SAFETY: inside the window's live mapping (checked above).
-            unsafe { (a as *mut u8).add(i).write_volatile(*b) };
-        }
-        Ok(())
+        self.guest_memory().write_bytes(gpa, bytes)
     }
 
-    /// Writes the 8-byte words `words` starting at `gpa` (8-aligned).
-    ///
-    /// Not while a fork of this VM runs on another thread: a fork may swap the window's
-    /// host range (`commit_fresh`) under the access.
+    /// Writes the 8-byte words `words` starting at `gpa` rounded down to 8, through the
+    /// vm-memory view ([`GuestRam::write_u64s`]; faults as [`Window::read_u64`]).
     pub fn write_u64s(&self, gpa: Gpa, words: &[u64]) -> Result<(), WindowError> {
-        let g = self.pin();
-        let len = (words.len() as u64).saturating_mul(8);
-        let a = self.check(&g, "write", Gpa(gpa.0 & !7), len)?;
-        for (i, w) in words.iter().enumerate() {
-            // SAFETY: 8-aligned and inside the window's live mapping (checked above).
-            unsafe { (a as *mut u64).add(i).write_volatile(*w) };
-        }
-        Ok(())
+        self.guest_memory().write_u64s(gpa, words)
     }
 }
 
@@ -609,15 +647,38 @@ impl Window {
     }
 }
 
-/// A pinned window range (see [`Window::pin`]).
+/// A pinned window range (see [`Window::pin`]). Not `Send`: it is released on the thread
+/// that took it, which counts it as pinned by that thread.
 #[derive(Debug)]
-pub struct BaseGuard<'a>(RwLockReadGuard<'a, u64>);
+pub struct BaseGuard<'a> {
+    base: RwLockReadGuard<'a, u64>,
+    key: usize,
+    /// `!Send` whatever lock_api's guard features are (a `MutexGuard` is `!Send`, `Sync`).
+    _not_send: std::marker::PhantomData<std::sync::MutexGuard<'static, ()>>,
+}
 
 impl BaseGuard<'_> {
     /// Host address of guest-physical 0, stable while the guard lives.
     pub fn base(&self) -> u64 {
-        *self.0
+        *self.base
     }
+}
+
+impl Drop for BaseGuard<'_> {
+    fn drop(&mut self) {
+        let _ = PINNED_HERE.try_with(|p| {
+            let mut p = p.borrow_mut();
+            if let Some(i) = p.iter().rposition(|&k| k == self.key) {
+                p.swap_remove(i);
+            }
+        });
+    }
+}
+
+thread_local! {
+    /// The windows (by [`Window::pin_key`]) whose base this thread pins, one entry per
+    /// live [`BaseGuard`]: a fork on this thread must not wait to swap one of them.
+    static PINNED_HERE: std::cell::RefCell<Vec<usize>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Host-view changes in flight that leave a guest range briefly inaccessible for writes
