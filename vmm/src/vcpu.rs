@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicI32, AtomicPtr, AtomicU32, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use kvm_bindings::{
     CpuId, Msrs, kvm_debugregs, kvm_fpu, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_run,
@@ -930,15 +930,19 @@ fn crash(s: &Shared, fd: &VcpuFd, reason: String) -> VcpuError {
 /// Whether an `EFAULT` from `KVM_RUN` may come from a host-view change that refuses
 /// writes for a moment ([`crate::window::ro_map_state`]): one is in flight, or one
 /// completed during the run. Waits for those in flight before the caller retries; gives
-/// up after many `EFAULT`s in a row, so that a real one is still reported.
-fn ro_map_in_flight(gen_before: u64, retries: &mut u32) -> bool {
+/// up after many `EFAULT`s in a row over a long time, so that a real one is still
+/// reported (a page re-mapped read-only back to back can refuse a write thousands of
+/// times in a second: only the two bounds together mean the `EFAULT` is not transient).
+fn ro_map_in_flight(gen_before: u64, retries: &mut EfaultRetries) -> bool {
     const MAX_RETRIES: u32 = 10_000;
+    const MAX_TIME: Duration = Duration::from_secs(5);
     let (in_flight, generation) = crate::window::ro_map_state();
     if in_flight == 0 && generation == gen_before {
         return false;
     }
-    *retries += 1;
-    if *retries > MAX_RETRIES {
+    retries.count += 1;
+    let since = *retries.first.get_or_insert_with(Instant::now);
+    if retries.count > MAX_RETRIES && since.elapsed() > MAX_TIME {
         return false;
     }
     while crate::window::ro_map_state().0 > 0 {
@@ -947,9 +951,16 @@ fn ro_map_in_flight(gen_before: u64, retries: &mut u32) -> bool {
     true
 }
 
+/// `EFAULT`s from `KVM_RUN` in a row, and when the first of them came.
+#[derive(Debug, Default)]
+struct EfaultRetries {
+    count: u32,
+    first: Option<Instant>,
+}
+
 /// Runs until the guest rings the doorbell; returns its registers then.
 fn run_to_doorbell(s: &Shared) -> Result<kvm_regs, VcpuError> {
-    let mut efault_retries = 0u32;
+    let mut efault_retries = EfaultRetries::default();
     loop {
         {
             let mut ctl = lock(&s.ctl);
@@ -970,7 +981,7 @@ fn run_to_doorbell(s: &Shared) -> Result<kvm_regs, VcpuError> {
         let ro_gen = crate::window::ro_map_state().1;
         let ran = fd.run();
         if ran.is_ok() {
-            efault_retries = 0;
+            efault_retries = EfaultRetries::default();
         }
         let exit = match ran {
             Ok(VcpuExit::IoOut(DOORBELL_PORT, _)) => Ok(None),
