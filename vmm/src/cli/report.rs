@@ -281,11 +281,11 @@ pub(crate) fn print_fork(out: &mut dyn Write, r: &ForkReport) -> io::Result<()> 
     )?;
     writeln!(out)?;
     let head = |out: &mut dyn Write, c: [&str; 9]| {
-        writeln!(
-            out,
+        let line = format!(
             "{:<10} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>9} {:>9}",
             c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8]
-        )
+        );
+        writeln!(out, "{}", line.trim_end())
     };
     head(
         out,
