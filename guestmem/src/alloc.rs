@@ -49,9 +49,12 @@
 //!    and the depot (`Allocator::drain`) and tries once more before it reports
 //!    exhaustion, as Linux drains the pcp lists before OOM. (A concurrent thread may
 //!    cache frames again right after the drain; like Linux, the retry is not repeated.)
-//!    Only order-0 requests drain: every larger request in this manager is opportunistic
-//!    (fault-around, copy-around) and falls back to smaller runs, so on a fragmented pool
-//!    a drain per fault would cost every CPU's cache for nothing.
+//!    Only order-0 requests drain everything: every larger request in this manager is
+//!    opportunistic (fault-around, copy-around) and falls back to smaller runs, so on a
+//!    fragmented pool a drain per fault would cost every CPU's cache for nothing. A larger
+//!    request drains the depot alone, and only when it holds [`DEPOT_DRAIN_MIN`] full
+//!    magazines or more (an exited VM's frames): then the drain pays for itself, and it
+//!    cannot repeat before that many magazines have been freed again.
 //!
 //! Every frame is at any time in exactly one place: the zone, one magazine (in a slot or
 //! the depot), a per-cpu list, or with its owner; every move between places happens with
@@ -75,7 +78,7 @@
 //!
 //! A thread holds at most one slot lock at a time (`drain` takes them one after the
 //! other). On the alloc and free paths the depot lock is dropped before the zone lock
-//! is taken (the magazine is taken out first); only `drain` nests the two.
+//! is taken (the magazine is taken out first); only `drain` and `drain_depot` nest the two.
 
 use crate::sync::{Mutex, SpinGuard, SpinLock, lock};
 use crate::zone::{Buddy, Zone};
@@ -84,6 +87,10 @@ use crate::zone::{Buddy, Zone};
 /// high mark (378), so that batches up to 256 never reach the depot.
 #[cfg(not(loom))]
 pub const MAG_SIZE: usize = 128;
+
+/// Full magazines the depot must hold before a failed request larger than one frame
+/// drains it (4 MiB of frames).
+pub const DEPOT_DRAIN_MIN: usize = 8;
 /// Frames in one magazine (small under loom, so that a few operations reach every
 /// refill, exchange and drain path).
 #[cfg(loom)]
@@ -287,10 +294,37 @@ impl Allocator {
             return Some(f);
         }
         if order > 0 {
-            return None;
+            // Not the whole drain (every CPU's slot) for an opportunistic request, but
+            // the depot when it holds enough to matter: a VM's exit parks its frames
+            // there in bulk, and without this a pool whose free memory sits in the depot
+            // hands out only single scattered frames.
+            return self
+                .drain_depot(DEPOT_DRAIN_MIN)
+                .then(|| self.alloc_once(order, cpu))
+                .flatten();
         }
         self.drain();
         self.alloc_once(order, cpu)
+    }
+
+    /// Returns the depot's full magazines to the zone if it holds at least `min` of them
+    /// (magazine design only); true if it did.
+    fn drain_depot(&self, min: usize) -> bool {
+        let Design::Magazine(m) = &self.design else {
+            return false;
+        };
+        let mut depot = lock(&m.depot);
+        if depot.full.len() < min {
+            return false;
+        }
+        let full = std::mem::take(&mut depot.full);
+        let mut zone = self.zone.lock();
+        for mut mag in full {
+            free_all(&mut zone, &mag.frames[..mag.n]);
+            mag.n = 0;
+            depot.empty.push(mag);
+        }
+        true
     }
 
     fn alloc_once(&self, order: u32, cpu: usize) -> Option<u32> {
