@@ -688,6 +688,24 @@ mod tests {
         assert_eq!(a.free_frames(), 1024);
     }
 
+    #[test]
+    fn a_multi_frame_request_drains_a_full_depot_but_not_a_nearly_empty_one() {
+        // 2048 frames, 16 CPUs: the depot keeps up to 32 full magazines, the whole zone.
+        let a = Allocator::new(AllocatorKind::Magazine, 2048, 16);
+        let all: Vec<u32> = (0..2048).map(|_| a.alloc(0, 0).expect("a frame")).collect();
+        a.free_batch(&all);
+        // Every free frame is in the depot: without the drain no 64-frame block exists.
+        let run = a.alloc(6, 0).expect("the depot drained into the zone");
+        a.free(run, 6, 0);
+        // A depot with fewer than DEPOT_DRAIN_MIN magazines is left alone.
+        let all: Vec<u32> = (0..2048).map(|_| a.alloc(0, 0).expect("a frame")).collect();
+        let few = (DEPOT_DRAIN_MIN - 1) * MAG_SIZE;
+        a.free_batch(&all[..few]);
+        assert!(a.alloc(6, 0).is_none(), "no drain for a few magazines");
+        a.free_batch(&all[few..]);
+        assert_eq!(a.free_frames(), 2048);
+    }
+
     /// Threads that all claim the same CPUs, so that slots are contended, stolen and
     /// drained all the time (the pool-level stress test in `tests/alloc_stress.rs` runs
     /// each thread on its real CPU, where slots rarely collide).
