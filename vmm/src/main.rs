@@ -81,6 +81,9 @@ fn main() -> ExitCode {
                 r.verified
             })
         }
+        // They keep their own exit statuses (see their modules).
+        Cmd::Serve(a) => return cli::serve::cmd_serve(a),
+        Cmd::Ctl(a) => return cli::ctl::cmd_ctl(a),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
