@@ -220,7 +220,9 @@ fn parse_reply(raw: &[u8]) -> Result<HttpReply, String> {
     let body = if chunked {
         dechunk(rest).ok_or("a broken chunked body")?
     } else if let Some(n) = length {
-        rest.get(..n).ok_or("a body shorter than its Content-Length")?.to_vec()
+        rest.get(..n)
+            .ok_or("a body shorter than its Content-Length")?
+            .to_vec()
     } else {
         rest.to_vec()
     };

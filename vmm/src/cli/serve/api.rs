@@ -104,6 +104,19 @@ impl ApiError {
     }
 }
 
+/// `GET /version`.
+#[derive(Debug, serde::Serialize)]
+struct Version {
+    /// `vmm`.
+    name: &'static str,
+    /// The program's version.
+    version: &'static str,
+    /// VMs in the table.
+    vms: usize,
+    /// The frame pools made so far.
+    pools: Vec<super::state::PoolView>,
+}
+
 /// A size: bytes, or text with a K/M/G/T unit.
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
@@ -230,23 +243,21 @@ fn handle(
     };
     let post = matches!(method, "POST" | "PUT");
     let id = |s: &str| {
-        s.parse::<u64>()
-            .map(ApiId)
-            .map_err(|_| ApiError::NoRoute {
-                method: method.into(),
-                path: path.clone(),
-            })
+        s.parse::<u64>().map(ApiId).map_err(|_| ApiError::NoRoute {
+            method: method.into(),
+            path: path.clone(),
+        })
     };
     match segs.as_slice() {
         [] | ["version"] => match method {
             "GET" => Ok(to_json(
                 200,
-                &json!({
-                    "name": "vmm",
-                    "version": env!("CARGO_PKG_VERSION"),
-                    "vms": state.vm_count(),
-                    "pools": state.pools(),
-                }),
+                &Version {
+                    name: "vmm",
+                    version: env!("CARGO_PKG_VERSION"),
+                    vms: state.vm_count(),
+                    pools: state.pools(),
+                },
             )),
             _ => Err(wrong("GET")),
         },

@@ -333,8 +333,7 @@ fn serve_one(mut req: tiny_http::Request, state: &State, stop: &AtomicBool) {
 fn respond(req: tiny_http::Request, reply: &Reply) {
     let mut resp = tiny_http::Response::from_string(format!("{}\n", reply.body))
         .with_status_code(reply.status);
-    if let Ok(h) = tiny_http::Header::from_bytes(&b"Content-Type"[..], &b"application/json"[..])
-    {
+    if let Ok(h) = tiny_http::Header::from_bytes(&b"Content-Type"[..], &b"application/json"[..]) {
         resp.add_header(h);
     }
     // The client may have gone; nothing is left to tell it.
@@ -357,7 +356,10 @@ mod tests {
         let d = tmp("plain");
         assert!(clear_path(&d.join("none")).is_ok());
         std::fs::write(d.join("f"), b"keep me").unwrap();
-        assert!(matches!(clear_path(&d.join("f")), Err(ServeError::NotASocket(_))));
+        assert!(matches!(
+            clear_path(&d.join("f")),
+            Err(ServeError::NotASocket(_))
+        ));
         assert_eq!(std::fs::read(d.join("f")).unwrap(), b"keep me");
         std::fs::remove_dir_all(&d).unwrap();
     }

@@ -575,8 +575,8 @@ impl State {
         let m = g.as_ref().ok_or(OpError::NoVm(id))?;
         let (work, _op) = e.begin("verify", true)?;
         let deadline = Deadline::starting_now(timeout.or(self.cfg.timeout));
-        let (pages, bad) = verify_model(m.vm(), &id.to_string(), &work.model, deadline)
-            .map_err(|x| e.fail(x))?;
+        let (pages, bad) =
+            verify_model(m.vm(), &id.to_string(), &work.model, deadline).map_err(|x| e.fail(x))?;
         Ok(VerifyResult {
             id,
             pages_verified: pages,
@@ -694,11 +694,10 @@ impl State {
     /// Destroys every VM that is not busy (at shutdown, after the grace period); returns
     /// how many were left running because an operation still held them.
     pub(crate) fn destroy_all(&self) -> usize {
-        let entries: Vec<Arc<VmEntry>> = std::mem::take(
-            &mut *self.vms.write().unwrap_or_else(|e| e.into_inner()),
-        )
-        .into_values()
-        .collect();
+        let entries: Vec<Arc<VmEntry>> =
+            std::mem::take(&mut *self.vms.write().unwrap_or_else(|e| e.into_inner()))
+                .into_values()
+                .collect();
         let mut left = 0;
         for e in entries {
             e.set_status(|s| s.destroyed = true);
@@ -764,7 +763,10 @@ mod tests {
             timeout: Duration::from_millis(5),
         };
         assert_eq!(OpError::Cli(late).status(), 504);
-        assert_eq!(OpError::Cli(CliError::Panicked("VM 1".into())).status(), 500);
+        assert_eq!(
+            OpError::Cli(CliError::Panicked("VM 1".into())).status(),
+            500
+        );
     }
 
     #[test]
