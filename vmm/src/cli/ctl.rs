@@ -19,6 +19,10 @@ use super::args::{AllocatorArg, RmapArg};
 
 /// `vmm ctl`'s options.
 #[derive(Debug, Args)]
+#[command(after_help = "\
+Exit status: 0 for a 2xx reply (run and verify: with no mismatch); 1 for a 4xx/5xx reply
+(the message on stderr) or a verify that found mismatches; 2 when the socket cannot be
+reached. Example: vmm ctl --api /tmp/vmm.sock run 1 fill:seed=1,verify:seed=1")]
 pub(crate) struct CtlArgs {
     /// The socket `vmm serve --api PATH` listens on.
     #[arg(long, value_name = "PATH")]
@@ -229,13 +233,14 @@ fn parse_reply(raw: &[u8]) -> Result<HttpReply, String> {
     Ok(HttpReply { status, body })
 }
 
-/// Sends one request and returns the status and the JSON body.
+/// Sends one request and returns the status, the JSON body and its text (printed as the
+/// server wrote it, fields in its order).
 fn call(
     socket: &Path,
     method: &str,
     target: &str,
     body: Option<&Value>,
-) -> Result<(u16, Value), CtlError> {
+) -> Result<(u16, Value, String), CtlError> {
     let path = socket.display().to_string();
     let mut s = UnixStream::connect(socket).map_err(|source| CtlError::Connect {
         path: path.clone(),
@@ -266,7 +271,8 @@ fn call(
     let reply = parse_reply(&raw).map_err(protocol)?;
     let json: Value = serde_json::from_slice(&reply.body)
         .map_err(|e| protocol(format!("the body is not JSON: {e}")))?;
-    Ok((reply.status, json))
+    let text = String::from_utf8_lossy(&reply.body).trim_end().to_string();
+    Ok((reply.status, json, text))
 }
 
 /// The clap name of a value (`magazine`, `chain`), as the API takes it.
@@ -329,7 +335,7 @@ fn request(op: &CtlOp) -> (&'static str, String, Option<Value>) {
 
 fn ctl(a: &CtlArgs) -> Result<(), CtlError> {
     let (method, target, body) = request(&a.op);
-    let (status, reply) = call(&a.api, method, &target, body.as_ref())?;
+    let (status, reply, text) = call(&a.api, method, &target, body.as_ref())?;
     if !(200..300).contains(&status) {
         let message = reply
             .get("error")
@@ -337,10 +343,7 @@ fn ctl(a: &CtlArgs) -> Result<(), CtlError> {
             .map_or_else(|| reply.to_string(), str::to_string);
         return Err(CtlError::Api { status, message });
     }
-    println!(
-        "{}",
-        serde_json::to_string_pretty(&reply).unwrap_or_else(|_| reply.to_string())
-    );
+    println!("{text}");
     if reply.get("verified") == Some(&Value::Bool(false)) {
         let bad = reply.get("mismatches").and_then(Value::as_u64).unwrap_or(0);
         return Err(CtlError::Mismatch(bad));

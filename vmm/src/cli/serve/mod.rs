@@ -37,8 +37,25 @@ const POLL: Duration = Duration::from_millis(100);
 /// How long requests in flight may take to finish after a stop.
 const GRACE: Duration = Duration::from_secs(10);
 
+/// The API, after `vmm serve --help`.
+const SERVE_HELP: &str = "\
+API (JSON bodies; every error is {\"error\": \"...\"} with 4xx when nothing changed):
+  GET    /version                  version, VM count, frame pools
+  POST   /vms                      create {mem?: \"64M\", vcpus?: 1, allocator?, rmap?} -> 201
+  GET    /vms, /vms/ID             state, memory (resident/shared/private/PSS), faults
+  POST   /vms/ID/run               {workload: \"fill:seed=1,verify:seed=1\", timeout?: SECS}
+  POST   /vms/ID/verify            every page the VM's model knows {timeout?}
+  POST   /vms/ID/pause, /resume
+  POST   /vms/ID/fork              {clones?: 1, reserve_pages?: 0} -> 201 the clones' ids
+  DELETE /vms/ID
+  POST   /shutdown
+Client: vmm ctl --api PATH OP, or curl --unix-socket PATH http://localhost/vms
+Exit status: 0 after a clean stop; 2 when it cannot start (the message says why); 130
+after a second Ctrl-C.";
+
 /// `vmm serve`'s options.
 #[derive(Debug, Clone, Args)]
+#[command(after_help = SERVE_HELP)]
 pub(crate) struct ServeArgs {
     /// Unix socket to serve the control API on (created with mode 0600; an existing
     /// path is replaced only if it is a stale socket nobody listens on).

@@ -388,6 +388,13 @@ impl VmEntry {
         OpError::Cli(e)
     }
 
+    /// As [`VmEntry::fail`], after pausing the VM's vCPUs: a guest still busy past its
+    /// timeout stops using the host's CPUs until it is destroyed.
+    fn fail_stopped(&self, m: &ManagedVm, e: CliError) -> OpError {
+        m.vm().pause();
+        self.fail(e)
+    }
+
     fn view(&self, m: &ManagedVm) -> VmView {
         let s = self.status();
         let memory = m.memory();
@@ -550,8 +557,8 @@ impl State {
         let (mut work, _op) = e.begin("run", true)?;
         let deadline = Deadline::starting_now(timeout.or(self.cfg.timeout));
         let mut model = work.model.clone();
-        let steps =
-            run_plan(m.vm(), &id.to_string(), &p, &mut model, deadline).map_err(|x| e.fail(x))?;
+        let steps = run_plan(m.vm(), &id.to_string(), &p, &mut model, deadline)
+            .map_err(|x| e.fail_stopped(m, x))?;
         e.set_status(|s| s.known_pages = model.known_pages());
         work.model = model;
         let mismatches = steps.iter().map(|s| s.mismatches).sum();
@@ -575,8 +582,8 @@ impl State {
         let m = g.as_ref().ok_or(OpError::NoVm(id))?;
         let (work, _op) = e.begin("verify", true)?;
         let deadline = Deadline::starting_now(timeout.or(self.cfg.timeout));
-        let (pages, bad) =
-            verify_model(m.vm(), &id.to_string(), &work.model, deadline).map_err(|x| e.fail(x))?;
+        let (pages, bad) = verify_model(m.vm(), &id.to_string(), &work.model, deadline)
+            .map_err(|x| e.fail_stopped(m, x))?;
         Ok(VerifyResult {
             id,
             pages_verified: pages,
