@@ -90,6 +90,9 @@ fn main() -> ExitCode {
             });
             finish(*json, *events, report, error, print_fork)
         }
+        // They keep their own exit statuses (see their modules).
+        Cmd::Serve(a) => return cli::serve::cmd_serve(a),
+        Cmd::Ctl(a) => return cli::ctl::cmd_ctl(a),
     };
     match error {
         Some(e) => {

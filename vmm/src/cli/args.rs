@@ -171,6 +171,11 @@ pub(crate) enum Cmd {
         #[arg(long, hide = true, value_name = "VM")]
         corrupt: Option<String>,
     },
+    /// Serve a control API (JSON over HTTP on a Unix socket) for VMs made and driven by
+    /// requests, until Ctrl-C, SIGTERM or POST /shutdown.
+    Serve(super::serve::ServeArgs),
+    /// Send one request to a `vmm serve` and print its JSON reply.
+    Ctl(super::ctl::CtlArgs),
 }
 
 #[cfg(test)]

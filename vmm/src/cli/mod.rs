@@ -5,10 +5,14 @@
 //! stopped, and its exit status).
 
 pub(crate) mod args;
+/// `vmm ctl`: the control API's client.
+pub(crate) mod ctl;
 pub(crate) mod error;
 pub(crate) mod feedback;
 pub(crate) mod fork;
 pub(crate) mod limits;
 pub(crate) mod report;
 pub(crate) mod run;
+/// `vmm serve`: a long-running VMM under a control API.
+pub(crate) mod serve;
 pub(crate) mod steps;
