@@ -194,7 +194,10 @@ fn demo_fails_when_the_grandchild_does() {
     let vms = rows(&r);
     assert_eq!(vms.len(), 4);
     for v in vms {
-        assert_eq!(v["verified"], v["role"] != "clone 1.1", "{v}");
+        let bad = v["role"] == "clone 1.1";
+        assert_eq!(v["verified"], !bad, "{v}");
+        assert_eq!(v["final_mismatches"], u64::from(bad), "{v}");
+        assert_eq!(v["mismatches"], u64::from(bad), "{v}");
     }
     rejects(&["demo", "--corrupt", "clone 9"], "no such VM");
 }
