@@ -4,6 +4,11 @@
 //! Variants (all: one VM, one vCPU running the built-in guest's `fill` over `pages` pages,
 //! 4 KiB each fully written; handler and vCPU pinned to CPU 0 unless the name says
 //! `unpinned`):
+//! Both sides start cold (no host memory allocated for guest RAM) unless the name says
+//! `prefaulted` (host memory allocated and zeroed before the run: `fallocate` of the
+//! standard design's memfd, `Pool::prefault` of the manager's pool); compare cold with
+//! cold and prefaulted with prefaulted.
+//!
 //! - `standard`: guest RAM is one `MAP_SHARED` memfd mapping the host kernel populates on
 //!   first touch (no userfaultfd); its clone is a `MAP_PRIVATE` mapping of the parent's
 //!   memfd, as Firecracker and Cloud Hypervisor restore clones (COW by the host kernel).
@@ -30,7 +35,7 @@
 //! in each phase, `handler_ns` (resolve + wake) and `resolve_ns` (guestmem) per fault. Run: `cargo bench --bench guest_faults -- --quick`.
 
 use std::collections::HashSet;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -113,9 +118,14 @@ fn mem_for(pages: u64) -> u64 {
     (DATA_START + pages * 4096).next_multiple_of(2 * MIB)
 }
 
-fn standard(hv: &Hypervisor, pages: u64) -> Sample {
+fn standard(hv: &Hypervisor, pages: u64, prefault: bool) -> Sample {
     let mem = mem_for(pages);
     let fd = mman::memfd("standard-ram", mem).expect("memfd");
+    if prefault {
+        // SAFETY: fallocate on a memfd this function owns; no memory is touched.
+        let r = unsafe { libc::fallocate(fd.as_raw_fd(), 0, 0, mem as libc::off_t) };
+        assert_eq!(r, 0, "fallocate: {}", std::io::Error::last_os_error());
+    }
     let cfg = VmConfig {
         cpu: Some(0),
         ..VmConfig::new(mem, 1)
@@ -155,13 +165,16 @@ fn managed(
     around: (u32, u32),
     cow_run: CowRun,
     cpu: Option<usize>,
+    prefault: bool,
 ) -> Sample {
     let (fault_around, cow_around) = around;
     let mem = mem_for(pages);
     let pool = Arc::new(
         Pool::new(&PoolConfig::uniform(3 * mem, 1, AllocatorKind::Magazine)).expect("pool"),
     );
-    pool.prefault().expect("prefault the pool");
+    if prefault {
+        pool.prefault().expect("prefault the pool");
+    }
     let mm = Manager::new(
         pool,
         ManagerConfig {
@@ -260,6 +273,18 @@ fn host_fork(pages: u64) -> Sample {
     }
 }
 
+/// `metric` of variant `a` over variant `b` (NaN when either is missing).
+fn ratio(exp: &Experiment, metric: &str, a: &str, b: &str) -> f64 {
+    let get = |v: &str| {
+        exp.rows
+            .iter()
+            .find(|r| r.variant == v)
+            .and_then(|r| r.metrics.get(metric).copied())
+            .unwrap_or(f64::NAN)
+    };
+    get(a) / get(b)
+}
+
 fn main() {
     let mode = Mode::from_args();
     let hv = match Hypervisor::new() {
@@ -275,31 +300,39 @@ fn main() {
     let mut exp = Experiment::new("guest_faults", mode);
     type Run<'a> = Box<dyn Fn() -> Sample + 'a>;
     let variants: Vec<(&str, Run)> = vec![
-        ("standard", Box::new(|| standard(&hv, pages))),
-        // The manager's defaults: fault-around 64 pages, copy-on-write runs of 64.
+        ("standard", Box::new(|| standard(&hv, pages, false))),
+        (
+            "standard-prefaulted",
+            Box::new(|| standard(&hv, pages, true)),
+        ),
+        // The manager's defaults: fault-around 64 pages, adaptive COW runs of up to 64.
         (
             "managed",
-            Box::new(|| managed(&hv, pages, (6, 6), CowRun::Adaptive, Some(0))),
+            Box::new(|| managed(&hv, pages, (6, 6), CowRun::Adaptive, Some(0), false)),
+        ),
+        (
+            "managed-prefaulted",
+            Box::new(|| managed(&hv, pages, (6, 6), CowRun::Adaptive, Some(0), true)),
         ),
         (
             "managed-fixed",
-            Box::new(|| managed(&hv, pages, (6, 6), CowRun::Fixed, Some(0))),
+            Box::new(|| managed(&hv, pages, (6, 6), CowRun::Fixed, Some(0), false)),
         ),
         (
             "managed-run16",
-            Box::new(|| managed(&hv, pages, (6, 4), CowRun::Adaptive, Some(0))),
+            Box::new(|| managed(&hv, pages, (6, 4), CowRun::Adaptive, Some(0), false)),
         ),
         (
             "managed-run512",
-            Box::new(|| managed(&hv, pages, (6, 9), CowRun::Adaptive, Some(0))),
+            Box::new(|| managed(&hv, pages, (6, 9), CowRun::Adaptive, Some(0), false)),
         ),
         (
             "managed-single",
-            Box::new(|| managed(&hv, pages, (0, 0), CowRun::Adaptive, Some(0))),
+            Box::new(|| managed(&hv, pages, (0, 0), CowRun::Adaptive, Some(0), false)),
         ),
         (
             "managed-unpinned",
-            Box::new(|| managed(&hv, pages, (6, 6), CowRun::Adaptive, None)),
+            Box::new(|| managed(&hv, pages, (6, 6), CowRun::Adaptive, None, false)),
         ),
         ("host-fork", Box::new(|| host_fork(pages))),
     ];
@@ -346,6 +379,15 @@ fn main() {
         exp.push(row);
     }
     println!("{}", exp.table("first_touch_ns", "standard"));
+    println!(
+        "(prefaulted against prefaulted: managed-prefaulted / standard-prefaulted = {:.2})\n",
+        ratio(
+            &exp,
+            "first_touch_ns",
+            "managed-prefaulted",
+            "standard-prefaulted"
+        )
+    );
     println!("{}", exp.table("cow_ns", "standard"));
     exp.finish();
 }
