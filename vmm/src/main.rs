@@ -35,7 +35,11 @@ fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
         }
     };
-    cli::feedback::catch_interrupts();
+    // Ctrl-C stops the guests' work and prints the partial report, for the one-shot
+    // commands only: `serve` handles its own signals, `ctl` is killed as usual.
+    if matches!(cli.cmd, Cmd::Run { .. } | Cmd::Fork(_) | Cmd::Demo { .. }) {
+        cli::feedback::catch_interrupts();
+    }
     let (verified, error) = match &cli.cmd {
         Cmd::Run {
             common,

@@ -405,10 +405,10 @@ fn a_failing_guest_fails_only_its_vm_while_other_vms_are_served_at_once() {
     let s = Server::start("fail");
     let (a, b) = (s.create(), s.create());
     s.run(b, "fill:seed=3:pages=32");
-    // About 20 s of guest work, stopped by its 3 s timeout.
+    // About 20 s of guest work, stopped by its 6 s timeout.
     let sock = s.sock.clone();
     let slow = std::thread::spawn(move || {
-        let body = json!({"workload": "random:count=1073741824", "timeout": 3}).to_string();
+        let body = json!({"workload": "random:count=1073741824", "timeout": 6}).to_string();
         http(&sock, "POST", &format!("/vms/{a}/run"), Some(&body))
     });
     let until = Instant::now() + Duration::from_secs(30);
@@ -424,6 +424,13 @@ fn a_failing_guest_fails_only_its_vm_while_other_vms_are_served_at_once() {
         shown["busy"], "run",
         "VM a's run finished before VM b was served"
     );
+    // Destroying a VM whose run is in flight is refused after a short wait (nothing
+    // queues behind it: GET is still answered), and changes nothing.
+    let (status, v) = http(&s.sock, "DELETE", &format!("/vms/{a}"), None);
+    assert_eq!(status, 409, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("busy"), "{v}");
+    let shown = s.ok(200, "GET", &format!("/vms/{a}"), None);
+    assert_eq!(shown["busy"], "run", "{shown}");
 
     let (status, v) = slow.join().expect("the slow request");
     assert_eq!(status, 504, "{v}");

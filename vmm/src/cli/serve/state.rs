@@ -61,6 +61,9 @@ pub(crate) enum VmState {
     Failed,
 }
 
+/// How long `DELETE` waits for an operation in flight on the VM before it answers 409.
+const DESTROY_WAIT: Duration = Duration::from_secs(2);
+
 /// Why an operation was refused or failed; each variant has its HTTP status
 /// ([`OpError::status`]).
 #[derive(Debug, thiserror::Error)]
@@ -697,13 +700,36 @@ impl State {
     pub(crate) fn destroy(&self, id: ApiId) -> Result<(), OpError> {
         let e = self
             .vms
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&id)
+            .cloned()
+            .ok_or(OpError::NoVm(id))?;
+        // Never a blocking write: a waiting writer would queue every later reader of this
+        // VM (GET included) behind a run that may not end, until no worker is left.
+        let patience = std::time::Instant::now() + DESTROY_WAIT;
+        let mut g = loop {
+            match e.machine.try_write() {
+                Ok(g) => break g,
+                Err(TryLockError::Poisoned(g)) => break g.into_inner(),
+                Err(TryLockError::WouldBlock) if std::time::Instant::now() < patience => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(TryLockError::WouldBlock) => {
+                    return Err(OpError::Conflict(format!(
+                        "{id} is busy with an operation that has not ended in {} s: destroy \
+                         it when that ends (GET shows `busy`), or give its runs a timeout",
+                        DESTROY_WAIT.as_secs()
+                    )));
+                }
+            }
+        };
+        self.vms
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .remove(&id)
-            .ok_or(OpError::NoVm(id))?;
+            .remove(&id);
         e.set_status(|s| s.destroyed = true);
-        let m = e.machine.write().unwrap_or_else(|e| e.into_inner()).take();
-        drop(m);
+        drop(g.take());
         Ok(())
     }
 
