@@ -80,7 +80,7 @@
 //! other). On the alloc and free paths the depot lock is dropped before the zone lock
 //! is taken (the magazine is taken out first); only `drain` and `drain_depot` nest the two.
 
-use crate::sync::{Mutex, SpinGuard, SpinLock, lock};
+use crate::sync::{AtomicUsize, Mutex, Ordering, SpinGuard, SpinLock, lock};
 use crate::zone::{Buddy, Zone};
 
 /// Frames in one magazine. Two per slot hold 256 frames, close to the per-cpu lists'
@@ -90,7 +90,11 @@ pub const MAG_SIZE: usize = 128;
 
 /// Full magazines the depot must hold before a failed request larger than one frame
 /// drains it (4 MiB of frames).
+#[cfg(not(loom))]
 pub const DEPOT_DRAIN_MIN: usize = 8;
+/// As above; under loom one magazine, so that the models reach that drain.
+#[cfg(loom)]
+pub const DEPOT_DRAIN_MIN: usize = 1;
 /// Frames in one magazine (small under loom, so that a few operations reach every
 /// refill, exchange and drain path).
 #[cfg(loom)]
@@ -216,6 +220,11 @@ struct MagazineAlloc {
     depot: Mutex<Depot>,
     /// Full magazines the depot keeps before it drains one to the zone.
     depot_capacity: usize,
+    /// `depot.full.len()`, written under the depot lock and read without it: a failed
+    /// multi-frame request looks here before it takes the depot lock
+    /// ([`Allocator::drain_depot`]), so a fragmented pool's fault-around ladder costs no
+    /// lock per step.
+    full_hint: AtomicUsize,
 }
 
 #[derive(Debug)]
@@ -259,6 +268,7 @@ impl Allocator {
                     })
                     .collect(),
                 depot: Mutex::new(Depot::default()),
+                full_hint: AtomicUsize::new(0),
                 // Enough to absorb a VM's worth of frees and hand them back without the
                 // zone, bounded to a quarter of the zone so that most free memory stays visible to
                 // high-order requests (the rest is drained before exhaustion).
@@ -288,7 +298,8 @@ impl Allocator {
 
     /// Allocates `2^order` frames; `cpu` is the caller's CPU (a hint). For order 0,
     /// `None` only when the zone and every cache are out of frames; a larger request
-    /// fails as soon as the zone has no such block (see step 5 of the module docs).
+    /// fails when the zone has no such block, after draining the depot if it holds
+    /// [`DEPOT_DRAIN_MIN`] magazines or more (see step 5 of the module docs).
     pub(crate) fn alloc(&self, order: u32, cpu: usize) -> Option<u32> {
         if let Some(f) = self.alloc_once(order, cpu) {
             return Some(f);
@@ -313,11 +324,15 @@ impl Allocator {
         let Design::Magazine(m) = &self.design else {
             return false;
         };
+        if m.full_hint.load(Ordering::Relaxed) < min {
+            return false;
+        }
         let mut depot = lock(&m.depot);
         if depot.full.len() < min {
             return false;
         }
         let full = std::mem::take(&mut depot.full);
+        m.full_hint.store(0, Ordering::Relaxed);
         let mut zone = self.zone.lock();
         for mut mag in full {
             free_all(&mut zone, &mag.frames[..mag.n]);
@@ -387,6 +402,7 @@ impl Allocator {
                     let mut depot = lock(&m.depot);
                     if depot.full.len() < m.depot_capacity {
                         depot.full.push(mag);
+                        m.full_hint.store(depot.full.len(), Ordering::Relaxed);
                         continue;
                     }
                     drop(depot);
@@ -425,6 +441,7 @@ impl Allocator {
                 }
                 let mut depot = lock(&m.depot);
                 let full = std::mem::take(&mut depot.full);
+                m.full_hint.store(0, Ordering::Relaxed);
                 let mut zone = self.zone.lock();
                 for mut mag in full {
                     free_all(&mut zone, &mag.frames[..mag.n]);
@@ -521,6 +538,7 @@ impl MagazineAlloc {
         {
             let mut depot = lock(&self.depot);
             if let Some(full) = depot.full.pop() {
+                self.full_hint.store(depot.full.len(), Ordering::Relaxed);
                 let empty = std::mem::replace(&mut slot.loaded, full);
                 depot.empty.push(empty);
                 drop(depot);
@@ -561,6 +579,7 @@ impl MagazineAlloc {
         slot.loaded.push(f);
         if depot.full.len() < self.depot_capacity {
             depot.full.push(full);
+            self.full_hint.store(depot.full.len(), Ordering::Relaxed);
             return;
         }
         drop(depot);
@@ -812,7 +831,7 @@ mod loom_tests {
     /// Two threads prefer the same CPU slot (so one of them steals the other slot with
     /// `try_lock`), refill from the zone, free into full magazines (exchange with the
     /// depot), free a frame the other thread allocated, and one allocates an order-1 run
-    /// straight from the zone, draining every cache when the zone is short. Afterwards
+    /// straight from the zone, draining the depot when the zone is short. Afterwards
     /// every frame is free or held by exactly one thread, and a single thread can allocate
     /// all of them again (caches are drained before exhaustion is reported).
     fn refill_exchange_drain_and_steal(kind: AllocatorKind) {
@@ -897,6 +916,48 @@ mod loom_tests {
     #[test]
     fn loom_percpu_refill_and_drain_conserve_frames() {
         refill_exchange_drain_and_steal(AllocatorKind::PerCpuLists);
+    }
+
+    /// A multi-frame request on an empty zone drains the depot while another thread
+    /// frees whole magazines into it (`free_batch`): every frame has one owner at a time,
+    /// and afterwards every frame is back.
+    #[test]
+    fn loom_a_multi_frame_request_drains_the_depot_beside_bulk_frees() {
+        model(|| {
+            let a = Arc::new(Allocator::new(AllocatorKind::Magazine, FRAMES, 2));
+            let owners = Arc::new(Owners::new());
+            // Every frame taken: the zone is empty.
+            let all: Vec<u32> = (0..FRAMES).filter_map(|_| a.alloc(0, 0)).collect();
+            assert_eq!(all.len(), FRAMES as usize);
+            for &f in &all {
+                owners.claim(f, 1);
+            }
+            let half: Vec<u32> = all[..4].to_vec();
+            let t = {
+                let (a, owners) = (a.clone(), owners.clone());
+                thread::spawn(move || {
+                    for &f in &half {
+                        owners.release(f, 1);
+                    }
+                    // Two full magazines into the depot.
+                    a.free_batch(&half);
+                })
+            };
+            let run = a.alloc(1, 1);
+            if let Some(r) = run {
+                owners.claim(r, 2);
+            }
+            t.join().expect("freeing thread panicked");
+            if let Some(r) = run {
+                owners.release(r, 2);
+                a.free(r, 1, 1);
+            }
+            for &f in &all[4..] {
+                owners.release(f, 1);
+                a.free(f, 0, 0);
+            }
+            assert_eq!(a.free_frames(), u64::from(FRAMES));
+        });
     }
 
     /// One thread fills both magazines of a slot and pushes a full one into the depot

@@ -12,6 +12,7 @@ pub struct Counters {
     pub(super) cow_copies: AtomicU64,
     pub(super) cow_copy_faults: AtomicU64,
     pub(super) cow_reuses: AtomicU64,
+    pub(super) cow_reuse_faults: AtomicU64,
     pub(super) map_existing: AtomicU64,
     pub(super) forks: AtomicU64,
     pub(super) exits: AtomicU64,
@@ -29,8 +30,11 @@ pub struct CounterSnapshot {
     pub cow_copies: u64,
     /// Copy-on-write faults that copied (one or a run of pages each).
     pub cow_copy_faults: u64,
-    /// Copy-on-write faults that reused the frame.
+    /// Pages made writable without a copy by copy-on-write faults (the frame was this
+    /// VM's alone): the faulting page and the run after it that was this VM's alone too.
     pub cow_reuses: u64,
+    /// Copy-on-write faults that reused frames (one or a run of pages each).
+    pub cow_reuse_faults: u64,
     /// Faults on pages already present (host view filled lazily, e.g. after fork).
     pub map_existing: u64,
     /// Forks.
@@ -55,6 +59,7 @@ impl Counters {
             cow_copies: r(&self.cow_copies),
             cow_copy_faults: r(&self.cow_copy_faults),
             cow_reuses: r(&self.cow_reuses),
+            cow_reuse_faults: r(&self.cow_reuse_faults),
             map_existing: r(&self.map_existing),
             forks: r(&self.forks),
             exits: r(&self.exits),
@@ -72,7 +77,10 @@ impl Counters {
                 self.add(&self.cow_copy_faults, 1);
                 self.add(&self.cow_copies, pages);
             }
-            FaultOutcome::CowReuse { pages } => self.add(&self.cow_reuses, pages),
+            FaultOutcome::CowReuse { pages } => {
+                self.add(&self.cow_reuse_faults, 1);
+                self.add(&self.cow_reuses, pages);
+            }
             FaultOutcome::MapExisting { .. } => self.add(&self.map_existing, 1),
         }
     }

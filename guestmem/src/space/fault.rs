@@ -4,7 +4,7 @@
 use std::sync::atomic::Ordering;
 
 use super::{
-    Access, AddressSpace, AnonVma, CowRun, FaultOutcome, Region, SpaceError, release_link,
+    Access, AddressSpace, AnonVma, CowHint, CowRun, FaultOutcome, Region, SpaceError, release_link,
 };
 use crate::charge::ChargeError;
 use crate::frame::{Frame, FrameFlags};
@@ -267,19 +267,23 @@ impl AddressSpace {
                 }
                 n += 1;
             }
-            block.set(s, block.get(s).mkdirty().mkyoung());
+            let faulting = block.get(s);
+            block.set(s, faulting.mkdirty().mkyoung());
             if let Err(e) = region.pt.mmu.protect_run(region.pt.gfn(index), n, true) {
-                // Back to write-protected: the entries are as before, only the frames'
-                // rmap links moved (to where they now belong).
+                // Back to write-protected, entries and host view: the call may have
+                // unprotected part of the run (one host mapping at a time) before it
+                // failed. Only the frames' rmap links moved (to where they now belong).
+                block.set(s, faulting);
                 for i in 0..n as usize {
                     let p = block.get(s + i);
                     block.set(s + i, p.wrprotect());
                 }
+                let _ = region.pt.mmu.protect_run(region.pt.gfn(index), n, false);
                 return Err(self.host_err(e));
             }
             return Ok(FaultOutcome::CowReuse { pages: n });
         }
-        let (first, n) = self.cow_run(region, block, index);
+        let (first, n, behind) = self.cow_run(region, block, index);
         let order = Order::new(n.trailing_zeros()).unwrap_or(Order::ZERO);
         let (first, n, new) = match self.alloc(order, FrameInit::Overwritten) {
             Ok(new) => (first, n, new),
@@ -330,9 +334,11 @@ impl AddressSpace {
             self.drop_mapping(old, &mut freed);
         }
         self.free_frames(&freed);
-        let end = region.pt.gfn(first + n).0;
-        self.cow_hint
-            .store(end << 8 | n.min(0xff), Ordering::Relaxed);
+        let hint = CowHint {
+            end: region.pt.gfn(first + n),
+            behind: behind + n,
+        };
+        self.cow_hint.store(hint.pack(), Ordering::Relaxed);
         Ok(FaultOutcome::CowCopy { pages: n })
     }
 
@@ -368,10 +374,10 @@ impl AddressSpace {
     /// The run of entries a copy-on-write fault at `index` copies (see [`CowRun`]):
     /// `(first, pages)`, `pages` a power of two, every entry of it present and
     /// write-protected, inside one block and the region.
-    fn cow_run(&self, region: &Region, block: &Block, index: u64) -> (u64, u64) {
+    fn cow_run(&self, region: &Region, block: &Block, index: u64) -> (u64, u64, u64) {
         let max = u64::from(self.mm.config.cow_around.frames());
         if max <= 1 {
-            return (index, 1);
+            return (index, 1, 0);
         }
         let shared = |t: usize| {
             let p = block.get(t);
@@ -384,7 +390,11 @@ impl AddressSpace {
                 let s0 = (first % PTES_PER_BLOCK as u64) as usize;
                 let whole =
                     first + max <= region.pt.table.pages() && (s0..s0 + max as usize).all(shared);
-                if whole { (first, max) } else { (index, 1) }
+                if whole {
+                    (first, max, 0)
+                } else {
+                    (index, 1, 0)
+                }
             }
             CowRun::Adaptive => {
                 // The private run just behind the fault: pages this VM wrote since the
@@ -397,13 +407,16 @@ impl AddressSpace {
                         p.is_present() && p.is_writable()
                     })
                     .count() as u64;
-                // A run that ended right here (across a block boundary too).
-                let hint = self.cow_hint.load(Ordering::Relaxed);
-                let gfn = region.pt.gfn(index).0;
-                let hinted = if hint >> 8 == gfn { hint & 0xff } else { 0 };
+                // A private run that ended right here (across a block boundary too).
+                let hint = CowHint::unpack(self.cow_hint.load(Ordering::Relaxed));
+                let hinted = if hint.end == region.pt.gfn(index) {
+                    hint.behind
+                } else {
+                    0
+                };
                 let behind = behind.max(hinted);
                 if behind == 0 {
-                    return (index, 1);
+                    return (index, 1, 0);
                 }
                 // Twice the run behind, and up to the next multiple of `max` at most, so
                 // that a long rewrite settles into naturally aligned full runs (which
@@ -415,7 +428,7 @@ impl AddressSpace {
                 let ahead = (s..s + limit).take_while(|&t| shared(t)).count() as u64;
                 // A power of two, so the copies are one naturally aligned allocation.
                 let pages = 1u64 << ahead.max(1).ilog2();
-                (index, pages)
+                (index, pages, behind)
             }
         }
     }

@@ -227,6 +227,33 @@ impl Region {
     }
 }
 
+/// [`AddressSpace::cow_hint`] packed in a u64: the gfn just after the last copy-on-write
+/// run, and the length of the private run that ends there (at most 1023 pages).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct CowHint {
+    end: Gfn,
+    behind: u64,
+}
+
+impl CowHint {
+    const LEN_BITS: u32 = 10;
+    const LEN_MASK: u64 = (1 << Self::LEN_BITS) - 1;
+
+    fn pack(self) -> u64 {
+        self.end.0 << Self::LEN_BITS | self.behind.min(Self::LEN_MASK)
+    }
+
+    fn unpack(v: u64) -> CowHint {
+        CowHint {
+            end: Gfn(v >> Self::LEN_BITS),
+            behind: v & Self::LEN_MASK,
+        }
+    }
+}
+
+// Runs never exceed a block, so a block's length fits the hint; gfns are below 2^52.
+const _: () = assert!(crate::pagetable::PTES_PER_BLOCK as u64 <= CowHint::LEN_MASK);
+
 /// The regions of a VM, under its `mmap_lock`.
 #[derive(Debug, Default)]
 struct Regions {
@@ -246,9 +273,9 @@ pub struct AddressSpace {
     exited: AtomicBool,
     /// The frames it allocated, its limit and reservation.
     charge: Arc<Charge>,
-    /// Where the last copy-on-write run ended and how long it was (`end_gfn << 8 |
-    /// pages`), so a sequential rewrite keeps its run size across page-table blocks
-    /// ([`CowRun::Adaptive`]). A hint only: racing vCPUs may overwrite it.
+    /// Where the last copy-on-write run ended and how long the private run ending there
+    /// is ([`CowHint`]), so a sequential rewrite keeps its run size across page-table
+    /// blocks ([`CowRun::Adaptive`]). A hint only: racing vCPUs may overwrite it.
     cow_hint: AtomicU64,
 }
 
