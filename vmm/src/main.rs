@@ -148,7 +148,10 @@ fn finish<T: serde::Serialize + Verdict>(
     };
     let error = match (error, written) {
         (Some(e), Err(w)) => {
-            eprintln!("vmm: {w}");
+            // Both said, unless both are the same failure to write.
+            if !matches!(e, CliError::Report(_)) {
+                eprintln!("vmm: {w}");
+            }
             Some(e)
         }
         (e, w) => e.or(w.err()),

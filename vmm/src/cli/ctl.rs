@@ -152,13 +152,19 @@ pub(crate) enum CtlError {
     /// A verify found mismatched words (exit 1).
     #[error("a verify found {0} mismatched word(s) (see the reply)")]
     Mismatch(u64),
+    /// The reply could not be written out (exit 2; a closed pipe ends quietly).
+    #[error("cannot write the reply: {0}: free some space or write it elsewhere")]
+    Output(#[source] std::io::Error),
 }
 
 impl CtlError {
     /// The exit status.
     fn code(&self) -> u8 {
         match self {
-            CtlError::Connect { .. } | CtlError::Io { .. } | CtlError::Protocol { .. } => 2,
+            CtlError::Connect { .. }
+            | CtlError::Io { .. }
+            | CtlError::Protocol { .. }
+            | CtlError::Output(_) => 2,
             CtlError::Api { .. } | CtlError::Mismatch(_) => 1,
         }
     }
@@ -343,7 +349,12 @@ fn ctl(a: &CtlArgs) -> Result<(), CtlError> {
             .map_or_else(|| reply.to_string(), str::to_string);
         return Err(CtlError::Api { status, message });
     }
-    println!("{text}");
+    let mut out = std::io::stdout().lock();
+    match writeln!(out, "{text}").and_then(|()| out.flush()) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+        Err(e) => return Err(CtlError::Output(e)),
+    }
     if reply.get("verified") == Some(&Value::Bool(false)) {
         let bad = reply.get("mismatches").and_then(Value::as_u64).unwrap_or(0);
         return Err(CtlError::Mismatch(bad));

@@ -94,6 +94,9 @@ pub(crate) enum CliError {
     /// Writing the report failed (exit 2; a closed pipe ends quietly instead).
     #[error("cannot write the report: {0}: free some space or write it elsewhere")]
     Report(#[source] std::io::Error),
+    /// Something the program relies on did not hold (exit 1): a bug to report.
+    #[error("internal error: {0} (please report it)")]
+    Internal(String),
     /// A thread running a VM panicked (exit 1).
     #[error("a thread running {0} panicked")]
     Panicked(String),
@@ -113,7 +116,7 @@ impl CliError {
             CliError::Vm(e) => host_or_failed(e.is_host_limit()),
             CliError::Fork(e) => host_or_failed(e.is_host_limit()),
             CliError::Guest { source, .. } => host_or_failed(source.is_host_limit()),
-            CliError::TimedOut { .. } | CliError::Panicked(_) => 1,
+            CliError::TimedOut { .. } | CliError::Panicked(_) | CliError::Internal(_) => 1,
             CliError::Interrupted { .. } => 130,
             CliError::Report(_) => 2,
         }

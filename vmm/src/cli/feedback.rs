@@ -100,6 +100,16 @@ impl Feedback {
         }
     }
 
+    /// Why writing an event failed, if it did (a closed pipe is not a failure: it ends
+    /// the stream quietly).
+    pub(crate) fn write_error(&self) -> Option<std::io::Error> {
+        let sink = self.events.as_ref()?;
+        let mut sink = sink.lock().unwrap_or_else(|p| p.into_inner());
+        sink.failed
+            .take()
+            .filter(|e| e.kind() != std::io::ErrorKind::BrokenPipe)
+    }
+
     /// What the program does now.
     pub(crate) fn stage(&self, msg: impl Into<String>) {
         let msg = msg.into();

@@ -330,8 +330,12 @@ pub(crate) fn cmd_fork(p: &ForkParams<'_>) -> (Option<ForkReport>, Option<CliErr
         elapsed_s: started.elapsed().as_secs_f64(),
         ..report
     };
-    // A VM's own failure (phase 2) decides the status when nothing stopped the whole run.
-    (Some(report), fatal.or(vm_error))
+    // A VM's own failure (phase 2) decides the status when nothing stopped the whole run;
+    // an event stream that could not be written is an error too.
+    let error = fatal
+        .or(vm_error)
+        .or_else(|| fb.write_error().map(CliError::Report));
+    (Some(report), error)
 }
 
 /// The experiment's steps, recording into `ex` as it goes.
@@ -402,7 +406,12 @@ fn run(
                 },
             )?;
             ex.grandchild_ms = Some(t.total_ns as f64 / 1e6);
-            if let Some(g) = g.pop() {
+            let Some(g) = g.pop() else {
+                return Err(CliError::Internal(
+                    "forking clone 1 again returned no clone".into(),
+                ));
+            };
+            {
                 let who = role(p.clones + 1, p.clones);
                 fb.vm(&who, "forked", ex.grandchild_ms);
                 let mut m = Member::new(

@@ -132,8 +132,13 @@ pub(crate) fn cmd_run(
     let mut vm_error = None;
     for (i, m) in machines.iter().enumerate() {
         let (steps, error) = results.get_mut(i).map(std::mem::take).unwrap_or_default();
+        // A VM made before the run stopped (another VM could not be made) never ran.
+        let text = error
+            .as_ref()
+            .map(ToString::to_string)
+            .or_else(|| fatal.as_ref().map(|f| format!("not run: {f}")));
         let bad = steps.iter().map(|r| r.mismatches).sum::<u64>();
-        let ran_all = error.is_none() && steps.len() == plans[i].first().map_or(0, Vec::len);
+        let ran_all = text.is_none() && steps.len() == plans[i].first().map_or(0, Vec::len);
         let memory = m.memory();
         reports.push(VmRunReport {
             vm: i as u32,
@@ -144,7 +149,7 @@ pub(crate) fn cmd_run(
             memory_mib: memory.into(),
             window_host_mappings: m.vm().window().host_mappings(),
             mismatches: bad,
-            error: error.as_ref().map(ToString::to_string),
+            error: text,
             verified: ran_all && bad == 0,
         });
         if vm_error.is_none() {
@@ -153,7 +158,9 @@ pub(crate) fn cmd_run(
     }
     let host_resident_bytes = pool.resident_bytes().ok();
     drop(machines);
-    let error = fatal.or(vm_error);
+    let error = fatal
+        .or(vm_error)
+        .or_else(|| fb.write_error().map(CliError::Report));
     let report = RunReport {
         config,
         mem_bytes: mem,

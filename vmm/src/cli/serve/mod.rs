@@ -264,7 +264,9 @@ fn serve(a: &ServeArgs) -> Result<(), ServeError> {
             }
         }
     }
-    println!(
+    // On stderr, like every other line serve prints: a closed or full stdout must not
+    // stop (or panic) a server whose work is on its socket.
+    eprintln!(
         "vmm serve: listening on {} (frame pools of {} MiB; stop with Ctrl-C or POST /shutdown)",
         a.api.display(),
         pool >> 20
