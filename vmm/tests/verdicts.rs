@@ -242,6 +242,16 @@ fn a_report_to_a_full_disk_is_an_error_and_to_a_closed_pipe_is_not() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("cannot write the report"), "{err}");
+    // The event stream too.
+    let full = std::fs::File::create("/dev/full").expect("/dev/full");
+    let out = Command::new(env!("CARGO_BIN_EXE_vmm"))
+        .args(["run", "--mem", "16M", "--workload", "fill:pages=4", "--events"])
+        .stdout(full)
+        .output()
+        .expect("run vmm");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert_eq!(err.matches("cannot write").count(), 1, "said once: {err}");
     // A pipe whose reader has gone: quiet, no panic.
     let mut child = Command::new(env!("CARGO_BIN_EXE_vmm"))
         .args(["run", "--mem", "16M", "--workload", "fill:pages=4"])
