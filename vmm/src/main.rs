@@ -69,8 +69,8 @@ fn main() -> ExitCode {
             corrupt,
         } => {
             let common = Common {
-                mem: "256M".into(),
-                vcpus: 2,
+                mem: cli::fork::DEMO_MEM.into(),
+                vcpus: cli::fork::DEMO_VCPUS,
                 pool: None,
                 allocator: AllocatorArg::Magazine,
                 rmap: RmapArg::Chain,
@@ -83,10 +83,8 @@ fn main() -> ExitCode {
             let (report, error) = cmd_fork(&ForkParams {
                 common: &common,
                 clones: *clones,
-                // Each vCPU fills 96 of its 127 MiB; after the fork every VM rewrites its own
-                // 4 MiB per vCPU (the parent too), clone 1's child another.
-                phase1: "fill:seed=1:pages=96M",
-                phase2: "fill:seed=2:pages=4M:stride=4M",
+                phase1: cli::fork::DEMO_PHASE1,
+                phase2: cli::fork::DEMO_PHASE2,
                 grandchild: true,
                 shells: true,
                 demo: true,

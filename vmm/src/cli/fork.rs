@@ -99,6 +99,7 @@ impl Member {
             fork_ms: self.fork_ms,
             steps: self.steps.clone(),
             step_mismatches: steps,
+            final_verify_ran: self.verify.is_some(),
             pages_verified: pages,
             final_mismatches: fin,
             mismatches: steps.saturating_add(fin),
@@ -240,6 +241,15 @@ fn check(p: &ForkParams<'_>) -> Result<Plan, CliError> {
 /// The most clones `vmm demo` runs: VM k (the parent 0, the clones, the grandchild)
 /// rewrites 4 MiB at k x 4 MiB of each vCPU's 127.5 MiB slice.
 pub(crate) const DEMO_MAX_CLONES: usize = 29;
+/// `vmm demo`'s guest RAM.
+pub(crate) const DEMO_MEM: &str = "256M";
+/// `vmm demo`'s vCPUs.
+pub(crate) const DEMO_VCPUS: u32 = 2;
+/// `vmm demo`'s first phase: each vCPU fills 96 of its 127.5 MiB.
+pub(crate) const DEMO_PHASE1: &str = "fill:seed=1:pages=96M";
+/// `vmm demo`'s second phase: every VM rewrites its own 4 MiB per vCPU (the parent too),
+/// clone 1's child another.
+pub(crate) const DEMO_PHASE2: &str = "fill:seed=2:pages=4M:stride=4M";
 
 /// Runs the experiment. The report is there whenever anything ran (also when it then
 /// failed: with the error in it); the error says why it stopped early.
@@ -542,6 +552,16 @@ fn verify_all(members: &mut [Member], fb: &Feedback, deadline: Deadline) {
 #[cfg(test)]
 mod tests {
     use super::name_vm;
+
+    #[test]
+    fn the_demo_clone_limit_is_what_its_stride_allows() {
+        let w2 = super::workload("--phase2", super::DEMO_PHASE2).expect("demo's phase 2");
+        let mem = super::guest_mem(super::DEMO_MEM).expect("demo's size");
+        assert_eq!(
+            super::max_clones(&w2, mem, super::DEMO_VCPUS, 1),
+            Some(super::DEMO_MAX_CLONES)
+        );
+    }
 
     #[test]
     fn the_managers_vm_names_become_the_reports() {

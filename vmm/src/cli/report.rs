@@ -220,6 +220,8 @@ pub(crate) struct ForkVmReport {
     pub steps: Vec<StepReport>,
     /// Bad words the workload's own verify steps found.
     pub step_mismatches: u64,
+    /// Whether the final verify ran (not when the VM or the experiment stopped first).
+    pub final_verify_ran: bool,
     /// Pages the final verify (of everything this VM wrote or inherited) checked.
     pub pages_verified: u64,
     /// Bad words the final verify found.
@@ -307,10 +309,11 @@ pub(crate) fn print_fork(out: &mut dyn Write, r: &ForkReport) -> io::Result<()> 
             v.cow_copies,
             v.faults.total(),
             v.fork_ms.map_or("-".into(), |t| format!("{t:.2}")),
-            match (v.verified, &v.error) {
-                (true, _) => "ok",
-                (false, Some(_)) => "STOPPED",
-                (false, None) => "FAILED",
+            match (v.verified, &v.error, v.final_verify_ran) {
+                (true, _, _) => "ok",
+                (false, Some(_), _) => "STOPPED",
+                (false, None, false) => "NOT DONE",
+                (false, None, true) => "FAILED",
             }
         )?;
     }
