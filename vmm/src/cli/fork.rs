@@ -331,7 +331,15 @@ pub(crate) fn cmd_fork(p: &ForkParams<'_>) -> (Option<ForkReport>, Option<CliErr
             && rows.iter().all(|r| r.verified),
         vms: rows,
         frames_returned_at_exit: false,
-        error: fatal.as_ref().map(ToString::to_string).or(first_failure),
+        // In the table's names (`clone 3`, not the manager's `vm6`).
+        error: fatal
+            .as_ref()
+            .map(|e| {
+                ex.members.iter().fold(e.to_string(), |t, m| {
+                    name_vm(&t, &m.vm.space().id().to_string(), &m.role)
+                })
+            })
+            .or(first_failure),
         elapsed_s: 0.0,
     };
     drop(ex);
