@@ -1078,3 +1078,82 @@ fn a_failed_host_mapping_leaves_no_mapping_and_returns_the_frames() {
     drop((vm, child));
     assert_eq!(mm.pool().free_frames(), 256);
 }
+
+/// A host view whose `protect_run(.., writable: true)` fails while `fail` is set,
+/// recording every protect call.
+#[derive(Debug, Default)]
+struct UnprotectFails {
+    fail: std::sync::atomic::AtomicBool,
+    protects: std::sync::Mutex<Vec<(Gfn, u64, bool)>>,
+}
+
+impl guestmem::mmu::HostMmu for UnprotectFails {
+    fn map_run(&self, _run: guestmem::mmu::MapRun<'_>) -> Result<(), guestmem::mmu::HostMmuError> {
+        Ok(())
+    }
+    fn unmap_run(&self, _: Gfn, _: u64) -> Result<(), guestmem::mmu::HostMmuError> {
+        Ok(())
+    }
+    fn protect_run(
+        &self,
+        gfn: Gfn,
+        pages: u64,
+        writable: bool,
+    ) -> Result<(), guestmem::mmu::HostMmuError> {
+        self.protects.lock().unwrap().push((gfn, pages, writable));
+        if writable && self.fail.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(guestmem::mmu::HostMmuError {
+                op: "protect",
+                gfn,
+                pages,
+                source: std::io::Error::from_raw_os_error(libc::ENOMEM),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn a_failed_reuse_leaves_the_run_write_protected_in_the_manager_and_the_host_view() {
+    let mm = manager_cow(
+        1024,
+        rmap::Design::Chain,
+        AllocatorKind::Magazine,
+        4,
+        6,
+        CowRun::Adaptive,
+    );
+    let ram = [RegionSpec {
+        start: Gfn(0),
+        pages: 512,
+    }];
+    let mmu = Arc::new(UnprotectFails::default());
+    let vm = mm.create(&ram, mmu.clone()).unwrap();
+    vm.write(Gpa(0), &vec![1; 128 * PAGE_SIZE]).unwrap();
+    let child = vm.fork(Arc::new(NoopMmu)).unwrap();
+    // The child copies pages 0..128: the parent is their last sharer.
+    child.write(Gpa(0), &vec![2; 128 * PAGE_SIZE]).unwrap();
+    mmu.protects.lock().unwrap().clear();
+    mmu.fail.store(true, std::sync::atomic::Ordering::Relaxed);
+    // The parent's write would reuse 0..64 in one call; the call fails.
+    assert!(vm.write(Gpa(0), &[3]).is_err());
+    for g in 0..64 {
+        let pte = vm.pte(Gfn(g)).unwrap();
+        assert!(!pte.is_writable(), "gfn {g} writable after a failed reuse");
+    }
+    assert_eq!(
+        mmu.protects.lock().unwrap().as_slice(),
+        &[(Gfn(0), 64, true), (Gfn(0), 64, false)],
+        "the host view is put back write-protected"
+    );
+    // Nothing written; once the host view cooperates, the write goes through.
+    let mut b = [0u8; 1];
+    vm.read(Gpa(0), &mut b).unwrap();
+    assert_eq!(b, [1]);
+    mmu.fail.store(false, std::sync::atomic::Ordering::Relaxed);
+    vm.write(Gpa(0), &[3]).unwrap();
+    vm.read(Gpa(0), &mut b).unwrap();
+    assert_eq!(b, [3]);
+    child.read(Gpa(0), &mut b).unwrap();
+    assert_eq!(b, [2]);
+}
