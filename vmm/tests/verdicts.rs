@@ -245,7 +245,14 @@ fn a_report_to_a_full_disk_is_an_error_and_to_a_closed_pipe_is_not() {
     // The event stream too.
     let full = std::fs::File::create("/dev/full").expect("/dev/full");
     let out = Command::new(env!("CARGO_BIN_EXE_vmm"))
-        .args(["run", "--mem", "16M", "--workload", "fill:pages=4", "--events"])
+        .args([
+            "run",
+            "--mem",
+            "16M",
+            "--workload",
+            "fill:pages=4",
+            "--events",
+        ])
         .stdout(full)
         .output()
         .expect("run vmm");
