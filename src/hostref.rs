@@ -55,6 +55,14 @@ impl AnonMemory {
         }
     }
 
+    /// Reads one byte in every page; returns their wrapping sum (so the reads happen).
+    pub fn read_all(&self) -> u8 {
+        (0..self.len / PAGE).fold(0u8, |sum, i| {
+            // SAFETY: `i < len / PAGE`, so the byte is inside our mapping.
+            sum.wrapping_add(unsafe { self.base.add(i * PAGE).read_volatile() })
+        })
+    }
+
     /// Pages in the mapping.
     pub fn pages(&self) -> usize {
         self.len / PAGE
