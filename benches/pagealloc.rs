@@ -155,6 +155,15 @@ fn main() {
         println!("pagealloc, order 0, {metric} per page (best of {samples} samples)");
         println!("{}", exp.table(metric, AllocatorKind::PerCpuLists.name()));
     }
+    exp.chart(&kvmm::Chart {
+        stem: "ns-by-batch",
+        title: "alloc + free per frame by batch size (order 0, best)",
+        x: "batch",
+        y: "total_ns",
+        log_x: true,
+        log_y: false,
+        only: &[("order", 0.0)],
+    });
     exp.finish();
     println!(
         "took {:.1} s in {mode:?} mode",

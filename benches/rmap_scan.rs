@@ -395,5 +395,23 @@ fn main() {
         .unwrap_or(f64::NAN);
     assert!(reuse_chain <= 3.0, "anon_vma reuse bounds the chain");
 
+    for (stem, title, y) in [
+        (
+            "examined",
+            "mappings examined per reverse-map walk",
+            "mean_examined",
+        ),
+        ("walks", "reverse-map walks per second", "walks_per_sec"),
+    ] {
+        exp.chart(&kvmm::Chart {
+            stem,
+            title,
+            x: "n",
+            y,
+            log_x: true,
+            log_y: true,
+            only: &[],
+        });
+    }
     exp.finish();
 }

@@ -325,5 +325,35 @@ fn main() {
     println!("{}", exp.table("fork_ms", "host-fork"));
     println!("{}", exp.table("per_clone_ms", "kvm-bare"));
     println!("{}", exp.table("idle_clone_kib", "kvm-bare"));
+    for (stem, title, x, y) in [
+        (
+            "latency",
+            "snapshot-fork, pause to child running, by guest size",
+            "mib",
+            "fork_ms",
+        ),
+        (
+            "latency-touch",
+            "fork plus the parent reading every page once",
+            "mib",
+            "fork_touch_ms",
+        ),
+        (
+            "fan-out",
+            "fan-out: time per clone",
+            "clones",
+            "per_clone_ms",
+        ),
+    ] {
+        exp.chart(&kvmm::Chart {
+            stem,
+            title,
+            x,
+            y,
+            log_x: true,
+            log_y: true,
+            only: &[],
+        });
+    }
     exp.finish();
 }

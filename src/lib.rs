@@ -15,8 +15,11 @@
 //! `cargo test --benches` passes neither ([`Mode::Smoke`]: tiny sizes, checks that the
 //! program runs and its results are sane, measures nothing worth recording).
 
+pub mod chart;
 pub mod hostref;
 pub mod setup;
+
+pub use chart::Chart;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
