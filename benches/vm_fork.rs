@@ -9,7 +9,9 @@
 //!    `vmm-fork-shell`: the child's VM taken from a shell made before the pause. Also
 //!    "fork + every page read once by the parent" on both sides (`*_touch_ms`): the host's
 //!    fork keeps the parent's page tables, ours moves the parent to a fresh window whose
-//!    pages fault back in on first access, so the deferred cost is counted.
+//!    pages fault back in on first access, so the deferred cost is counted. Variant
+//!    `vmm-fork-inplace` (`ParentMode::InPlace`): the parent stays in its VM and its window
+//!    is write-protected in place during the pause instead.
 //! 2. **Fan-out.** A 64 MiB guest (60 MiB written) forked into 1 .. 1000 idle clones in
 //!    one batch, every clone's VM created inside the fork: total and per-clone time against KVM's own cost of the same number of
 //!    bare VMs (VM fd, 64 MiB memslot, one vCPU) created in the same run, and the host
@@ -37,7 +39,7 @@ use guestmem::{AllocatorKind, Manager, ManagerConfig, Pool, PoolConfig};
 use kvmm::hostref::{AnonMemory, SleepingChild};
 use kvmm::{Experiment, Mode, Row};
 use vmm::guest::DATA_START;
-use vmm::{Command, ForkOptions, Hypervisor, ManagedVm, Op, ShellPool, VmConfig};
+use vmm::{Command, ForkOptions, Hypervisor, ManagedVm, Op, ParentMode, ShellPool, VmConfig};
 
 const MIB: u64 = 1 << 20;
 
@@ -114,21 +116,34 @@ fn latency(exp: &mut Experiment, hv: &Hypervisor, mode: Mode) {
         let (mut total, mut rebirth, mut clone) = (Vec::new(), Vec::new(), Vec::new());
         let mut touched = Vec::new();
         let mut shelled = Vec::new();
-        for rep in 0..2 * reps {
-            // Even repetitions create the child's VM on the fork's path, odd ones take it
-            // from a shell made beforehand.
-            let use_shell = rep % 2 == 1;
+        let (mut inplace, mut inplace_touched) = (Vec::new(), Vec::new());
+        for rep in 0..3 * reps {
+            // Repetition 0 (mod 3) creates the child's VM on the fork's path, 1 takes it
+            // from a shell made beforehand, 2 keeps the parent in its VM and
+            // write-protects its window in place (`ParentMode::InPlace`).
+            let use_shell = rep % 3 == 1;
+            let in_place = rep % 3 == 2;
             let parent = filled_vm(hv, &mm, mem, pages);
             let shells = ShellPool::new(&VmConfig::new(mem, 1));
             if use_shell {
                 shells.fill(hv, 1).unwrap_or_else(|e| panic!("shell: {e}"));
             }
             settle();
+            let opts = ForkOptions {
+                parent: if in_place {
+                    ParentMode::InPlace
+                } else {
+                    ParentMode::Rebirth
+                },
+                ..ForkOptions::new(1)
+            };
             let (clones, t) = parent
-                .fork_with(hv, &ForkOptions::new(1), Some(&shells))
+                .fork_with(hv, &opts, Some(&shells))
                 .unwrap_or_else(|e| panic!("fork of {mib} MiB: {e}"));
             if use_shell {
                 shelled.push(t.total_ns as f64 / 1e6);
+            } else if in_place {
+                inplace.push(t.total_ns as f64 / 1e6);
             } else {
                 total.push(t.total_ns as f64 / 1e6);
                 rebirth.push(t.rebirth_ns as f64 / 1e6);
@@ -148,7 +163,12 @@ fn latency(exp: &mut Experiment, hv: &Hypervisor, mode: Mode) {
                     .vm()
                     .run(0, Command::new(Op::Touch, Gfn(DATA_START / 4096), pages, 0))
                     .unwrap_or_else(|e| panic!("parent touch: {e}"));
-                touched.push(t.total_ns as f64 / 1e6 + t0.elapsed().as_secs_f64() * 1e3);
+                let ms = t.total_ns as f64 / 1e6 + t0.elapsed().as_secs_f64() * 1e3;
+                if in_place {
+                    inplace_touched.push(ms);
+                } else {
+                    touched.push(ms);
+                }
             }
             drop(clones);
             drop(parent);
@@ -171,6 +191,7 @@ fn latency(exp: &mut Experiment, hv: &Hypervisor, mode: Mode) {
         drop(host_mem);
         let (fork_ms, host_ms, shell_ms) = (median(total), median(host), median(shelled));
         let (touch_ms, host_touch_ms) = (median(touched), median(host_touched));
+        let (inplace_ms, inplace_touch_ms) = (median(inplace), median(inplace_touched));
         exp.push(
             Row::new("vmm-fork")
                 .param("mib", mib)
@@ -188,6 +209,14 @@ fn latency(exp: &mut Experiment, hv: &Hypervisor, mode: Mode) {
                 .metric("speedup_vs_host", host_ms / shell_ms),
         );
         exp.push(
+            Row::new("vmm-fork-inplace")
+                .param("mib", mib)
+                .metric("fork_ms", inplace_ms)
+                .metric("speedup_vs_host", host_ms / inplace_ms)
+                .metric("fork_touch_ms", inplace_touch_ms)
+                .metric("touch_speedup_vs_host", host_touch_ms / inplace_touch_ms),
+        );
+        exp.push(
             Row::new("host-fork")
                 .param("mib", mib)
                 .metric("fork_ms", host_ms)
@@ -199,8 +228,9 @@ fn latency(exp: &mut Experiment, hv: &Hypervisor, mode: Mode) {
             host_ms / shell_ms
         );
         eprintln!(
-            "{mib} MiB touched: fork + the parent reading every page once: vmm {touch_ms:.2} ms, host {host_touch_ms:.2} ms ({:.2}x)",
-            host_touch_ms / touch_ms
+            "{mib} MiB touched: fork + the parent reading every page once: vmm {touch_ms:.2} ms, in place {inplace_touch_ms:.2} ms (fork alone {inplace_ms:.2} ms), host {host_touch_ms:.2} ms ({:.2}x, {:.2}x)",
+            host_touch_ms / touch_ms,
+            host_touch_ms / inplace_touch_ms
         );
     }
 }

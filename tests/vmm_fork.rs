@@ -201,6 +201,54 @@ fn fork_into_8_clones_each_keeps_its_own_bytes_and_accounting_matches() {
 }
 
 #[test]
+fn an_in_place_fork_keeps_the_parents_window_and_every_vms_bytes() {
+    let _shared = FD_COUNTING.read().unwrap_or_else(|e| e.into_inner());
+    let Some(hv) = hypervisor() else { return };
+    let (pool, mm) = manager(96 * MIB);
+    let parent = ManagedVm::new(&hv, &VmConfig::new(32 * MIB, 1), &mm).expect("parent");
+    run(&parent, Command::new(Op::Fill, data(0), FILLED, 1));
+    let window = parent.vm().window().clone();
+    let swaps = window.swaps();
+    let opts = vmm::ForkOptions {
+        parent: vmm::ParentMode::InPlace,
+        ..vmm::ForkOptions::new(2)
+    };
+    let (clones, t) = parent.fork(&hv, &opts).expect("in-place fork");
+    assert_eq!(t.rebirth_ns, 0, "no move to a fresh VM");
+    assert!(Arc::ptr_eq(&window, parent.vm().window()), "same window");
+    assert_eq!(window.swaps(), swaps, "the window was not swapped");
+    // The parent's reads after the fork fault nothing: its pages stayed mapped.
+    let before = parent.fault_counts();
+    run(&parent, Command::new(Op::Touch, data(0), FILLED, 0));
+    assert_eq!(
+        parent.fault_counts().total(),
+        before.total(),
+        "reads faulted"
+    );
+    // Its writes fault and copy: the clones keep the old bytes, each VM its own.
+    for (i, c) in clones.iter().enumerate() {
+        run(
+            c,
+            Command::new(Op::Fill, slice(i as u64), SLICE, 100 + i as u64),
+        );
+    }
+    run(&parent, Command::new(Op::Fill, slice(2), SLICE, 50));
+    assert_eq!(parent.counters().cow_copies, SLICE);
+    verify_all(&parent, &[(2, 50)]);
+    for (i, c) in clones.iter().enumerate() {
+        verify_all(c, &[(i as u64, 100 + i as u64)]);
+    }
+    // The next fork is a rebirth again (the mode is per fork).
+    let (more, t) = parent.fork(&hv, &vmm::ForkOptions::new(1)).expect("fork");
+    assert!(t.rebirth_ns > 0, "{t:?}");
+    verify_all(&more[0], &[(2, 50)]);
+    drop(more);
+    drop(clones);
+    drop(parent);
+    assert_eq!(pool.free_frames(), pool.total_frames());
+}
+
+#[test]
 fn a_clone_of_a_clone_keeps_its_own_bytes() {
     let _shared = FD_COUNTING.read().unwrap_or_else(|e| e.into_inner());
     let Some(hv) = hypervisor() else { return };
@@ -315,6 +363,7 @@ fn a_fork_refused_by_the_pool_reserve_leaves_the_parent_running() {
     let opts = ForkOptions {
         clones: 8,
         reserve_pages: free / 4,
+        parent: vmm::ParentMode::Rebirth,
     };
     match parent.fork(&hv, &opts) {
         Err(ForkError::PoolExhausted { need, free: f, .. }) => {

@@ -62,7 +62,7 @@ pub(crate) const PAGE_SIZE_U64: u64 = guestmem::types::PAGE_SIZE as u64;
 
 pub use fault::{FaultCounts, FaultError, FaultKind, FaultResolver, HostBacked, ScaffoldResolver};
 pub use guest::{CmdResult, Command, Op};
-pub use managed::{ForkError, ForkOptions, ForkTiming, ManagedVm, SpaceResolver};
+pub use managed::{ForkError, ForkOptions, ForkTiming, ManagedVm, ParentMode, SpaceResolver};
 pub use memory::{GuestRam, RamRegion};
 pub use vcpu::{RegsDump, Vcpu, VcpuError, VcpuState};
 pub use vm::{

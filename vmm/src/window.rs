@@ -123,6 +123,9 @@ pub struct Window {
     uffd: Arc<Uffd>,
     /// Something writable was mapped since the window was created or last swapped.
     dirty: AtomicBool,
+    /// Whether `protect_for_fork` may swap a memslot-bound window for a fresh one
+    /// (`ParentMode::Rebirth`'s cheap pause) rather than write-protect it in place.
+    swap_on_fork: AtomicBool,
     /// Windows swapped out so far (statistics).
     swaps: AtomicU64,
     memslot: Mutex<Option<Memslot>>,
@@ -159,6 +162,7 @@ impl Window {
             size,
             uffd,
             dirty: AtomicBool::new(false),
+            swap_on_fork: AtomicBool::new(true),
             swaps: AtomicU64::new(0),
             memslot: Mutex::new(None),
             mappings: AtomicU64::new(1),
@@ -292,6 +296,12 @@ impl Window {
         self.mappings.store(1, Ordering::Relaxed);
         self.bind_memslot(vm, slot);
         (old, self.size)
+    }
+
+    /// Whether a fork of the VM may give it a fresh window (true, the default) or must
+    /// write-protect this one in place ([`crate::ParentMode::InPlace`]).
+    pub fn set_swap_on_fork(&self, on: bool) {
+        self.swap_on_fork.store(on, Ordering::Relaxed);
     }
 
     /// Moves the bound memslot onto a fresh, all-holes reservation and retires the old
@@ -607,6 +617,7 @@ impl HostMmu for Window {
             return Ok(());
         }
         if whole
+            && self.swap_on_fork.load(Ordering::Relaxed)
             && self
                 .swap_fresh()
                 .map_err(|e| mmu_err("protect_for_fork", gfn, pages, e))?

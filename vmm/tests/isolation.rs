@@ -381,6 +381,7 @@ fn clone_against_a_greedy_sibling(reserve_pages: u64) -> Result<u64, VcpuError> 
     let opts = ForkOptions {
         clones: 1,
         reserve_pages,
+        parent: vmm::ParentMode::Rebirth,
     };
     let (mut clones, _) = parent.fork(&hv, &opts).expect("fork");
     let clone = clones.pop().expect("clone");

@@ -399,6 +399,7 @@ fn run(
     let opts = ForkOptions {
         clones: p.clones,
         reserve_pages: pl.per_clone,
+        parent: vmm::ParentMode::Rebirth,
     };
     let (clones, timing) = ex.members[0].vm.fork_with(hv, &opts, Some(&shells))?;
     let model = ex.members[0].model.clone();
@@ -421,6 +422,7 @@ fn run(
                 &ForkOptions {
                     clones: 1,
                     reserve_pages: pl.per_clone,
+                    parent: vmm::ParentMode::Rebirth,
                 },
             )?;
             ex.grandchild_ms = Some(t.total_ns as f64 / 1e6);

@@ -671,6 +671,7 @@ impl State {
         let opts = ForkOptions {
             clones,
             reserve_pages,
+            parent: vmm::ParentMode::Rebirth,
         };
         let (made, timing) = m.fork(&self.hv, &opts).map_err(|x| {
             // A fork that fails leaves the parent as it was, unless its guest failed.
