@@ -59,6 +59,7 @@ fn main() -> ExitCode {
                 shells: a.shells,
                 demo: false,
                 events: a.common.events,
+                parent: a.parent.into(),
             });
             finish(a.common.json, a.common.events, report, error, print_fork)
         }
@@ -89,6 +90,7 @@ fn main() -> ExitCode {
                 shells: true,
                 demo: true,
                 events: *events,
+                parent: vmm::ParentMode::Rebirth,
             });
             finish(*json, *events, report, error, print_fork)
         }

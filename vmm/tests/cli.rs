@@ -325,3 +325,38 @@ fn host_limits_exit_2_with_a_hint() {
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("open-file limit"), "{err}");
 }
+
+#[test]
+fn fork_in_place_keeps_the_parents_window_and_verifies() {
+    if !kvm() {
+        return;
+    }
+    let report = |parent: &str| {
+        let out = vmm(&[
+            "fork",
+            "--mem",
+            "32M",
+            "--clones",
+            "2",
+            "--parent",
+            parent,
+            "--phase1",
+            "fill:seed=1:pages=2048",
+            "--phase2",
+            "fill:seed=2:pages=64:stride=64",
+            "--json",
+        ]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{parent}: {err}");
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("JSON report")
+    };
+    let in_place = report("in-place");
+    assert_eq!(in_place["verified"], true);
+    assert_eq!(in_place["config"]["parent"], "in-place");
+    assert_eq!(in_place["fork_rebirth_ms"], 0.0);
+    // The parent's final verify reads pages it kept mapped: no fault at all.
+    assert_eq!(in_place["vms"][0]["faults"]["missing_read"], 0);
+    let rebirth = report("rebirth");
+    assert_eq!(rebirth["verified"], true);
+    assert!(rebirth["vms"][0]["faults"]["missing_read"].as_u64() > Some(0));
+}

@@ -48,6 +48,23 @@ pub(crate) enum AllocatorArg {
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
+pub(crate) enum ParentArg {
+    /// Move the parent into a fresh VM and window.
+    Rebirth,
+    /// Write-protect the parent's window in place.
+    InPlace,
+}
+
+impl From<ParentArg> for vmm::ParentMode {
+    fn from(p: ParentArg) -> vmm::ParentMode {
+        match p {
+            ParentArg::Rebirth => vmm::ParentMode::Rebirth,
+            ParentArg::InPlace => vmm::ParentMode::InPlace,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
 pub(crate) enum RmapArg {
     /// anon_vma chains (seed 2).
     Chain,
@@ -135,6 +152,12 @@ pub(crate) struct ForkArgs {
     /// parent, so the fork itself creates none (the time to make them is reported apart).
     #[arg(long)]
     pub shells: bool,
+    /// What the fork does with the parent's window: `rebirth` moves the parent into a
+    /// fresh VM and window (a short pause; its pages fault back in as it touches them),
+    /// `in-place` write-protects its window during the pause (a longer pause; its reads
+    /// fault nothing afterwards).
+    #[arg(long, value_enum, default_value = "rebirth")]
+    pub parent: ParentArg,
 }
 
 #[derive(Debug, Subcommand)]

@@ -33,6 +33,8 @@ pub(crate) struct ForkParams<'a> {
     pub demo: bool,
     /// `--events`: JSON lines on stdout.
     pub events: bool,
+    /// `--parent`: what the first fork does with the parent's window.
+    pub parent: vmm::ParentMode,
 }
 
 /// The name of phase 2's VM `k` (0 the parent, then the clones, then the grandchild).
@@ -295,6 +297,10 @@ pub(crate) fn cmd_fork(p: &ForkParams<'_>) -> (Option<ForkReport>, Option<CliErr
     cfg_record.clones = Some(p.clones);
     cfg_record.grandchild = p.grandchild;
     cfg_record.shells = p.shells;
+    cfg_record.parent = Some(match p.parent {
+        vmm::ParentMode::Rebirth => "rebirth",
+        vmm::ParentMode::InPlace => "in-place",
+    });
     cfg_record.phase1 = Some(p.phase1.into());
     cfg_record.phase2 = Some(p.phase2.into());
     fb.event("start", json!({ "config": &cfg_record }));
@@ -399,7 +405,7 @@ fn run(
     let opts = ForkOptions {
         clones: p.clones,
         reserve_pages: pl.per_clone,
-        parent: vmm::ParentMode::Rebirth,
+        parent: p.parent,
     };
     let (clones, timing) = ex.members[0].vm.fork_with(hv, &opts, Some(&shells))?;
     let model = ex.members[0].model.clone();

@@ -25,6 +25,8 @@ pub(crate) struct Config {
     pub clones: Option<usize>,
     pub grandchild: bool,
     pub shells: bool,
+    /// `fork`: what the fork did with the parent's window (`rebirth`, `in-place`).
+    pub parent: Option<&'static str>,
     pub pool_bytes: u64,
     /// `--pool` as given (none: the default).
     pub pool: Option<String>,
@@ -50,6 +52,7 @@ impl Config {
             clones: None,
             grandchild: false,
             shells: false,
+            parent: None,
             pool_bytes,
             pool: c.pool.clone(),
             allocator: match c.allocator {
