@@ -331,6 +331,13 @@ impl Allocator {
         if depot.full.len() < min {
             return false;
         }
+        self.empty_depot(m, &mut depot);
+        true
+    }
+
+    /// Returns every full magazine of `depot` (held locked) to the zone; the emptied
+    /// magazines stay in the depot for reuse.
+    fn empty_depot(&self, m: &MagazineAlloc, depot: &mut Depot) {
         let full = std::mem::take(&mut depot.full);
         m.full_hint.store(0, Ordering::Relaxed);
         let mut zone = self.zone.lock();
@@ -339,7 +346,6 @@ impl Allocator {
             mag.n = 0;
             depot.empty.push(mag);
         }
-        true
     }
 
     fn alloc_once(&self, order: u32, cpu: usize) -> Option<u32> {
@@ -439,15 +445,7 @@ impl Allocator {
                         mag.n = 0;
                     }
                 }
-                let mut depot = lock(&m.depot);
-                let full = std::mem::take(&mut depot.full);
-                m.full_hint.store(0, Ordering::Relaxed);
-                let mut zone = self.zone.lock();
-                for mut mag in full {
-                    free_all(&mut zone, &mag.frames[..mag.n]);
-                    mag.n = 0;
-                    depot.empty.push(mag);
-                }
+                self.empty_depot(m, &mut lock(&m.depot));
             }
         }
     }
