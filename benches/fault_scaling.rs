@@ -13,14 +13,14 @@
 //! fault work on a CPU; compared with one VM's it shows what contention adds (the target:
 //! within 1.5x). `cargo bench --bench fault_scaling -- --quick`.
 
-use std::sync::{Arc, Barrier};
+use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
+use guestmem::ManagerConfig;
 use guestmem::types::Gfn;
-use guestmem::{ManagerConfig, RegionSpec};
 use kvmm::{Experiment, Mode, Row, setup};
 use vmm::guest::DATA_START;
-use vmm::{Command, FaultResolver, Hypervisor, Op, SpaceResolver, Vm, VmConfig};
+use vmm::{Command, Hypervisor, ManagedVm, Op, VmConfig};
 
 const MIB: u64 = 1 << 20;
 
@@ -28,22 +28,8 @@ const MIB: u64 = 1 << 20;
 fn sample(hv: &Hypervisor, n: usize, pages: u64) -> Duration {
     let mem = (DATA_START + pages * 4096).next_multiple_of(2 * MIB);
     let mm = setup::manager(n as u64 * mem + 16 * MIB, ManagerConfig::default());
-    let vms: Vec<Vm> = (0..n)
-        .map(|_| {
-            Vm::new(hv, &VmConfig::new(mem, 1), |w| {
-                let s = mm
-                    .create(
-                        &[RegionSpec {
-                            start: Gfn(0),
-                            pages: mem / 4096,
-                        }],
-                        w.clone(),
-                    )
-                    .map_err(vmm::FaultError::Space)?;
-                Ok(Arc::new(SpaceResolver::new(s)) as Arc<dyn FaultResolver>)
-            })
-            .expect("a managed VM")
-        })
+    let vms: Vec<ManagedVm> = (0..n)
+        .map(|_| ManagedVm::new(hv, &VmConfig::new(mem, 1), &mm).expect("a managed VM"))
         .collect();
     let start = Barrier::new(n + 1);
     let cmd = Command::new(Op::Fill, Gfn(DATA_START / 4096), pages, 1);
@@ -54,7 +40,8 @@ fn sample(hv: &Hypervisor, n: usize, pages: u64) -> Duration {
                 let start = &start;
                 s.spawn(move || {
                     start.wait();
-                    vm.run(0, cmd)
+                    vm.vm()
+                        .run(0, cmd)
                         .unwrap_or_else(|e| panic!("guest fill failed: {e}"));
                 })
             })
@@ -68,6 +55,7 @@ fn sample(hv: &Hypervisor, n: usize, pages: u64) -> Duration {
     });
     for vm in &vms {
         let r = vm
+            .vm()
             .run(0, Command::new(Op::Verify, cmd.start, pages, 1))
             .expect("guest verify");
         assert_eq!(r.mismatches(), 0, "guest memory corrupted");
