@@ -3,38 +3,11 @@
 //! still busy at `--timeout` exits 1 naming the VM, vCPU and step (where /dev/kvm exists;
 //! without it these KVM cases fail saying so unless SKIP_KVM=1).
 
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-fn vmm(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vmm"))
-        .args(args)
-        .output()
-        .expect("run the vmm binary")
-}
-
-/// Runs `args`, expects exit status 2 and a message containing `needle`.
-fn rejects(args: &[&str], needle: &str) {
-    let out = vmm(args);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
-    assert!(!err.contains("panicked"), "{args:?}: {err}");
-    assert!(
-        err.to_lowercase().contains(&needle.to_lowercase()),
-        "{args:?}: {err:?} should mention {needle:?}"
-    );
-}
-
-fn kvm() -> bool {
-    if std::path::Path::new("/dev/kvm").exists() {
-        return true;
-    }
-    if std::env::var("SKIP_KVM").as_deref() == Ok("1") {
-        eprintln!("skipping: /dev/kvm is missing and SKIP_KVM=1");
-        return false;
-    }
-    panic!("/dev/kvm is missing: these tests need KVM (set SKIP_KVM=1 to skip them)");
-}
+mod common;
+use common::{kvm, rejects, vmm};
 
 #[test]
 fn bad_sizes_exit_2_with_a_message() {

@@ -19,16 +19,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-fn kvm() -> bool {
-    if Path::new("/dev/kvm").exists() {
-        return true;
-    }
-    if std::env::var("SKIP_KVM").as_deref() == Ok("1") {
-        eprintln!("skipping: /dev/kvm is missing and SKIP_KVM=1");
-        return false;
-    }
-    panic!("/dev/kvm is missing: these tests need KVM (set SKIP_KVM=1 to skip them)");
-}
+mod common;
+use common::{kvm, vmm};
 
 /// A fresh directory for one test's socket.
 fn tmpdir(name: &str) -> PathBuf {
@@ -41,13 +33,6 @@ fn tmpdir(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).expect("make a test directory");
     d
-}
-
-fn vmm(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vmm"))
-        .args(args)
-        .output()
-        .expect("run the vmm binary")
 }
 
 /// One request over the socket: the status and the JSON reply.

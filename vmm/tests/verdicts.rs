@@ -5,28 +5,13 @@
 //! SKIP_KVM=1.)
 
 use std::io::Read;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde_json::Value;
 
-fn vmm(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vmm"))
-        .args(args)
-        .output()
-        .expect("run the vmm binary")
-}
-
-fn kvm() -> bool {
-    if std::path::Path::new("/dev/kvm").exists() {
-        return true;
-    }
-    if std::env::var("SKIP_KVM").as_deref() == Ok("1") {
-        eprintln!("skipping: /dev/kvm is missing and SKIP_KVM=1");
-        return false;
-    }
-    panic!("/dev/kvm is missing: these tests need KVM (set SKIP_KVM=1 to skip them)");
-}
+mod common;
+use common::{kvm, rejects, vmm};
 
 /// Runs `args` (which end in `--json`), expects `code`, returns the JSON report.
 fn report(args: &[&str], code: i32) -> Value {
@@ -35,18 +20,6 @@ fn report(args: &[&str], code: i32) -> Value {
     assert_eq!(out.status.code(), Some(code), "{args:?}: {err}");
     assert!(!err.contains("panicked"), "{err}");
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{args:?}: no JSON ({e})"))
-}
-
-/// Runs `args`, expects status 2 and a message containing `needle`.
-fn rejects(args: &[&str], needle: &str) {
-    let out = vmm(args);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
-    assert!(!err.contains("panicked"), "{args:?}: {err}");
-    assert!(
-        err.contains(needle),
-        "{args:?}: {err:?} should say {needle:?}"
-    );
 }
 
 fn rows(r: &Value) -> &Vec<Value> {
