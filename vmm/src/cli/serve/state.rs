@@ -606,42 +606,43 @@ impl State {
 
     /// `POST /vms/{id}/pause`.
     pub(crate) fn pause(&self, id: ApiId) -> Result<VmView, OpError> {
-        let e = self.entry(id)?;
-        {
-            let g = e.machine()?;
-            let m = g.as_ref().ok_or(OpError::NoVm(id))?;
-            let (_work, _op) = e.begin("pause", false)?;
-            let s = e.status();
-            match s.state {
-                VmState::Running => {}
-                VmState::Paused => {
-                    return Err(OpError::Conflict(format!("{id} is already paused")));
-                }
-                VmState::Failed => return Err(e.failed_conflict(&s)),
-            }
-            m.vm().pause();
-            e.set_status(|s| s.state = VmState::Paused);
-        }
-        self.show(id)
+        self.set_paused(id, true)
     }
 
     /// `POST /vms/{id}/resume`.
     pub(crate) fn resume(&self, id: ApiId) -> Result<VmView, OpError> {
+        self.set_paused(id, false)
+    }
+
+    /// Pauses (`pause`) or resumes the VM; refused (409) if it is already so or failed.
+    fn set_paused(&self, id: ApiId, pause: bool) -> Result<VmView, OpError> {
         let e = self.entry(id)?;
         {
             let g = e.machine()?;
             let m = g.as_ref().ok_or(OpError::NoVm(id))?;
-            let (_work, _op) = e.begin("resume", false)?;
+            let (_work, _op) = e.begin(if pause { "pause" } else { "resume" }, false)?;
             let s = e.status();
-            match s.state {
-                VmState::Paused => {}
-                VmState::Running => {
-                    return Err(OpError::Conflict(format!("{id} is not paused")));
-                }
-                VmState::Failed => return Err(e.failed_conflict(&s)),
+            let (from, to) = if pause {
+                (VmState::Running, VmState::Paused)
+            } else {
+                (VmState::Paused, VmState::Running)
+            };
+            if s.state == VmState::Failed {
+                return Err(e.failed_conflict(&s));
             }
-            m.vm().resume();
-            e.set_status(|s| s.state = VmState::Running);
+            if s.state != from {
+                return Err(OpError::Conflict(if pause {
+                    format!("{id} is already paused")
+                } else {
+                    format!("{id} is not paused")
+                }));
+            }
+            if pause {
+                m.vm().pause();
+            } else {
+                m.vm().resume();
+            }
+            e.set_status(|s| s.state = to);
         }
         self.show(id)
     }
