@@ -37,8 +37,12 @@ impl FrameFlags {
     /// hole): it reads as zero, but must be populated before a host view maps it, or
     /// a guest access through a userfaultfd-registered window would fault forever.
     pub const UNBACKED: FrameFlags = FrameFlags(1 << 9);
+    /// In the swap cache: a swap slot holds (or is about to hold) the frame's contents,
+    /// and entries naming that slot are resolved to this frame without I/O. Set and
+    /// cleared under the swap cache lock.
+    pub const SWAPCACHE: FrameFlags = FrameFlags(1 << 10);
 
-    const ALL: u32 = (1 << 10) - 1;
+    const ALL: u32 = (1 << 11) - 1;
 
     /// The raw bits.
     pub fn bits(self) -> u32 {
@@ -52,7 +56,7 @@ impl FrameFlags {
 }
 
 const _: () = assert!(
-    FrameFlags::ALL.count_ones() == 10,
+    FrameFlags::ALL.count_ones() == 11,
     "flag bits must be contiguous"
 );
 
@@ -65,7 +69,7 @@ impl std::ops::BitOr for FrameFlags {
 
 impl std::fmt::Debug for FrameFlags {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        const NAMES: [&str; 10] = [
+        const NAMES: [&str; 11] = [
             "locked",
             "referenced",
             "active",
@@ -76,8 +80,9 @@ impl std::fmt::Debug for FrameFlags {
             "zero",
             "allocated",
             "unbacked",
+            "swapcache",
         ];
-        let names: Vec<&str> = (0..10)
+        let names: Vec<&str> = (0..11)
             .filter(|b| self.0 & (1 << b) != 0)
             .map(|b| NAMES[b])
             .collect();
@@ -208,6 +213,14 @@ impl Frame {
     }
 
     /// Takes the frame's charge id (0: none) as it is freed.
+    /// The charge the frame is billed to (0: none).
+    #[inline]
+    pub(crate) fn charge_id(&self) -> u32 {
+        // Relaxed: a hint for reclaim's per-VM filter; set once when the frame is
+        // allocated, before it is mapped.
+        self.charge.load(Ordering::Relaxed)
+    }
+
     #[inline]
     pub(crate) fn take_charge(&self) -> u32 {
         self.charge.swap(0, Ordering::Relaxed)

@@ -75,6 +75,115 @@ pub enum HostError {
     Stat(#[source] io::Error),
 }
 
+/// A swap file: a regular file of page-sized slots, written and read at offsets.
+#[derive(Debug)]
+pub struct SwapFile {
+    file: std::fs::File,
+}
+
+impl SwapFile {
+    /// Creates `path` (it must not exist: `O_EXCL`), readable and writable by its owner
+    /// only (mode 0600 whatever the umask), and preallocates `len` bytes so that writes
+    /// later do not run out of space.
+    pub fn create(path: &std::path::Path, len: u64) -> Result<SwapFile, (&'static str, io::Error)> {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(path)
+            .map_err(|e| ("create", e))?;
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| ("chmod", e))?;
+        let l = libc::off_t::try_from(len)
+            .map_err(|_| ("preallocate", io::Error::from_raw_os_error(libc::EFBIG)))?;
+        // SAFETY: fallocate on a file descriptor we own, with valid offset and length.
+        if unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, l) } != 0 {
+            return Err(("preallocate", io::Error::last_os_error()));
+        }
+        Ok(SwapFile { file })
+    }
+
+    /// Bytes the file holds on disk (its allocated blocks).
+    pub fn allocated_bytes(&self) -> io::Result<u64> {
+        use std::os::unix::fs::MetadataExt;
+        Ok(self.file.metadata()?.blocks() * 512)
+    }
+
+    /// Writes `pages` (each `len` bytes at the given address) to consecutive offsets from
+    /// `offset`, with one `pwritev` call (more only for a short write). Returns the
+    /// system calls made.
+    ///
+    /// # Safety
+    ///
+    /// Every pointer must be valid for reads of `len` bytes for the whole call.
+    pub unsafe fn write_pages(
+        &self,
+        offset: u64,
+        pages: &[*const u8],
+        len: usize,
+    ) -> io::Result<u64> {
+        let iov: Vec<libc::iovec> = pages
+            .iter()
+            .map(|&p| libc::iovec {
+                iov_base: p.cast_mut().cast(),
+                iov_len: len,
+            })
+            .collect();
+        let total = pages.len() * len;
+        let mut done = 0usize;
+        let mut calls = 0;
+        while done < total {
+            let first = done / len;
+            let mut v = iov[first..].to_vec();
+            v[0].iov_base = v[0].iov_base.cast::<u8>().wrapping_add(done % len).cast();
+            v[0].iov_len -= done % len;
+            let at = libc::off_t::try_from(offset + done as u64)
+                .map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
+            // SAFETY: every iovec points to `len` readable bytes (the caller's contract),
+            // less the part already written; the count fits an int (callers batch at most
+            // IOV_MAX pages).
+            let n = unsafe {
+                libc::pwritev(
+                    self.file.as_raw_fd(),
+                    v.as_ptr(),
+                    v.len() as libc::c_int,
+                    at,
+                )
+            };
+            calls += 1;
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            if n == 0 {
+                return Err(io::Error::from(io::ErrorKind::WriteZero));
+            }
+            done += n as usize;
+        }
+        Ok(calls)
+    }
+
+    /// Reads `len` bytes at `offset` into `dst`.
+    ///
+    /// # Safety
+    ///
+    /// `dst` must be valid for writes of `len` bytes and not read or written by anyone
+    /// else during the call.
+    pub unsafe fn read_page(&self, offset: u64, dst: *mut u8, len: usize) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        // SAFETY: by the caller's contract `dst` is `len` writable bytes that nobody
+        // else accesses during the call.
+        let buf = unsafe { std::slice::from_raw_parts_mut(dst, len) };
+        self.file.read_exact_at(buf, offset)
+    }
+}
+
 /// An anonymous shared-memory file holding a node's frames.
 #[derive(Debug)]
 pub struct Memfd {

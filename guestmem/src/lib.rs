@@ -45,6 +45,7 @@ pub mod host;
 pub mod mmu;
 pub mod pagetable;
 pub mod pool;
+pub mod reclaim;
 pub mod space;
 pub(crate) mod sync;
 pub mod types;

@@ -79,6 +79,21 @@ pub trait HostMmu: Send + Sync + fmt::Debug {
     fn revoke(&self, gfn: Gfn, pages: u64) -> Result<(), HostMmuError> {
         self.unmap_run(gfn, pages)
     }
+
+    /// Which of the `pages` pages from `gfn` the guest accessed since the previous call
+    /// (bit `i` of `out`, a bitmap of `pages.div_ceil(64)` words, is page `gfn + i`), and
+    /// re-arms the range so the next call reports only accesses after this one. `Ok(false)`
+    /// if this view has no access information (software accesses set the manager's young
+    /// bits themselves); the default.
+    fn harvest_accessed(
+        &self,
+        gfn: Gfn,
+        pages: u64,
+        out: &mut Vec<u64>,
+    ) -> Result<bool, HostMmuError> {
+        let _ = (gfn, pages, out);
+        Ok(false)
+    }
 }
 
 /// A [`HostMmu`] with no host view: for address spaces driven only by software access.

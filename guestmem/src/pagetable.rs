@@ -8,6 +8,7 @@
 //! entries, and frames' mapcounts change in step with them.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::sync::{Mutex, MutexGuard};
 use crate::types::Pfn;
@@ -27,6 +28,10 @@ fn lock_checked<T>(m: &Mutex<T>) -> Result<MutexGuard<'_, T>, Poisoned> {
 pub const PTES_PER_BLOCK: usize = 512;
 
 /// One guest page-table entry, packed in a `u64`.
+///
+/// The permission and state changes (`wrprotect`, `mkwrite`, `mkyoung`, `mkold`,
+/// `mkdirty`) apply to present entries only and leave any other entry as it is: in a swap
+/// or migration entry those bits are the kind.
 ///
 /// ```text
 /// present:   [63..44 0][43..12 pfn][11..4 0][3 dirty][2 young][1 writable][0 = 1]
@@ -166,31 +171,51 @@ impl Pte {
     /// This present entry without write permission.
     #[inline]
     pub fn wrprotect(self) -> Pte {
-        Pte(self.0 & !WRITABLE)
+        if self.is_present() {
+            Pte(self.0 & !WRITABLE)
+        } else {
+            self
+        }
     }
 
     /// This present entry with write permission.
     #[inline]
     pub fn mkwrite(self) -> Pte {
-        Pte(self.0 | WRITABLE)
+        if self.is_present() {
+            Pte(self.0 | WRITABLE)
+        } else {
+            self
+        }
     }
 
     /// This present entry, young.
     #[inline]
     pub fn mkyoung(self) -> Pte {
-        Pte(self.0 | YOUNG)
+        if self.is_present() {
+            Pte(self.0 | YOUNG)
+        } else {
+            self
+        }
     }
 
     /// This present entry, not young.
     #[inline]
     pub fn mkold(self) -> Pte {
-        Pte(self.0 & !YOUNG)
+        if self.is_present() {
+            Pte(self.0 & !YOUNG)
+        } else {
+            self
+        }
     }
 
     /// This present entry, dirty.
     #[inline]
     pub fn mkdirty(self) -> Pte {
-        Pte(self.0 | DIRTY)
+        if self.is_present() {
+            Pte(self.0 | DIRTY)
+        } else {
+            self
+        }
     }
 
     /// The raw bits.
@@ -221,10 +246,41 @@ impl std::fmt::Debug for Pte {
 /// on every frame the copy names. A block that was shared and is now one VM's alone
 /// still has `cow` set: its write bits are stale (the frames may be mapped elsewhere) and
 /// are cleared before the VM changes anything in it.
-#[derive(Debug, Clone)]
+///
+/// Young bits of a shared block change without a copy: the entries are read-only, so
+/// the block keeps two atomic bitmaps beside them, `old` (the entry's own young bit is
+/// cleared) and `touched` (accessed since), which any sharer may change under its own
+/// page-table lock. They are hints, as the hardware's accessed bits are: a touch racing
+/// with a check may be lost. A copy folds them into its entries.
+#[derive(Debug)]
 pub struct Block {
     ptes: [Pte; PTES_PER_BLOCK],
     cow: bool,
+    old: [AtomicU64; PTES_PER_BLOCK / 64],
+    touched: [AtomicU64; PTES_PER_BLOCK / 64],
+}
+
+impl Clone for Block {
+    fn clone(&self) -> Block {
+        let mut b = Block::empty();
+        b.cow = self.cow;
+        for (i, p) in self.ptes.iter().enumerate() {
+            b.ptes[i] = if !p.is_present() {
+                *p
+            } else if self.is_young(i) {
+                p.mkyoung()
+            } else {
+                p.mkold()
+            };
+        }
+        b
+    }
+}
+
+#[inline]
+fn bit(words: &[AtomicU64], s: usize) -> bool {
+    // Relaxed: young bits are hints (see `Block`).
+    words[s / 64].load(Ordering::Relaxed) & (1 << (s % 64)) != 0
 }
 
 impl Block {
@@ -232,6 +288,60 @@ impl Block {
         Block {
             ptes: [Pte::EMPTY; PTES_PER_BLOCK],
             cow: false,
+            old: Default::default(),
+            touched: Default::default(),
+        }
+    }
+
+    /// Whether entry `s` is present and was accessed since its young bit was last
+    /// cleared (by its entry bit or, in a shared block, the bitmaps).
+    #[inline]
+    pub fn is_young(&self, s: usize) -> bool {
+        let p = self.ptes[s];
+        p.is_present() && (p.is_young() && !bit(&self.old, s) || bit(&self.touched, s))
+    }
+
+    /// Marks entry `s` accessed without changing the (possibly shared) block's entries.
+    #[inline]
+    pub fn touch_shared(&self, s: usize) {
+        if !bit(&self.touched, s) {
+            self.touched[s / 64].fetch_or(1 << (s % 64), Ordering::Relaxed);
+        }
+    }
+
+    /// Reads and clears entry `s`'s young state without changing the entries (for a
+    /// block other VMs share).
+    pub fn test_and_clear_young_shared(&self, s: usize) -> bool {
+        let young = self.is_young(s);
+        if young {
+            self.old[s / 64].fetch_or(1 << (s % 64), Ordering::Relaxed);
+            self.touched[s / 64].fetch_and(!(1 << (s % 64)), Ordering::Relaxed);
+        }
+        young
+    }
+
+    /// Folds the bitmaps into the entries (the block is one VM's alone now).
+    fn fold_young(&mut self) {
+        let dirty = self
+            .old
+            .iter()
+            .chain(self.touched.iter())
+            .any(|w| w.load(Ordering::Relaxed) != 0);
+        if !dirty {
+            return;
+        }
+        for s in 0..PTES_PER_BLOCK {
+            let p = self.ptes[s];
+            if p.is_present() {
+                self.ptes[s] = if self.is_young(s) {
+                    p.mkyoung()
+                } else {
+                    p.mkold()
+                };
+            }
+        }
+        for w in self.old.iter().chain(self.touched.iter()) {
+            w.store(0, Ordering::Relaxed);
         }
     }
 
@@ -273,8 +383,48 @@ impl Slot {
     pub fn effective(&self, s: usize) -> Pte {
         match &self.block {
             None => Pte::EMPTY,
-            Some(b) if b.cow || Arc::strong_count(b) > 1 => b.ptes[s].wrprotect(),
+            Some(b) if b.cow || Arc::strong_count(b) > 1 => {
+                let p = b.ptes[s].wrprotect();
+                if b.is_young(s) {
+                    p.mkyoung()
+                } else {
+                    p.mkold()
+                }
+            }
             Some(b) => b.ptes[s],
+        }
+    }
+
+    /// Reclaim's test-and-clear of entry `s`'s young state: in the entry itself if the
+    /// block is this VM's alone, in the block's bitmaps if it is shared.
+    pub fn test_and_clear_young(&mut self, s: usize) -> bool {
+        if let Some(b) = self.unique_mut() {
+            b.fold_young();
+            let p = b.ptes[s];
+            if p.is_young() {
+                b.ptes[s] = p.mkold();
+                return true;
+            }
+            return false;
+        }
+        self.block
+            .as_ref()
+            .is_some_and(|b| b.test_and_clear_young_shared(s))
+    }
+
+    /// Marks entry `s` accessed (and written, for `dirty`) by this VM.
+    #[inline]
+    pub fn mark_accessed(&mut self, s: usize, dirty: bool) {
+        if let Some(b) = self.unique_mut() {
+            b.fold_young();
+            let p = b.ptes[s];
+            b.ptes[s] = if dirty {
+                p.mkyoung().mkdirty()
+            } else {
+                p.mkyoung()
+            };
+        } else if let Some(b) = &self.block {
+            b.touch_shared(s);
         }
     }
 
@@ -297,10 +447,11 @@ impl Slot {
     /// Makes the block this VM's own, with valid write bits, and returns it.
     ///
     /// An empty slot gets a new empty block. A shared block is copied: `dup` is called for
-    /// every present entry of the copy (the caller takes a mapping on its frame), and the
-    /// copy's entries are write-protected. If this VM turns out to have been the last user
-    /// of the shared block (the others let go meanwhile), `release` is called for every
-    /// present entry of the old block (the caller drops those mappings). A `cow` block this
+    /// every non-empty entry of the copy (the caller takes a mapping on its frame, or a
+    /// reference on its swap slot), and the copy's entries are write-protected. If this VM
+    /// turns out to have been the last user of the shared block (the others let go
+    /// meanwhile), `release` is called for every non-empty entry of the old block (the
+    /// caller drops those mappings and slot references). A `cow` block this
     /// VM owns alone has all its entries write-protected once.
     pub fn make_exclusive(
         &mut self,
@@ -311,7 +462,7 @@ impl Slot {
         if Arc::get_mut(arc).is_none() {
             let mut copy = Block::clone(arc);
             copy.cow = false;
-            for p in copy.ptes.iter_mut().filter(|p| p.is_present()) {
+            for p in copy.ptes.iter_mut().filter(|p| !p.is_empty()) {
                 dup(*p);
                 *p = p.wrprotect();
             }
@@ -319,13 +470,14 @@ impl Slot {
             if let Some(last) = Arc::into_inner(old) {
                 last.ptes
                     .iter()
-                    .filter(|p| p.is_present())
+                    .filter(|p| !p.is_empty())
                     .for_each(|p| release(*p));
             }
         }
         let Some(block) = Arc::get_mut(arc) else {
             unreachable!("a block just copied or found unique has one owner");
         };
+        block.fold_young();
         if block.cow {
             for p in block.ptes.iter_mut().filter(|p| p.is_present()) {
                 *p = p.wrprotect();
@@ -466,6 +618,17 @@ mod tests {
         );
         assert_eq!(Pte::EMPTY.kind(), PteKind::Empty);
         assert_eq!(Pte::swap(0).kind(), PteKind::Swap { slot: 0 });
+        // Permission changes leave non-present entries alone (their bits are the kind).
+        let sw = Pte::swap(77);
+        for changed in [
+            sw.wrprotect(),
+            sw.mkwrite(),
+            sw.mkyoung(),
+            sw.mkold(),
+            sw.mkdirty(),
+        ] {
+            assert_eq!(changed.kind(), PteKind::Swap { slot: 77 });
+        }
     }
 
     #[test]

@@ -567,6 +567,37 @@ impl Pool {
     pub fn release_free_memory(&self) -> Result<u64, HostError> {
         self.nodes.iter().map(Node::release_free_memory).sum()
     }
+
+    /// Returns the host memory of frames about to be freed (reclaim): one hole punch per
+    /// run of consecutive frames. The caller owns the frames: no mapping of any VM names
+    /// them and no host view maps them. Frames whose punch failed keep their memory (and
+    /// are freed as usual); returns the frames whose memory went back.
+    pub fn punch_frames(&self, pfns: &mut [Pfn]) -> u64 {
+        pfns.sort_unstable();
+        let mut released = 0;
+        let mut i = 0;
+        while i < pfns.len() {
+            let node = self.node_of(pfns[i]);
+            let mut j = i + 1;
+            while j < pfns.len() && pfns[j].0 == pfns[j - 1].0 + 1 && node.contains(pfns[j]) {
+                j += 1;
+            }
+            let len = (j - i) as u64 * PAGE_SIZE as u64;
+            if node
+                .memfd
+                .punch_hole(node.file_offset(pfns[i]), len)
+                .is_ok()
+            {
+                for &p in &pfns[i..j] {
+                    node.frames[node.local(p) as usize]
+                        .set(FrameFlags::KNOWN_ZERO | FrameFlags::UNBACKED);
+                }
+                released += (j - i) as u64;
+            }
+            i = j;
+        }
+        released
+    }
 }
 
 #[cfg(all(test, not(loom)))]

@@ -200,6 +200,14 @@ impl<M> AnonVma<M> {
         self.root.as_deref().unwrap_or(self)
     }
 
+    /// The root of `this` anon_vma's fork tree, as an `Arc` (for a frame shared across
+    /// the tree, which must be filed under the oldest anon_vma so that a walk from it
+    /// reaches every relative, as Linux's `__folio_set_anon` does for non-exclusive
+    /// folios).
+    pub fn root_arc(this: &Arc<AnonVma<M>>) -> Arc<AnonVma<M>> {
+        this.root.clone().unwrap_or_else(|| Arc::clone(this))
+    }
+
     /// True if this anon_vma is the root of its fork tree.
     pub fn is_root(&self) -> bool {
         self.root.is_none()

@@ -17,6 +17,8 @@ pub struct Counters {
     pub(super) forks: AtomicU64,
     pub(super) exits: AtomicU64,
     pub(super) frames_freed: AtomicU64,
+    pub(super) swapins: AtomicU64,
+    pub(super) major_faults: AtomicU64,
 }
 
 /// A snapshot of [`Counters`].
@@ -43,6 +45,10 @@ pub struct CounterSnapshot {
     pub exits: u64,
     /// Frames returned to the pool.
     pub frames_freed: u64,
+    /// Swap entries resolved by faults (refaults of swapped-out pages).
+    pub swapins: u64,
+    /// Faults that read their page from the swap file.
+    pub major_faults: u64,
 }
 
 impl Counters {
@@ -64,6 +70,8 @@ impl Counters {
             forks: r(&self.forks),
             exits: r(&self.exits),
             frames_freed: r(&self.frames_freed),
+            swapins: r(&self.swapins),
+            major_faults: r(&self.major_faults),
         }
     }
 

@@ -3,48 +3,60 @@
 
 use std::sync::atomic::Ordering;
 
-use super::{
-    Access, AddressSpace, AnonVma, CowHint, CowRun, FaultOutcome, Region, SpaceError, release_link,
-};
+use super::swapin::Pending;
+use super::{Access, AddressSpace, AnonVma, CowHint, CowRun, FaultOutcome, Region, SpaceError};
 use crate::charge::ChargeError;
 use crate::frame::{Frame, FrameFlags};
 use crate::mmu::{HostMmuError, MapRun};
 use crate::pagetable::{Block, PTES_PER_BLOCK, Pte, PteKind, Slot};
 use crate::pool::{AllocError, FrameInit};
+use crate::reclaim::swap::SwapSlot;
 use crate::types::{Gfn, NodeId, Order, Pfn};
 
 impl AddressSpace {
     /// Resolves a guest fault at `gfn` (what the VMM calls for a userfaultfd event).
+    ///
+    /// A fault on a swapped-out page reads it back with no page-table lock held and
+    /// retries; a fault whose allocation fails reclaims memory (when swap is attached)
+    /// and retries, before it reports the failure.
     pub fn handle_fault(&self, gfn: Gfn, access: Access) -> Result<FaultOutcome, SpaceError> {
-        let regions = self.read_regions()?;
-        let region = self.find(&regions, gfn)?;
-        let index = gfn.0 - region.pt.start.0;
-        let (mut slot, s) = self.lock_entry(region, index)?;
-        let pte = slot.effective(s);
-        let satisfied = match access {
-            Access::Read => pte.is_present(),
-            Access::Write => pte.is_writable(),
-        };
-        if satisfied {
-            // The manager has the page; the host view lost it or never had it (a fork
-            // child's view is filled this way).
-            let pages = self.map_existing(region, &slot, index)?;
-            let o = FaultOutcome::MapExisting { pages };
-            self.mm.count(&self.counters, o);
-            return Ok(o);
+        let mut swapped = false;
+        let o = self.resolve(|| {
+            let regions = self.read_regions()?;
+            let region = self.find(&regions, gfn)?;
+            let index = gfn.0 - region.pt.start.0;
+            let (mut slot, s) = self.lock_entry(region, index)?;
+            let pte = slot.effective(s);
+            if Self::satisfied(pte, access) {
+                // The manager has the page; the host view lost it or never had it (a
+                // fork child's view is filled this way).
+                let pages = self.map_existing(region, &slot, index)?;
+                let o = FaultOutcome::MapExisting { pages };
+                self.mm.count(&self.counters, o);
+                return Ok(Ok(o));
+            }
+            let r = self.fault_locked(region, &mut slot, index, access)?;
+            if matches!(r, Err(Pending::Read { .. })) {
+                swapped = true;
+            }
+            Ok(r)
+        })?;
+        if swapped {
+            self.counters.add(&self.counters.major_faults, 1);
         }
-        self.fault_locked(region, &mut slot, index, access)
+        Ok(o)
     }
 
-    /// Resolves a fault with the entry's block locked. On return the entry satisfies
-    /// `access` and the host view maps it.
+    /// Resolves a fault with the entry's block locked. On `Ok(Ok(_))` the entry
+    /// satisfies `access` and the host view maps it; `Ok(Err(pending))` says what must
+    /// happen with no lock held before the caller retries (see [`AddressSpace::resolve`]).
     pub(super) fn fault_locked(
         &self,
         region: &Region,
         slot: &mut Slot,
         index: u64,
         access: Access,
-    ) -> Result<FaultOutcome, SpaceError> {
+    ) -> Result<Result<FaultOutcome, Pending>, SpaceError> {
         let s = (index % PTES_PER_BLOCK as u64) as usize;
         let o = match slot.effective(s).kind() {
             PteKind::Empty => self.zero_fill(region, slot, index)?,
@@ -54,35 +66,30 @@ impl AddressSpace {
             PteKind::Present { .. } => FaultOutcome::MapExisting {
                 pages: self.map_existing(region, slot, index)?,
             },
-            PteKind::Swap { .. } | PteKind::Migration { .. } => {
-                unreachable!("swap and migration entries are not created yet")
+            PteKind::Swap { slot: sw } => {
+                if let Err(p) = self.swap_fault(region, slot, index, SwapSlot(sw))? {
+                    return Ok(Err(p));
+                }
+                self.counters.add(&self.counters.swapins, 1);
+                if access == Access::Write {
+                    // Mapped read-only from the swap cache: the write copies it, or takes
+                    // it out of the cache if it is this VM's alone.
+                    self.write_protect_fault(region, slot, index)?
+                } else {
+                    FaultOutcome::MapExisting { pages: 1 }
+                }
+            }
+            PteKind::Migration { .. } => {
+                unreachable!("migration entries are not created yet")
             }
         };
         self.mm.count(&self.counters, o);
-        Ok(o)
+        Ok(Ok(o))
     }
 
-    /// Makes `slot`'s block this VM's own (copying a block shared by a fork), keeping
-    /// frames' mapcounts equal to the number of blocks naming them.
+    /// Makes `slot`'s block this VM's own (see [`Manager::exclusive`]).
     pub(super) fn exclusive<'s>(&self, slot: &'s mut Slot) -> &'s mut Block {
-        let pool = &self.mm.pool;
-        let mut freed = Vec::new();
-        let block = slot.make_exclusive(
-            |p| {
-                if let Some(pfn) = p.pfn() {
-                    let f = pool.frame(pfn);
-                    f.map();
-                    f.get();
-                }
-            },
-            |p| {
-                if let Some(pfn) = p.pfn() {
-                    self.drop_mapping(pfn, &mut freed);
-                }
-            },
-        );
-        self.free_frames(&freed);
-        block
+        self.mm.exclusive(slot)
     }
 
     /// Allocates `2^order` contiguous frames charged to this VM: its limit and the
@@ -106,6 +113,7 @@ impl AddressSpace {
         };
         match self.mm.pool.alloc(NodeId(0), order, init) {
             Ok(pfn) => {
+                self.mm.kswapd_wake_if_low();
                 for i in 0..order.frames() {
                     self.mm
                         .pool
@@ -230,6 +238,7 @@ impl AddressSpace {
             self.free_frames(&freed);
             return Err(self.host_err(e));
         }
+        self.mm.lru_add_run(pfn, pages);
         Ok(FaultOutcome::ZeroFill { pages })
     }
 
@@ -334,6 +343,7 @@ impl AddressSpace {
             self.drop_mapping(old, &mut freed);
         }
         self.free_frames(&freed);
+        self.mm.lru_add_run(new, n);
         let hint = CowHint {
             end: region.pt.gfn(first + n),
             behind: behind + n,
@@ -350,7 +360,16 @@ impl AddressSpace {
         // read with the frame locked.
         // No other VM gains a mapping meanwhile: only a fork of this VM shares its frames,
         // and a fork holds this VM's mmap_lock for writing, a fault for reading.
-        if !(frame.mapcount() == 1 && frame.refcount() == 1 && frame.try_lock()) {
+        let cached = frame.flags().contains(FrameFlags::SWAPCACHE);
+        // A frame in the swap cache has the cache's reference too.
+        let refs = 1 + u32::from(cached);
+        if !(frame.mapcount() == 1 && frame.refcount() == refs && frame.try_lock()) {
+            return false;
+        }
+        if cached && !self.mm.uncache_for_write(pfn) {
+            // Other entries still name its slot (they must read what it holds now), or
+            // its write-out has not finished: copy instead.
+            frame.unlock();
             return false;
         }
         let pgoff = region.pt.pgoff(index);
@@ -475,12 +494,7 @@ impl AddressSpace {
 
     /// Drops one mapping of `pfn`; pushes it to `freed` when that was its last reference.
     pub(super) fn drop_mapping(&self, pfn: Pfn, freed: &mut Vec<Pfn>) {
-        let frame = self.mm.pool.frame(pfn);
-        frame.unmap();
-        if frame.put() == 0 {
-            release_link(frame);
-            freed.push(pfn);
-        }
+        self.mm.drop_mapping(pfn, freed);
     }
 
     pub(super) fn free_frames(&self, freed: &[Pfn]) {

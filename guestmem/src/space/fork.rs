@@ -109,7 +109,7 @@ impl AddressSpace {
         }
         drop(parent);
         mm.counters.add(&mm.counters.forks, 1);
-        Ok(Arc::new(AddressSpace {
+        let child = Arc::new(AddressSpace {
             id,
             mm: Arc::clone(mm),
             mmu: child_mmu,
@@ -121,7 +121,9 @@ impl AddressSpace {
             exited: AtomicBool::new(false),
             charge,
             cow_hint: AtomicU64::new(0),
-        }))
+        });
+        mm.register_space(&child);
+        Ok(child)
     }
 
     /// Revokes the host view, returns every frame whose last user this VM was, unlinks
@@ -174,8 +176,12 @@ impl AddressSpace {
                     continue;
                 };
                 drop(slot);
-                for pfn in block.ptes().iter().filter_map(|p| p.pfn()) {
-                    self.drop_mapping(pfn, &mut freed);
+                for &p in block.ptes() {
+                    if let Some(pfn) = p.pfn() {
+                        self.drop_mapping(pfn, &mut freed);
+                    } else if let Some(s) = super::swapin::swap_slot(p) {
+                        self.mm.swap_put(s);
+                    }
                 }
                 if freed.len() >= 4096 {
                     self.free_frames(&freed);

@@ -3,17 +3,21 @@
 
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 
 use super::counters::{CounterSnapshot, Counters};
+use super::reclaim::{ReclaimCounters, SwapState};
 use super::{
     AddressSpace, AnonVma, FaultOutcome, MAX_REGION_PAGES, Region, RegionHandle, RegionPt,
     RegionSpec, Regions, SpaceError, release_link,
 };
 use crate::charge::Charges;
+use crate::frame::Frame;
 use crate::mmu::HostMmu;
 use crate::pagetable::PageTable;
 use crate::pool::Pool;
+use crate::reclaim::kswapd::KswapdWake;
+use crate::reclaim::lru::Lru;
 use crate::types::{Order, Pfn, VmId};
 
 /// How the manager behaves.
@@ -67,13 +71,34 @@ pub struct Manager {
     pub(super) config: ManagerConfig,
     pub(super) next_vm: AtomicU32,
     pub(super) charges: Charges,
+    /// Each node's LRU lists, indexed by node id.
+    pub(super) lrus: Box<[Lru]>,
+    /// Swap, once attached ([`Manager::attach_swap`]).
+    pub(super) swap: OnceLock<SwapState>,
+    /// What reclaim did.
+    pub(super) rstats: ReclaimCounters,
+    /// How allocations wake the background reclaimer.
+    pub(super) kswapd: Arc<KswapdWake>,
+    /// Every address space created or forked, for access harvesting (dead ones are
+    /// pruned as they are found).
+    pub(super) spaces: Mutex<Vec<Weak<AddressSpace>>>,
 }
 
 impl Manager {
     /// A manager over `pool`.
     pub fn new(pool: Arc<Pool>, config: ManagerConfig) -> Arc<Manager> {
+        let lrus = pool
+            .nodes()
+            .iter()
+            .map(|n| Lru::new(n.base(), n.frames()))
+            .collect();
         Arc::new(Manager {
             charges: Charges::new(pool.total_frames()),
+            lrus,
+            swap: OnceLock::new(),
+            rstats: ReclaimCounters::default(),
+            kswapd: Arc::new(KswapdWake::default()),
+            spaces: Mutex::new(Vec::new()),
             pool,
             rmap: rmap::Rmap::new(config.rmap),
             counters: Counters::default(),
@@ -170,7 +195,7 @@ impl Manager {
             };
             list.push(Region { pt, rmap: rr });
         }
-        Ok(Arc::new(AddressSpace {
+        let space = Arc::new(AddressSpace {
             id,
             mm: Arc::clone(self),
             mmu,
@@ -182,7 +207,74 @@ impl Manager {
             exited: AtomicBool::new(false),
             charge: self.charges.register(id, None),
             cow_hint: AtomicU64::new(0),
-        }))
+        });
+        self.register_space(&space);
+        Ok(space)
+    }
+
+    /// Files a new address space for access harvesting, pruning dead ones.
+    pub(super) fn register_space(&self, space: &Arc<AddressSpace>) {
+        let mut spaces = self.spaces.lock().unwrap_or_else(|e| e.into_inner());
+        spaces.retain(|w| w.strong_count() > 0);
+        spaces.push(Arc::downgrade(space));
+    }
+
+    /// The address spaces alive now.
+    pub fn spaces(&self) -> Vec<Arc<AddressSpace>> {
+        let spaces = self.spaces.lock().unwrap_or_else(|e| e.into_inner());
+        spaces.iter().filter_map(Weak::upgrade).collect()
+    }
+
+    /// The background reclaimer's wake-up.
+    pub fn kswapd(&self) -> &Arc<KswapdWake> {
+        &self.kswapd
+    }
+
+    /// Wakes the background reclaimer if swap is attached and free frames are below the
+    /// low watermark (called after allocations; one relaxed load when memory is ample).
+    #[inline]
+    pub(super) fn kswapd_wake_if_low(&self) {
+        if let Some(sw) = self.swap.get() {
+            if self.charges.available() < sw.config.low_watermark {
+                self.kswapd.wake();
+            }
+        }
+    }
+
+    /// One round of background reclaim: harvest guest accesses, then shrink until free
+    /// frames reach the high watermark (or nothing more can be reclaimed).
+    pub fn background_reclaim(&self) {
+        let Some(sw) = self.swap.get() else {
+            return;
+        };
+        let free = self.charges.available();
+        if free >= sw.config.low_watermark {
+            return;
+        }
+        self.rstats.add(&self.rstats.background_runs, 1);
+        self.harvest_accesses();
+        let mut free = free;
+        while free < sw.config.high_watermark {
+            let mut progress = 0;
+            for node in 0..self.lrus.len() {
+                let want = (sw.config.high_watermark - free).min(sw.config.batch as u64 * 8);
+                progress += self.shrink_node(node, want, None).reclaimed;
+            }
+            if progress == 0 {
+                break;
+            }
+            free = self.charges.available();
+        }
+    }
+
+    /// Copies what KVM guests accessed since the last harvest into the frames'
+    /// `REFERENCED` marks, for every VM whose host view can tell (a view that cannot
+    /// leaves software accesses' young bits as the only information).
+    pub fn harvest_accesses(&self) {
+        let mut bits = Vec::new();
+        for space in self.spaces() {
+            space.harvest(&mut bits);
+        }
     }
 
     pub(super) fn count(&self, vm: &Counters, o: FaultOutcome) {
@@ -240,6 +332,21 @@ impl Manager {
             self.put_frame(pfn);
             return out;
         }
+        let out = self.walk_referenced(pfn, frame, locking);
+        frame.unlock();
+        self.put_frame(pfn);
+        out
+    }
+
+    /// The reverse-map walk of [`Manager::frame_referenced`], for a frame the caller
+    /// holds locked and referenced.
+    pub(super) fn walk_referenced(
+        &self,
+        pfn: Pfn,
+        frame: &Frame,
+        locking: ReferencedLocking,
+    ) -> Referenced {
+        let mut out = Referenced::default();
         let (raw, pgoff) = frame.rmap_link();
         if raw != 0 {
             // SAFETY: `raw` came from `AnonVma::into_raw` when the frame was linked; the
@@ -266,14 +373,10 @@ impl Manager {
                     out.contended = true;
                     return std::ops::ControlFlow::Continue(());
                 };
-                let pte = blk.pte(slot);
-                if pte.pfn() == Some(pfn) && pte.is_young() {
+                // A block shared after a fork keeps its entries; its young state is
+                // cleared in the block's bitmaps, for every sharer at once.
+                if blk.pte(slot).pfn() == Some(pfn) && blk.test_and_clear_young(slot) {
                     out.referenced += 1;
-                    // A block shared after a fork keeps its young bits until one of its
-                    // users copies it; the check still reports the access.
-                    if let Some(b) = blk.unique_mut() {
-                        b.set(slot, pte.mkold());
-                    }
                 }
                 std::ops::ControlFlow::Continue(())
             });
@@ -281,8 +384,6 @@ impl Manager {
                 out.contended = true;
             }
         }
-        frame.unlock();
-        self.put_frame(pfn);
         out
     }
 
@@ -333,6 +434,14 @@ impl Manager {
     pub(super) fn release_frames(&self, freed: &[Pfn]) {
         if freed.is_empty() {
             return;
+        }
+        for &p in freed {
+            let f = self.pool.frame(p);
+            // At refcount 0 no one puts the frame back on a list, so a clear LRU bit stays
+            // clear; a set one is re-checked under the LRU lock.
+            if f.flags().contains(crate::frame::FrameFlags::LRU) {
+                self.lru_of(p).remove(p, f);
+            }
         }
         self.charges
             .uncharge(freed.iter().map(|&p| self.pool.frame(p).take_charge()));

@@ -34,11 +34,15 @@ use crate::types::{Gfn, Gpa, PAGE_SIZE, VmId};
 mod counters;
 mod fault;
 mod fork;
+mod harvest;
 mod manager;
+mod reclaim;
+mod swapin;
 
 pub use counters::{CounterSnapshot, Counters};
 pub use fork::ChildOptions;
 pub use manager::{CowRun, Manager, ManagerConfig, Referenced, ReferencedLocking};
+pub use reclaim::{AttachError, ShrinkResult, SwapState};
 
 /// The largest region: 1 TiB of 4 KiB pages.
 pub const MAX_REGION_PAGES: u64 = 1 << 28;
@@ -103,6 +107,24 @@ pub enum SpaceError {
     /// other VMs.
     #[error(transparent)]
     Charge(#[from] ChargeError),
+    /// A swapped-out page could not be read back: the VM's copy of it is lost.
+    #[error(
+        "{vm}: a swapped-out page could not be read back ({source}); the VM cannot go on: check the swap file's disk"
+    )]
+    Swap {
+        /// The VM.
+        vm: VmId,
+        /// The device's error.
+        #[source]
+        source: crate::reclaim::swap::SwapError,
+    },
+    /// A fault kept finding its page being read by another fault, far longer than any
+    /// read takes.
+    #[error("{vm}: a fault waited for a swap-in that never finished")]
+    SwapStuck {
+        /// The VM.
+        vm: VmId,
+    },
     /// A lock of the VM's memory was poisoned: a panic interrupted an update of it, so
     /// its state cannot be trusted. The VM is failed; its frames are kept, not reused.
     #[error(
@@ -163,6 +185,8 @@ pub struct MemoryUsage {
     pub private: u64,
     /// Proportional set size in pages: each frame counted 1/mapcount.
     pub pss: f64,
+    /// Pages swapped out (entries naming a swap slot).
+    pub swapped: u64,
 }
 
 /// A RAM region to create: `pages` guest pages from `start`.
@@ -392,7 +416,6 @@ impl AddressSpace {
         access: Access,
         mut f: impl FnMut(*mut u8, usize, usize),
     ) -> Result<(), SpaceError> {
-        let regions = self.read_regions()?;
         let mut at = gpa.0;
         let end = gpa
             .0
@@ -403,34 +426,49 @@ impl AddressSpace {
             })?;
         while at < end {
             let here = Gpa(at);
-            let region = self.find(&regions, here.gfn())?;
-            let index = here.gfn().0 - region.pt.start.0;
-            let (mut slot, s) = self.lock_entry(region, index)?;
-            let pte = slot.effective(s);
-            let ok = match access {
-                Access::Read => pte.is_present(),
-                Access::Write => pte.is_writable(),
-            };
-            if !ok {
-                self.fault_locked(region, &mut slot, index, access)?;
-            }
-            let pte = slot.pte(s);
-            let pfn = pte.pfn().expect("fault_locked made the entry present");
-            // Young and dirty bits live in blocks this VM owns; a read through a block
-            // shared by a fork leaves it shared.
-            if let Some(b) = slot.unique_mut() {
-                let marked = match access {
-                    Access::Write => pte.mkyoung().mkdirty(),
-                    Access::Read => pte.mkyoung(),
-                };
-                b.set(s, marked);
-            }
-            let off = here.page_offset();
-            let n = (PAGE_SIZE - off).min((end - at) as usize);
-            f(self.mm.pool.page_ptr(pfn), off, n);
+            let n = (PAGE_SIZE - here.page_offset()).min((end - at) as usize);
+            self.resolve(|| {
+                let regions = self.read_regions()?;
+                let region = self.find(&regions, here.gfn())?;
+                let index = here.gfn().0 - region.pt.start.0;
+                let (mut slot, s) = self.lock_entry(region, index)?;
+                if !Self::satisfied(slot.effective(s), access) {
+                    if let Err(p) = self.fault_locked(region, &mut slot, index, access)? {
+                        if matches!(p, swapin::Pending::Read { .. }) {
+                            self.counters.add(&self.counters.major_faults, 1);
+                        }
+                        return Ok(Err(p));
+                    }
+                }
+                self.touch_locked(&mut slot, s, access, here.page_offset(), n, &mut f);
+                Ok(Ok(()))
+            })?;
             at += n as u64;
         }
         Ok(())
+    }
+
+    /// The end of [`AddressSpace::access`] for one page whose entry satisfies `access`,
+    /// its block locked: marks it young (and dirty) and calls `f` on its bytes.
+    fn touch_locked(
+        &self,
+        slot: &mut Slot,
+        s: usize,
+        access: Access,
+        off: usize,
+        n: usize,
+        f: &mut impl FnMut(*mut u8, usize, usize),
+    ) {
+        {
+            let pfn = slot
+                .pte(s)
+                .pfn()
+                .expect("fault_locked made the entry present");
+            // A read through a block shared by a fork leaves it shared: its young state
+            // goes to the block's bitmap (a write made the block this VM's own).
+            slot.mark_accessed(s, access == Access::Write);
+            f(self.mm.pool.page_ptr(pfn), off, n);
+        }
     }
 
     /// The VM's memory use now.
@@ -452,7 +490,11 @@ impl AddressSpace {
                 };
                 let sharers = slot.sharers() as u32;
                 for s in 0..r.pt.table.block_len(b) {
-                    if let Some(pfn) = slot.pte(s).pfn() {
+                    let pte = slot.pte(s);
+                    if swapin::swap_slot(pte).is_some() {
+                        u.swapped += 1;
+                    }
+                    if let Some(pfn) = pte.pfn() {
                         u.resident += 1;
                         // A frame named by this block only: the VMs sharing the block are
                         // exactly the VMs mapping it.

@@ -1,0 +1,664 @@
+//! The swap device: a file of page-sized slots (Linux's `swap_info_struct` and its
+//! `swap_map`), with a slot allocator, per-slot reference counts, same-filled markers and
+//! batched writes.
+//!
+//! Each slot has one `AtomicU32` (its reference count in the low bits, `BAD` and
+//! `FILLED` flags above) and one `AtomicU64` (the pattern of a same-filled page): 12
+//! bytes per 4 KiB slot, 0.3% of the file. Free slots are a bitmap under one lock, handed
+//! out next-fit from a cursor, so the slots of one reclaim batch are mostly consecutive
+//! and its write is one `pwritev` per run.
+//!
+//! Failure rules: a write failing with `EIO` (or any error but `ENOSPC`) marks its slots
+//! bad: they never return to the free bitmap. `ENOSPC` stops the device: every later
+//! write fails at once ([`SwapDevice::is_stopped`]) and the error is kept for reports;
+//! no slot is marked bad. Either way the caller keeps the pages in memory.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+
+use crate::host::SwapFile;
+use crate::sync::Mutex;
+use crate::types::PAGE_SIZE;
+
+/// A slot of the swap file (page `n` of it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub struct SwapSlot(pub u64);
+
+const COUNT_BITS: u32 = 30;
+const COUNT_MASK: u32 = (1 << COUNT_BITS) - 1;
+const BAD: u32 = 1 << 31;
+const FILLED: u32 = 1 << 30;
+const _: () = assert!(COUNT_MASK & (BAD | FILLED) == 0, "flags above the count");
+
+/// Most pages one `pwritev` takes (Linux's `IOV_MAX`).
+const IOV_MAX: usize = 1024;
+
+/// How the device does its I/O.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub enum SwapIo {
+    /// Batched synchronous `pwritev` from the reclaiming thread: one call per run of
+    /// consecutive slots.
+    #[default]
+    Pwritev,
+}
+
+/// Where and how large.
+#[derive(Debug, Clone, Default)]
+pub struct SwapConfig {
+    /// The file to create (must not exist). `None`: a new file in the system temp dir.
+    pub path: Option<PathBuf>,
+    /// Slots (pages) of the file.
+    pub slots: u64,
+    /// The I/O method.
+    pub io: SwapIo,
+}
+
+/// Errors of the swap device.
+#[derive(Debug, thiserror::Error)]
+pub enum SwapError {
+    /// The file could not be created.
+    #[error(
+        "cannot create the swap file {path}: {source}; give --swap a path in a writable directory that does not exist yet"
+    )]
+    Create {
+        /// The path.
+        path: PathBuf,
+        /// The host's error.
+        #[source]
+        source: io::Error,
+    },
+    /// The file's space could not be preallocated.
+    #[error(
+        "cannot preallocate {bytes} bytes for the swap file {path}: {source}; free that much space or give --swap a path on another filesystem"
+    )]
+    Preallocate {
+        /// The path.
+        path: PathBuf,
+        /// Bytes asked for.
+        bytes: u64,
+        /// The host's error.
+        #[source]
+        source: io::Error,
+    },
+    /// A zero-sized device.
+    #[error("a swap file needs at least one slot")]
+    Empty,
+    /// Writing a slot failed.
+    #[error("writing swap slot {slot} failed: {source}")]
+    Write {
+        /// The slot.
+        slot: u64,
+        /// The host's error.
+        #[source]
+        source: io::Error,
+    },
+    /// Reading a slot failed.
+    #[error("reading swap slot {slot} failed: {source}")]
+    Read {
+        /// The slot.
+        slot: u64,
+        /// The host's error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// A fault to inject into writes (tests only): the real syscall path is used otherwise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InjectedFault {
+    /// The next `next` pages written fail with `EIO`.
+    Eio {
+        /// Pages.
+        next: u64,
+    },
+    /// Every write fails with `ENOSPC`, as on a full disk.
+    NoSpace,
+}
+
+/// What the device holds and did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct SwapStats {
+    /// Slots in the file.
+    pub slots: u64,
+    /// Slots in use (referenced).
+    pub used: u64,
+    /// Slots marked bad by failed writes.
+    pub bad: u64,
+    /// Slots holding a same-filled marker (never written).
+    pub filled: u64,
+    /// Bytes written.
+    pub bytes_written: u64,
+    /// Bytes read.
+    pub bytes_read: u64,
+    /// Write system calls made.
+    pub write_calls: u64,
+    /// Pages whose write failed.
+    pub writes_failed: u64,
+}
+
+/// What a batched write did.
+#[derive(Debug, Default)]
+pub struct WriteOutcome {
+    /// Slots whose write failed, with the error.
+    pub failed: Vec<(SwapSlot, io::ErrorKind)>,
+}
+
+impl WriteOutcome {
+    /// The failed slots.
+    pub fn failed_slots(&self) -> Vec<SwapSlot> {
+        self.failed.iter().map(|(s, _)| *s).collect()
+    }
+}
+
+#[derive(Debug)]
+struct FreeMap {
+    words: Vec<u64>,
+    cursor: usize,
+}
+
+/// The swap device (see the module docs).
+#[derive(Debug)]
+pub struct SwapDevice {
+    file: SwapFile,
+    path: PathBuf,
+    slots: u64,
+    state: Box<[AtomicU32]>,
+    fill: Box<[AtomicU64]>,
+    free: Mutex<FreeMap>,
+    used: AtomicU64,
+    bad: AtomicU64,
+    filled: AtomicU64,
+    bytes_written: AtomicU64,
+    bytes_read: AtomicU64,
+    write_calls: AtomicU64,
+    writes_failed: AtomicU64,
+    stopped: AtomicBool,
+    stop_reason: Mutex<Option<String>>,
+    inject: Mutex<Option<InjectedFault>>,
+}
+
+static NEXT_NAME: AtomicU64 = AtomicU64::new(0);
+
+impl SwapDevice {
+    /// Creates the swap file (see [`SwapConfig`]).
+    pub fn create(cfg: &SwapConfig) -> Result<SwapDevice, SwapError> {
+        if cfg.slots == 0 {
+            return Err(SwapError::Empty);
+        }
+        let path = cfg.path.clone().unwrap_or_else(|| {
+            std::env::temp_dir().join(format!(
+                "kvmm-swap-{}-{}",
+                std::process::id(),
+                NEXT_NAME.fetch_add(1, Ordering::Relaxed)
+            ))
+        });
+        let bytes = cfg.slots * PAGE_SIZE as u64;
+        let file = SwapFile::create(&path, bytes).map_err(|(step, source)| {
+            if step == "preallocate" {
+                // A file that could not be filled is not left behind.
+                let _ = std::fs::remove_file(&path);
+                SwapError::Preallocate {
+                    path: path.clone(),
+                    bytes,
+                    source,
+                }
+            } else {
+                if step != "create" {
+                    let _ = std::fs::remove_file(&path);
+                }
+                SwapError::Create {
+                    path: path.clone(),
+                    source,
+                }
+            }
+        })?;
+        let n = cfg.slots as usize;
+        let mut words = vec![u64::MAX; n.div_ceil(64)];
+        if n % 64 != 0 {
+            words[n / 64] = (1u64 << (n % 64)) - 1;
+        }
+        Ok(SwapDevice {
+            file,
+            path,
+            slots: cfg.slots,
+            state: (0..n).map(|_| AtomicU32::new(0)).collect(),
+            fill: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            free: Mutex::new(FreeMap { words, cursor: 0 }),
+            used: AtomicU64::new(0),
+            bad: AtomicU64::new(0),
+            filled: AtomicU64::new(0),
+            bytes_written: AtomicU64::new(0),
+            bytes_read: AtomicU64::new(0),
+            write_calls: AtomicU64::new(0),
+            writes_failed: AtomicU64::new(0),
+            stopped: AtomicBool::new(false),
+            stop_reason: Mutex::new(None),
+            inject: Mutex::new(None),
+        })
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Slots in the file.
+    pub fn slots(&self) -> u64 {
+        self.slots
+    }
+
+    /// Bytes of the file.
+    pub fn bytes(&self) -> u64 {
+        self.slots * PAGE_SIZE as u64
+    }
+
+    /// Bytes the file holds on disk now.
+    pub fn allocated_bytes(&self) -> io::Result<u64> {
+        self.file.allocated_bytes()
+    }
+
+    /// Allocates up to `n` slots, each with one reference, preferring consecutive ones;
+    /// pushes them to `out` and returns how many (fewer when the device is full).
+    pub fn alloc(&self, n: usize, out: &mut Vec<SwapSlot>) -> usize {
+        let mut free = crate::sync::lock(&self.free);
+        let words = free.words.len();
+        let mut got = 0;
+        let mut scanned = 0;
+        let mut w = free.cursor;
+        while got < n && scanned <= words {
+            let word = free.words[w];
+            if word == 0 {
+                w = (w + 1) % words;
+                scanned += 1;
+                continue;
+            }
+            let b = word.trailing_zeros() as usize;
+            free.words[w] &= !(1 << b);
+            let slot = (w * 64 + b) as u64;
+            // Relaxed: the free-map lock orders hand-out and return of a slot.
+            self.state[slot as usize].store(1, Ordering::Relaxed);
+            out.push(SwapSlot(slot));
+            got += 1;
+        }
+        free.cursor = w;
+        drop(free);
+        self.used.fetch_add(got as u64, Ordering::Relaxed);
+        got
+    }
+
+    /// Adds `n` references to `slot` (entries copied with their block).
+    pub fn dup(&self, slot: SwapSlot, n: u32) {
+        // Relaxed: as Arc's increment, from a reference already held.
+        let before = self.state[slot.0 as usize].fetch_add(n, Ordering::Relaxed);
+        debug_assert!(before & COUNT_MASK > 0, "dup of a free slot {slot:?}");
+        debug_assert!(
+            (before & COUNT_MASK) + n <= COUNT_MASK,
+            "slot count overflow"
+        );
+    }
+
+    /// Drops one reference to `slot`; at zero the slot is free again (a bad one stays out
+    /// of use). Returns the references left.
+    pub fn put(&self, slot: SwapSlot) -> u32 {
+        let st = &self.state[slot.0 as usize];
+        // AcqRel: the thread dropping the last reference sees every use made under the
+        // others before the slot is handed out again (as Arc::drop).
+        let before = st.fetch_sub(1, Ordering::AcqRel);
+        debug_assert!(before & COUNT_MASK > 0, "slot count underflow {slot:?}");
+        let left = (before & COUNT_MASK) - 1;
+        if left == 0 {
+            if before & FILLED != 0 {
+                st.fetch_and(!FILLED, Ordering::Relaxed);
+                self.filled.fetch_sub(1, Ordering::Relaxed);
+            }
+            self.used.fetch_sub(1, Ordering::Relaxed);
+            if before & BAD == 0 {
+                let mut free = crate::sync::lock(&self.free);
+                free.words[slot.0 as usize / 64] |= 1 << (slot.0 % 64);
+            }
+        }
+        left
+    }
+
+    /// References to `slot`.
+    pub fn count(&self, slot: SwapSlot) -> u32 {
+        // Acquire: pairs with `put`'s release, for callers deciding on the count.
+        self.state[slot.0 as usize].load(Ordering::Acquire) & COUNT_MASK
+    }
+
+    /// Whether a failed write marked `slot` bad.
+    pub fn is_bad(&self, slot: SwapSlot) -> bool {
+        self.state[slot.0 as usize].load(Ordering::Relaxed) & BAD != 0
+    }
+
+    /// Marks `slot` as holding a page that repeats `value` (no I/O).
+    pub fn store_filled(&self, slot: SwapSlot, value: u64) {
+        // Release (with the flag's AcqRel): a reader that sees FILLED sees the value.
+        self.fill[slot.0 as usize].store(value, Ordering::Release);
+        let before = self.state[slot.0 as usize].fetch_or(FILLED, Ordering::AcqRel);
+        if before & FILLED == 0 {
+            self.filled.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The pattern of a same-filled slot.
+    pub fn filled(&self, slot: SwapSlot) -> Option<u64> {
+        (self.state[slot.0 as usize].load(Ordering::Acquire) & FILLED != 0)
+            .then(|| self.fill[slot.0 as usize].load(Ordering::Acquire))
+    }
+
+    /// Whether swap-out is stopped (the disk was full).
+    pub fn is_stopped(&self) -> bool {
+        self.stopped.load(Ordering::Relaxed)
+    }
+
+    /// Why swap-out stopped, if it did.
+    pub fn stop_reason(&self) -> Option<String> {
+        crate::sync::lock(&self.stop_reason).clone()
+    }
+
+    /// Test hook: makes the next writes fail as if the kernel had returned that error
+    /// (`None` stops injecting; a device stopped by `NoSpace` is started again).
+    #[doc(hidden)]
+    pub fn inject(&self, fault: Option<InjectedFault>) {
+        *crate::sync::lock(&self.inject) = fault;
+        if fault.is_none() {
+            self.stopped.store(false, Ordering::Relaxed);
+        }
+    }
+
+    fn injected(&self, pages: usize) -> Option<io::Error> {
+        let mut inj = crate::sync::lock(&self.inject);
+        match *inj {
+            None => None,
+            Some(InjectedFault::NoSpace) => Some(io::Error::from_raw_os_error(libc::ENOSPC)),
+            Some(InjectedFault::Eio { next }) => {
+                let left = next.saturating_sub(pages as u64);
+                *inj = (left > 0).then_some(InjectedFault::Eio { next: left });
+                Some(io::Error::from_raw_os_error(libc::EIO))
+            }
+        }
+    }
+
+    /// Writes each page to its slot: one `pwritev` per run of consecutive slots.
+    ///
+    /// # Safety
+    ///
+    /// Every pointer must be a readable page (`PAGE_SIZE` bytes) that nobody writes
+    /// during the call.
+    pub unsafe fn write(&self, batch: &[(SwapSlot, *const u8)]) -> WriteOutcome {
+        let mut out = WriteOutcome::default();
+        let mut pages = batch.to_vec();
+        pages.sort_unstable_by_key(|(s, _)| *s);
+        let mut i = 0;
+        while i < pages.len() {
+            let mut j = i + 1;
+            while j < pages.len() && j - i < IOV_MAX && pages[j].0.0 == pages[j - 1].0.0 + 1 {
+                j += 1;
+            }
+            let run = &pages[i..j];
+            i = j;
+            let res = if self.is_stopped() {
+                Err(io::Error::from_raw_os_error(libc::ENOSPC))
+            } else if let Some(e) = self.injected(run.len()) {
+                Err(e)
+            } else {
+                let ptrs: Vec<*const u8> = run.iter().map(|(_, p)| *p).collect();
+                // SAFETY: by this function's contract each pointer is a readable page that
+                // nobody writes during the call.
+                unsafe {
+                    self.file
+                        .write_pages(run[0].0.0 * PAGE_SIZE as u64, &ptrs, PAGE_SIZE)
+                }
+            };
+            match res {
+                Ok(calls) => {
+                    self.write_calls.fetch_add(calls, Ordering::Relaxed);
+                    self.bytes_written
+                        .fetch_add((run.len() * PAGE_SIZE) as u64, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    self.write_calls.fetch_add(1, Ordering::Relaxed);
+                    self.writes_failed
+                        .fetch_add(run.len() as u64, Ordering::Relaxed);
+                    let nospc = e.raw_os_error() == Some(libc::ENOSPC);
+                    if nospc {
+                        if !self.stopped.swap(true, Ordering::Relaxed) {
+                            let msg = format!(
+                                "swap-out stopped: the swap file {} is on a full disk ({e}); pages stay in memory",
+                                self.path.display()
+                            );
+                            tracing::error!("{msg}");
+                            *crate::sync::lock(&self.stop_reason) = Some(msg);
+                        }
+                    } else {
+                        tracing::warn!(
+                            "swap write of {} page(s) failed ({e}); the slots are marked bad and the pages stay in memory",
+                            run.len()
+                        );
+                        for (s, _) in run {
+                            let before = self.state[s.0 as usize].fetch_or(BAD, Ordering::Relaxed);
+                            if before & BAD == 0 {
+                                self.bad.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                    out.failed.extend(run.iter().map(|(s, _)| (*s, e.kind())));
+                }
+            }
+        }
+        out
+    }
+
+    /// Reads `slot` into `dst` (a same-filled slot without I/O).
+    ///
+    /// # Safety
+    ///
+    /// `dst` must be a writable page (`PAGE_SIZE` bytes, 8-aligned) that nobody else
+    /// reads or writes during the call.
+    pub unsafe fn read(&self, slot: SwapSlot, dst: *mut u8) -> Result<(), SwapError> {
+        if let Some(v) = self.filled(slot) {
+            for i in 0..PAGE_SIZE / 8 {
+                // SAFETY: `dst` is a writable, 8-aligned page (the caller's contract).
+                unsafe { dst.cast::<u64>().add(i).write(v) };
+            }
+            return Ok(());
+        }
+        // SAFETY: as the caller promises.
+        unsafe {
+            self.file
+                .read_page(slot.0 * PAGE_SIZE as u64, dst, PAGE_SIZE)
+        }
+        .map_err(|source| SwapError::Read {
+            slot: slot.0,
+            source,
+        })?;
+        self.bytes_read
+            .fetch_add(PAGE_SIZE as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// What the device holds and did.
+    pub fn stats(&self) -> SwapStats {
+        let r = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        SwapStats {
+            slots: self.slots,
+            used: r(&self.used),
+            bad: r(&self.bad),
+            filled: r(&self.filled),
+            bytes_written: r(&self.bytes_written),
+            bytes_read: r(&self.bytes_read),
+            write_calls: r(&self.write_calls),
+            writes_failed: r(&self.writes_failed),
+        }
+    }
+}
+
+impl Drop for SwapDevice {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_file(&self.path) {
+            tracing::warn!(
+                "could not remove the swap file {}: {e}",
+                self.path.display()
+            );
+        }
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn dev(slots: u64) -> SwapDevice {
+        SwapDevice::create(&SwapConfig {
+            slots,
+            ..Default::default()
+        })
+        .unwrap()
+    }
+
+    fn page(v: u8) -> Vec<u8> {
+        (0..PAGE_SIZE).map(|i| v ^ (i as u8)).collect()
+    }
+
+    #[test]
+    fn the_file_is_private_preallocated_and_removed_at_drop() {
+        let d = dev(256);
+        let path = d.path().to_path_buf();
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        assert!(d.allocated_bytes().unwrap() >= 256 * PAGE_SIZE as u64);
+        drop(d);
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn a_path_that_cannot_be_created_is_refused_with_its_name() {
+        let e = SwapDevice::create(&SwapConfig {
+            path: Some("/nonexistent/dir/swap".into()),
+            slots: 1,
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/dir/swap"), "{e}");
+        let d = dev(1);
+        let again = SwapDevice::create(&SwapConfig {
+            path: Some(d.path().to_path_buf()),
+            slots: 1,
+            ..Default::default()
+        });
+        assert!(matches!(again, Err(SwapError::Create { .. })), "O_EXCL");
+        assert!(d.path().exists(), "the existing file is left alone");
+    }
+
+    #[test]
+    fn a_batch_of_consecutive_slots_is_one_write_and_reads_back() {
+        let d = dev(128);
+        let mut slots = Vec::new();
+        assert_eq!(d.alloc(64, &mut slots), 64);
+        assert!(slots.windows(2).all(|w| w[1].0 == w[0].0 + 1), "{slots:?}");
+        let pages: Vec<Vec<u8>> = (0..64).map(|i| page(i as u8)).collect();
+        let batch: Vec<_> = slots
+            .iter()
+            .zip(&pages)
+            .map(|(s, p)| (*s, p.as_ptr()))
+            .collect();
+        // SAFETY: the pages are ours and nobody writes them.
+        let out = unsafe { d.write(&batch) };
+        assert!(out.failed.is_empty());
+        assert_eq!(d.stats().write_calls, 1);
+        for (s, p) in slots.iter().zip(&pages) {
+            let mut buf = vec![0u8; PAGE_SIZE];
+            // SAFETY: `buf` is a page we own (Vec<u8> of PAGE_SIZE; u64 writes only for
+            // filled slots, which these are not).
+            unsafe { d.read(*s, buf.as_mut_ptr()) }.unwrap();
+            assert_eq!(&buf, p);
+        }
+    }
+
+    #[test]
+    fn slots_are_freed_at_their_last_reference_and_reused() {
+        let d = dev(4);
+        let mut s = Vec::new();
+        assert_eq!(d.alloc(8, &mut s), 4, "only four");
+        d.dup(s[0], 2);
+        assert_eq!(d.put(s[0]), 2);
+        assert_eq!(d.put(s[0]), 1);
+        assert_eq!(d.put(s[0]), 0);
+        assert_eq!(d.stats().used, 3);
+        let mut again = Vec::new();
+        assert_eq!(d.alloc(1, &mut again), 1);
+        assert_eq!(again[0], s[0]);
+    }
+
+    #[test]
+    fn concurrent_allocations_never_hand_out_a_slot_twice() {
+        let d = std::sync::Arc::new(dev(8000));
+        let all: Vec<Vec<SwapSlot>> = (0..8)
+            .map(|_| {
+                let d = std::sync::Arc::clone(&d);
+                std::thread::spawn(move || {
+                    let mut v = Vec::new();
+                    for _ in 0..125 {
+                        d.alloc(8, &mut v);
+                    }
+                    v
+                })
+            })
+            .map(|t| t.join().unwrap())
+            .collect();
+        let mut flat: Vec<_> = all.into_iter().flatten().collect();
+        assert_eq!(flat.len(), 8000);
+        flat.sort();
+        flat.dedup();
+        assert_eq!(flat.len(), 8000);
+    }
+
+    #[test]
+    fn same_filled_slots_read_back_without_io() {
+        let d = dev(2);
+        let mut s = Vec::new();
+        d.alloc(1, &mut s);
+        d.store_filled(s[0], 0x0102_0304_0506_0708);
+        let mut buf = vec![0u64; PAGE_SIZE / 8];
+        // SAFETY: an 8-aligned page we own.
+        unsafe { d.read(s[0], buf.as_mut_ptr().cast()) }.unwrap();
+        assert!(buf.iter().all(|&w| w == 0x0102_0304_0506_0708));
+        assert_eq!(d.stats().bytes_read + d.stats().bytes_written, 0);
+        d.put(s[0]);
+        assert_eq!(d.stats().filled, 0);
+    }
+
+    #[test]
+    fn eio_marks_slots_bad_and_enospc_stops_the_device() {
+        let d = dev(8);
+        let mut s = Vec::new();
+        d.alloc(3, &mut s);
+        let keep = page(9);
+        // SAFETY: our page.
+        let first = unsafe { d.write(&[(s[2], keep.as_ptr())]) };
+        assert!(first.failed.is_empty());
+        d.inject(Some(InjectedFault::Eio { next: 1 }));
+        let p = page(1);
+        // SAFETY: our page.
+        let out = unsafe { d.write(&[(s[0], p.as_ptr())]) };
+        assert_eq!(out.failed_slots(), vec![s[0]]);
+        assert!(d.is_bad(s[0]) && d.stats().bad == 1);
+        d.put(s[0]);
+        let mut all = Vec::new();
+        d.alloc(8, &mut all);
+        assert!(!all.contains(&s[0]), "a bad slot is never handed out again");
+        d.inject(Some(InjectedFault::NoSpace));
+        // SAFETY: our page.
+        let out = unsafe { d.write(&[(s[1], p.as_ptr())]) };
+        assert_eq!(out.failed.len(), 1);
+        assert!(d.is_stopped() && !d.is_bad(s[1]));
+        assert!(d.stop_reason().unwrap().contains("full disk"));
+        let mut buf = vec![0u8; PAGE_SIZE];
+        // SAFETY: our page.
+        unsafe { d.read(s[2], buf.as_mut_ptr()) }.unwrap();
+        assert_eq!(buf, keep, "other slots unchanged");
+    }
+}

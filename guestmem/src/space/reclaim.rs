@@ -1,0 +1,569 @@
+//! Reclaim on the manager's side: shrinking a node's LRU lists (`shrink_folio_list`),
+//! unmapping a frame from every entry that names it (`try_to_unmap`), writing it out,
+//! and direct reclaim for a fault whose allocation failed. See [`crate::reclaim`].
+//!
+//! A frame being reclaimed is isolated (off the LRU, with a reference) and locked (the
+//! frame lock bit) from its referenced check to the end of its write. Its entries are
+//! replaced with swap entries before its contents are written: a guest cannot change it
+//! any more (every host view lost it), and a fault meanwhile finds it in the swap cache.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::{AddressSpace, AnonVma, Manager, RegionHandle, SpaceError};
+use crate::charge::ChargeError;
+use crate::frame::{Frame, FrameFlags};
+use crate::pagetable::Pte;
+use crate::pool::AllocError;
+use crate::reclaim::lru::{Lru, LruList};
+use crate::reclaim::swap::{SwapDevice, SwapSlot};
+use crate::reclaim::swapcache::{CacheState, SwapCache};
+use crate::reclaim::{ReclaimConfig, ReclaimStats};
+use crate::space::ReferencedLocking;
+use crate::types::{PAGE_SIZE, Pfn};
+
+/// Swap attached to a manager: the device, the swap cache, and how reclaim runs.
+#[derive(Debug)]
+pub struct SwapState {
+    pub(super) dev: SwapDevice,
+    pub(super) cache: SwapCache,
+    pub(super) config: ReclaimConfig,
+}
+
+/// [`ReclaimStats`] as atomics (all `Relaxed`: statistics).
+#[derive(Debug, Default)]
+pub struct ReclaimCounters {
+    pub(super) scanned: AtomicU64,
+    pub(super) activated: AtomicU64,
+    pub(super) deactivated: AtomicU64,
+    pub(super) reclaimed: AtomicU64,
+    pub(super) written: AtomicU64,
+    pub(super) filled: AtomicU64,
+    pub(super) clean_dropped: AtomicU64,
+    pub(super) entries_unmapped: AtomicU64,
+    pub(super) unmap_failed: AtomicU64,
+    pub(super) write_failed: AtomicU64,
+    pub(super) no_slot: AtomicU64,
+    pub(super) punched: AtomicU64,
+    pub(super) swapins: AtomicU64,
+    pub(super) major_faults: AtomicU64,
+    pub(super) direct_runs: AtomicU64,
+    pub(super) background_runs: AtomicU64,
+}
+
+impl ReclaimCounters {
+    pub(super) fn add(&self, c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn snapshot(&self) -> ReclaimStats {
+        let r = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        ReclaimStats {
+            scanned: r(&self.scanned),
+            activated: r(&self.activated),
+            deactivated: r(&self.deactivated),
+            reclaimed: r(&self.reclaimed),
+            written: r(&self.written),
+            filled: r(&self.filled),
+            clean_dropped: r(&self.clean_dropped),
+            entries_unmapped: r(&self.entries_unmapped),
+            unmap_failed: r(&self.unmap_failed),
+            write_failed: r(&self.write_failed),
+            no_slot: r(&self.no_slot),
+            punched: r(&self.punched),
+            swapins: r(&self.swapins),
+            major_faults: r(&self.major_faults),
+            direct_runs: r(&self.direct_runs),
+            background_runs: r(&self.background_runs),
+        }
+    }
+}
+
+/// Errors of attaching swap.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    /// The manager already has a swap device.
+    #[error("this manager already has a swap device; attach one per manager")]
+    AlreadyAttached,
+}
+
+/// What one shrink pass did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ShrinkResult {
+    /// Frames examined.
+    pub scanned: u64,
+    /// Frames freed.
+    pub reclaimed: u64,
+}
+
+/// Why reclaim takes a frame out of the swap cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Uncache {
+    /// Its contents are in its slot and nothing maps it: it is about to be freed.
+    Unmapped,
+    /// Its slot went bad (a failed write): it gets a new one once no entry names the old.
+    LeavingBadSlot,
+}
+
+/// One frame's way through a shrink batch.
+enum Verdict {
+    /// Back on the LRU (`Active`: it was used, or it could not be reclaimed now).
+    Keep(LruList),
+    /// Unmapped everywhere and in the cache as `Unwritten`: write it, then free it.
+    Write(SwapSlot),
+    /// Unmapped everywhere and out of the cache: free it.
+    Free,
+}
+
+impl Manager {
+    /// Attaches a swap device: from now on reclaim can swap guest pages out.
+    pub fn attach_swap(&self, dev: SwapDevice, config: ReclaimConfig) -> Result<(), AttachError> {
+        self.swap
+            .set(SwapState {
+                dev,
+                cache: SwapCache::default(),
+                config,
+            })
+            .map_err(|_| AttachError::AlreadyAttached)
+    }
+
+    /// The swap device, if attached.
+    pub fn swap_device(&self) -> Option<&SwapDevice> {
+        self.swap.get().map(|s| &s.dev)
+    }
+
+    /// Reclaim's configuration, if swap is attached.
+    pub fn reclaim_config(&self) -> Option<ReclaimConfig> {
+        self.swap.get().map(|s| s.config)
+    }
+
+    /// What reclaim did so far.
+    pub fn reclaim_stats(&self) -> ReclaimStats {
+        self.rstats.snapshot()
+    }
+
+    /// Frames in the swap cache now.
+    pub fn swap_cache_frames(&self) -> usize {
+        self.swap.get().map_or(0, |s| s.cache.lock().len())
+    }
+
+    /// The LRU lists of the node holding `pfn`.
+    pub(super) fn lru_of(&self, pfn: Pfn) -> &Lru {
+        &self.lrus[usize::from(self.pool.node_of(pfn).id().0)]
+    }
+
+    /// The LRU lists of every node.
+    pub fn lrus(&self) -> &[Lru] {
+        &self.lrus
+    }
+
+    /// Puts a run of new frames on their node's inactive list.
+    pub(super) fn lru_add_run(&self, first: Pfn, pages: u64) {
+        let lru = self.lru_of(first);
+        lru.push_run(
+            first,
+            (0..pages as u32).map(|i| self.pool.frame(first.offset(i))),
+        );
+    }
+
+    /// Whether a fault that failed with `e` may reclaim and retry.
+    pub(super) fn can_reclaim_for(&self, e: &SpaceError) -> bool {
+        self.swap.get().is_some()
+            && matches!(
+                e,
+                SpaceError::Alloc {
+                    source: AllocError::Exhausted { .. },
+                    ..
+                } | SpaceError::Charge(ChargeError::Limit { .. })
+            )
+    }
+
+    /// Direct reclaim for `vm`, whose allocation failed with `e`: a VM at its own limit
+    /// reclaims its own frames; otherwise any frames of the node. Holds no lock of `vm`.
+    pub(super) fn direct_reclaim(&self, vm: &AddressSpace, e: &SpaceError) {
+        let Some(sw) = self.swap.get() else {
+            return;
+        };
+        self.rstats.add(&self.rstats.direct_runs, 1);
+        let own = matches!(e, SpaceError::Charge(ChargeError::Limit { .. }));
+        let filter = own.then(|| vm.charge.id());
+        let want = sw.config.batch as u64;
+        for node in 0..self.lrus.len() {
+            if self.shrink_node(node, want, filter).reclaimed >= want {
+                return;
+            }
+        }
+    }
+
+    /// Reclaims up to `want` frames of node `node` (of one charge only, if `filter`):
+    /// ages the active list when the inactive list is shorter, then shrinks the inactive
+    /// list in batches. Returns what it did. Holds no lock between batches.
+    pub fn shrink_node(&self, node: usize, want: u64, filter: Option<u32>) -> ShrinkResult {
+        let mut res = ShrinkResult::default();
+        let Some(sw) = self.swap.get() else {
+            return res;
+        };
+        let lru = &self.lrus[node];
+        let batch = sw.config.batch.max(1);
+        // Scan at most the whole node twice per call: a node with nothing reclaimable
+        // (everything referenced, swap full) returns instead of spinning.
+        let budget = 2 * u64::from(self.pool.nodes()[node].frames()) + batch as u64;
+        while res.reclaimed < want && res.scanned < budget {
+            let sizes = lru.sizes();
+            if sizes.inactive < sizes.active {
+                self.age_active(lru, batch, sw.config.referenced);
+            }
+            let mut isolated = Vec::with_capacity(batch);
+            lru.isolate(
+                LruList::Inactive,
+                batch,
+                |p| self.pool.frame(p),
+                &mut isolated,
+            );
+            if isolated.is_empty() {
+                if lru.sizes().active == 0 {
+                    break;
+                }
+                self.age_active(lru, batch, sw.config.referenced);
+                continue;
+            }
+            res.scanned += isolated.len() as u64;
+            res.reclaimed += self.shrink_batch(sw, lru, &isolated, filter);
+        }
+        res
+    }
+
+    /// `shrink_active_list`: moves `n` frames from the active tail to the inactive head,
+    /// clearing their young bits on the way (anon frames are deactivated whether or not
+    /// they were referenced, as Linux does; the inactive pass gives them a second chance).
+    fn age_active(&self, lru: &Lru, n: usize, locking: ReferencedLocking) {
+        let mut isolated = Vec::with_capacity(n);
+        lru.isolate(LruList::Active, n, |p| self.pool.frame(p), &mut isolated);
+        for &pfn in &isolated {
+            let f = self.pool.frame(pfn);
+            if f.try_lock() {
+                let _ = self.referenced_locked(pfn, f, locking);
+                f.unlock();
+            }
+            lru.putback(pfn, f, LruList::Inactive);
+            self.put_frame(pfn);
+        }
+        self.rstats
+            .add(&self.rstats.deactivated, isolated.len() as u64);
+    }
+
+    /// Reclaims what it can of `isolated` (each with a reference held); returns the frames
+    /// freed.
+    fn shrink_batch(
+        &self,
+        sw: &SwapState,
+        lru: &Lru,
+        isolated: &[Pfn],
+        filter: Option<u32>,
+    ) -> u64 {
+        self.rstats.add(&self.rstats.scanned, isolated.len() as u64);
+        let mut locked: Vec<(Pfn, Verdict)> = Vec::with_capacity(isolated.len());
+        for &pfn in isolated {
+            let f = self.pool.frame(pfn);
+            if filter.is_some_and(|c| f.charge_id() != c) {
+                lru.putback(pfn, f, LruList::Inactive);
+                self.put_frame(pfn);
+                continue;
+            }
+            if !f.try_lock() {
+                lru.putback(pfn, f, LruList::Active);
+                self.put_frame(pfn);
+                continue;
+            }
+            let v = self.reclaim_one(sw, pfn, f);
+            locked.push((pfn, v));
+        }
+        // Write every unmapped frame of the batch: one call, one syscall per run of
+        // consecutive slots.
+        let writes: Vec<(SwapSlot, *const u8)> = locked
+            .iter()
+            .filter_map(|(pfn, v)| match v {
+                Verdict::Write(slot) => Some((*slot, self.pool.page_ptr(*pfn).cast_const())),
+                _ => None,
+            })
+            .collect();
+        let failed = if writes.is_empty() {
+            Vec::new()
+        } else {
+            // SAFETY: every page is a locked frame that no entry maps and no host view
+            // maps (its entries were all replaced by swap entries): nothing writes it
+            // during the call.
+            let out = unsafe { sw.dev.write(&writes) };
+            out.failed_slots()
+        };
+        let mut to_free = Vec::new();
+        for (pfn, v) in locked {
+            let f = self.pool.frame(pfn);
+            let keep = match v {
+                Verdict::Keep(list) => Some(list),
+                Verdict::Free => None,
+                Verdict::Write(slot) if failed.contains(&slot) => {
+                    // The page stays in memory: its entries find it in the cache. An EIO
+                    // slot is bad now and the frame gets a new slot once its entries are
+                    // back; a full disk stops swap-out.
+                    self.rstats.add(&self.rstats.write_failed, 1);
+                    Some(LruList::Active)
+                }
+                Verdict::Write(slot) => {
+                    self.rstats.add(&self.rstats.written, 1);
+                    sw.cache.lock().set_state(slot, CacheState::Clean);
+                    if self.uncache_if_unused(sw, slot, pfn, Uncache::Unmapped) {
+                        None
+                    } else {
+                        // A fault mapped it from the cache during the write.
+                        Some(LruList::Active)
+                    }
+                }
+            };
+            f.unlock();
+            match keep {
+                Some(list) => {
+                    if list == LruList::Active {
+                        self.rstats.add(&self.rstats.activated, 1);
+                    }
+                    lru.putback(pfn, f, list);
+                    self.put_frame(pfn);
+                }
+                None => to_free.push(pfn),
+            }
+        }
+        self.free_reclaimed(sw, to_free)
+    }
+
+    /// The decision for one isolated, locked frame: keep it, or unmap it and say what is
+    /// left to do.
+    fn reclaim_one(&self, sw: &SwapState, pfn: Pfn, f: &Frame) -> Verdict {
+        let r = self.referenced_locked(pfn, f, sw.config.referenced);
+        if r.is_referenced() {
+            return Verdict::Keep(LruList::Active);
+        }
+        // The slot the frame's contents go to, and whether it already holds them.
+        let cached = {
+            let cache = sw.cache.lock();
+            cache
+                .slot_of(pfn)
+                .map(|s| (s, cache.get(s).map(|e| e.state)))
+        };
+        let slot = match cached {
+            Some((slot, Some(CacheState::Clean))) => slot,
+            Some((slot, _)) if sw.dev.is_bad(slot) => {
+                // Its write failed: once no entry names the bad slot, the frame leaves the
+                // cache and is reclaimed afresh, with a new slot.
+                if !self.uncache_if_unused(sw, slot, pfn, Uncache::LeavingBadSlot) {
+                    return Verdict::Keep(LruList::Active);
+                }
+                if f.mapcount() == 0 {
+                    return Verdict::Free;
+                }
+                match self.new_slot(sw, pfn) {
+                    Some(s) => s,
+                    None => return Verdict::Keep(LruList::Active),
+                }
+            }
+            Some((slot, _)) => slot,
+            None => {
+                if f.mapcount() == 0 {
+                    // Not mapped and not cached: a transient holder has it; leave it.
+                    return Verdict::Keep(LruList::Inactive);
+                }
+                match self.new_slot(sw, pfn) {
+                    Some(s) => s,
+                    None => return Verdict::Keep(LruList::Active),
+                }
+            }
+        };
+        if !self.try_to_unmap(pfn, f, slot) {
+            self.rstats.add(&self.rstats.unmap_failed, 1);
+            return Verdict::Keep(LruList::Active);
+        }
+        // Nothing maps the frame now: its contents are final.
+        let state = sw.cache.lock().get(slot).map(|e| e.state);
+        if state == Some(CacheState::Clean) {
+            return if self.uncache_if_unused(sw, slot, pfn, Uncache::Unmapped) {
+                self.rstats.add(&self.rstats.clean_dropped, 1);
+                Verdict::Free
+            } else {
+                Verdict::Keep(LruList::Active)
+            };
+        }
+        if let Some(v) = same_filled(self.pool.page_ptr(pfn)) {
+            sw.dev.store_filled(slot, v);
+            sw.cache.lock().set_state(slot, CacheState::Clean);
+            self.rstats.add(&self.rstats.filled, 1);
+            return if self.uncache_if_unused(sw, slot, pfn, Uncache::Unmapped) {
+                Verdict::Free
+            } else {
+                Verdict::Keep(LruList::Active)
+            };
+        }
+        if sw.dev.is_stopped() {
+            self.rstats.add(&self.rstats.no_slot, 1);
+            return Verdict::Keep(LruList::Active);
+        }
+        Verdict::Write(slot)
+    }
+
+    /// A new slot for `pfn`, which goes into the cache as `Unwritten` (the cache holds
+    /// the slot's first reference and one on the frame).
+    fn new_slot(&self, sw: &SwapState, pfn: Pfn) -> Option<SwapSlot> {
+        if sw.dev.is_stopped() {
+            self.rstats.add(&self.rstats.no_slot, 1);
+            return None;
+        }
+        let mut got = Vec::with_capacity(1);
+        if sw.dev.alloc(1, &mut got) == 0 {
+            self.rstats.add(&self.rstats.no_slot, 1);
+            return None;
+        }
+        let slot = got[0];
+        let f = self.pool.frame(pfn);
+        let mut cache = sw.cache.lock();
+        let inserted = cache.insert(slot, pfn, CacheState::Unwritten);
+        debug_assert!(inserted, "a new slot is in no cache entry");
+        f.get();
+        f.set(FrameFlags::SWAPCACHE);
+        Some(slot)
+    }
+
+    /// Takes the isolated, locked frame `pfn` out of the cache (the cache's frame and slot
+    /// references go) if `why` allows it now; returns whether it did.
+    fn uncache_if_unused(&self, sw: &SwapState, slot: SwapSlot, pfn: Pfn, why: Uncache) -> bool {
+        let f = self.pool.frame(pfn);
+        let mut cache = sw.cache.lock();
+        if cache.get(slot).map(|e| e.pfn) != Some(pfn) {
+            return false;
+        }
+        let allowed = match why {
+            // Entries may name the slot: they read it back. No mapping may remain, and
+            // no one but the cache and reclaim may hold the frame (a fault that found it
+            // in the cache took its reference under this lock).
+            Uncache::Unmapped => f.mapcount() == 0 && f.refcount() == 2,
+            // No entry may name the bad slot; the frame's mappings stay.
+            Uncache::LeavingBadSlot => sw.dev.count(slot) == 1 && f.refcount() == 2 + f.mapcount(),
+        };
+        if !allowed {
+            return false;
+        }
+        cache.remove(slot);
+        f.clear(FrameFlags::SWAPCACHE);
+        sw.dev.put(slot);
+        let left = f.put();
+        debug_assert!(left >= 1, "reclaim's reference is still held");
+        true
+    }
+
+    /// Frees reclaimed frames (each with reclaim's reference as its last one): host
+    /// memory punched, frames to the pool. Returns how many were freed.
+    fn free_reclaimed(&self, sw: &SwapState, to_free: Vec<Pfn>) -> u64 {
+        let mut freed = Vec::with_capacity(to_free.len());
+        for pfn in to_free {
+            let f = self.pool.frame(pfn);
+            if f.put() == 0 {
+                super::release_link(f);
+                freed.push(pfn);
+            }
+            // Otherwise a transient holder (a walker) frees it when it lets go.
+        }
+        if sw.config.punch && !freed.is_empty() {
+            let n = self.pool.punch_frames(&mut freed);
+            self.rstats.add(&self.rstats.punched, n);
+        }
+        self.rstats.add(&self.rstats.reclaimed, freed.len() as u64);
+        self.release_frames(&freed);
+        freed.len() as u64
+    }
+
+    /// `try_to_unmap`: replaces every entry naming the locked frame `pfn` with a swap
+    /// entry for `slot` (one slot reference each) and removes it from each host view.
+    /// True if no entry names the frame any more. A block shared by a fork is made the
+    /// VM's own first (as a write fault would), so each sharer's entry changes alone.
+    fn try_to_unmap(&self, pfn: Pfn, f: &Frame, slot: SwapSlot) -> bool {
+        let (raw, pgoff) = f.rmap_link();
+        if raw == 0 {
+            return f.mapcount() == 0;
+        }
+        // SAFETY: `raw` came from `AnonVma::into_raw` when the frame was linked; the link
+        // changes or is released only with the frame locked or at refcount 0, and we hold
+        // the lock and a reference.
+        let anon = unsafe { AnonVma::borrow_raw(raw) };
+        let mut ok = true;
+        let mut unmapped = 0;
+        let _ = rmap::rmap_walk(
+            anon,
+            pgoff,
+            rmap::WalkMode::Shared,
+            |region: &RegionHandle, pgoff| {
+                let index = pgoff - region.start.0;
+                if index >= region.table.pages() {
+                    return std::ops::ControlFlow::Continue(());
+                }
+                let Ok((mut g, s)) = region.table.lock(index) else {
+                    // A poisoned block keeps its entries: the frame stays.
+                    ok = false;
+                    return std::ops::ControlFlow::Break(());
+                };
+                if g.pte(s).pfn() != Some(pfn) {
+                    return std::ops::ControlFlow::Continue(());
+                }
+                let block = self.exclusive(&mut g);
+                let old = block.get(s);
+                block.set(s, Pte::swap(slot.0));
+                self.swap_dup(slot);
+                if region.mmu.unmap_run(region.gfn(index), 1).is_err() {
+                    block.set(s, old);
+                    self.swap_put(slot);
+                    ok = false;
+                    return std::ops::ControlFlow::Break(());
+                }
+                f.unmap();
+                let left = f.put();
+                debug_assert!(left > 0, "reclaim holds a reference");
+                unmapped += 1;
+                std::ops::ControlFlow::Continue(())
+            },
+        );
+        self.rstats.add(&self.rstats.entries_unmapped, unmapped);
+        ok && f.mapcount() == 0
+    }
+
+    /// The referenced check of a frame the caller holds locked (see
+    /// [`Manager::frame_referenced`]); also consumes a `REFERENCED` mark left by access
+    /// harvesting.
+    pub(super) fn referenced_locked(
+        &self,
+        pfn: Pfn,
+        f: &Frame,
+        locking: ReferencedLocking,
+    ) -> super::Referenced {
+        let mut out = self.walk_referenced(pfn, f, locking);
+        if f.clear(FrameFlags::REFERENCED)
+            .contains(FrameFlags::REFERENCED)
+        {
+            out.referenced += 1;
+        }
+        out
+    }
+}
+
+/// The `u64` a page repeats, if it is one value over and over (all zero among them).
+fn same_filled(page: *const u8) -> Option<u64> {
+    // SAFETY: `page` is a whole frame of the pool's direct map (PAGE_SIZE bytes, 8-byte
+    // aligned), locked and mapped by no one, so nothing writes it while we read.
+    let words = unsafe { std::slice::from_raw_parts(page.cast::<u64>(), PAGE_SIZE / 8) };
+    let first = words[0];
+    words.iter().all(|&w| w == first).then_some(first)
+}
+
+impl Manager {
+    /// Frames on the LRU of every node (inactive, active).
+    pub fn lru_sizes(&self) -> (u64, u64) {
+        self.lrus.iter().fold((0, 0), |(i, a), l| {
+            let s = l.sizes();
+            (i + s.inactive, a + s.active)
+        })
+    }
+}

@@ -1,0 +1,376 @@
+//! Swap entries in page tables: resolving a fault on one (from the swap cache, or by
+//! reading the slot into a new frame), and the slot references that blocks hold.
+//!
+//! A slot's reference count is the number of page-table blocks naming it plus one while
+//! a frame for it is in the swap cache (as a frame's mapcount counts blocks). A fault on
+//! a swap entry that misses the cache takes a slot reference of its own with the block
+//! locked, lets go of every page-table lock, reads the slot into a new frame that it
+//! files in the cache, and retries: the retry finds the frame in the cache and maps it.
+//! Faults of other vCPUs or VMs on the same slot meanwhile find the frame in the cache
+//! while it is being read and wait (retry) without holding any page-table lock.
+
+use std::sync::Arc;
+
+use super::{Access, AddressSpace, AnonVma, Manager, Region, SpaceError};
+use crate::frame::FrameFlags;
+use crate::pagetable::{Block, PTES_PER_BLOCK, Pte, Slot};
+use crate::pool::FrameInit;
+use crate::reclaim::lru::LruList;
+use crate::reclaim::swap::SwapSlot;
+use crate::reclaim::swapcache::CacheState;
+use crate::types::{Order, Pfn};
+
+/// What a fault with its block locked could not finish there.
+#[derive(Debug)]
+pub(super) enum Pending {
+    /// Read this slot into the swap cache, then retry. The fault holds a reference on
+    /// the slot (taken with the block locked), which the read gives back.
+    Read {
+        /// The slot.
+        slot: SwapSlot,
+        /// Where the new frame is filed in the reverse map.
+        anon: Arc<AnonVma>,
+        /// Its page offset.
+        pgoff: u64,
+    },
+    /// The slot's frame is in the cache but still being read: retry without locks.
+    Wait,
+}
+
+/// How many times a fault retries a swap-in (waits included) before it reports the
+/// slot as stuck: far beyond any real read.
+const SWAPIN_RETRIES: u32 = 1_000_000;
+
+impl Manager {
+    /// A new reference on the slot a swap entry names (an entry copied with its block).
+    pub(super) fn swap_dup(&self, slot: SwapSlot) {
+        if let Some(sw) = self.swap.get() {
+            sw.dev.dup(slot, 1);
+        }
+    }
+
+    /// Drops one reference on `slot`. When only the swap cache's reference is left and
+    /// the cached frame is mapped nowhere, the frame leaves the cache and is freed: no
+    /// entry can ask for it any more.
+    pub(super) fn swap_put(&self, slot: SwapSlot) {
+        let Some(sw) = self.swap.get() else {
+            return;
+        };
+        let mut freed = None;
+        {
+            let mut cache = sw.cache.lock();
+            let left = sw.dev.put(slot);
+            if left == 1 {
+                if let Some(e) = cache.get(slot) {
+                    let f = self.pool.frame(e.pfn);
+                    if e.state != CacheState::Reading && f.mapcount() == 0 && f.refcount() == 1 {
+                        cache.remove(slot);
+                        f.clear(FrameFlags::SWAPCACHE);
+                        sw.dev.put(slot);
+                        if f.put() == 0 {
+                            freed = Some(e.pfn);
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(pfn) = freed {
+            super::release_link(self.pool.frame(pfn));
+            self.release_frames(&[pfn]);
+        }
+    }
+
+    /// Makes `slot`'s block this VM's own (copying a block shared by a fork), keeping
+    /// frames' mapcounts and slots' counts equal to the number of blocks naming them.
+    pub(super) fn exclusive<'s>(&self, slot: &'s mut Slot) -> &'s mut Block {
+        let pool = &self.pool;
+        let mut freed = Vec::new();
+        let mut slots_released = Vec::new();
+        let block = slot.make_exclusive(
+            |p| {
+                if let Some(pfn) = p.pfn() {
+                    let f = pool.frame(pfn);
+                    f.map();
+                    f.get();
+                } else if let Some(s) = swap_slot(p) {
+                    self.swap_dup(s);
+                }
+            },
+            |p| {
+                if let Some(pfn) = p.pfn() {
+                    self.drop_mapping(pfn, &mut freed);
+                } else if let Some(s) = swap_slot(p) {
+                    slots_released.push(s);
+                }
+            },
+        );
+        self.release_frames(&freed);
+        for s in slots_released {
+            self.swap_put(s);
+        }
+        block
+    }
+
+    /// For a write fault reusing the frame `pfn` (locked by the caller, mapped once): takes
+    /// it out of the swap cache if no entry but the cache's names its slot, and frees the
+    /// slot (the frame is about to differ from it). False if entries still need the slot.
+    pub(super) fn uncache_for_write(&self, pfn: Pfn) -> bool {
+        let Some(sw) = self.swap.get() else {
+            return false;
+        };
+        let mut cache = sw.cache.lock();
+        let Some(slot) = cache.slot_of(pfn) else {
+            // Left the cache meanwhile (its last entry went): nothing to do.
+            return !self.pool.frame(pfn).flags().contains(FrameFlags::SWAPCACHE);
+        };
+        if sw.dev.count(slot) != 1 {
+            return false;
+        }
+        cache.remove(slot);
+        let f = self.pool.frame(pfn);
+        f.clear(FrameFlags::SWAPCACHE);
+        sw.dev.put(slot);
+        let left = f.put();
+        debug_assert!(left >= 1, "the mapping's reference is still held");
+        true
+    }
+
+    /// Drops one mapping of `pfn`; pushes it to `freed` when that was its last reference.
+    ///
+    /// A frame left with the swap cache's reference only (its last mapping went) leaves
+    /// the cache and is freed: its slot keeps what any remaining swap entry needs.
+    pub(super) fn drop_mapping(&self, pfn: Pfn, freed: &mut Vec<Pfn>) {
+        let frame = self.pool.frame(pfn);
+        let maps = frame.unmap();
+        match frame.put() {
+            0 => {
+                super::release_link(frame);
+                freed.push(pfn);
+            }
+            1 if maps == 0
+                && frame.flags().contains(FrameFlags::SWAPCACHE)
+                && self.uncache_orphan(pfn) =>
+            {
+                super::release_link(frame);
+                freed.push(pfn);
+            }
+            _ => {}
+        }
+    }
+
+    /// Takes `pfn` out of the swap cache if the cache's reference is its only one and
+    /// its contents are on disk (or no entry needs them); true if its last reference
+    /// went (the caller frees it).
+    fn uncache_orphan(&self, pfn: Pfn) -> bool {
+        let Some(sw) = self.swap.get() else {
+            return false;
+        };
+        let f = self.pool.frame(pfn);
+        let mut cache = sw.cache.lock();
+        let Some(slot) = cache.slot_of(pfn) else {
+            return false;
+        };
+        let state = cache.get(slot).map(|e| e.state);
+        let needed = sw.dev.count(slot) > 1;
+        let ok = f.refcount() == 1
+            && f.mapcount() == 0
+            && (state == Some(CacheState::Clean) || !needed && state != Some(CacheState::Reading));
+        if !ok {
+            return false;
+        }
+        cache.remove(slot);
+        f.clear(FrameFlags::SWAPCACHE);
+        drop(cache);
+        sw.dev.put(slot);
+        f.put() == 0
+    }
+
+    /// Reads `slot` into a new frame charged to `vm` and files it in the swap cache
+    /// (state `Clean`), or finds that another fault did. Gives back the fault's slot
+    /// reference. Called with no page-table lock held.
+    pub(super) fn swap_read(
+        &self,
+        vm: &AddressSpace,
+        slot: SwapSlot,
+        anon: Arc<AnonVma>,
+        pgoff: u64,
+    ) -> Result<bool, SpaceError> {
+        let Some(sw) = self.swap.get() else {
+            unreachable!("a swap entry exists only with swap attached");
+        };
+        let done = |r| {
+            self.swap_put(slot);
+            r
+        };
+        if sw.cache.lock().get(slot).is_some() {
+            return done(Ok(false));
+        }
+        let pfn = match vm.alloc(Order::ZERO, FrameInit::Overwritten) {
+            Ok(p) => p,
+            Err(e) => return done(Err(e)),
+        };
+        let frame = self.pool.frame(pfn);
+        {
+            let mut cache = sw.cache.lock();
+            if !cache.insert(slot, pfn, CacheState::Reading) {
+                drop(cache);
+                self.release_frames(&[pfn]);
+                return done(Ok(false));
+            }
+            frame.set(FrameFlags::SWAPCACHE | FrameFlags::SWAP_BACKED);
+            // The cache's slot reference; the frame's reference from `alloc` is the
+            // cache's frame reference.
+            sw.dev.dup(slot, 1);
+        }
+        let old = frame.set_rmap_link(AnonVma::into_raw(anon), pgoff);
+        debug_assert_eq!(old, 0, "a new frame has no rmap link");
+        // SAFETY: `pfn` is ours alone (in the cache as `Reading`, which no fault maps) and
+        // a whole page; the device writes it and nothing else touches it meanwhile.
+        let read = unsafe { sw.dev.read(slot, self.pool.page_ptr(pfn)) };
+        let mut cache = sw.cache.lock();
+        match read {
+            Ok(()) => {
+                cache.set_state(slot, CacheState::Clean);
+                drop(cache);
+                self.lru_of(pfn).push(pfn, frame, LruList::Active);
+                self.rstats.add(&self.rstats.major_faults, 1);
+                done(Ok(true))
+            }
+            Err(source) => {
+                cache.remove(slot);
+                frame.clear(FrameFlags::SWAPCACHE);
+                drop(cache);
+                sw.dev.put(slot);
+                if frame.put() == 0 {
+                    super::release_link(frame);
+                    self.release_frames(&[pfn]);
+                }
+                done(Err(SpaceError::Swap { vm: vm.id, source }))
+            }
+        }
+    }
+}
+
+/// The slot a swap entry names.
+pub(super) fn swap_slot(p: Pte) -> Option<SwapSlot> {
+    match p.kind() {
+        crate::pagetable::PteKind::Swap { slot } => Some(SwapSlot(slot)),
+        _ => None,
+    }
+}
+
+impl AddressSpace {
+    /// A fault on the swap entry `index` (slot `slot`), its block locked: maps the slot's
+    /// frame from the swap cache, or says what must happen without the lock.
+    pub(super) fn swap_fault(
+        &self,
+        region: &Region,
+        slot_guard: &mut Slot,
+        index: u64,
+        slot: SwapSlot,
+    ) -> Result<Result<(), Pending>, SpaceError> {
+        let Some(sw) = self.mm.swap.get() else {
+            unreachable!("a swap entry exists only with swap attached");
+        };
+        let s = (index % PTES_PER_BLOCK as u64) as usize;
+        let pfn = {
+            let cache = sw.cache.lock();
+            match cache.get(slot) {
+                Some(e) if e.state == CacheState::Reading => return Ok(Err(Pending::Wait)),
+                Some(e) => {
+                    // The mapping's reference, taken under the cache lock so that reclaim
+                    // (which frees a cached frame only at its own references) sees it.
+                    self.mm.pool.frame(e.pfn).get();
+                    Some(e.pfn)
+                }
+                None => None,
+            }
+        };
+        let Some(pfn) = pfn else {
+            // A reference of our own keeps the slot (and its contents) from being freed
+            // and reused while no lock is held.
+            sw.dev.dup(slot, 1);
+            let own = region
+                .rmap
+                .anon_vma()
+                .expect("anon_vma_prepare ran at region creation");
+            // A slot named by this block alone, in a block this VM alone uses, is this
+            // VM's page: file it under its own anon_vma. Otherwise other VMs of the fork
+            // tree may name it too: file it under the root, which reaches them all.
+            let exclusive = sw.dev.count(slot) == 2 && slot_guard.sharers() == 1;
+            let anon = if exclusive {
+                Arc::clone(own)
+            } else {
+                AnonVma::root_arc(own)
+            };
+            return Ok(Err(Pending::Read {
+                slot,
+                anon,
+                pgoff: region.pt.pgoff(index),
+            }));
+        };
+        let frame = self.mm.pool.frame(pfn);
+        let block = self.mm.exclusive(slot_guard);
+        debug_assert_eq!(swap_slot(block.get(s)), Some(slot));
+        block.set(s, Pte::present(pfn, false));
+        frame.map();
+        if let Err(e) = self.map_run(region, index, 1, pfn, false) {
+            let _ = region.pt.mmu.unmap_run(region.pt.gfn(index), 1);
+            block.set(s, Pte::swap(slot.0));
+            let mut freed = Vec::new();
+            self.mm.drop_mapping(pfn, &mut freed);
+            self.mm.release_frames(&freed);
+            return Err(self.host_err(e));
+        }
+        // The entry's slot reference goes; the cache keeps the slot (the copy on disk
+        // stays valid while the frame is mapped read-only).
+        self.mm.swap_put(slot);
+        self.mm.rstats.add(&self.mm.rstats.swapins, 1);
+        Ok(Ok(()))
+    }
+
+    /// Runs `attempt` (which locks what it needs and resolves a fault) until it needs
+    /// nothing done without locks: reads swap slots, waits for reads in flight, and
+    /// reclaims memory when an allocation fails, between attempts.
+    pub(super) fn resolve<T>(
+        &self,
+        mut attempt: impl FnMut() -> Result<Result<T, Pending>, SpaceError>,
+    ) -> Result<T, SpaceError> {
+        let mut reclaims = 0;
+        for _ in 0..SWAPIN_RETRIES {
+            match attempt() {
+                Ok(Ok(t)) => return Ok(t),
+                Ok(Err(Pending::Read { slot, anon, pgoff })) => {
+                    match self.mm.swap_read(self, slot, anon, pgoff) {
+                        Ok(_) => {}
+                        Err(e)
+                            if self.mm.can_reclaim_for(&e) && reclaims < DIRECT_RECLAIM_TRIES =>
+                        {
+                            reclaims += 1;
+                            self.mm.direct_reclaim(self, &e);
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(Err(Pending::Wait)) => std::thread::yield_now(),
+                Err(e) if self.mm.can_reclaim_for(&e) && reclaims < DIRECT_RECLAIM_TRIES => {
+                    reclaims += 1;
+                    self.mm.direct_reclaim(self, &e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(SpaceError::SwapStuck { vm: self.id })
+    }
+
+    /// For a software access or fault: whether `access` is satisfied by `pte`.
+    pub(super) fn satisfied(pte: Pte, access: Access) -> bool {
+        match access {
+            Access::Read => pte.is_present(),
+            Access::Write => pte.is_writable(),
+        }
+    }
+}
+
+/// Direct reclaim runs per fault before its allocation failure is reported.
+const DIRECT_RECLAIM_TRIES: u32 = 8;

@@ -1,0 +1,352 @@
+//! Reclaim and swap on the manager, driven by software accesses: every byte must survive
+//! swap-out and swap-in, a frame shared by clones is written once, same-filled pages are
+//! never written, referenced pages stay, and at the end every frame and slot is back.
+//!
+//! The concurrent model runs a reclaimer thread beside threads that fork, write (COW),
+//! read and exit VMs in a pool smaller than what they touch, checking every byte against
+//! a reference model.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use guestmem::mmu::NoopMmu;
+use guestmem::reclaim::ReclaimConfig;
+use guestmem::reclaim::swap::{SwapConfig, SwapDevice};
+use guestmem::{
+    AddressSpace, AllocatorKind, Gfn, Gpa, Manager, ManagerConfig, PAGE_SIZE, Pool, PoolConfig,
+    ReferencedLocking, RegionSpec,
+};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+
+fn manager(frames: u64, slots: u64, design: rmap::Design) -> Arc<Manager> {
+    manager_with(frames, slots, design, ReferencedLocking::Trylock)
+}
+
+fn manager_with(
+    frames: u64,
+    slots: u64,
+    design: rmap::Design,
+    locking: ReferencedLocking,
+) -> Arc<Manager> {
+    let pool = Arc::new(
+        Pool::new(&PoolConfig {
+            nodes: vec![guestmem::NodeConfig {
+                frames,
+                host_node: None,
+            }],
+            allocator: AllocatorKind::Magazine,
+        })
+        .unwrap(),
+    );
+    let mm = Manager::new(
+        pool,
+        ManagerConfig {
+            rmap: rmap::RmapConfig {
+                design,
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+    );
+    let dev = SwapDevice::create(&SwapConfig {
+        slots,
+        ..Default::default()
+    })
+    .unwrap();
+    let mut cfg = ReclaimConfig::for_pool(frames);
+    cfg.referenced = locking;
+    mm.attach_swap(dev, cfg).unwrap();
+    mm
+}
+
+fn ram(pages: u64) -> [RegionSpec; 1] {
+    [RegionSpec {
+        start: Gfn(0),
+        pages,
+    }]
+}
+
+/// The page contents the tests write: a word per 8 bytes from (seed, page).
+fn pattern(seed: u64, page: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ page.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    let mut v = Vec::with_capacity(PAGE_SIZE);
+    for _ in 0..PAGE_SIZE / 8 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v
+}
+
+fn read_page(vm: &AddressSpace, page: u64) -> Vec<u8> {
+    let mut buf = vec![0u8; PAGE_SIZE];
+    vm.read(Gpa(page * PAGE_SIZE as u64), &mut buf).unwrap();
+    buf
+}
+
+/// Everything is back: no frame charged or in use, no slot used, nothing cached.
+fn assert_all_returned(mm: &Manager) {
+    assert_eq!(mm.swap_cache_frames(), 0, "swap cache empty");
+    let dev = mm.swap_device().unwrap();
+    assert_eq!(dev.stats().used, 0, "every slot freed");
+    assert_eq!(
+        mm.pool().free_frames(),
+        mm.pool().total_frames(),
+        "every frame back in the pool"
+    );
+    assert_eq!(mm.lru_sizes(), (0, 0), "LRU lists empty");
+}
+
+#[test]
+fn a_vm_touching_four_times_its_pool_keeps_every_byte() {
+    let mm = manager(256, 4096, rmap::Design::Chain);
+    let vm = mm.create(&ram(1024), Arc::new(NoopMmu)).unwrap();
+    for p in 0..1024 {
+        vm.write(Gpa(p * PAGE_SIZE as u64), &pattern(1, p)).unwrap();
+    }
+    for p in 0..1024 {
+        assert_eq!(read_page(&vm, p), pattern(1, p), "page {p}");
+    }
+    let st = mm.reclaim_stats();
+    assert!(st.written >= 768, "most pages went to swap: {st:?}");
+    assert!(st.major_faults > 0 && st.direct_runs > 0, "{st:?}");
+    assert!(vm.counters().major_faults > 0);
+    assert!(vm.memory().swapped > 0);
+    vm.exit();
+    assert_all_returned(&mm);
+}
+
+#[test]
+fn a_frame_shared_by_clones_is_written_once_and_read_back_once() {
+    for design in [rmap::Design::Chain, rmap::Design::Flat] {
+        let mm = manager(1024, 1024, design);
+        let parent = mm.create(&ram(64), Arc::new(NoopMmu)).unwrap();
+        for p in 0..64 {
+            parent
+                .write(Gpa(p * PAGE_SIZE as u64), &pattern(2, p))
+                .unwrap();
+        }
+        let clones: Vec<_> = (0..8)
+            .map(|_| parent.fork(Arc::new(NoopMmu)).unwrap())
+            .collect();
+        // Some clones copy their block (by writing one page elsewhere), some keep sharing
+        // the parent's: both kinds of mapping must be found and replaced.
+        for c in clones.iter().step_by(2) {
+            c.write(Gpa(63 * PAGE_SIZE as u64), &pattern(2, 63))
+                .unwrap();
+        }
+        let res = mm.shrink_node(0, u64::MAX, None);
+        // Two passes: the first finds them young (just written) and activates them.
+        let res2 = mm.shrink_node(0, u64::MAX, None);
+        assert!(res.reclaimed + res2.reclaimed >= 63, "{res:?} {res2:?}");
+        let st = mm.reclaim_stats();
+        assert_eq!(
+            st.written + st.filled,
+            st.reclaimed,
+            "one write per frame, however many VMs map it: {st:?}"
+        );
+        for c in &clones {
+            assert!(c.memory().swapped >= 63, "{:?}", c.memory());
+        }
+        let before = mm.reclaim_stats().major_faults;
+        for vm in std::iter::once(&parent).chain(&clones) {
+            for p in 0..64 {
+                assert_eq!(read_page(vm, p), pattern(2, p), "{design:?} page {p}");
+            }
+        }
+        // 64 frames of the parent's, and the four private copies of page 63.
+        let reads = mm.reclaim_stats().major_faults - before;
+        assert_eq!(
+            reads, 68,
+            "each slot read once, the other VMs hit the swap cache"
+        );
+        drop(clones);
+        drop(parent);
+        assert_all_returned(&mm);
+    }
+}
+
+#[test]
+fn same_filled_pages_are_stored_as_markers_not_written() {
+    let mm = manager(512, 1024, rmap::Design::Chain);
+    let vm = mm.create(&ram(128), Arc::new(NoopMmu)).unwrap();
+    let fill = 0xabab_cdcd_0101_2323u64.to_le_bytes().repeat(PAGE_SIZE / 8);
+    for p in 0..64 {
+        vm.write(Gpa(p * PAGE_SIZE as u64), &fill).unwrap();
+    }
+    for p in 64..128 {
+        // Touched, all zero.
+        vm.write(Gpa(p * PAGE_SIZE as u64), &[0u8; 8]).unwrap();
+    }
+    mm.shrink_node(0, u64::MAX, None);
+    mm.shrink_node(0, u64::MAX, None);
+    let st = mm.reclaim_stats();
+    assert_eq!(st.written, 0, "{st:?}");
+    assert_eq!(st.filled, 128, "{st:?}");
+    assert_eq!(mm.swap_device().unwrap().stats().bytes_written, 0);
+    for p in 0..64 {
+        assert_eq!(read_page(&vm, p), fill);
+    }
+    for p in 64..128 {
+        assert_eq!(read_page(&vm, p), vec![0u8; PAGE_SIZE]);
+    }
+    drop(vm);
+    assert_all_returned(&mm);
+}
+
+#[test]
+fn referenced_pages_stay_and_cold_ones_go() {
+    for locking in [ReferencedLocking::Trylock, ReferencedLocking::Blocking] {
+        let mm = manager_with(1024, 1024, rmap::Design::Chain, locking);
+        let vm = mm.create(&ram(512), Arc::new(NoopMmu)).unwrap();
+        for p in 0..512 {
+            vm.write(Gpa(p * PAGE_SIZE as u64), &pattern(3, p)).unwrap();
+        }
+        // Age: clear every young bit, as an earlier pass would.
+        for p in 0..512 {
+            let pfn = vm.pte(Gfn(p)).unwrap().pfn().unwrap();
+            mm.frame_referenced(pfn, ReferencedLocking::Blocking);
+        }
+        for p in 0..64 {
+            read_page(&vm, p);
+        }
+        let res = mm.shrink_node(0, 448, None);
+        assert_eq!(res.reclaimed, 448, "{locking:?} {res:?}");
+        for p in 0..64 {
+            assert!(vm.pte(Gfn(p)).unwrap().is_present(), "hot page {p} stayed");
+        }
+        assert_eq!(vm.memory().swapped, 448);
+        for p in 0..512 {
+            assert_eq!(read_page(&vm, p), pattern(3, p));
+        }
+        drop(vm);
+        assert_all_returned(&mm);
+    }
+}
+
+#[test]
+fn a_write_after_swap_in_takes_the_page_out_of_the_cache() {
+    let mm = manager(512, 512, rmap::Design::Chain);
+    let vm = mm.create(&ram(64), Arc::new(NoopMmu)).unwrap();
+    for p in 0..64 {
+        vm.write(Gpa(p * PAGE_SIZE as u64), &pattern(4, p)).unwrap();
+    }
+    mm.shrink_node(0, u64::MAX, None);
+    mm.shrink_node(0, u64::MAX, None);
+    assert_eq!(vm.memory().swapped, 64);
+    // Read in: the slot is kept (the frame is clean).
+    assert_eq!(read_page(&vm, 5), pattern(4, 5));
+    assert_eq!(mm.swap_cache_frames(), 1);
+    let used = mm.swap_device().unwrap().stats().used;
+    // Write: the frame is this VM's alone, so it is reused and its slot freed.
+    vm.write(Gpa(5 * PAGE_SIZE as u64), &[7u8; 16]).unwrap();
+    assert_eq!(mm.swap_cache_frames(), 0);
+    assert_eq!(mm.swap_device().unwrap().stats().used, used - 1);
+    let mut want = pattern(4, 5);
+    want[..16].copy_from_slice(&[7u8; 16]);
+    assert_eq!(read_page(&vm, 5), want);
+    // Reclaiming the clean cached page again costs no write.
+    assert_eq!(read_page(&vm, 6), pattern(4, 6));
+    let written = mm.reclaim_stats().written;
+    for _ in 0..3 {
+        mm.shrink_node(0, u64::MAX, None);
+    }
+    let st = mm.reclaim_stats();
+    assert_eq!(st.written, written + 1, "only the rewritten page 5: {st:?}");
+    assert!(st.clean_dropped >= 1, "{st:?}");
+    assert_eq!(read_page(&vm, 5), want);
+    assert_eq!(read_page(&vm, 6), pattern(4, 6));
+    drop(vm);
+    assert_all_returned(&mm);
+}
+
+/// The concurrent model: a reclaimer thread shrinks all the time while worker threads
+/// fork, write, read and exit their own VM families (each checked against its own model)
+/// in a pool a third of what they touch.
+#[test]
+fn reclaim_beside_fork_cow_reads_and_exits_loses_nothing() {
+    const PAGES: u64 = 96;
+    for design in [rmap::Design::Chain, rmap::Design::Flat] {
+        let mm = manager(384, 8192, design);
+        let stop = Arc::new(AtomicBool::new(false));
+        let reclaimer = {
+            let mm = Arc::clone(&mm);
+            let stop = Arc::clone(&stop);
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    mm.shrink_node(0, 32, None);
+                    std::thread::yield_now();
+                }
+            })
+        };
+        let workers: Vec<_> = (0..3)
+            .map(|t| {
+                let mm = Arc::clone(&mm);
+                std::thread::spawn(move || worker(&mm, t, PAGES))
+            })
+            .collect();
+        for w in workers {
+            w.join().unwrap();
+        }
+        stop.store(true, Ordering::Relaxed);
+        reclaimer.join().unwrap();
+        let st = mm.reclaim_stats();
+        assert!(st.written > 0 && st.major_faults > 0, "{design:?} {st:?}");
+        assert_all_returned(&mm);
+    }
+}
+
+fn worker(mm: &Arc<Manager>, seed: u64, pages: u64) {
+    let mut rng = SmallRng::seed_from_u64(seed);
+    // Each VM and its model: page -> (seed of its contents, or 0 for never written).
+    let mut vms: Vec<(Arc<AddressSpace>, HashMap<u64, u64>)> = Vec::new();
+    vms.push((
+        mm.create(&ram(pages), Arc::new(NoopMmu)).unwrap(),
+        HashMap::new(),
+    ));
+    for step in 0..1500u64 {
+        let i = rng.random_range(0..vms.len());
+        match rng.random_range(0..20) {
+            0..=9 => {
+                let p = rng.random_range(0..pages);
+                let s = seed << 32 | step;
+                vms[i]
+                    .0
+                    .write(Gpa(p * PAGE_SIZE as u64), &pattern(s, p))
+                    .unwrap();
+                vms[i].1.insert(p, s);
+            }
+            10..=16 => {
+                let p = rng.random_range(0..pages);
+                let want = vms[i]
+                    .1
+                    .get(&p)
+                    .map_or_else(|| vec![0u8; PAGE_SIZE], |&s| pattern(s, p));
+                assert_eq!(read_page(&vms[i].0, p), want, "vm {i} page {p} step {step}");
+            }
+            17 | 18 if vms.len() < 4 => {
+                let child = vms[i].0.fork(Arc::new(NoopMmu)).unwrap();
+                let model = vms[i].1.clone();
+                vms.push((child, model));
+            }
+            _ if vms.len() > 1 => {
+                vms.swap_remove(i).0.exit();
+            }
+            _ => {}
+        }
+    }
+    for (vm, model) in &vms {
+        for p in 0..pages {
+            let want = model
+                .get(&p)
+                .map_or_else(|| vec![0u8; PAGE_SIZE], |&s| pattern(s, p));
+            assert_eq!(read_page(vm, p), want, "final check, page {p}");
+        }
+    }
+    for (vm, _) in vms {
+        vm.exit();
+    }
+}
