@@ -41,8 +41,11 @@ impl FrameFlags {
     /// and entries naming that slot are resolved to this frame without I/O. Set and
     /// cleared under the swap cache lock.
     pub const SWAPCACHE: FrameFlags = FrameFlags(1 << 10);
+    /// Locked in memory: mapped at a page some VM keeps resident (`mlock`), so reclaim
+    /// leaves it alone. Cleared when the frame is freed.
+    pub const MLOCKED: FrameFlags = FrameFlags(1 << 11);
 
-    const ALL: u32 = (1 << 11) - 1;
+    const ALL: u32 = (1 << 12) - 1;
 
     /// The raw bits.
     pub fn bits(self) -> u32 {
@@ -56,7 +59,7 @@ impl FrameFlags {
 }
 
 const _: () = assert!(
-    FrameFlags::ALL.count_ones() == 11,
+    FrameFlags::ALL.count_ones() == 12,
     "flag bits must be contiguous"
 );
 
@@ -69,7 +72,7 @@ impl std::ops::BitOr for FrameFlags {
 
 impl std::fmt::Debug for FrameFlags {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        const NAMES: [&str; 11] = [
+        const NAMES: [&str; 12] = [
             "locked",
             "referenced",
             "active",
@@ -81,8 +84,9 @@ impl std::fmt::Debug for FrameFlags {
             "allocated",
             "unbacked",
             "swapcache",
+            "mlocked",
         ];
-        let names: Vec<&str> = (0..11)
+        let names: Vec<&str> = (0..12)
             .filter(|b| self.0 & (1 << b) != 0)
             .map(|b| NAMES[b])
             .collect();

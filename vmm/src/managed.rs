@@ -216,7 +216,15 @@ impl ManagedVm {
             start: Gfn(0),
             pages: cfg.mem_bytes / crate::PAGE_SIZE_U64,
         }];
-        Self::build(hv, cfg, |w| Ok(mm.create(&regions, w.clone())?))
+        Self::build(hv, cfg, |w| {
+            let space = mm.create(&regions, w.clone())?;
+            // The boot region holds the guest's page tables, GDT and program: KVM's
+            // shadow MMU (on software KVM hosts such as this one) reads and updates the
+            // page tables in ways that cannot wait for a userfaultfd fault, so reclaim
+            // must never take them away. Forks inherit the lock.
+            space.mlock(Gfn(0)..Gfn(crate::guest::DATA_START / crate::PAGE_SIZE_U64))?;
+            Ok(space)
+        })
     }
 
     fn build(

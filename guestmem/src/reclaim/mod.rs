@@ -92,4 +92,8 @@ pub struct ReclaimStats {
     pub direct_runs: u64,
     /// Background reclaim runs.
     pub background_runs: u64,
+    /// Frames found locked in memory ([`AddressSpace::mlock`]) and kept.
+    ///
+    /// [`AddressSpace::mlock`]: crate::AddressSpace::mlock
+    pub unevictable: u64,
 }

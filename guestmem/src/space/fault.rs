@@ -67,16 +67,19 @@ impl AddressSpace {
                 pages: self.map_existing(region, slot, index)?,
             },
             PteKind::Swap { slot: sw } => {
-                if let Err(p) = self.swap_fault(region, slot, index, SwapSlot(sw))? {
-                    return Ok(Err(p));
-                }
-                self.counters.add(&self.counters.swapins, 1);
+                let sw = match self.swap_fault(region, slot, index, SwapSlot(sw))? {
+                    Ok(sw) => sw,
+                    Err(p) => return Ok(Err(p)),
+                };
+                self.counters.add(&self.counters.swapins, sw.pages);
                 if access == Access::Write {
                     // Mapped read-only from the swap cache: the write copies it, or takes
                     // it out of the cache if it is this VM's alone.
                     self.write_protect_fault(region, slot, index)?
                 } else {
-                    FaultOutcome::MapExisting { pages: 1 }
+                    // Read-only, from the swap cache: the slot stays valid, so reclaiming
+                    // the page again before it is written costs no I/O.
+                    FaultOutcome::MapExisting { pages: sw.pages }
                 }
             }
             PteKind::Migration { .. } => {
@@ -238,6 +241,7 @@ impl AddressSpace {
             self.free_frames(&freed);
             return Err(self.host_err(e));
         }
+        self.mark_mlocked(region.pt.pgoff(first), pfn, pages);
         self.mm.lru_add_run(pfn, pages);
         Ok(FaultOutcome::ZeroFill { pages })
     }
@@ -343,6 +347,7 @@ impl AddressSpace {
             self.drop_mapping(old, &mut freed);
         }
         self.free_frames(&freed);
+        self.mark_mlocked(region.pt.pgoff(first), new, n);
         self.mm.lru_add_run(new, n);
         let hint = CowHint {
             end: region.pt.gfn(first + n),

@@ -121,6 +121,12 @@ impl AddressSpace {
             exited: AtomicBool::new(false),
             charge,
             cow_hint: AtomicU64::new(0),
+            mlocked: RwLock::new(
+                self.mlocked
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone(),
+            ),
         });
         mm.register_space(&child);
         Ok(child)

@@ -207,6 +207,7 @@ impl Manager {
             exited: AtomicBool::new(false),
             charge: self.charges.register(id, None),
             cow_hint: AtomicU64::new(0),
+            mlocked: RwLock::new(Vec::new()),
         });
         self.register_space(&space);
         Ok(space)

@@ -301,6 +301,8 @@ pub struct AddressSpace {
     /// is ([`CowHint`]), so a sequential rewrite keeps its run size across page-table
     /// blocks ([`CowRun::Adaptive`]). A hint only: racing vCPUs may overwrite it.
     cow_hint: AtomicU64,
+    /// Guest page ranges kept resident ([`AddressSpace::mlock`]); inherited by forks.
+    mlocked: RwLock<Vec<std::ops::Range<u64>>>,
 }
 
 impl AddressSpace {

@@ -48,6 +48,7 @@ pub struct ReclaimCounters {
     pub(super) major_faults: AtomicU64,
     pub(super) direct_runs: AtomicU64,
     pub(super) background_runs: AtomicU64,
+    pub(super) unevictable: AtomicU64,
 }
 
 impl ReclaimCounters {
@@ -74,6 +75,7 @@ impl ReclaimCounters {
             major_faults: r(&self.major_faults),
             direct_runs: r(&self.direct_runs),
             background_runs: r(&self.background_runs),
+            unevictable: r(&self.unevictable),
         }
     }
 }
@@ -337,6 +339,10 @@ impl Manager {
     /// The decision for one isolated, locked frame: keep it, or unmap it and say what is
     /// left to do.
     fn reclaim_one(&self, sw: &SwapState, pfn: Pfn, f: &Frame) -> Verdict {
+        if f.flags().contains(FrameFlags::MLOCKED) {
+            self.rstats.add(&self.rstats.unevictable, 1);
+            return Verdict::Keep(LruList::Active);
+        }
         let r = self.referenced_locked(pfn, f, sw.config.referenced);
         if r.is_referenced() {
             return Verdict::Keep(LruList::Active);
@@ -565,5 +571,47 @@ impl Manager {
             let s = l.sizes();
             (i + s.inactive, a + s.active)
         })
+    }
+}
+
+impl AddressSpace {
+    /// Keeps the guest pages `range` resident (Linux's `mlock`): reclaim never swaps their
+    /// frames out. For memory the host reads or writes on the guest's behalf in ways that
+    /// cannot wait for a fault (on this machine's software KVM, the guest's page tables,
+    /// which its shadow MMU walks and updates). Applies to pages present now and to every
+    /// page faulted in later; forks inherit it.
+    pub fn mlock(&self, range: std::ops::Range<crate::Gfn>) -> Result<(), SpaceError> {
+        self.mlocked
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(range.start.0..range.end.0);
+        let regions = self.read_regions()?;
+        for r in &regions.list {
+            let start = r.pt.start.0;
+            let end = start + r.pt.table.pages();
+            for gfn in range.start.0.max(start)..range.end.0.min(end) {
+                let (slot, s) = self.lock_entry(r, gfn - start)?;
+                if let Some(pfn) = slot.pte(s).pfn() {
+                    self.mm.pool.frame(pfn).set(FrameFlags::MLOCKED);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Marks the new frames `pfn ..` mapped at `gfn ..` locked if their pages are.
+    pub(super) fn mark_mlocked(&self, gfn: u64, pfn: Pfn, pages: u64) {
+        let locked = self.mlocked.read().unwrap_or_else(|e| e.into_inner());
+        if locked.is_empty() {
+            return;
+        }
+        for i in 0..pages {
+            if locked.iter().any(|r| r.contains(&(gfn + i))) {
+                self.mm
+                    .pool
+                    .frame(pfn.offset(i as u32))
+                    .set(FrameFlags::MLOCKED);
+            }
+        }
     }
 }

@@ -11,6 +11,7 @@
 
 use std::sync::Arc;
 
+use super::reclaim::SwapState;
 use super::{Access, AddressSpace, AnonVma, Manager, Region, SpaceError};
 use crate::frame::FrameFlags;
 use crate::pagetable::{Block, PTES_PER_BLOCK, Pte, Slot};
@@ -26,15 +27,25 @@ pub(super) enum Pending {
     /// Read this slot into the swap cache, then retry. The fault holds a reference on
     /// the slot (taken with the block locked), which the read gives back.
     Read {
-        /// The slot.
-        slot: SwapSlot,
-        /// Where the new frame is filed in the reverse map.
+        /// The slots of a naturally aligned run of consecutive swap entries, none of
+        /// them cached (readahead).
+        run: Vec<SwapSlot>,
+        /// The faulting entry's place in `run`.
+        at: usize,
+        /// Where the new frames are filed in the reverse map.
         anon: Arc<AnonVma>,
-        /// Its page offset.
+        /// The run's first page offset.
         pgoff: u64,
     },
     /// The slot's frame is in the cache but still being read: retry without locks.
     Wait,
+}
+
+/// What a swap fault mapped.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct SwapIn {
+    /// Pages mapped (the faulting one and its readahead neighbours).
+    pub(super) pages: u64,
 }
 
 /// How many times a fault retries a swap-in (waits included) before it reports the
@@ -185,68 +196,112 @@ impl Manager {
         f.put() == 0
     }
 
-    /// Reads `slot` into a new frame charged to `vm` and files it in the swap cache
-    /// (state `Clean`), or finds that another fault did. Gives back the fault's slot
-    /// reference. Called with no page-table lock held.
+    /// Reads the consecutive entries' slots `run` (entry `at` of them is the faulting
+    /// one) into contiguous new frames charged to `vm` and files them in the swap cache
+    /// (state `Clean`), skipping slots another fault filed meanwhile: swap readahead, so
+    /// that the run comes back as one host mapping. Falls back to the faulting slot alone
+    /// when no contiguous run of frames is free. Gives back the fault's reference on
+    /// every slot of `run`. Called with no page-table lock held.
     pub(super) fn swap_read(
         &self,
         vm: &AddressSpace,
-        slot: SwapSlot,
+        run: &[SwapSlot],
+        at: usize,
         anon: Arc<AnonVma>,
-        pgoff: u64,
-    ) -> Result<bool, SpaceError> {
+        first_pgoff: u64,
+    ) -> Result<(), SpaceError> {
         let Some(sw) = self.swap.get() else {
             unreachable!("a swap entry exists only with swap attached");
         };
-        let done = |r| {
+        let result = self.swap_read_run(sw, vm, run, at, &anon, first_pgoff);
+        for &slot in run {
             self.swap_put(slot);
-            r
-        };
-        if sw.cache.lock().get(slot).is_some() {
-            return done(Ok(false));
         }
-        let pfn = match vm.alloc(Order::ZERO, FrameInit::Overwritten) {
-            Ok(p) => p,
-            Err(e) => return done(Err(e)),
+        result
+    }
+
+    fn swap_read_run(
+        &self,
+        sw: &SwapState,
+        vm: &AddressSpace,
+        run: &[SwapSlot],
+        at: usize,
+        anon: &Arc<AnonVma>,
+        first_pgoff: u64,
+    ) -> Result<(), SpaceError> {
+        debug_assert!(run.len().is_power_of_two() && at < run.len());
+        if sw.cache.lock().get(run[at]).is_some() {
+            return Ok(());
+        }
+        let order = Order::new(run.len().trailing_zeros()).unwrap_or(Order::ZERO);
+        // `first`: the place in `run` of the first slot read.
+        let (base, first, slots) = match vm.alloc(order, FrameInit::Overwritten) {
+            Ok(p) => (p, 0, run),
+            Err(_) if run.len() > 1 => (
+                vm.alloc(Order::ZERO, FrameInit::Overwritten)?,
+                at,
+                &run[at..=at],
+            ),
+            Err(e) => return Err(e),
         };
-        let frame = self.pool.frame(pfn);
+        // Each frame of the run goes into the cache (as `Reading`: no fault maps it yet)
+        // or, if its slot is cached already, straight back to the pool.
+        let mut reading = Vec::with_capacity(slots.len());
+        let mut unused = Vec::new();
         {
             let mut cache = sw.cache.lock();
-            if !cache.insert(slot, pfn, CacheState::Reading) {
-                drop(cache);
-                self.release_frames(&[pfn]);
-                return done(Ok(false));
-            }
-            frame.set(FrameFlags::SWAPCACHE | FrameFlags::SWAP_BACKED);
-            // The cache's slot reference; the frame's reference from `alloc` is the
-            // cache's frame reference.
-            sw.dev.dup(slot, 1);
-        }
-        let old = frame.set_rmap_link(AnonVma::into_raw(anon), pgoff);
-        debug_assert_eq!(old, 0, "a new frame has no rmap link");
-        // SAFETY: `pfn` is ours alone (in the cache as `Reading`, which no fault maps) and
-        // a whole page; the device writes it and nothing else touches it meanwhile.
-        let read = unsafe { sw.dev.read(slot, self.pool.page_ptr(pfn)) };
-        let mut cache = sw.cache.lock();
-        match read {
-            Ok(()) => {
-                cache.set_state(slot, CacheState::Clean);
-                drop(cache);
-                self.lru_of(pfn).push(pfn, frame, LruList::Active);
-                self.rstats.add(&self.rstats.major_faults, 1);
-                done(Ok(true))
-            }
-            Err(source) => {
-                cache.remove(slot);
-                frame.clear(FrameFlags::SWAPCACHE);
-                drop(cache);
-                sw.dev.put(slot);
-                if frame.put() == 0 {
-                    super::release_link(frame);
-                    self.release_frames(&[pfn]);
+            for (i, &slot) in slots.iter().enumerate() {
+                let pfn = base.offset(i as u32);
+                if cache.insert(slot, pfn, CacheState::Reading) {
+                    let frame = self.pool.frame(pfn);
+                    frame.set(FrameFlags::SWAPCACHE | FrameFlags::SWAP_BACKED);
+                    // The cache's slot reference; the frame's reference from `alloc` is
+                    // the cache's frame reference.
+                    sw.dev.dup(slot, 1);
+                    reading.push((slot, pfn, (first + i) as u64));
+                } else {
+                    unused.push(pfn);
                 }
-                done(Err(SpaceError::Swap { vm: vm.id, source }))
             }
+        }
+        self.release_frames(&unused);
+        let mut failed = None;
+        for &(slot, pfn, i) in &reading {
+            let frame = self.pool.frame(pfn);
+            let old = frame.set_rmap_link(AnonVma::into_raw(Arc::clone(anon)), first_pgoff + i);
+            debug_assert_eq!(old, 0, "a new frame has no rmap link");
+            vm.mark_mlocked(first_pgoff + i, pfn, 1);
+            // SAFETY: `pfn` is ours alone (in the cache as `Reading`, which no fault maps)
+            // and a whole page; the device writes it and nothing else touches it.
+            let read = unsafe { sw.dev.read(slot, self.pool.page_ptr(pfn)) };
+            let mut cache = sw.cache.lock();
+            match read {
+                Ok(()) => {
+                    cache.set_state(slot, CacheState::Clean);
+                    drop(cache);
+                    self.lru_of(pfn).push(pfn, frame, LruList::Active);
+                    self.rstats.add(&self.rstats.major_faults, 1);
+                }
+                Err(source) => {
+                    cache.remove(slot);
+                    frame.clear(FrameFlags::SWAPCACHE);
+                    drop(cache);
+                    sw.dev.put(slot);
+                    if frame.put() == 0 {
+                        super::release_link(frame);
+                        self.release_frames(&[pfn]);
+                    }
+                    // Only the faulting page's failure is the fault's; a neighbour is
+                    // read again when it is touched.
+                    if slot == run[at] {
+                        failed = Some(source);
+                    }
+                }
+            }
+        }
+        match failed {
+            Some(source) => Err(SpaceError::Swap { vm: vm.id, source }),
+            None => Ok(()),
         }
     }
 }
@@ -268,65 +323,136 @@ impl AddressSpace {
         slot_guard: &mut Slot,
         index: u64,
         slot: SwapSlot,
-    ) -> Result<Result<(), Pending>, SpaceError> {
+    ) -> Result<Result<SwapIn, Pending>, SpaceError> {
         let Some(sw) = self.mm.swap.get() else {
             unreachable!("a swap entry exists only with swap attached");
         };
         let s = (index % PTES_PER_BLOCK as u64) as usize;
-        let pfn = {
-            let cache = sw.cache.lock();
-            match cache.get(slot) {
-                Some(e) if e.state == CacheState::Reading => return Ok(Err(Pending::Wait)),
-                Some(e) => {
-                    // The mapping's reference, taken under the cache lock so that reclaim
-                    // (which frees a cached frame only at its own references) sees it.
-                    self.mm.pool.frame(e.pfn).get();
-                    Some(e.pfn)
+        let len = region
+            .pt
+            .table
+            .block_len((index / PTES_PER_BLOCK as u64) as usize);
+        let cache = sw.cache.lock();
+        let pfn = match cache.get(slot) {
+            Some(e) if e.state == CacheState::Reading => return Ok(Err(Pending::Wait)),
+            Some(e) => e.pfn,
+            None => {
+                // Readahead: the largest naturally aligned run around the fault, up to
+                // SWAP_CLUSTER entries, whose entries are all swap entries with no cached
+                // frame, so that they come back as contiguous frames (one host mapping).
+                let mut n = SWAP_CLUSTER.min(len);
+                let run = loop {
+                    let first = s & !(n - 1);
+                    let slots: Option<Vec<SwapSlot>> = (first..first + n)
+                        .map(|t| {
+                            (t < len)
+                                .then(|| swap_slot(slot_guard.pte(t)))
+                                .flatten()
+                                .filter(|&sl| cache.get(sl).is_none())
+                        })
+                        .collect();
+                    match slots {
+                        Some(v) => break (first, v),
+                        None if n > 1 => n /= 2,
+                        None => unreachable!("the faulting entry is a swap entry, not cached"),
+                    }
+                };
+                drop(cache);
+                let (first, run) = run;
+                // A reference of our own on each slot keeps it (and its contents) from
+                // being freed and reused while no lock is held.
+                for &sl in &run {
+                    sw.dev.dup(sl, 1);
                 }
-                None => None,
+                let own = region
+                    .rmap
+                    .anon_vma()
+                    .expect("anon_vma_prepare ran at region creation");
+                // Slots named by this block alone, in a block this VM alone uses, are this
+                // VM's pages: file them under its own anon_vma. Otherwise other VMs of the
+                // fork tree may name them too: file them under the root, which reaches
+                // them all.
+                let exclusive =
+                    slot_guard.sharers() == 1 && run.iter().all(|&sl| sw.dev.count(sl) == 2);
+                let anon = if exclusive {
+                    Arc::clone(own)
+                } else {
+                    AnonVma::root_arc(own)
+                };
+                let first_index = index - (s - first) as u64;
+                return Ok(Err(Pending::Read {
+                    at: s - first,
+                    run,
+                    anon,
+                    pgoff: region.pt.pgoff(first_index),
+                }));
             }
         };
-        let Some(pfn) = pfn else {
-            // A reference of our own keeps the slot (and its contents) from being freed
-            // and reused while no lock is held.
-            sw.dev.dup(slot, 1);
-            let own = region
-                .rmap
-                .anon_vma()
-                .expect("anon_vma_prepare ran at region creation");
-            // A slot named by this block alone, in a block this VM alone uses, is this
-            // VM's page: file it under its own anon_vma. Otherwise other VMs of the fork
-            // tree may name it too: file it under the root, which reaches them all.
-            let exclusive = sw.dev.count(slot) == 2 && slot_guard.sharers() == 1;
-            let anon = if exclusive {
-                Arc::clone(own)
-            } else {
-                AnonVma::root_arc(own)
-            };
-            return Ok(Err(Pending::Read {
-                slot,
-                anon,
-                pgoff: region.pt.pgoff(index),
-            }));
+        // The faulting entry and its neighbours whose slots have cached frames at the
+        // neighbouring frame numbers (a readahead run) are mapped together.
+        let window = s & !(SWAP_CLUSTER - 1);
+        let cached_at = |t: usize| -> Option<(SwapSlot, Pfn)> {
+            let sl = swap_slot(slot_guard.pte(t))?;
+            let e = cache.get(sl)?;
+            let want = i64::from(pfn.0) + t as i64 - s as i64;
+            (e.state == CacheState::Clean && i64::from(e.pfn.0) == want).then_some((sl, e.pfn))
         };
-        let frame = self.mm.pool.frame(pfn);
+        let mut lo = s;
+        let mut hi = s + 1;
+        if INSTALL_RUNS {
+            while lo > window && cached_at(lo - 1).is_some() {
+                lo -= 1;
+            }
+            while hi < (window + SWAP_CLUSTER).min(len) && cached_at(hi).is_some() {
+                hi += 1;
+            }
+        }
+        let run: Vec<(SwapSlot, Pfn)> = (lo..hi)
+            .map(|t| {
+                if t == s {
+                    Some((slot, pfn))
+                } else {
+                    cached_at(t)
+                }
+            })
+            .collect::<Option<_>>()
+            .unwrap_or_else(|| vec![(slot, pfn)]);
+        let (lo, hi) = if run.len() == hi - lo {
+            (lo, hi)
+        } else {
+            (s, s + 1)
+        };
+        for &(_, p) in &run {
+            // The mapping's reference, taken under the cache lock so that reclaim (which
+            // frees a cached frame only at its own references) sees it.
+            self.mm.pool.frame(p).get();
+        }
+        drop(cache);
         let block = self.mm.exclusive(slot_guard);
-        debug_assert_eq!(swap_slot(block.get(s)), Some(slot));
-        block.set(s, Pte::present(pfn, false));
-        frame.map();
-        if let Err(e) = self.map_run(region, index, 1, pfn, false) {
-            let _ = region.pt.mmu.unmap_run(region.pt.gfn(index), 1);
-            block.set(s, Pte::swap(slot.0));
+        for (k, &(sl, p)) in run.iter().enumerate() {
+            debug_assert_eq!(swap_slot(block.get(lo + k)), Some(sl));
+            block.set(lo + k, Pte::present(p, false));
+            self.mm.pool.frame(p).map();
+        }
+        let first_index = index - (s - lo) as u64;
+        let pages = (hi - lo) as u64;
+        if let Err(e) = self.map_run(region, first_index, pages, run[0].1, false) {
+            let _ = region.pt.mmu.unmap_run(region.pt.gfn(first_index), pages);
             let mut freed = Vec::new();
-            self.mm.drop_mapping(pfn, &mut freed);
+            for (k, &(sl, p)) in run.iter().enumerate() {
+                block.set(lo + k, Pte::swap(sl.0));
+                self.mm.drop_mapping(p, &mut freed);
+            }
             self.mm.release_frames(&freed);
             return Err(self.host_err(e));
         }
-        // The entry's slot reference goes; the cache keeps the slot (the copy on disk
-        // stays valid while the frame is mapped read-only).
-        self.mm.swap_put(slot);
-        self.mm.rstats.add(&self.mm.rstats.swapins, 1);
-        Ok(Ok(()))
+        // The entries' slot references go; the cache keeps the slots (the copies on disk
+        // stay valid while the frames are mapped read-only).
+        for &(sl, _) in &run {
+            self.mm.swap_put(sl);
+        }
+        self.mm.rstats.add(&self.mm.rstats.swapins, pages);
+        Ok(Ok(SwapIn { pages }))
     }
 
     /// Runs `attempt` (which locks what it needs and resolves a fault) until it needs
@@ -340,18 +466,19 @@ impl AddressSpace {
         for _ in 0..SWAPIN_RETRIES {
             match attempt() {
                 Ok(Ok(t)) => return Ok(t),
-                Ok(Err(Pending::Read { slot, anon, pgoff })) => {
-                    match self.mm.swap_read(self, slot, anon, pgoff) {
-                        Ok(_) => {}
-                        Err(e)
-                            if self.mm.can_reclaim_for(&e) && reclaims < DIRECT_RECLAIM_TRIES =>
-                        {
-                            reclaims += 1;
-                            self.mm.direct_reclaim(self, &e);
-                        }
-                        Err(e) => return Err(e),
+                Ok(Err(Pending::Read {
+                    run,
+                    at,
+                    anon,
+                    pgoff,
+                })) => match self.mm.swap_read(self, &run, at, anon, pgoff) {
+                    Ok(()) => {}
+                    Err(e) if self.mm.can_reclaim_for(&e) && reclaims < DIRECT_RECLAIM_TRIES => {
+                        reclaims += 1;
+                        self.mm.direct_reclaim(self, &e);
                     }
-                }
+                    Err(e) => return Err(e),
+                },
                 Ok(Err(Pending::Wait)) => std::thread::yield_now(),
                 Err(e) if self.mm.can_reclaim_for(&e) && reclaims < DIRECT_RECLAIM_TRIES => {
                     reclaims += 1;
@@ -371,6 +498,14 @@ impl AddressSpace {
         }
     }
 }
+
+/// The most swap entries one fault reads ahead (and, with [`INSTALL_RUNS`], maps
+/// together).
+const SWAP_CLUSTER: usize = 64;
+
+/// Whether a fault maps the readahead neighbours of its page along with it (one host
+/// mapping for the run).
+const INSTALL_RUNS: bool = true;
 
 /// Direct reclaim runs per fault before its allocation failure is reported.
 const DIRECT_RECLAIM_TRIES: u32 = 8;
