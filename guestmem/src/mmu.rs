@@ -79,6 +79,24 @@ pub trait HostMmu: Send + Sync + fmt::Debug {
     fn revoke(&self, gfn: Gfn, pages: u64) -> Result<(), HostMmuError> {
         self.unmap_run(gfn, pages)
     }
+
+    /// Reports which pages of `gfn .. gfn + pages` were accessed through the view since
+    /// the previous call for them (or since they were mapped), and re-arms them: `out`
+    /// becomes a bitmap of `pages.div_ceil(64)` words, bit `i` (word `i / 64`, bit
+    /// `i % 64`) set when page `gfn + i` was accessed. Absent pages are never reported.
+    /// Call it with the run's page-table lock(s) held, as the manager makes its other
+    /// calls. `Ok(false)`: this view has no access information (the default; `out` is
+    /// left empty), so the caller must not treat the pages as idle.
+    fn harvest_accessed(
+        &self,
+        gfn: Gfn,
+        pages: u64,
+        out: &mut Vec<u64>,
+    ) -> Result<bool, HostMmuError> {
+        let _ = (gfn, pages);
+        out.clear();
+        Ok(false)
+    }
 }
 
 /// A [`HostMmu`] with no host view: for address spaces driven only by software access.
