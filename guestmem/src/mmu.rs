@@ -80,18 +80,22 @@ pub trait HostMmu: Send + Sync + fmt::Debug {
         self.unmap_run(gfn, pages)
     }
 
-    /// Which of the `pages` pages from `gfn` the guest accessed since the previous call
-    /// (bit `i` of `out`, a bitmap of `pages.div_ceil(64)` words, is page `gfn + i`), and
-    /// re-arms the range so the next call reports only accesses after this one. `Ok(false)`
-    /// if this view has no access information (software accesses set the manager's young
-    /// bits themselves); the default.
+    /// Reports which pages of `gfn .. gfn + pages` were accessed through the view since
+    /// the previous call for them (or since they were mapped), and re-arms them: `out`
+    /// becomes a bitmap of `pages.div_ceil(64)` words, bit `i` (word `i / 64`, bit
+    /// `i % 64`) set when page `gfn + i` was accessed. Absent pages are never reported.
+    /// The manager calls it for whole regions without page-table locks (a remap racing
+    /// with it loses nothing; an access between its scan and re-arm is reported now
+    /// rather than next time). `Ok(false)`: this view has no access information (the default; `out` is
+    /// left empty), so the caller must not treat the pages as idle.
     fn harvest_accessed(
         &self,
         gfn: Gfn,
         pages: u64,
         out: &mut Vec<u64>,
     ) -> Result<bool, HostMmuError> {
-        let _ = (gfn, pages, out);
+        let _ = (gfn, pages);
+        out.clear();
         Ok(false)
     }
 }
