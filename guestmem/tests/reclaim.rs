@@ -436,3 +436,34 @@ fn mlocked_pages_are_never_swapped_and_forks_inherit_the_lock() {
     drop(vm);
     assert_all_returned(&mm);
 }
+
+#[test]
+fn a_vm_over_its_frame_limit_reclaims_its_own_pages_and_a_sibling_keeps_its_own() {
+    let mm = manager(2048, 4096, rmap::Design::Chain);
+    let sibling = mm.create(&ram(256), Arc::new(NoopMmu)).unwrap();
+    for p in 0..256 {
+        sibling
+            .write(Gpa(p * PAGE_SIZE as u64), &pattern(6, p))
+            .unwrap();
+    }
+    let vm = mm.create(&ram(1024), Arc::new(NoopMmu)).unwrap();
+    vm.set_limit(Some(128));
+    for p in 0..1024 {
+        vm.write(Gpa(p * PAGE_SIZE as u64), &pattern(7, p)).unwrap();
+    }
+    assert!(vm.charge().usage <= 128, "{:?}", vm.charge());
+    assert_eq!(
+        sibling.memory().swapped,
+        0,
+        "the sibling's pages were not taken"
+    );
+    for p in 0..1024 {
+        assert!(read_page(&vm, p) == pattern(7, p), "page {p}");
+    }
+    for p in 0..256 {
+        assert!(read_page(&sibling, p) == pattern(6, p));
+    }
+    drop(vm);
+    drop(sibling);
+    assert_all_returned(&mm);
+}

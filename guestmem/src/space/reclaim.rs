@@ -211,7 +211,9 @@ impl Manager {
         let budget = 2 * u64::from(self.pool.nodes()[node].frames()) + batch as u64;
         while res.reclaimed < want && res.scanned < budget {
             let sizes = lru.sizes();
-            if sizes.inactive < sizes.active {
+            // Reclaim for one VM ages every pass: the inactive list may hold only other
+            // VMs' frames, which it passes over.
+            if sizes.inactive < sizes.active || filter.is_some() {
                 self.age_active(lru, batch, sw.config.referenced);
             }
             let mut isolated = Vec::with_capacity(batch);
