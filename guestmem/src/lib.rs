@@ -18,11 +18,20 @@
 //!       page-table slot lock (one per 512 gfns; Slot in pagetable.rs)
 //!         [frame lock only by try_lock here: COW reuse in write_protect_fault]
 //!         HostMmu calls (the VMM's window: host mmap lock, KVM memslot lock)
+//!         swap cache lock (reclaim/swapcache.rs; a leaf but for the two below)
+//!           swap device free map (reclaim/swap.rs: a slot's last put)
+//!           LRU lock (per node, reclaim/lru.rs: a frame freed under it)
 //! charge table RwLock (charge.rs; a leaf: taken inside any of the above, nothing inside it)
 //! CPU slot spinlock (magazine / per-cpu list)   [alloc.rs; taken inside any of the above]
 //!   depot lock (magazines)
 //!     zone lock (buddy)
 //! ```
+//!
+//! Reclaim (`space/reclaim.rs`) isolates a frame from the LRU with a reference, takes its
+//! frame lock, walks the reverse map and locks each mapping's slot (try-lock in seed 1's
+//! mode for the referenced check, blocking for the unmap); no page-table lock is held
+//! across swap I/O: a fault on a swap entry takes a slot reference, lets go of every lock,
+//! reads, and retries (`space/swapin.rs`).
 //!
 //! Walkers (`Manager::frame_referenced`, `Manager::mappers`) take a frame reference and
 //! the frame lock, then walk the reverse map (root lock), then lock each mapping's slot.
