@@ -236,23 +236,32 @@ impl Manager {
         res
     }
 
-    /// `shrink_active_list`: moves `n` frames from the active tail to the inactive head,
-    /// clearing their young bits on the way (anon frames are deactivated whether or not
-    /// they were referenced, as Linux does; the inactive pass gives them a second chance).
+    /// `shrink_active_list`: takes `n` frames from the active tail, tests and clears
+    /// their young state, and moves the unreferenced ones to the inactive head; a
+    /// referenced one goes back to the active head (second chance). Unlike Linux, which
+    /// deactivates anon pages whatever their young bits say and relies on the hardware
+    /// setting them again before the inactive pass, guest accesses here are known only
+    /// from harvests, which a pass that cleared them would forget until the next one.
     fn age_active(&self, lru: &Lru, n: usize, locking: ReferencedLocking) {
         let mut isolated = Vec::with_capacity(n);
         lru.isolate(LruList::Active, n, |p| self.pool.frame(p), &mut isolated);
+        let mut deactivated = 0;
         for &pfn in &isolated {
             let f = self.pool.frame(pfn);
-            if f.try_lock() {
-                let _ = self.referenced_locked(pfn, f, locking);
+            let referenced = f.try_lock() && {
+                let r = self.referenced_locked(pfn, f, locking).is_referenced();
                 f.unlock();
+                r
+            };
+            if referenced {
+                lru.putback(pfn, f, LruList::Active);
+            } else {
+                lru.putback(pfn, f, LruList::Inactive);
+                deactivated += 1;
             }
-            lru.putback(pfn, f, LruList::Inactive);
             self.put_frame(pfn);
         }
-        self.rstats
-            .add(&self.rstats.deactivated, isolated.len() as u64);
+        self.rstats.add(&self.rstats.deactivated, deactivated);
     }
 
     /// Reclaims what it can of `isolated` (each with a reference held); returns the frames
