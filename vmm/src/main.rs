@@ -73,6 +73,8 @@ fn main() -> ExitCode {
                 mem: cli::fork::DEMO_MEM.into(),
                 vcpus: cli::fork::DEMO_VCPUS,
                 pool: None,
+                swap: None,
+                host_memory: None,
                 allocator: AllocatorArg::Magazine,
                 rmap: RmapArg::Chain,
                 cpu: None,
@@ -92,7 +94,12 @@ fn main() -> ExitCode {
                 events: *events,
                 parent: vmm::ParentMode::Rebirth,
             });
-            finish(*json, *events, report, error, print_fork)
+            let (verified, error) = finish(*json, *events, report, error, print_fork);
+            if !verified || error.is_some() || *json || *events || corrupt.is_some() {
+                (verified, error)
+            } else {
+                demo_overcommit()
+            }
         }
         // They keep their own exit statuses (see their modules).
         Cmd::Serve(a) => return cli::serve::cmd_serve(a),
@@ -131,6 +138,47 @@ impl Verdict for ForkReport {
 /// Writes the report (text, `--json`, or the last `--events` line) and gives the verdict
 /// and the error to exit with (the command's own first, else a report that could not be
 /// written).
+/// The demo's overcommit phase (text output only): a fork whose VMs together touch about
+/// twice the host memory they are given, so reclaim swaps all the time.
+fn demo_overcommit() -> (bool, Option<CliError>) {
+    use cli::fork::{
+        DEMO_OC_CLONES, DEMO_OC_HOST, DEMO_OC_MEM, DEMO_OC_PHASE1, DEMO_OC_PHASE2, DEMO_OC_TOUCHED,
+    };
+    use std::io::Write;
+    let _ = writeln!(
+        std::io::stdout(),
+        "\nOvercommit: 1 parent + {DEMO_OC_CLONES} clones of {DEMO_OC_MEM} touch about \
+         {DEMO_OC_TOUCHED} in {DEMO_OC_HOST} of host memory (--host-memory {DEMO_OC_HOST}, a \
+         swap file in the temp dir):\n"
+    );
+    let common = Common {
+        mem: DEMO_OC_MEM.into(),
+        vcpus: 1,
+        pool: None,
+        swap: None,
+        host_memory: Some(DEMO_OC_HOST.into()),
+        allocator: AllocatorArg::Magazine,
+        rmap: RmapArg::Chain,
+        cpu: None,
+        timeout: None,
+        json: false,
+        events: false,
+        corrupt: None,
+    };
+    let (report, error) = cmd_fork(&ForkParams {
+        common: &common,
+        clones: DEMO_OC_CLONES,
+        phase1: DEMO_OC_PHASE1,
+        phase2: DEMO_OC_PHASE2,
+        grandchild: false,
+        shells: false,
+        demo: false,
+        events: false,
+        parent: vmm::ParentMode::Rebirth,
+    });
+    finish(false, false, report, error, print_fork)
+}
+
 fn finish<T: serde::Serialize + Verdict>(
     json: bool,
     events: bool,

@@ -88,7 +88,12 @@ impl Drop for Reclaimer {
             mm.kswapd().wake();
         }
         if let Some(t) = self.thread.take() {
-            let _ = t.join();
+            // The manager owning this reclaimer may be dropped by the reclaimer's own
+            // thread (it held the last reference for a moment): that thread stops by
+            // itself at its next look, it cannot be joined from itself.
+            if t.thread().id() != std::thread::current().id() {
+                let _ = t.join();
+            }
         }
     }
 }

@@ -82,6 +82,8 @@ pub struct Manager {
     /// Every address space created or forked, for access harvesting (dead ones are
     /// pruned as they are found).
     pub(super) spaces: Mutex<Vec<Weak<AddressSpace>>>,
+    /// The background reclaimer the manager owns, once started.
+    pub(super) reclaimer: OnceLock<crate::reclaim::Reclaimer>,
 }
 
 impl Manager {
@@ -99,6 +101,7 @@ impl Manager {
             rstats: ReclaimCounters::default(),
             kswapd: Arc::new(KswapdWake::default()),
             spaces: Mutex::new(Vec::new()),
+            reclaimer: OnceLock::new(),
             pool,
             rmap: rmap::Rmap::new(config.rmap),
             counters: Counters::default(),
@@ -224,6 +227,16 @@ impl Manager {
     pub fn spaces(&self) -> Vec<Arc<AddressSpace>> {
         let spaces = self.spaces.lock().unwrap_or_else(|e| e.into_inner());
         spaces.iter().filter_map(Weak::upgrade).collect()
+    }
+
+    /// Starts the background reclaimer (kswapd) owned by the manager: it runs until the
+    /// manager is dropped. A second call does nothing.
+    pub fn start_reclaimer(self: &Arc<Self>) -> std::io::Result<()> {
+        if self.reclaimer.get().is_none() {
+            let r = crate::reclaim::Reclaimer::start(self)?;
+            let _ = self.reclaimer.set(r);
+        }
+        Ok(())
     }
 
     /// The background reclaimer's wake-up.

@@ -55,6 +55,13 @@ pub(crate) enum ParentArg {
     InPlace,
 }
 
+impl Common {
+    /// Whether swap is on (`--swap` or `--host-memory`).
+    pub(crate) fn swap_on(&self) -> bool {
+        self.swap.is_some() || self.host_memory.is_some()
+    }
+}
+
 impl From<ParentArg> for vmm::ParentMode {
     fn from(p: ParentArg) -> vmm::ParentMode {
         match p {
@@ -85,6 +92,15 @@ pub(crate) struct Common {
     /// one page). The pool is sparse: host memory is used only for frames handed out.
     #[arg(long)]
     pub pool: Option<String>,
+    /// Swap guest pages the pool cannot hold to PATH (created; must not exist; removed at
+    /// exit). Without PATH: a new file in the system temp dir. With swap the pool may be
+    /// smaller than what the VMs touch.
+    #[arg(long, value_name = "PATH", num_args = 0..=1, default_missing_value = "")]
+    pub swap: Option<String>,
+    /// The resident budget: a frame pool of SIZE (instead of --pool) with swap on
+    /// (--swap's PATH, or the temp dir).
+    #[arg(long, value_name = "SIZE")]
+    pub host_memory: Option<String>,
     /// Frame allocator design.
     #[arg(long, value_enum, default_value = "magazine")]
     pub allocator: AllocatorArg,

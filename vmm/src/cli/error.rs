@@ -48,6 +48,9 @@ pub(crate) enum CliError {
         #[source]
         source: PoolError,
     },
+    /// The swap file could not be created (exit 2).
+    #[error(transparent)]
+    Swap(guestmem::reclaim::swap::SwapError),
     /// Creating a VM failed (exit 2 on a host limit, else 1).
     #[error(transparent)]
     Vm(#[from] VmError),
@@ -112,7 +115,8 @@ impl CliError {
             | CliError::Host(_)
             | CliError::Kvm(_)
             | CliError::PoolTooLarge { .. }
-            | CliError::Pool { .. } => 2,
+            | CliError::Pool { .. }
+            | CliError::Swap(_) => 2,
             CliError::Vm(e) => host_or_failed(e.is_host_limit()),
             CliError::Fork(e) => host_or_failed(e.is_host_limit()),
             CliError::Guest { source, .. } => host_or_failed(source.is_host_limit()),

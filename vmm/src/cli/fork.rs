@@ -243,6 +243,18 @@ fn check(p: &ForkParams<'_>) -> Result<Plan, CliError> {
 /// The most clones `vmm demo` runs: VM k (the parent 0, the clones, the grandchild)
 /// rewrites 4 MiB at k x 4 MiB of each vCPU's 127.5 MiB slice.
 pub(crate) const DEMO_MAX_CLONES: usize = 29;
+/// The demo's overcommit phase: guest RAM per VM.
+pub(crate) const DEMO_OC_MEM: &str = "64M";
+/// The overcommit phase's clones.
+pub(crate) const DEMO_OC_CLONES: usize = 4;
+/// The overcommit phase's parent workload.
+pub(crate) const DEMO_OC_PHASE1: &str = "fill:seed=1:pages=48M";
+/// The overcommit phase's per-VM rewrite (the parent's too).
+pub(crate) const DEMO_OC_PHASE2: &str = "fill:seed=2:pages=8M:stride=8M";
+/// What the overcommit phase's VMs touch: 48 MiB shared plus 8 MiB private each.
+pub(crate) const DEMO_OC_TOUCHED: &str = "88 MiB";
+/// The overcommit phase's host memory (the frame pool).
+pub(crate) const DEMO_OC_HOST: &str = "44M";
 /// `vmm demo`'s guest RAM.
 pub(crate) const DEMO_MEM: &str = "256M";
 /// `vmm demo`'s vCPUs.
@@ -270,7 +282,7 @@ pub(crate) fn cmd_fork(p: &ForkParams<'_>) -> (Option<ForkReport>, Option<CliErr
         let bytes = pool_bytes(common, default_pool(need)?, need)?;
         let touched = touched_bytes(&pl.plan1, pl.mem)?
             .saturating_add(copies.saturating_mul(pl.per_clone).saturating_mul(PAGE));
-        let mm = manager(common, bytes)?;
+        let mm = manager(common, bytes, need)?;
         check_host_memory(touched.min(bytes))?;
         check_fds(p.clones + extra, common.vcpus)?;
         Ok((bytes, mm, hypervisor()?))
@@ -330,6 +342,7 @@ pub(crate) fn cmd_fork(p: &ForkParams<'_>) -> (Option<ForkReport>, Option<CliErr
         grandchild_fork_ms: ex.grandchild_ms,
         shell_ms_per_clone: ex.shell_ms,
         host_mib: pool.resident_bytes().unwrap_or(0) as f64 / MIB as f64,
+        swap: super::report::SwapSummary::of(&mm),
         full_copies_mib: mib((parent_resident * rows.len() as u64) as f64),
         pss_total_mib: rows.iter().map(|r| r.memory_mib.pss).sum(),
         verified: fatal.is_none()
@@ -402,9 +415,11 @@ fn run(
         ex.shell_ms = Some(t.elapsed().as_secs_f64() * 1e3 / p.clones as f64);
     }
     fb.stage(format!("forking into {} clones", p.clones));
+    // With swap on, reclaim makes room for each clone's copies: nothing is reserved.
+    let reserve = if p.common.swap_on() { 0 } else { pl.per_clone };
     let opts = ForkOptions {
         clones: p.clones,
-        reserve_pages: pl.per_clone,
+        reserve_pages: reserve,
         parent: p.parent,
     };
     let (clones, timing) = ex.members[0].vm.fork_with(hv, &opts, Some(&shells))?;
@@ -427,7 +442,7 @@ fn run(
                 hv,
                 &ForkOptions {
                     clones: 1,
-                    reserve_pages: pl.per_clone,
+                    reserve_pages: reserve,
                     parent: vmm::ParentMode::Rebirth,
                 },
             )?;

@@ -6,6 +6,8 @@
 use std::sync::Arc;
 
 use guestmem::pool::PoolError;
+use guestmem::reclaim::ReclaimConfig;
+use guestmem::reclaim::swap::{SwapConfig, SwapDevice};
 use guestmem::{AllocatorKind, Manager, ManagerConfig, Pool, PoolConfig};
 use vmm::guest::MAX_RAM;
 use vmm::{Command, Hypervisor};
@@ -119,22 +121,34 @@ pub(crate) fn default_pool(need: u64) -> Result<u64, CliError> {
 
 /// The frame pool's size: `--pool` or `default_pool`, checked against `need`.
 pub(crate) fn pool_bytes(common: &Common, default_pool: u64, need: u64) -> Result<u64, CliError> {
-    let bytes = match &common.pool {
-        Some(s) => {
-            let b = parse_size(s).map_err(|e| CliError::Usage(format!("--pool: {e}")))?;
-            if b % PAGE != 0 {
+    let given = match (&common.pool, &common.host_memory) {
+        (Some(_), Some(_)) => {
+            return Err(CliError::Usage(
+                "--pool and --host-memory both size the frame pool: keep one (--host-memory \
+                 also turns swap on)"
+                    .into(),
+            ));
+        }
+        (Some(s), None) => Some(("--pool", s)),
+        (None, Some(s)) => Some(("--host-memory", s)),
+        (None, None) => None,
+    };
+    let bytes = match given {
+        Some((flag, s)) => {
+            let b = parse_size(s).map_err(|e| CliError::Usage(format!("{flag}: {e}")))?;
+            if b % PAGE != 0 || b == 0 {
                 return Err(CliError::Usage(format!(
-                    "--pool {s} must be a multiple of 4 KiB"
+                    "{flag} {s} must be a non-zero multiple of 4 KiB"
                 )));
             }
             b
         }
         None => default_pool,
     };
-    if need > bytes {
+    if need > bytes && !common.swap_on() {
         return Err(CliError::Usage(format!(
             "the VMs need at least {} MiB but the frame pool has {} MiB: give a bigger --pool \
-             or a smaller --mem",
+             or a smaller --mem, or let reclaim swap the rest (--swap, or --host-memory SIZE)",
             need.div_ceil(MIB),
             bytes / MIB
         )));
@@ -281,7 +295,9 @@ pub(crate) fn hypervisor() -> Result<Hypervisor, CliError> {
 }
 
 /// The pool of `bytes` and the manager the VMs run on.
-pub(crate) fn manager(common: &Common, bytes: u64) -> Result<Arc<Manager>, CliError> {
+/// With swap on (`--swap`, `--host-memory`), a swap file big enough for the `need` bytes
+/// the VMs can touch is attached and the background reclaimer started.
+pub(crate) fn manager(common: &Common, bytes: u64, need: u64) -> Result<Arc<Manager>, CliError> {
     let allocator = match common.allocator {
         AllocatorArg::Magazine => AllocatorKind::Magazine,
         AllocatorArg::Percpu => AllocatorKind::PerCpuLists,
@@ -306,7 +322,28 @@ pub(crate) fn manager(common: &Common, bytes: u64) -> Result<Arc<Manager>, CliEr
         RmapArg::Chain => rmap::Design::Chain,
         RmapArg::Flat => rmap::Design::Flat,
     };
-    Ok(Manager::new(Arc::new(pool), cfg))
+    let mm = Manager::new(Arc::new(pool), cfg);
+    if common.swap_on() {
+        let frames = mm.pool().total_frames();
+        // Room for everything the VMs can touch beyond the pool, plus a tenth.
+        let slots = (need / PAGE).saturating_sub(frames) + need / PAGE / 10 + 1024;
+        let path = common
+            .swap
+            .as_deref()
+            .filter(|p| !p.is_empty())
+            .map(std::path::PathBuf::from);
+        let dev = SwapDevice::create(&SwapConfig {
+            path,
+            slots,
+            ..Default::default()
+        })
+        .map_err(CliError::Swap)?;
+        mm.attach_swap(dev, ReclaimConfig::for_pool(frames))
+            .map_err(|e| CliError::Internal(e.to_string()))?;
+        mm.start_reclaimer()
+            .map_err(|e| CliError::Internal(format!("cannot start the reclaimer thread: {e}")))?;
+    }
+    Ok(mm)
 }
 
 #[cfg(test)]

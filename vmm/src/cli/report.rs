@@ -4,8 +4,10 @@
 
 use std::io::{self, Write};
 
-use guestmem::MemoryUsage;
+use guestmem::reclaim::ReclaimStats;
+use guestmem::reclaim::swap::SwapStats;
 use guestmem::space::CounterSnapshot;
+use guestmem::{Manager, MemoryUsage};
 use vmm::{FaultCounts, Op};
 
 use super::args::{AllocatorArg, Common, RmapArg};
@@ -111,6 +113,57 @@ pub(crate) struct VmRunReport {
     pub verified: bool,
 }
 
+/// What reclaim and the swap file did in a run with swap on.
+#[derive(Debug, serde::Serialize)]
+pub(crate) struct SwapSummary {
+    pub path: String,
+    pub device: SwapStats,
+    pub reclaim: ReclaimStats,
+    /// Why swap-out stopped (a full disk), if it did.
+    pub stopped: Option<String>,
+}
+
+impl SwapSummary {
+    /// The summary of `mm`'s swap, if it has one.
+    pub(crate) fn of(mm: &Manager) -> Option<SwapSummary> {
+        let dev = mm.swap_device()?;
+        Some(SwapSummary {
+            path: dev.path().display().to_string(),
+            device: dev.stats(),
+            reclaim: mm.reclaim_stats(),
+            stopped: dev.stop_reason(),
+        })
+    }
+}
+
+/// The swap summary as text lines.
+fn print_swap(out: &mut dyn Write, s: &SwapSummary) -> io::Result<()> {
+    let r = &s.reclaim;
+    writeln!(
+        out,
+        "swap ({}): {:.1} MiB written, {:.1} MiB read; {} pages reclaimed ({} written, {} \
+         same-filled markers, {} clean without I/O), {} swapped back in ({} read from the \
+         file); {} slots in use, {} bad; kswapd ran {} times, direct reclaim {} times",
+        s.path,
+        s.device.bytes_written as f64 / MIB as f64,
+        s.device.bytes_read as f64 / MIB as f64,
+        r.reclaimed,
+        r.written,
+        r.filled,
+        r.clean_dropped,
+        r.swapins,
+        r.major_faults,
+        s.device.used,
+        s.device.bad,
+        r.background_runs,
+        r.direct_runs
+    )?;
+    if let Some(why) = &s.stopped {
+        writeln!(out, "{why}")?;
+    }
+    Ok(())
+}
+
 #[derive(Debug, serde::Serialize)]
 pub(crate) struct RunReport {
     pub config: Config,
@@ -119,6 +172,8 @@ pub(crate) struct RunReport {
     pub vms: Vec<VmRunReport>,
     pub pool_bytes: u64,
     pub host_resident_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub swap: Option<SwapSummary>,
     pub frames_returned_at_exit: bool,
     /// Why the run stopped before every VM finished, if it did.
     pub error: Option<String>,
@@ -182,9 +237,21 @@ pub(crate) fn print_run(out: &mut dyn Write, r: &RunReport) -> io::Result<()> {
             v.window_host_mappings.unwrap_or(0),
             verdict(v.verified, v.error.is_some(), v.mismatches)
         )?;
+        if r.swap.is_some() {
+            writeln!(
+                out,
+                "  swap: {:.1} MiB swapped out now, {} pages swapped back in ({} major faults)",
+                v.memory_pages.swapped as f64 * PAGE as f64 / MIB as f64,
+                v.counters.swapins,
+                v.counters.major_faults
+            )?;
+        }
     }
     if let Some(e) = &r.error {
         writeln!(out, "the run stopped early: {e}")?;
+    }
+    if let Some(s) = &r.swap {
+        print_swap(out, s)?;
     }
     writeln!(
         out,
@@ -260,6 +327,8 @@ pub(crate) struct ForkReport {
     pub shell_ms_per_clone: Option<f64>,
     /// Host memory the pool's frames hold, MiB.
     pub host_mib: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub swap: Option<SwapSummary>,
     /// What every VM holding its own full copy of the parent's memory would take, MiB.
     pub full_copies_mib: f64,
     /// Sum of the VMs' PSS, MiB (equals the frames in use).
@@ -374,6 +443,9 @@ pub(crate) fn print_fork(out: &mut dyn Write, r: &ForkReport) -> io::Result<()> 
         r.full_copies_mib,
         r.full_copies_mib / r.host_mib.max(1e-9)
     )?;
+    if let Some(s) = &r.swap {
+        print_swap(out, s)?;
+    }
     if let Some(e) = &r.error {
         writeln!(out, "the experiment stopped early: {e}")?;
     }

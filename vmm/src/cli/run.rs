@@ -54,7 +54,7 @@ pub(crate) fn cmd_run(
         let touched = plans.iter().try_fold(0u64, |sum, p| {
             touched_bytes(p, mem).map(|t| sum.saturating_add(t))
         })?;
-        let mm = manager(common, bytes)?;
+        let mm = manager(common, bytes, total)?;
         check_host_memory(touched.min(bytes))?;
         check_fds(vms as usize, common.vcpus)?;
         let hv = hypervisor()?;
@@ -171,6 +171,7 @@ pub(crate) fn cmd_run(
         vms: reports,
         pool_bytes: pool.total_frames() * PAGE,
         host_resident_bytes,
+        swap: super::report::SwapSummary::of(&mm),
         frames_returned_at_exit: pool.free_frames() == pool.total_frames(),
         error: error.as_ref().map(ToString::to_string),
     };

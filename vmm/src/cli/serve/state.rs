@@ -480,7 +480,7 @@ impl State {
             return Ok(m.clone());
         }
         let common = common_for(&self.cfg, allocator, rmap)?;
-        let m = manager(&common, self.cfg.pool_bytes)?;
+        let m = manager(&common, self.cfg.pool_bytes, self.cfg.pool_bytes)?;
         managers.insert(key, m.clone());
         Ok(m)
     }
