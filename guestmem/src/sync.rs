@@ -18,6 +18,12 @@ pub(crate) use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize
 #[cfg(not(loom))]
 pub(crate) use std::sync::{Mutex, MutexGuard};
 
+/// The `Arc` the `rmap` crate keeps anon_vmas in (loom's under loom).
+#[cfg(loom)]
+pub(crate) use loom::sync::Arc as RmapArc;
+#[cfg(not(loom))]
+pub(crate) use std::sync::Arc as RmapArc;
+
 #[cfg(loom)]
 use loom::cell::UnsafeCell;
 #[cfg(not(loom))]

@@ -9,7 +9,7 @@
 //! Faults of other vCPUs or VMs on the same slot meanwhile find the frame in the cache
 //! while it is being read and wait (retry) without holding any page-table lock.
 
-use std::sync::Arc;
+use crate::sync::RmapArc as Arc;
 
 use super::reclaim::SwapState;
 use super::{Access, AddressSpace, AnonVma, Manager, Region, SpaceError};
