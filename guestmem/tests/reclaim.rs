@@ -81,6 +81,19 @@ fn pattern(seed: u64, page: u64) -> Vec<u8> {
     v
 }
 
+/// Writes `pattern(seed, p)` to every page `p` of `0 .. pages`.
+fn fill(vm: &AddressSpace, pages: u64, seed: u64) {
+    for p in 0..pages {
+        vm.write(Gpa(p * PAGE_SIZE as u64), &pattern(seed, p))
+            .unwrap();
+    }
+}
+
+/// What page `p` holds after writes with `seed` (`None`: never written, zero).
+fn expected(seed: Option<u64>, p: u64) -> Vec<u8> {
+    seed.map_or_else(|| vec![0u8; PAGE_SIZE], |s| pattern(s, p))
+}
+
 fn read_page(vm: &AddressSpace, page: u64) -> Vec<u8> {
     let mut buf = vec![0u8; PAGE_SIZE];
     vm.read(Gpa(page * PAGE_SIZE as u64), &mut buf).unwrap();
@@ -104,9 +117,7 @@ fn assert_all_returned(mm: &Manager) {
 fn a_vm_touching_four_times_its_pool_keeps_every_byte() {
     let mm = manager(256, 4096, rmap::Design::Chain);
     let vm = mm.create(&ram(1024), Arc::new(NoopMmu)).unwrap();
-    for p in 0..1024 {
-        vm.write(Gpa(p * PAGE_SIZE as u64), &pattern(1, p)).unwrap();
-    }
+    fill(&vm, 1024, 1);
     for p in 0..1024 {
         assert!(read_page(&vm, p) == pattern(1, p), "page {p}");
     }
@@ -202,9 +213,7 @@ fn referenced_pages_stay_and_cold_ones_go() {
     for locking in [ReferencedLocking::Trylock, ReferencedLocking::Blocking] {
         let mm = manager_with(1024, 1024, rmap::Design::Chain, locking);
         let vm = mm.create(&ram(512), Arc::new(NoopMmu)).unwrap();
-        for p in 0..512 {
-            vm.write(Gpa(p * PAGE_SIZE as u64), &pattern(3, p)).unwrap();
-        }
+        fill(&vm, 512, 3);
         // Age: clear every young bit, as an earlier pass would.
         for p in 0..512 {
             let pfn = vm.pte(Gfn(p)).unwrap().pfn().unwrap();
@@ -231,9 +240,7 @@ fn referenced_pages_stay_and_cold_ones_go() {
 fn a_write_after_swap_in_takes_the_page_out_of_the_cache() {
     let mm = manager(512, 512, rmap::Design::Chain);
     let vm = mm.create(&ram(64), Arc::new(NoopMmu)).unwrap();
-    for p in 0..64 {
-        vm.write(Gpa(p * PAGE_SIZE as u64), &pattern(4, p)).unwrap();
-    }
+    fill(&vm, 64, 4);
     mm.shrink_node(0, u64::MAX, None);
     mm.shrink_node(0, u64::MAX, None);
     assert_eq!(vm.memory().swapped, 64);
@@ -329,10 +336,7 @@ fn worker(mm: &Arc<Manager>, seed: u64, pages: u64) {
             }
             10..=16 => {
                 let p = rng.random_range(0..pages);
-                let want = vms[i]
-                    .1
-                    .get(&p)
-                    .map_or_else(|| vec![0u8; PAGE_SIZE], |&s| pattern(s, p));
+                let want = expected(vms[i].1.get(&p).copied(), p);
                 assert!(
                     read_page(&vms[i].0, p) == want,
                     "vm {i} page {p} step {step}"
@@ -351,9 +355,7 @@ fn worker(mm: &Arc<Manager>, seed: u64, pages: u64) {
     }
     for (vm, model) in &vms {
         for p in 0..pages {
-            let want = model
-                .get(&p)
-                .map_or_else(|| vec![0u8; PAGE_SIZE], |&s| pattern(s, p));
+            let want = expected(model.get(&p).copied(), p);
             assert!(read_page(vm, p) == want, "final check, page {p}");
         }
     }
@@ -387,20 +389,14 @@ fn readahead_and_run_installs_beside_a_reclaimer_keep_every_byte() {
                 .unwrap();
             model[p as usize] = step;
         } else {
-            let want = match model[p as usize] {
-                0 => vec![0u8; PAGE_SIZE],
-                s => pattern(s, p),
-            };
+            let want = expected(Some(model[p as usize]).filter(|&s| s != 0), p);
             assert!(read_page(&vm, p) == want, "page {p} at step {step}");
         }
     }
     stop.store(true, Ordering::Relaxed);
     reclaimer.join().unwrap();
     for p in 0..4096u64 {
-        let want = match model[p as usize] {
-            0 => vec![0u8; PAGE_SIZE],
-            s => pattern(s, p),
-        };
+        let want = expected(Some(model[p as usize]).filter(|&s| s != 0), p);
         assert!(read_page(&vm, p) == want, "final, page {p}");
     }
     drop(vm);
@@ -411,9 +407,7 @@ fn readahead_and_run_installs_beside_a_reclaimer_keep_every_byte() {
 fn mlocked_pages_are_never_swapped_and_forks_inherit_the_lock() {
     let mm = manager(1024, 1024, rmap::Design::Chain);
     let vm = mm.create(&ram(256), Arc::new(NoopMmu)).unwrap();
-    for p in 0..256 {
-        vm.write(Gpa(p * PAGE_SIZE as u64), &pattern(5, p)).unwrap();
-    }
+    fill(&vm, 256, 5);
     // Locked after the pages are present (the boot region's case) ...
     vm.mlock(Gfn(0)..Gfn(16)).unwrap();
     let child = vm.fork(Arc::new(NoopMmu)).unwrap();
@@ -448,9 +442,7 @@ fn a_vm_over_its_frame_limit_reclaims_its_own_pages_and_a_sibling_keeps_its_own(
     }
     let vm = mm.create(&ram(1024), Arc::new(NoopMmu)).unwrap();
     vm.set_limit(Some(128));
-    for p in 0..1024 {
-        vm.write(Gpa(p * PAGE_SIZE as u64), &pattern(7, p)).unwrap();
-    }
+    fill(&vm, 1024, 7);
     assert!(vm.charge().usage <= 128, "{:?}", vm.charge());
     assert_eq!(
         sibling.memory().swapped,
