@@ -361,44 +361,58 @@ impl Manager {
         locking: ReferencedLocking,
     ) -> Referenced {
         let mut out = Referenced::default();
-        let (raw, pgoff) = frame.rmap_link();
-        if raw != 0 {
-            // SAFETY: `raw` came from `AnonVma::into_raw` when the frame was linked; the
-            // link changes or is released only with the frame locked or at refcount 0,
-            // and we hold both the frame lock and a reference, so it stays alive.
-            let anon = unsafe { AnonVma::borrow_raw(raw) };
-            let mode = match locking {
-                ReferencedLocking::Trylock => rmap::WalkMode::TryShared,
-                ReferencedLocking::Blocking => rmap::WalkMode::Shared,
-            };
-            let walked = rmap::rmap_walk(anon, pgoff, mode, |region: &RegionHandle, pgoff| {
-                out.examined += 1;
-                let index = pgoff - region.start.0;
-                if index >= region.table.pages() {
-                    return std::ops::ControlFlow::Continue(());
-                }
-                let locked = match locking {
-                    ReferencedLocking::Trylock => region.table.try_lock(index),
-                    ReferencedLocking::Blocking => region.table.lock(index).map(Some),
-                };
-                // Contended, or poisoned (a failed VM's entries are not to be trusted or
-                // changed): either way the frame is kept, as if referenced.
-                let Ok(Some((mut blk, slot))) = locked else {
-                    out.contended = true;
-                    return std::ops::ControlFlow::Continue(());
-                };
-                // A block shared after a fork keeps its entries; its young state is
-                // cleared in the block's bitmaps, for every sharer at once.
-                if blk.pte(slot).pfn() == Some(pfn) && blk.test_and_clear_young(slot) {
-                    out.referenced += 1;
-                }
-                std::ops::ControlFlow::Continue(())
-            });
-            if matches!(walked, Ok(rmap::WalkOutcome::Contended)) {
-                out.contended = true;
+        let mode = match locking {
+            ReferencedLocking::Trylock => rmap::WalkMode::TryShared,
+            ReferencedLocking::Blocking => rmap::WalkMode::Shared,
+        };
+        let walked = self.walk_frame(frame, mode, |region: &RegionHandle, pgoff| {
+            out.examined += 1;
+            let index = pgoff - region.start.0;
+            if index >= region.table.pages() {
+                return std::ops::ControlFlow::Continue(());
             }
+            let locked = match locking {
+                ReferencedLocking::Trylock => region.table.try_lock(index),
+                ReferencedLocking::Blocking => region.table.lock(index).map(Some),
+            };
+            // Contended, or poisoned (a failed VM's entries are not to be trusted or
+            // changed): either way the frame is kept, as if referenced.
+            let Ok(Some((mut blk, slot))) = locked else {
+                out.contended = true;
+                return std::ops::ControlFlow::Continue(());
+            };
+            // A block shared after a fork keeps its entries; its young state is
+            // cleared in the block's bitmaps, for every sharer at once.
+            if blk.pte(slot).pfn() == Some(pfn) && blk.test_and_clear_young(slot) {
+                out.referenced += 1;
+            }
+            std::ops::ControlFlow::Continue(())
+        });
+        if matches!(walked, Some(Ok(rmap::WalkOutcome::Contended))) {
+            out.contended = true;
         }
         out
+    }
+
+    /// Walks the reverse map of `frame` from its rmap link: `visitor(region, pgoff)` for
+    /// every region that may map it (`rmap::rmap_walk`). `None` for a frame with no link.
+    /// The caller holds the frame locked and a reference to it.
+    pub(super) fn walk_frame(
+        &self,
+        frame: &Frame,
+        mode: rmap::WalkMode<'_, RegionHandle>,
+        visitor: impl FnMut(&RegionHandle, u64) -> std::ops::ControlFlow<()>,
+    ) -> Option<Result<rmap::WalkOutcome, rmap::WalkError>> {
+        debug_assert!(frame.flags().contains(crate::frame::FrameFlags::LOCKED));
+        let (raw, pgoff) = frame.rmap_link();
+        if raw == 0 {
+            return None;
+        }
+        // SAFETY: `raw` came from `AnonVma::into_raw` when the frame was linked; the link
+        // changes or is released only with the frame locked or at refcount 0, and the
+        // caller holds both the frame lock and a reference, so it stays alive.
+        let anon = unsafe { AnonVma::borrow_raw(raw) };
+        Some(rmap::rmap_walk(anon, pgoff, mode, visitor))
     }
 
     /// How many VMs map `pfn` now, counted through its reverse map (0 if it is free).
@@ -415,29 +429,19 @@ impl Manager {
         while !frame.try_lock() {
             std::thread::yield_now();
         }
-        let (raw, pgoff) = frame.rmap_link();
-        if raw != 0 {
-            // SAFETY: as in `frame_referenced`: we hold a reference and the frame lock.
-            let anon = unsafe { AnonVma::borrow_raw(raw) };
-            let _ = rmap::rmap_walk(
-                anon,
-                pgoff,
-                rmap::WalkMode::Shared,
-                |r: &RegionHandle, pgoff| {
-                    let index = pgoff - r.start.0;
-                    // A poisoned block (its VM has failed) is counted as mapping the
-                    // frame: its entries are kept as they were.
-                    if index < r.table.pages()
-                        && r.table
-                            .lock(index)
-                            .map_or(true, |(g, s)| g.pte(s).pfn() == Some(pfn))
-                    {
-                        n += 1;
-                    }
-                    std::ops::ControlFlow::Continue(())
-                },
-            );
-        }
+        let _ = self.walk_frame(frame, rmap::WalkMode::Shared, |r: &RegionHandle, pgoff| {
+            let index = pgoff - r.start.0;
+            // A poisoned block (its VM has failed) is counted as mapping the
+            // frame: its entries are kept as they were.
+            if index < r.table.pages()
+                && r.table
+                    .lock(index)
+                    .map_or(true, |(g, s)| g.pte(s).pfn() == Some(pfn))
+            {
+                n += 1;
+            }
+            std::ops::ControlFlow::Continue(())
+        });
         frame.unlock();
         self.put_frame(pfn);
         n

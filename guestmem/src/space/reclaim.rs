@@ -9,7 +9,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::{AddressSpace, AnonVma, Manager, RegionHandle, SpaceError};
+use super::{AddressSpace, Manager, RegionHandle, SpaceError};
 use crate::charge::ChargeError;
 use crate::frame::{Frame, FrameFlags};
 use crate::pagetable::Pte;
@@ -499,50 +499,37 @@ impl Manager {
     /// True if no entry names the frame any more. A block shared by a fork is made the
     /// VM's own first (as a write fault would), so each sharer's entry changes alone.
     fn try_to_unmap(&self, pfn: Pfn, f: &Frame, slot: SwapSlot) -> bool {
-        let (raw, pgoff) = f.rmap_link();
-        if raw == 0 {
-            return f.mapcount() == 0;
-        }
-        // SAFETY: `raw` came from `AnonVma::into_raw` when the frame was linked; the link
-        // changes or is released only with the frame locked or at refcount 0, and we hold
-        // the lock and a reference.
-        let anon = unsafe { AnonVma::borrow_raw(raw) };
         let mut ok = true;
         let mut unmapped = 0;
-        let _ = rmap::rmap_walk(
-            anon,
-            pgoff,
-            rmap::WalkMode::Shared,
-            |region: &RegionHandle, pgoff| {
-                let index = pgoff - region.start.0;
-                if index >= region.table.pages() {
-                    return std::ops::ControlFlow::Continue(());
-                }
-                let Ok((mut g, s)) = region.table.lock(index) else {
-                    // A poisoned block keeps its entries: the frame stays.
-                    ok = false;
-                    return std::ops::ControlFlow::Break(());
-                };
-                if g.pte(s).pfn() != Some(pfn) {
-                    return std::ops::ControlFlow::Continue(());
-                }
-                let block = self.exclusive(&mut g);
-                let old = block.get(s);
-                block.set(s, Pte::swap(slot.0));
-                self.swap_dup(slot);
-                if region.mmu.unmap_run(region.gfn(index), 1).is_err() {
-                    block.set(s, old);
-                    self.swap_put(slot);
-                    ok = false;
-                    return std::ops::ControlFlow::Break(());
-                }
-                f.unmap();
-                let left = f.put();
-                debug_assert!(left > 0, "reclaim holds a reference");
-                unmapped += 1;
-                std::ops::ControlFlow::Continue(())
-            },
-        );
+        let _ = self.walk_frame(f, rmap::WalkMode::Shared, |region: &RegionHandle, pgoff| {
+            let index = pgoff - region.start.0;
+            if index >= region.table.pages() {
+                return std::ops::ControlFlow::Continue(());
+            }
+            let Ok((mut g, s)) = region.table.lock(index) else {
+                // A poisoned block keeps its entries: the frame stays.
+                ok = false;
+                return std::ops::ControlFlow::Break(());
+            };
+            if g.pte(s).pfn() != Some(pfn) {
+                return std::ops::ControlFlow::Continue(());
+            }
+            let block = self.exclusive(&mut g);
+            let old = block.get(s);
+            block.set(s, Pte::swap(slot.0));
+            self.swap_dup(slot);
+            if region.mmu.unmap_run(region.gfn(index), 1).is_err() {
+                block.set(s, old);
+                self.swap_put(slot);
+                ok = false;
+                return std::ops::ControlFlow::Break(());
+            }
+            f.unmap();
+            let left = f.put();
+            debug_assert!(left > 0, "reclaim holds a reference");
+            unmapped += 1;
+            std::ops::ControlFlow::Continue(())
+        });
         self.rstats.add(&self.rstats.entries_unmapped, unmapped);
         ok && f.mapcount() == 0
     }
