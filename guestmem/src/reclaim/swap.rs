@@ -15,10 +15,9 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use crate::host::SwapFile;
-use crate::sync::Mutex;
+use crate::sync::{AtomicBool, AtomicU32, AtomicU64, Mutex, Ordering};
 use crate::types::PAGE_SIZE;
 
 /// A slot of the swap file (page `n` of it).
@@ -178,7 +177,8 @@ pub struct SwapDevice {
     inject: Mutex<Option<InjectedFault>>,
 }
 
-static NEXT_NAME: AtomicU64 = AtomicU64::new(0);
+/// Numbers default swap file names within the process (a plain std atomic: a static).
+static NEXT_NAME: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 impl SwapDevice {
     /// Creates the swap file (see [`SwapConfig`]).
@@ -190,7 +190,7 @@ impl SwapDevice {
             std::env::temp_dir().join(format!(
                 "kvmm-swap-{}-{}",
                 std::process::id(),
-                NEXT_NAME.fetch_add(1, Ordering::Relaxed)
+                NEXT_NAME.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
             ))
         });
         let bytes = cfg.slots * PAGE_SIZE as u64;
