@@ -64,7 +64,7 @@ pub(crate) fn cmd_run(
         Ok(x) => x,
         Err(e) => return (None, Some(e)),
     };
-    let mut config = Config::new("run", common, mem, bytes);
+    let mut config = Config::new("run", common, mem, bytes, &mm);
     config.vms = Some(vms);
     config.workload = Some(w.into());
     let steps = plans.first().and_then(|p| p.first()).map_or(0, Vec::len);
