@@ -33,6 +33,8 @@ fn a_run_in_twice_its_host_memory_verifies_and_reports_swap() {
     let path = swap["path"].as_str().expect("the swap file's path");
     assert_eq!(r["config"]["swap_path"].as_str(), Some(path));
     assert_eq!(r["config"]["host_memory_bytes"].as_u64(), Some(32 << 20));
+    assert_eq!(swap["pool_bytes"].as_u64(), Some(32 << 20));
+    assert_eq!(swap["touched_bytes"].as_u64(), Some(64 << 20));
     assert!(
         !std::path::Path::new(path).exists(),
         "the swap file is removed at exit"
@@ -115,6 +117,10 @@ fn the_demo_runs_an_overcommit_phase_where_every_vm_verifies() {
         "the table shows swap: {oc}"
     );
     assert!(oc.contains("MiB written"), "the swap summary: {oc}");
+    assert!(
+        oc.contains("overcommit: the workloads can touch"),
+        "pool vs touched: {oc}"
+    );
     assert!(oc.contains("every VM verified: yes"), "{oc}");
 }
 

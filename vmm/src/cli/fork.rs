@@ -287,9 +287,9 @@ pub(crate) fn cmd_fork(p: &ForkParams<'_>) -> (Option<ForkReport>, Option<CliErr
         let mm = manager(common, bytes, need)?;
         check_host_memory(touched.min(bytes))?;
         check_fds(p.clones + extra, common.vcpus)?;
-        Ok((bytes, mm, hypervisor()?))
+        Ok((bytes, touched, mm, hypervisor()?))
     });
-    let (bytes, mm, hv) = match prepared {
+    let (bytes, touched, mm, hv) = match prepared {
         Ok(x) => x,
         Err(e) => return (None, Some(e)),
     };
@@ -357,7 +357,7 @@ pub(crate) fn cmd_fork(p: &ForkParams<'_>) -> (Option<ForkReport>, Option<CliErr
         grandchild_fork_ms: ex.grandchild_ms,
         shell_ms_per_clone: ex.shell_ms,
         host_mib: pool.resident_bytes().unwrap_or(0) as f64 / MIB as f64,
-        swap: super::report::SwapSummary::of(&mm),
+        swap: super::report::SwapSummary::of(&mm, touched),
         full_copies_mib: mib((parent_resident * rows.len() as u64) as f64),
         pss_total_mib: rows.iter().map(|r| r.memory_mib.pss).sum(),
         verified: fatal.is_none()

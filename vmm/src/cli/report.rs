@@ -132,6 +132,11 @@ pub(crate) struct VmRunReport {
 #[derive(Debug, serde::Serialize)]
 pub(crate) struct SwapSummary {
     pub path: String,
+    /// What the workloads can touch, bytes (the VMs' share of guest memory they write or
+    /// read, shared pages once).
+    pub touched_bytes: u64,
+    /// The frame pool (the resident budget), bytes.
+    pub pool_bytes: u64,
     pub device: SwapStats,
     pub reclaim: ReclaimStats,
     /// Why swap-out stopped (a full disk), if it did.
@@ -139,11 +144,14 @@ pub(crate) struct SwapSummary {
 }
 
 impl SwapSummary {
-    /// The summary of `mm`'s swap, if it has one.
-    pub(crate) fn of(mm: &Manager) -> Option<SwapSummary> {
+    /// The summary of `mm`'s swap, if it has one, for workloads that can touch
+    /// `touched_bytes`.
+    pub(crate) fn of(mm: &Manager, touched_bytes: u64) -> Option<SwapSummary> {
         let dev = mm.swap_device()?;
         Some(SwapSummary {
             path: dev.path().display().to_string(),
+            touched_bytes,
+            pool_bytes: mm.pool().total_frames() * PAGE,
             device: dev.stats(),
             reclaim: mm.reclaim_stats(),
             stopped: dev.stop_reason(),
@@ -154,6 +162,19 @@ impl SwapSummary {
 /// The swap summary as text lines.
 fn print_swap(out: &mut dyn Write, s: &SwapSummary) -> io::Result<()> {
     let r = &s.reclaim;
+    let (touched, pool) = (s.touched_bytes as f64, s.pool_bytes as f64);
+    writeln!(
+        out,
+        "{}: the workloads can touch {:.1} MiB and the frame pool holds {:.1} MiB ({:.2}x)",
+        if touched > pool {
+            "overcommit"
+        } else {
+            "no overcommit"
+        },
+        touched / MIB as f64,
+        pool / MIB as f64,
+        touched / pool.max(1.0)
+    )?;
     writeln!(
         out,
         "swap ({}): {:.1} MiB written, {:.1} MiB read; {} pages reclaimed ({} written, {} \
