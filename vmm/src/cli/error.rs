@@ -50,7 +50,16 @@ pub(crate) enum CliError {
     },
     /// The swap file could not be created (exit 2).
     #[error(transparent)]
-    Swap(guestmem::reclaim::swap::SwapError),
+    Swap(#[from] guestmem::reclaim::swap::SwapError),
+    /// The manager already had a swap device (exit 1: a bug, the CLI attaches one).
+    #[error("cannot attach the swap file: {0}")]
+    AttachSwap(#[source] guestmem::space::AttachError),
+    /// The background reclaimer's thread could not be started (exit 2: a host limit).
+    #[error(
+        "cannot start the reclaimer thread: {0}; raise the host's thread limit or run without \
+         swap"
+    )]
+    Reclaimer(#[source] std::io::Error),
     /// Creating a VM failed (exit 2 on a host limit, else 1).
     #[error(transparent)]
     Vm(#[from] VmError),
@@ -116,11 +125,15 @@ impl CliError {
             | CliError::Kvm(_)
             | CliError::PoolTooLarge { .. }
             | CliError::Pool { .. }
-            | CliError::Swap(_) => 2,
+            | CliError::Swap(_)
+            | CliError::Reclaimer(_) => 2,
             CliError::Vm(e) => host_or_failed(e.is_host_limit()),
             CliError::Fork(e) => host_or_failed(e.is_host_limit()),
             CliError::Guest { source, .. } => host_or_failed(source.is_host_limit()),
-            CliError::TimedOut { .. } | CliError::Panicked(_) | CliError::Internal(_) => 1,
+            CliError::TimedOut { .. }
+            | CliError::Panicked(_)
+            | CliError::Internal(_)
+            | CliError::AttachSwap(_) => 1,
             CliError::Interrupted { .. } => 130,
             CliError::Report(_) => 2,
         }

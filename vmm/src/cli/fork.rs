@@ -19,7 +19,7 @@ use super::limits::{
     MIB, PAGE, check_cpu, check_fds, check_host_memory, check_vcpus, default_pool, fork_need,
     guest_mem, hypervisor, manager, pool_bytes, touched_bytes,
 };
-use super::report::{Config, ForkReport, ForkVmReport};
+use super::report::{Config, ForkReport, ForkVmReport, VmSwap};
 use super::steps::{Deadline, StepReport, plan, run_plan, verify_model, workload, written_pages};
 
 pub(crate) struct ForkParams<'a> {
@@ -86,7 +86,8 @@ impl Member {
         self.steps.iter().map(|s| s.mismatches).sum()
     }
 
-    fn row(&self) -> ForkVmReport {
+    /// This VM's report row; `swap_on`: with its swap figures.
+    fn row(&self, swap_on: bool) -> ForkVmReport {
         let memory = self.vm.memory();
         let c = self.vm.counters();
         let (pages, fin) = self.verify.unwrap_or((0, 0));
@@ -107,6 +108,7 @@ impl Member {
             mismatches: steps.saturating_add(fin),
             error: self.error.as_ref().map(|e| self.named(e)),
             verified: self.error.is_none() && self.verify.is_some() && steps == 0 && fin == 0,
+            swap: swap_on.then(|| VmSwap::of(&memory, &c)),
         }
     }
 }
@@ -285,9 +287,9 @@ pub(crate) fn cmd_fork(p: &ForkParams<'_>) -> (Option<ForkReport>, Option<CliErr
         let mm = manager(common, bytes, need)?;
         check_host_memory(touched.min(bytes))?;
         check_fds(p.clones + extra, common.vcpus)?;
-        Ok((bytes, mm, hypervisor()?))
+        Ok((bytes, touched, mm, hypervisor()?))
     });
-    let (bytes, mm, hv) = match prepared {
+    let (bytes, touched, mm, hv) = match prepared {
         Ok(x) => x,
         Err(e) => return (None, Some(e)),
     };
@@ -305,7 +307,13 @@ pub(crate) fn cmd_fork(p: &ForkParams<'_>) -> (Option<ForkReport>, Option<CliErr
         true,
         p.events,
     );
-    let mut cfg_record = Config::new(if p.demo { "demo" } else { "fork" }, common, pl.mem, bytes);
+    let mut cfg_record = Config::new(
+        if p.demo { "demo" } else { "fork" },
+        common,
+        pl.mem,
+        bytes,
+        &mm,
+    );
     cfg_record.clones = Some(p.clones);
     cfg_record.grandchild = p.grandchild;
     cfg_record.shells = p.shells;
@@ -320,7 +328,11 @@ pub(crate) fn cmd_fork(p: &ForkParams<'_>) -> (Option<ForkReport>, Option<CliErr
     let mut ex = Experiment::default();
     let fatal = run(p, &pl, &hv, &mm, &fb, &mut ex).err();
     fb.finish();
-    let rows: Vec<ForkVmReport> = ex.members.iter().map(Member::row).collect();
+    let rows: Vec<ForkVmReport> = ex
+        .members
+        .iter()
+        .map(|m| m.row(mm.swap_device().is_some()))
+        .collect();
     let first_failure = ex
         .members
         .iter()
@@ -328,7 +340,10 @@ pub(crate) fn cmd_fork(p: &ForkParams<'_>) -> (Option<ForkReport>, Option<CliErr
     let vm_error = ex.members.iter_mut().find_map(|m| m.error.take());
     let timing = ex.timing.clone().unwrap_or_default();
     let mib = |pages: f64| pages * PAGE as f64 / MIB as f64;
-    let parent_resident = rows.first().map_or(0, |r| r.memory_pages.resident);
+    // A full copy holds what the parent has, resident or swapped out (0 without swap).
+    let parent_resident = rows
+        .first()
+        .map_or(0, |r| r.memory_pages.resident + r.memory_pages.swapped);
     let report = ForkReport {
         config: cfg_record,
         mem_bytes: pl.mem,
@@ -342,7 +357,7 @@ pub(crate) fn cmd_fork(p: &ForkParams<'_>) -> (Option<ForkReport>, Option<CliErr
         grandchild_fork_ms: ex.grandchild_ms,
         shell_ms_per_clone: ex.shell_ms,
         host_mib: pool.resident_bytes().unwrap_or(0) as f64 / MIB as f64,
-        swap: super::report::SwapSummary::of(&mm),
+        swap: super::report::SwapSummary::of(&mm, touched),
         full_copies_mib: mib((parent_resident * rows.len() as u64) as f64),
         pss_total_mib: rows.iter().map(|r| r.memory_mib.pss).sum(),
         verified: fatal.is_none()

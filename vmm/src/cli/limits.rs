@@ -339,9 +339,8 @@ pub(crate) fn manager(common: &Common, bytes: u64, need: u64) -> Result<Arc<Mana
         })
         .map_err(CliError::Swap)?;
         mm.attach_swap(dev, ReclaimConfig::for_pool(frames))
-            .map_err(|e| CliError::Internal(e.to_string()))?;
-        mm.start_reclaimer()
-            .map_err(|e| CliError::Internal(format!("cannot start the reclaimer thread: {e}")))?;
+            .map_err(CliError::AttachSwap)?;
+        mm.start_reclaimer().map_err(CliError::Reclaimer)?;
     }
     Ok(mm)
 }

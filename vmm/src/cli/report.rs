@@ -32,6 +32,12 @@ pub(crate) struct Config {
     pub pool_bytes: u64,
     /// `--pool` as given (none: the default).
     pub pool: Option<String>,
+    /// The swap file, with swap on (`--swap`, `--host-memory`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub swap_path: Option<String>,
+    /// `--host-memory`, bytes (the frame pool's size), if given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host_memory_bytes: Option<u64>,
     pub allocator: &'static str,
     pub rmap: &'static str,
     pub cpu: Option<usize>,
@@ -44,8 +50,14 @@ pub(crate) struct Config {
 
 impl Config {
     /// The configuration of `command` from the shared options; the rest is filled in by
-    /// the command.
-    pub(crate) fn new(command: &'static str, c: &Common, mem: u64, pool_bytes: u64) -> Config {
+    /// the command. `mm` gives the swap file's path, if it has one.
+    pub(crate) fn new(
+        command: &'static str,
+        c: &Common,
+        mem: u64,
+        pool_bytes: u64,
+        mm: &Manager,
+    ) -> Config {
         Config {
             command,
             mem_bytes: mem,
@@ -57,6 +69,9 @@ impl Config {
             parent: None,
             pool_bytes,
             pool: c.pool.clone(),
+            swap_path: mm.swap_device().map(|d| d.path().display().to_string()),
+            // --host-memory sizes the pool (it and --pool exclude each other).
+            host_memory_bytes: c.host_memory.as_ref().map(|_| pool_bytes),
             allocator: match c.allocator {
                 AllocatorArg::Magazine => "magazine",
                 AllocatorArg::Percpu => "percpu",
@@ -117,6 +132,11 @@ pub(crate) struct VmRunReport {
 #[derive(Debug, serde::Serialize)]
 pub(crate) struct SwapSummary {
     pub path: String,
+    /// What the workloads can touch, bytes (the VMs' share of guest memory they write or
+    /// read, shared pages once).
+    pub touched_bytes: u64,
+    /// The frame pool (the resident budget), bytes.
+    pub pool_bytes: u64,
     pub device: SwapStats,
     pub reclaim: ReclaimStats,
     /// Why swap-out stopped (a full disk), if it did.
@@ -124,11 +144,14 @@ pub(crate) struct SwapSummary {
 }
 
 impl SwapSummary {
-    /// The summary of `mm`'s swap, if it has one.
-    pub(crate) fn of(mm: &Manager) -> Option<SwapSummary> {
+    /// The summary of `mm`'s swap, if it has one, for workloads that can touch
+    /// `touched_bytes`.
+    pub(crate) fn of(mm: &Manager, touched_bytes: u64) -> Option<SwapSummary> {
         let dev = mm.swap_device()?;
         Some(SwapSummary {
             path: dev.path().display().to_string(),
+            touched_bytes,
+            pool_bytes: mm.pool().total_frames() * PAGE,
             device: dev.stats(),
             reclaim: mm.reclaim_stats(),
             stopped: dev.stop_reason(),
@@ -139,6 +162,19 @@ impl SwapSummary {
 /// The swap summary as text lines.
 fn print_swap(out: &mut dyn Write, s: &SwapSummary) -> io::Result<()> {
     let r = &s.reclaim;
+    let (touched, pool) = (s.touched_bytes as f64, s.pool_bytes as f64);
+    writeln!(
+        out,
+        "{}: the workloads can touch {:.1} MiB and the frame pool holds {:.1} MiB ({:.2}x)",
+        if touched > pool {
+            "overcommit"
+        } else {
+            "no overcommit"
+        },
+        touched / MIB as f64,
+        pool / MIB as f64,
+        touched / pool.max(1.0)
+    )?;
     writeln!(
         out,
         "swap ({}): {:.1} MiB written, {:.1} MiB read; {} pages reclaimed ({} written, {} \
@@ -302,6 +338,34 @@ pub(crate) struct ForkVmReport {
     pub error: Option<String>,
     /// Every step and the final verify ran, and none found a bad word.
     pub verified: bool,
+    /// With swap on: what of this VM is swapped out and what came back.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub swap: Option<VmSwap>,
+}
+
+/// One VM's swap figures (a fork with swap on).
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub(crate) struct VmSwap {
+    /// Pages swapped out at the end.
+    pub swapped_pages: u64,
+    /// The same, MiB.
+    pub swapped_mib: f64,
+    /// Pages faulted back in from swap or the swap cache (refaults).
+    pub swapins: u64,
+    /// Swap-ins that read the swap file.
+    pub major_faults: u64,
+}
+
+impl VmSwap {
+    /// The figures of a VM with `memory` and `counters`.
+    pub(crate) fn of(memory: &MemoryUsage, counters: &CounterSnapshot) -> VmSwap {
+        VmSwap {
+            swapped_pages: memory.swapped,
+            swapped_mib: memory.swapped as f64 * PAGE as f64 / MIB as f64,
+            swapins: counters.swapins,
+            major_faults: counters.major_faults,
+        }
+    }
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -354,11 +418,17 @@ pub(crate) fn print_fork(out: &mut dyn Write, r: &ForkReport) -> io::Result<()> 
         }
     )?;
     writeln!(out)?;
-    let head = |out: &mut dyn Write, c: [&str; 9]| {
-        let line = format!(
-            "{:<10} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>9} {:>9}",
-            c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8]
+    // With swap on, three columns before the verdict: swapped out, refaults, major faults.
+    let swap_on = r.swap.is_some();
+    let head = |out: &mut dyn Write, c: [&str; 9], s: [&str; 3]| {
+        let mut line = format!(
+            "{:<10} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>9}",
+            c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]
         );
+        if swap_on {
+            line.push_str(&format!(" {:>9} {:>9} {:>8}", s[0], s[1], s[2]));
+        }
+        line.push_str(&format!(" {:>9}", c[8]));
         writeln!(out, "{}", line.trim_end())
     };
     head(
@@ -366,13 +436,26 @@ pub(crate) fn print_fork(out: &mut dyn Write, r: &ForkReport) -> io::Result<()> 
         [
             "VM", "resident", "shared", "private", "PSS", "COW", "faults", "fork ms", "verify",
         ],
+        ["swapped", "refaults", "major"],
     )?;
-    head(out, ["", "MiB", "MiB", "MiB", "MiB", "copies", "", "", ""])?;
+    head(
+        out,
+        ["", "MiB", "MiB", "MiB", "MiB", "copies", "", "", ""],
+        ["MiB", "", "faults"],
+    )?;
     for v in &r.vms {
         let m = &v.memory_mib;
+        let swap = match (swap_on, &v.swap) {
+            (true, Some(s)) => format!(
+                " {:>9.1} {:>9} {:>8}",
+                s.swapped_mib, s.swapins, s.major_faults
+            ),
+            (true, None) => format!(" {:>9} {:>9} {:>8}", "-", "-", "-"),
+            (false, _) => String::new(),
+        };
         writeln!(
             out,
-            "{:<10} {:>9.1} {:>9.1} {:>9.1} {:>9.2} {:>8} {:>8} {:>9} {:>9}",
+            "{:<10} {:>9.1} {:>9.1} {:>9.1} {:>9.2} {:>8} {:>8} {:>9}{swap} {:>9}",
             v.role,
             m.resident,
             m.shared,

@@ -58,13 +58,13 @@ pub(crate) fn cmd_run(
         check_host_memory(touched.min(bytes))?;
         check_fds(vms as usize, common.vcpus)?;
         let hv = hypervisor()?;
-        Ok((mem, plans, bytes, mm, hv))
+        Ok((mem, plans, bytes, touched, mm, hv))
     })();
-    let (mem, plans, bytes, mm, hv) = match prepared {
+    let (mem, plans, bytes, touched, mm, hv) = match prepared {
         Ok(x) => x,
         Err(e) => return (None, Some(e)),
     };
-    let mut config = Config::new("run", common, mem, bytes);
+    let mut config = Config::new("run", common, mem, bytes, &mm);
     config.vms = Some(vms);
     config.workload = Some(w.into());
     let steps = plans.first().and_then(|p| p.first()).map_or(0, Vec::len);
@@ -171,7 +171,7 @@ pub(crate) fn cmd_run(
         vms: reports,
         pool_bytes: pool.total_frames() * PAGE,
         host_resident_bytes,
-        swap: super::report::SwapSummary::of(&mm),
+        swap: super::report::SwapSummary::of(&mm, touched),
         frames_returned_at_exit: pool.free_frames() == pool.total_frames(),
         error: error.as_ref().map(ToString::to_string),
     };
