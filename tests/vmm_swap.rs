@@ -77,6 +77,38 @@ fn a_guest_touching_twice_its_pool_verifies_every_word() {
 }
 
 #[test]
+fn a_guest_in_overcommit_keeps_its_host_mappings_to_two_per_span() {
+    let Some(hv) = hypervisor() else { return };
+    // 128 MiB written twice and verified twice in a 64 MiB pool, with the window allowed
+    // two host mappings per 64-page span (plus the boot region's): reclaim that left
+    // single frames between frames in use, or split runs per page, would pass it.
+    let mm = manager(64 * MIB, 256 * MIB);
+    let _kswapd = Reclaimer::start(&mm).expect("kswapd");
+    let vm = ManagedVm::new(&hv, &VmConfig::new(130 * MIB, 1), &mm).expect("vm");
+    let window = vm.vm().window();
+    let spans = window.pages() / guestmem::space::UNMAP_SPAN;
+    window.set_map_budget(2 * spans + 64);
+    let pages = 128 * MIB / 4096;
+    for seed in [5, 6] {
+        fill(&vm, 0, pages, seed);
+        assert_eq!(
+            mismatches(&vm, 0, pages, seed),
+            0,
+            "every word, seed {seed}"
+        );
+        assert_eq!(mismatches(&vm, 0, pages, seed), 0, "every word again");
+    }
+    let st = mm.reclaim_stats();
+    assert!(st.written >= pages / 4 && st.major_faults > 0, "{st:?}");
+    let used = window.host_mappings().expect("/proc/self/maps");
+    assert!(
+        used <= 2 * spans + 64,
+        "{used} host mappings for {spans} spans"
+    );
+    eprintln!("{used} host mappings for {spans} spans; {st:?}");
+}
+
+#[test]
 fn clones_forked_in_overcommit_keep_their_own_bytes() {
     let Some(hv) = hypervisor() else { return };
     let mm = manager(24 * MIB, 256 * MIB);

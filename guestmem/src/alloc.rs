@@ -424,6 +424,16 @@ impl Allocator {
         }
     }
 
+    /// Frees many order-0 frames straight into the zone, past every cache, one zone
+    /// lock per [`MAG_SIZE`] frames: for frames freed together whose neighbours are
+    /// likely free too (reclaim's), so that they merge into runs a multi-frame request
+    /// (fault-around, readahead) can have, rather than sit in magazines as single frames.
+    pub(crate) fn free_batch_to_zone(&self, frames: &[u32]) {
+        for chunk in frames.chunks(MAG_SIZE) {
+            free_all(&mut self.zone.lock(), chunk);
+        }
+    }
+
     /// Returns every cached frame to the zone.
     pub(crate) fn drain(&self) {
         match &self.design {

@@ -412,6 +412,11 @@ impl Slot {
             .is_some_and(|b| b.test_and_clear_young_shared(s))
     }
 
+    /// Whether entry `s` is young, without clearing it (see [`Block::is_young`]).
+    pub fn peek_young(&self, s: usize) -> bool {
+        self.block.as_ref().is_some_and(|b| b.is_young(s))
+    }
+
     /// Marks entry `s` accessed (and written, for `dirty`) by this VM.
     #[inline]
     pub fn mark_accessed(&mut self, s: usize, dirty: bool) {

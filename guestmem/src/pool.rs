@@ -300,6 +300,18 @@ impl Node {
         self.alloc.free_batch(&local);
     }
 
+    /// [`Node::free_batch`] past the allocator's caches, into the zone (see
+    /// `Allocator::free_batch_to_zone`).
+    pub fn free_batch_to_zone(&self, pfns: &[Pfn]) {
+        let mut local = Vec::with_capacity(pfns.len());
+        for &p in pfns {
+            let i = self.local(p);
+            self.frames[i as usize].prep_free();
+            local.push(i);
+        }
+        self.alloc.free_batch_to_zone(&local);
+    }
+
     /// Free frames (zone and caches).
     pub fn free_frames(&self) -> u64 {
         self.alloc.free_frames()
@@ -499,6 +511,18 @@ impl Pool {
             let mine: Vec<Pfn> = pfns.iter().copied().filter(|&p| n.contains(p)).collect();
             if !mine.is_empty() {
                 n.free_batch(&mine);
+            }
+        }
+    }
+
+    /// [`Pool::free_batch`] into the zones, past the allocators' caches: for frames freed
+    /// together whose neighbours are likely free too (reclaim frees whole blocks), so that
+    /// they merge into runs.
+    pub fn free_batch_to_zone(&self, pfns: &[Pfn]) {
+        for n in &self.nodes {
+            let mine: Vec<Pfn> = pfns.iter().copied().filter(|&p| n.contains(p)).collect();
+            if !mine.is_empty() {
+                n.free_batch_to_zone(&mine);
             }
         }
     }

@@ -148,6 +148,65 @@ impl Lru {
         }
     }
 
+    /// Isolates as [`Lru::isolate`] does from the tail of `list`, and with each frame
+    /// taken there the other frames of `list` in its naturally aligned block of `block`
+    /// frames (a power of two): lumpy reclaim and aging. Frames allocated together as a
+    /// run (fault-around, readahead) then age and are freed together, and merge in the
+    /// zone into a run that the next multi-frame request can have. A block with a frame
+    /// on the other list is pushed to `busy` (its number, see [`Lru::block_of`]); those
+    /// frames stay where they are. Stops once `n` frames are taken, at the end of a
+    /// block.
+    pub fn isolate_blocks<'p>(
+        &self,
+        list: LruList,
+        n: usize,
+        block: u32,
+        frame: impl Fn(Pfn) -> &'p Frame,
+        out: &mut Vec<Pfn>,
+        busy: &mut Vec<u32>,
+    ) {
+        debug_assert!(block.is_power_of_two());
+        let mut l = self.lock();
+        let li = list.index();
+        let len = l.prev.len() as u32;
+        let mut taken = 0;
+        while taken < n {
+            let i = l.tail[li];
+            if i == NIL {
+                break;
+            }
+            let first = i & !(block - 1);
+            // The tail frame first, then its block-mates on the inactive list.
+            for j in std::iter::once(i).chain((first..(first + block).min(len)).filter(|&j| j != i))
+            {
+                let pfn = Pfn(self.base + j);
+                let f = frame(pfn);
+                let flags = f.flags();
+                if !flags.contains(FrameFlags::LRU) {
+                    continue;
+                }
+                if list_of(f) != list {
+                    if busy.last() != Some(&(j / block)) {
+                        busy.push(j / block);
+                    }
+                    continue;
+                }
+                l.unlink(j, list);
+                f.clear(FrameFlags::LRU | FrameFlags::ACTIVE);
+                if f.get_unless_zero() {
+                    out.push(pfn);
+                    taken += 1;
+                }
+            }
+        }
+    }
+
+    /// The naturally aligned block of `block` frames (a power of two) that `pfn` is in,
+    /// numbered within the node (the zone's alignment).
+    pub fn block_of(&self, pfn: Pfn, block: u32) -> u32 {
+        (pfn.0 - self.base) / block
+    }
+
     /// Puts an isolated frame back on `list` (the caller still holds its reference and
     /// drops it afterwards).
     pub fn putback(&self, pfn: Pfn, frame: &Frame, list: LruList) {

@@ -153,7 +153,77 @@ impl WriteOutcome {
 #[derive(Debug)]
 struct FreeMap {
     words: Vec<u64>,
+    /// Bit `i` set when `words[i]` has a free slot: a search skips 4,096 full slots
+    /// per zero summary word, so a nearly full device is not scanned slot word by word.
+    summary: Vec<u64>,
+    /// Free slots in `words`.
+    free: u64,
     cursor: usize,
+}
+
+impl FreeMap {
+    fn new(words: Vec<u64>) -> FreeMap {
+        let summary = (0..words.len().div_ceil(64))
+            .map(|i| {
+                (0..64)
+                    .filter(|b| words.get(i * 64 + b).is_some_and(|&w| w != 0))
+                    .fold(0u64, |m, b| m | 1 << b)
+            })
+            .collect();
+        let free = words.iter().map(|w| u64::from(w.count_ones())).sum();
+        FreeMap {
+            words,
+            summary,
+            free,
+            cursor: 0,
+        }
+    }
+
+    /// Takes the next free slot at or after the cursor (next-fit, wrapping), if any.
+    fn take_next(&mut self) -> Option<u64> {
+        if self.free == 0 {
+            return None;
+        }
+        let w = self.next_word(self.cursor)?;
+        let b = self.words[w].trailing_zeros() as usize;
+        self.words[w] &= !(1 << b);
+        if self.words[w] == 0 {
+            self.summary[w / 64] &= !(1 << (w % 64));
+        }
+        self.free -= 1;
+        self.cursor = w;
+        Some((w * 64 + b) as u64)
+    }
+
+    /// The first word at or after `from` (wrapping) with a free slot.
+    fn next_word(&self, from: usize) -> Option<usize> {
+        let n = self.summary.len();
+        let (s0, b0) = (from / 64, from % 64);
+        // The rest of the cursor's summary word, then whole words, then its start.
+        let first = self.summary[s0] & (u64::MAX << b0);
+        if first != 0 {
+            return Some(s0 * 64 + first.trailing_zeros() as usize);
+        }
+        for k in 1..=n {
+            let s = (s0 + k) % n;
+            let m = if s == s0 {
+                self.summary[s] & !(u64::MAX << b0)
+            } else {
+                self.summary[s]
+            };
+            if m != 0 {
+                return Some(s * 64 + m.trailing_zeros() as usize);
+            }
+        }
+        None
+    }
+
+    fn give_back(&mut self, slot: u64) {
+        let w = (slot / 64) as usize;
+        self.words[w] |= 1 << (slot % 64);
+        self.summary[w / 64] |= 1 << (w % 64);
+        self.free += 1;
+    }
 }
 
 /// The swap device (see the module docs).
@@ -224,7 +294,7 @@ impl SwapDevice {
             slots: cfg.slots,
             state: (0..n).map(|_| AtomicU32::new(0)).collect(),
             fill: (0..n).map(|_| AtomicU64::new(0)).collect(),
-            free: Mutex::new(FreeMap { words, cursor: 0 }),
+            free: Mutex::new(FreeMap::new(words)),
             used: AtomicU64::new(0),
             bad: AtomicU64::new(0),
             filled: AtomicU64::new(0),
@@ -262,26 +332,16 @@ impl SwapDevice {
     /// pushes them to `out` and returns how many (fewer when the device is full).
     pub fn alloc(&self, n: usize, out: &mut Vec<SwapSlot>) -> usize {
         let mut free = crate::sync::lock(&self.free);
-        let words = free.words.len();
         let mut got = 0;
-        let mut scanned = 0;
-        let mut w = free.cursor;
-        while got < n && scanned <= words {
-            let word = free.words[w];
-            if word == 0 {
-                w = (w + 1) % words;
-                scanned += 1;
-                continue;
-            }
-            let b = word.trailing_zeros() as usize;
-            free.words[w] &= !(1 << b);
-            let slot = (w * 64 + b) as u64;
+        while got < n {
+            let Some(slot) = free.take_next() else {
+                break;
+            };
             // Relaxed: the free-map lock orders hand-out and return of a slot.
             self.state[slot as usize].store(1, Ordering::Relaxed);
             out.push(SwapSlot(slot));
             got += 1;
         }
-        free.cursor = w;
         drop(free);
         self.used.fetch_add(got as u64, Ordering::Relaxed);
         got
@@ -314,8 +374,7 @@ impl SwapDevice {
             }
             self.used.fetch_sub(1, Ordering::Relaxed);
             if before & BAD == 0 {
-                let mut free = crate::sync::lock(&self.free);
-                free.words[slot.0 as usize / 64] |= 1 << (slot.0 % 64);
+                crate::sync::lock(&self.free).give_back(slot.0);
             }
         }
         left

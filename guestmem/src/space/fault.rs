@@ -29,7 +29,9 @@ impl AddressSpace {
             let pte = slot.effective(s);
             if Self::satisfied(pte, access) {
                 // The manager has the page; the host view lost it or never had it (a
-                // fork child's view is filled this way).
+                // fork child's view is filled this way, and so are the neighbours of a
+                // page reclaim unmapped). The guest touched it: that is an access.
+                slot.mark_accessed(s, access == Access::Write);
                 let pages = self.map_existing(region, &slot, index)?;
                 let o = FaultOutcome::MapExisting { pages };
                 self.mm.count(&self.counters, o);
@@ -59,7 +61,10 @@ impl AddressSpace {
     ) -> Result<Result<FaultOutcome, Pending>, SpaceError> {
         let s = (index % PTES_PER_BLOCK as u64) as usize;
         let o = match slot.effective(s).kind() {
-            PteKind::Empty => self.zero_fill(region, slot, index)?,
+            PteKind::Empty => match self.zero_fill(region, slot, index)? {
+                Ok(o) => o,
+                Err(p) => return Ok(Err(p)),
+            },
             PteKind::Present {
                 writable: false, ..
             } if access == Access::Write => self.write_protect_fault(region, slot, index)?,
@@ -151,6 +156,7 @@ impl AddressSpace {
         writable: bool,
     ) -> Result<(), HostMmuError> {
         let node = self.mm.pool.node_of(pfn);
+        region.pt.host_mapped.update(index, pages, true);
         region.pt.mmu.map_run(MapRun {
             gfn: region.pt.gfn(index),
             pages,
@@ -178,12 +184,15 @@ impl AddressSpace {
         region: &Region,
         slot: &mut Slot,
         index: u64,
-    ) -> Result<FaultOutcome, SpaceError> {
+    ) -> Result<Result<FaultOutcome, Pending>, SpaceError> {
         // The largest naturally aligned run around `index`, up to `2^fault_around`, whose
         // entries are all empty and for which the pool has a contiguous block: a pool too
         // fragmented for the full run still maps 32, 16, ... pages per host mapping
-        // rather than one (each host mapping counts against `vm.max_map_count`).
+        // rather than one (each host mapping counts against `vm.max_map_count`). With
+        // swap attached, a fault that finds no free block for the largest run that fits
+        // first has one reclaimed whole (`Pending::Block`).
         let mut run = None;
+        let mut first_fit = true;
         for o in (1..=self.mm.config.fault_around.get()).rev() {
             let n = 1u64 << o;
             let first = index & !(n - 1);
@@ -193,10 +202,24 @@ impl AddressSpace {
             let Some(order) = Order::new(o).filter(|_| fits) else {
                 continue;
             };
-            if let Ok(pfn) = self.alloc(order, FrameInit::Zeroed) {
-                run = Some((first, order, pfn));
-                break;
+            match self.alloc(order, FrameInit::Zeroed) {
+                Ok(pfn) => {
+                    run = Some((first, order, pfn));
+                    break;
+                }
+                Err(
+                    e @ SpaceError::Alloc {
+                        source: AllocError::Exhausted { .. },
+                        ..
+                    },
+                ) if first_fit && self.mm.can_reclaim_for(&e) => {
+                    if super::swapin::may_ask_for_block() {
+                        return Ok(Err(Pending::Block));
+                    }
+                }
+                Err(_) => {}
             }
+            first_fit = false;
         }
         let (first, order, pfn) = match run {
             Some(r) => r,
@@ -243,7 +266,7 @@ impl AddressSpace {
         }
         self.mark_mlocked(region.pt.pgoff(first), pfn, pages);
         self.mm.lru_add_run(pfn, pages);
-        Ok(FaultOutcome::ZeroFill { pages })
+        Ok(Ok(FaultOutcome::ZeroFill { pages }))
     }
 
     /// A write to a present, write-protected page: reuse it if this is its only mapping,

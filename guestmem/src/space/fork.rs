@@ -83,12 +83,12 @@ impl AddressSpace {
                     return Err(self.poisoned("page-table"));
                 }
             };
-            let pt = Arc::new(RegionPt {
-                vm: id,
-                start: pr.pt.start,
+            let pt = Arc::new(RegionPt::new(
+                id,
+                pr.pt.start,
                 table,
-                mmu: Arc::clone(&child_mmu),
-            });
+                Arc::clone(&child_mmu),
+            ));
             let linked = mm
                 .rmap
                 .region(

@@ -86,6 +86,15 @@ pub struct Manager {
     pub(super) reclaimer: OnceLock<crate::reclaim::Reclaimer>,
 }
 
+/// What the referenced check does with the young state it finds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Young {
+    /// Clears it (`ptep_clear_flush_young`): the normal check, which ages the page.
+    TestAndClear,
+    /// Leaves it: a look ahead that must not change what the next check sees.
+    Peek,
+}
+
 impl Manager {
     /// A manager over `pool`.
     pub fn new(pool: Arc<Pool>, config: ManagerConfig) -> Arc<Manager> {
@@ -177,12 +186,12 @@ impl Manager {
         }
         let mut list = Vec::with_capacity(sorted.len());
         for r in &sorted {
-            let pt = Arc::new(RegionPt {
-                vm: id,
-                start: r.start,
-                table: PageTable::new(r.pages),
-                mmu: Arc::clone(&mmu),
-            });
+            let pt = Arc::new(RegionPt::new(
+                id,
+                r.start,
+                PageTable::new(r.pages),
+                Arc::clone(&mmu),
+            ));
             let linked = self
                 .rmap
                 .region(Arc::clone(&pt), r.start.0..r.start.0 + r.pages)
@@ -346,7 +355,7 @@ impl Manager {
             self.put_frame(pfn);
             return out;
         }
-        let out = self.walk_referenced(pfn, frame, locking);
+        let out = self.walk_referenced(pfn, frame, locking, Young::TestAndClear);
         frame.unlock();
         self.put_frame(pfn);
         out
@@ -359,6 +368,7 @@ impl Manager {
         pfn: Pfn,
         frame: &Frame,
         locking: ReferencedLocking,
+        young: Young,
     ) -> Referenced {
         let mut out = Referenced::default();
         let mode = match locking {
@@ -383,7 +393,11 @@ impl Manager {
             };
             // A block shared after a fork keeps its entries; its young state is
             // cleared in the block's bitmaps, for every sharer at once.
-            if blk.pte(slot).pfn() == Some(pfn) && blk.test_and_clear_young(slot) {
+            let is_young = |blk: &mut crate::pagetable::Slot| match young {
+                Young::TestAndClear => blk.test_and_clear_young(slot),
+                Young::Peek => blk.peek_young(slot),
+            };
+            if blk.pte(slot).pfn() == Some(pfn) && is_young(&mut blk) {
                 out.referenced += 1;
             }
             std::ops::ControlFlow::Continue(())
@@ -450,6 +464,16 @@ impl Manager {
     /// Returns frames whose last reference is gone to the pool, uncharging them first
     /// (after `free` they may already belong to someone else).
     pub(super) fn release_frames(&self, freed: &[Pfn]) {
+        self.release(freed, false);
+    }
+
+    /// [`Manager::release_frames`] into the pool's zones, past the allocators' caches
+    /// (reclaim's frees: whole blocks that should merge, see [`Pool::free_batch_to_zone`]).
+    pub(super) fn release_frames_to_zone(&self, freed: &[Pfn]) {
+        self.release(freed, true);
+    }
+
+    fn release(&self, freed: &[Pfn], to_zone: bool) {
         if freed.is_empty() {
             return;
         }
@@ -463,17 +487,35 @@ impl Manager {
         }
         self.charges
             .uncharge(freed.iter().map(|&p| self.pool.frame(p).take_charge()));
-        self.pool.free_batch(freed);
+        if to_zone {
+            self.pool.free_batch_to_zone(freed);
+        } else {
+            self.pool.free_batch(freed);
+        }
         self.counters
             .add(&self.counters.frames_freed, freed.len() as u64);
     }
 
     /// Drops a transient reference; frees the frame if it was the last.
+    ///
+    /// A frame left with the swap cache's reference alone (no mapping named it when its
+    /// last entry went, because this holder had it: reclaim kept it, a walk held it)
+    /// leaves the cache and is freed here, or it would sit there until a later reclaim.
     pub(super) fn put_frame(&self, pfn: Pfn) {
         let frame = self.pool.frame(pfn);
-        if frame.put() == 0 {
-            release_link(frame);
-            self.release_frames(&[pfn]);
+        match frame.put() {
+            0 => {
+                release_link(frame);
+                self.release_frames(&[pfn]);
+            }
+            1 if frame.mapcount() == 0
+                && frame.flags().contains(crate::frame::FrameFlags::SWAPCACHE)
+                && self.uncache_orphan(pfn) =>
+            {
+                release_link(frame);
+                self.release_frames(&[pfn]);
+            }
+            _ => {}
         }
     }
 }

@@ -20,7 +20,7 @@
 //! the child's first access to a page faults, finds the entry present and maps it (and
 //! its contiguous neighbours) read-only.
 
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 
 use crate::charge::{Charge, ChargeError, ChargeSnapshot};
@@ -42,7 +42,7 @@ mod swapin;
 pub use counters::{CounterSnapshot, Counters};
 pub use fork::ChildOptions;
 pub use manager::{CowRun, Manager, ManagerConfig, Referenced, ReferencedLocking};
-pub use reclaim::{AttachError, ShrinkResult, SwapState};
+pub use reclaim::{AttachError, ShrinkResult, SwapState, UNMAP_SPAN};
 
 /// The largest region: 1 TiB of 4 KiB pages.
 pub const MAX_REGION_PAGES: u64 = 1 << 28;
@@ -205,6 +205,37 @@ pub struct RegionPt {
     start: Gfn,
     table: PageTable,
     mmu: Arc<dyn HostMmu>,
+    /// Pages the host view may map: set by every `map_run` of the manager, cleared only
+    /// by reclaim's unmap, so a clear bit means the view cannot map the page (every host
+    /// mapping is the manager's, made under the entry's block lock, as the bit changes).
+    host_mapped: HostMapped,
+}
+
+/// A bit per page of a region (see `RegionPt::host_mapped`). Atomic words for `Sync`;
+/// every change is made under the page's block lock, so `Relaxed` is enough.
+#[derive(Debug)]
+struct HostMapped(Box<[AtomicU64]>);
+
+impl HostMapped {
+    fn new(pages: u64) -> HostMapped {
+        HostMapped((0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect())
+    }
+
+    fn update(&self, first: u64, pages: u64, set: bool) {
+        for i in first..first + pages {
+            let (w, b) = ((i / 64) as usize, 1u64 << (i % 64));
+            if set {
+                self.0[w].fetch_or(b, Ordering::Relaxed);
+            } else {
+                self.0[w].fetch_and(!b, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn any(&self, first: u64, pages: u64) -> bool {
+        (first..first + pages)
+            .any(|i| self.0[(i / 64) as usize].load(Ordering::Relaxed) & (1 << (i % 64)) != 0)
+    }
 }
 
 impl RegionPt {
@@ -235,6 +266,18 @@ impl RegionPt {
 
     fn gfn(&self, index: u64) -> Gfn {
         self.start.offset(index)
+    }
+
+    /// A region's table and view, nothing yet mapped in the view.
+    fn new(vm: VmId, start: Gfn, table: PageTable, mmu: Arc<dyn HostMmu>) -> RegionPt {
+        let host_mapped = HostMapped::new(table.pages());
+        RegionPt {
+            vm,
+            start,
+            table,
+            mmu,
+            host_mapped,
+        }
     }
 }
 

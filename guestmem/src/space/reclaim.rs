@@ -9,6 +9,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use super::manager::Young;
 use super::{AddressSpace, Manager, RegionHandle, SpaceError};
 use crate::charge::ChargeError;
 use crate::frame::{Frame, FrameFlags};
@@ -20,6 +21,11 @@ use crate::reclaim::swapcache::{CacheState, SwapCache};
 use crate::reclaim::{ReclaimConfig, ReclaimStats};
 use crate::space::ReferencedLocking;
 use crate::types::{PAGE_SIZE, Pfn};
+
+/// Guest pages whose host mapping goes as one when reclaim unmaps one of them (see
+/// `Manager::unmap_span`): the fault-around and readahead run, a divisor of a block.
+pub const UNMAP_SPAN: u64 = 64;
+const _: () = assert!(crate::pagetable::PTES_PER_BLOCK as u64 % UNMAP_SPAN == 0);
 
 /// Swap attached to a manager: the device, the swap cache, and how reclaim runs.
 #[derive(Debug)]
@@ -86,6 +92,15 @@ pub enum AttachError {
     /// The manager already has a swap device.
     #[error("this manager already has a swap device; attach one per manager")]
     AlreadyAttached,
+}
+
+/// How a shrink goes about it (see `Manager::shrink_node`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phases {
+    /// Whole blocks, then frame by frame.
+    WholeThenFrames,
+    /// Whole blocks only (a fault asking for a free run).
+    WholeOnly,
 }
 
 /// What one shrink pass did.
@@ -196,32 +211,86 @@ impl Manager {
         }
     }
 
+    /// For a fault that found no free block for its fault-around run: reclaims one whole
+    /// block (`UNMAP_SPAN` frames, only blocks with no frame in use), scanning a few
+    /// blocks at most. Holds no lock of `vm`. (A VM at its own frame limit is not sent
+    /// here: freeing other VMs' blocks would not let it allocate.)
+    pub(super) fn reclaim_block(&self, vm: &AddressSpace) {
+        let Some(sw) = self.swap.get() else {
+            return;
+        };
+        let _ = vm;
+        self.rstats.add(&self.rstats.direct_runs, 1);
+        for node in 0..self.lrus.len() {
+            if self
+                .shrink(node, UNMAP_SPAN, None, Phases::WholeOnly, sw)
+                .reclaimed
+                > 0
+            {
+                return;
+            }
+        }
+    }
+
     /// Reclaims up to `want` frames of node `node` (of one charge only, if `filter`):
     /// ages the active list when the inactive list is shorter, then shrinks the inactive
     /// list in batches. Returns what it did. Holds no lock between batches.
     pub fn shrink_node(&self, node: usize, want: u64, filter: Option<u32>) -> ShrinkResult {
+        match self.swap.get() {
+            Some(sw) => self.shrink(node, want, filter, Phases::WholeThenFrames, sw),
+            None => ShrinkResult::default(),
+        }
+    }
+
+    fn shrink(
+        &self,
+        node: usize,
+        want: u64,
+        filter: Option<u32>,
+        phases: Phases,
+        sw: &SwapState,
+    ) -> ShrinkResult {
         let mut res = ShrinkResult::default();
-        let Some(sw) = self.swap.get() else {
-            return res;
-        };
         let lru = &self.lrus[node];
         let batch = sw.config.batch.max(1);
         // Scan at most the whole node twice per call: a node with nothing reclaimable
         // (everything referenced, swap full) returns instead of spinning.
-        let budget = 2 * u64::from(self.pool.nodes()[node].frames()) + batch as u64;
+        let frames = u64::from(self.pool.nodes()[node].frames());
+        let budget = 2 * frames + batch as u64;
+        let whole_scan = want.max(batch as u64).saturating_mul(8).min(frames);
+        let mut busy = Vec::new();
+        // Balancing ages the active list once per call at most, so that a frame found
+        // referenced is not aged again (and lost) before its VM can touch it again.
+        let mut age_budget = lru.sizes().active + batch as u64;
+        let budget = match phases {
+            Phases::WholeThenFrames => budget,
+            Phases::WholeOnly => whole_scan,
+        };
         while res.reclaimed < want && res.scanned < budget {
             let sizes = lru.sizes();
             // Reclaim for one VM ages every pass: the inactive list may hold only other
             // VMs' frames, which it passes over.
-            if sizes.inactive < sizes.active || filter.is_some() {
+            if (sizes.inactive < sizes.active && age_budget > 0) || filter.is_some() {
                 self.age_active(lru, batch, sw.config.referenced);
+                age_budget = age_budget.saturating_sub(batch as u64);
             }
+            // Lumpy: each inactive tail frame with its inactive block-mates. Whole
+            // blocks first (reclaimed only if no frame of the block is in use); frame by
+            // frame once eight times what was asked for (or the whole node) was scanned
+            // that way, so that blocks with one page in use each cannot keep their cold
+            // pages from a VM that needs them (as Linux splits a huge page it must
+            // reclaim).
+            let whole = res.scanned < whole_scan;
             let mut isolated = Vec::with_capacity(batch);
-            lru.isolate(
+            let frame = |p| self.pool.frame(p);
+            busy.clear();
+            lru.isolate_blocks(
                 LruList::Inactive,
                 batch,
-                |p| self.pool.frame(p),
+                UNMAP_SPAN as u32,
+                frame,
                 &mut isolated,
+                &mut busy,
             );
             if isolated.is_empty() {
                 if lru.sizes().active == 0 {
@@ -231,7 +300,8 @@ impl Manager {
                 continue;
             }
             res.scanned += isolated.len() as u64;
-            res.reclaimed += self.shrink_batch(sw, lru, &isolated, filter);
+            let whole = whole.then_some(busy.as_slice());
+            res.reclaimed += self.shrink_batch(sw, lru, &isolated, filter, whole);
         }
         res
     }
@@ -244,7 +314,15 @@ impl Manager {
     /// from harvests, which a pass that cleared them would forget until the next one.
     fn age_active(&self, lru: &Lru, n: usize, locking: ReferencedLocking) {
         let mut isolated = Vec::with_capacity(n);
-        lru.isolate(LruList::Active, n, |p| self.pool.frame(p), &mut isolated);
+        // Block by block, so that a run's frames reach the inactive list together.
+        lru.isolate_blocks(
+            LruList::Active,
+            n,
+            UNMAP_SPAN as u32,
+            |p| self.pool.frame(p),
+            &mut isolated,
+            &mut Vec::new(),
+        );
         let mut deactivated = 0;
         for &pfn in &isolated {
             let f = self.pool.frame(pfn);
@@ -272,9 +350,10 @@ impl Manager {
         lru: &Lru,
         isolated: &[Pfn],
         filter: Option<u32>,
+        whole: Option<&[u32]>,
     ) -> u64 {
         self.rstats.add(&self.rstats.scanned, isolated.len() as u64);
-        let mut locked: Vec<(Pfn, Verdict)> = Vec::with_capacity(isolated.len());
+        let mut held: Vec<Pfn> = Vec::with_capacity(isolated.len());
         for &pfn in isolated {
             let f = self.pool.frame(pfn);
             if filter.is_some_and(|c| f.charge_id() != c) {
@@ -287,8 +366,45 @@ impl Manager {
                 self.put_frame(pfn);
                 continue;
             }
-            let v = self.reclaim_one(sw, pfn, f);
-            locked.push((pfn, v));
+            held.push(pfn);
+        }
+        let mut locked: Vec<(Pfn, Verdict)> = Vec::with_capacity(held.len());
+        if let Some(busy) = whole {
+            // A block goes whole or stays whole: a frame in use keeps its block-mates,
+            // so that what is freed merges into runs (one host mapping each when mapped
+            // again) instead of leaving single frames between frames in use. The look
+            // is a peek: a kept block's frames in use are then aged by the normal check,
+            // as they would have been alone, and its idle ones are left as they were. A
+            // block with a frame on the active list is kept without a look.
+            let block = |p: &Pfn| lru.block_of(*p, UNMAP_SPAN as u32);
+            for group in held.chunk_by(|a, b| block(a) == block(b)) {
+                let go: Vec<bool> = if busy.contains(&block(&group[0])) {
+                    Vec::new()
+                } else {
+                    group
+                        .iter()
+                        .map(|&p| self.evictable_peek(sw, p, self.pool.frame(p)))
+                        .collect()
+                };
+                let all_go = go.len() == group.len() && !go.contains(&false);
+                for (i, &pfn) in group.iter().enumerate() {
+                    let f = self.pool.frame(pfn);
+                    let v = if all_go {
+                        self.reclaim_unreferenced(sw, pfn, f)
+                    } else if go.get(i) == Some(&false) {
+                        let _ = self.evictable(sw, pfn, f);
+                        Verdict::Keep(LruList::Active)
+                    } else {
+                        Verdict::Keep(LruList::Inactive)
+                    };
+                    locked.push((pfn, v));
+                }
+            }
+        } else {
+            for pfn in held {
+                let v = self.reclaim_one(sw, pfn, self.pool.frame(pfn));
+                locked.push((pfn, v));
+            }
         }
         // Write every unmapped frame of the batch: one call, one syscall per run of
         // consecutive slots.
@@ -350,14 +466,26 @@ impl Manager {
     /// The decision for one isolated, locked frame: keep it, or unmap it and say what is
     /// left to do.
     fn reclaim_one(&self, sw: &SwapState, pfn: Pfn, f: &Frame) -> Verdict {
+        if !self.evictable(sw, pfn, f) {
+            return Verdict::Keep(LruList::Active);
+        }
+        self.reclaim_unreferenced(sw, pfn, f)
+    }
+
+    /// Whether an isolated, locked frame may go: not locked in memory and not
+    /// referenced (the check clears its young state).
+    fn evictable(&self, sw: &SwapState, pfn: Pfn, f: &Frame) -> bool {
         if f.flags().contains(FrameFlags::MLOCKED) {
             self.rstats.add(&self.rstats.unevictable, 1);
-            return Verdict::Keep(LruList::Active);
+            return false;
         }
-        let r = self.referenced_locked(pfn, f, sw.config.referenced);
-        if r.is_referenced() {
-            return Verdict::Keep(LruList::Active);
-        }
+        !self
+            .referenced_locked(pfn, f, sw.config.referenced)
+            .is_referenced()
+    }
+
+    /// [`Manager::reclaim_one`] for a frame [`Manager::evictable`] let go.
+    fn reclaim_unreferenced(&self, sw: &SwapState, pfn: Pfn, f: &Frame) -> Verdict {
         // The slot the frame's contents go to, and whether it already holds them.
         let cached = {
             let cache = sw.cache.lock();
@@ -490,7 +618,7 @@ impl Manager {
             self.rstats.add(&self.rstats.punched, n);
         }
         self.rstats.add(&self.rstats.reclaimed, freed.len() as u64);
-        self.release_frames(&freed);
+        self.release_frames_to_zone(&freed);
         freed.len() as u64
     }
 
@@ -514,15 +642,21 @@ impl Manager {
             if g.pte(s).pfn() != Some(pfn) {
                 return std::ops::ControlFlow::Continue(());
             }
+            let (lo, pages) = self.unmap_span(&g, index, s, region.table.pages());
             let block = self.exclusive(&mut g);
             let old = block.get(s);
             block.set(s, Pte::swap(slot.0));
             self.swap_dup(slot);
-            if region.mmu.unmap_run(region.gfn(index), 1).is_err() {
-                block.set(s, old);
-                self.swap_put(slot);
-                ok = false;
-                return std::ops::ControlFlow::Break(());
+            // A span the view cannot map (a block-mate's reclaim unmapped it, and no
+            // fault mapped it since: both under this block lock) needs no host call.
+            if region.host_mapped.any(lo, pages) {
+                if region.mmu.unmap_run(region.gfn(lo), pages).is_err() {
+                    block.set(s, old);
+                    self.swap_put(slot);
+                    ok = false;
+                    return std::ops::ControlFlow::Break(());
+                }
+                region.host_mapped.update(lo, pages, false);
             }
             f.unmap();
             let left = f.put();
@@ -534,6 +668,31 @@ impl Manager {
         ok && f.mapcount() == 0
     }
 
+    /// The host-view range to unmap when entry `index` (slot `s` of the locked block
+    /// `g`) loses its frame: the naturally aligned [`UNMAP_SPAN`] around it, inside the
+    /// block and the region, so that the hole replaces whole host mappings instead of
+    /// splitting a run into three per page (the host's `vm.max_map_count`). The span's
+    /// other present pages stay in the manager's tables and fault back in as one run on
+    /// their next access (`MapExisting`). A span holding a frame locked in memory is
+    /// left mapped: only the one page is unmapped. Returns the first index and pages.
+    fn unmap_span(
+        &self,
+        g: &crate::pagetable::Slot,
+        index: u64,
+        s: usize,
+        table_pages: u64,
+    ) -> (u64, u64) {
+        let lo = index & !(UNMAP_SPAN - 1);
+        let hi = (lo + UNMAP_SPAN).min(table_pages);
+        let first = s - (index - lo) as usize;
+        let locked = (0..(hi - lo) as usize).any(|t| {
+            g.pte(first + t)
+                .pfn()
+                .is_some_and(|p| self.pool.frame(p).flags().contains(FrameFlags::MLOCKED))
+        });
+        if locked { (index, 1) } else { (lo, hi - lo) }
+    }
+
     /// The referenced check of a frame the caller holds locked (see
     /// [`Manager::frame_referenced`]); also consumes a `REFERENCED` mark left by access
     /// harvesting.
@@ -543,13 +702,25 @@ impl Manager {
         f: &Frame,
         locking: ReferencedLocking,
     ) -> super::Referenced {
-        let mut out = self.walk_referenced(pfn, f, locking);
+        let mut out = self.walk_referenced(pfn, f, locking, Young::TestAndClear);
         if f.clear(FrameFlags::REFERENCED)
             .contains(FrameFlags::REFERENCED)
         {
             out.referenced += 1;
         }
         out
+    }
+
+    /// Whether a locked frame could go now, changing nothing: not locked in memory, and
+    /// the referenced check would find it unreferenced (young state and `REFERENCED`
+    /// marks are looked at, not cleared).
+    fn evictable_peek(&self, sw: &SwapState, pfn: Pfn, f: &Frame) -> bool {
+        let flags = f.flags();
+        !flags.contains(FrameFlags::MLOCKED)
+            && !flags.contains(FrameFlags::REFERENCED)
+            && !self
+                .walk_referenced(pfn, f, sw.config.referenced, Young::Peek)
+                .is_referenced()
     }
 }
 

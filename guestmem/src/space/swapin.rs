@@ -15,7 +15,7 @@ use super::reclaim::SwapState;
 use super::{Access, AddressSpace, AnonVma, Manager, Region, SpaceError};
 use crate::frame::FrameFlags;
 use crate::pagetable::{Block, PTES_PER_BLOCK, Pte, Slot};
-use crate::pool::FrameInit;
+use crate::pool::{AllocError, FrameInit};
 use crate::reclaim::lru::LruList;
 use crate::reclaim::swap::SwapSlot;
 use crate::reclaim::swapcache::CacheState;
@@ -39,6 +39,22 @@ pub(super) enum Pending {
     },
     /// The slot's frame is in the cache but still being read: retry without locks.
     Wait,
+    /// No free run of the fault-around size: reclaim one whole block with no lock
+    /// held, then retry (once per fault; the retry maps a smaller run if it must). A
+    /// fault that took single frames whenever free memory ran short would scatter the
+    /// VM over the pool, one host mapping per page.
+    Block,
+}
+
+thread_local! {
+    /// Set while a fault retries after a [`Pending::Block`] reclaim: it takes what runs
+    /// it can get rather than ask again.
+    static BLOCK_TRIED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether the fault on this thread may still ask for a whole block ([`Pending::Block`]).
+pub(super) fn may_ask_for_block() -> bool {
+    !BLOCK_TRIED.with(std::cell::Cell::get)
 }
 
 /// What a swap fault mapped.
@@ -172,7 +188,7 @@ impl Manager {
     /// Takes `pfn` out of the swap cache if the cache's reference is its only one and
     /// its contents are on disk (or no entry needs them); true if its last reference
     /// went (the caller frees it).
-    fn uncache_orphan(&self, pfn: Pfn) -> bool {
+    pub(super) fn uncache_orphan(&self, pfn: Pfn) -> bool {
         let Some(sw) = self.swap.get() else {
             return false;
         };
@@ -235,7 +251,21 @@ impl Manager {
         }
         let order = Order::new(run.len().trailing_zeros()).unwrap_or(Order::ZERO);
         // `first`: the place in `run` of the first slot read.
-        let (base, first, slots) = match vm.alloc(order, FrameInit::Overwritten) {
+        // No free run: reclaim a whole block first (as a first touch does, see
+        // `Pending::Block`), so that a swapped-in run does not come back scattered.
+        let alloc_run = || match vm.alloc(order, FrameInit::Overwritten) {
+            Err(
+                e @ SpaceError::Alloc {
+                    source: AllocError::Exhausted { .. },
+                    ..
+                },
+            ) if run.len() > 1 && self.can_reclaim_for(&e) => {
+                self.reclaim_block(vm);
+                vm.alloc(order, FrameInit::Overwritten)
+            }
+            r => r,
+        };
+        let (base, first, slots) = match alloc_run() {
             Ok(p) => (p, 0, run),
             Err(_) if run.len() > 1 => (
                 vm.alloc(Order::ZERO, FrameInit::Overwritten)?,
@@ -462,9 +492,21 @@ impl AddressSpace {
         &self,
         mut attempt: impl FnMut() -> Result<Result<T, Pending>, SpaceError>,
     ) -> Result<T, SpaceError> {
+        /// Clears the thread's `BLOCK_TRIED` however the fault ends.
+        struct Reset;
+        impl Drop for Reset {
+            fn drop(&mut self) {
+                BLOCK_TRIED.with(|b| b.set(false));
+            }
+        }
+        let _reset = Reset;
         let mut reclaims = 0;
         for _ in 0..SWAPIN_RETRIES {
             match attempt() {
+                Ok(Err(Pending::Block)) => {
+                    BLOCK_TRIED.with(|b| b.set(true));
+                    self.mm.reclaim_block(self);
+                }
                 Ok(Ok(t)) => return Ok(t),
                 Ok(Err(Pending::Read {
                     run,
