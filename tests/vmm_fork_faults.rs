@@ -248,8 +248,9 @@ fn cases() -> Vec<Case> {
             }),
         ),
         case(
+            // One handler thread per vCPU (up to the most): skip the first shell's.
             ForkStep::ShellHandler,
-            1,
+            per_clone.min(vmm::Vm::MAX_FAULT_HANDLERS),
             Some(|e| second_clone(e, |v| kvm_op(v, "spawn the fault handler thread"))),
         ),
         case(

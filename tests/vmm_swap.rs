@@ -109,6 +109,103 @@ fn a_guest_in_overcommit_keeps_its_host_mappings_to_two_per_span() {
 }
 
 #[test]
+fn a_vcpu_waiting_on_a_swap_in_does_not_hold_up_its_sibling() {
+    let Some(hv) = hypervisor() else { return };
+    let mm = manager(24 * MIB, 128 * MIB);
+    let kswapd = Reclaimer::start(&mm).expect("kswapd");
+    let vm = Arc::new(ManagedVm::new(&hv, &VmConfig::new(64 * MIB, 2), &mm).expect("vm"));
+    // 32 MiB written in a 24 MiB pool: the first pages are swapped out.
+    let pages = 32 * MIB / 4096;
+    fill(&vm, 0, pages, 3);
+    drop(kswapd);
+    mm.shrink_node(0, 1024, None);
+    assert!(
+        vm.space().pte(data(0)).is_ok_and(|p| !p.is_present()),
+        "the first page was swapped out: {:?}",
+        mm.reclaim_stats()
+    );
+    let dev = mm.swap_device().expect("swap");
+    dev.hold_reads(true);
+    // vCPU 0 reads the swapped-out pages: its fault's read waits.
+    let reader = {
+        let vm = Arc::clone(&vm);
+        std::thread::spawn(move || {
+            vm.vm()
+                .run(0, Command::new(Op::Verify, data(0), pages, 3))
+                .map(|r| r.mismatches())
+        })
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while dev.reads_waiting() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "vCPU 0 never reached a swap-in"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    // vCPU 1 writes memory no one touched: its faults need no read and must not queue
+    // behind vCPU 0's.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let writer = {
+        let vm = Arc::clone(&vm);
+        std::thread::spawn(move || {
+            let r = vm
+                .vm()
+                .run(1, Command::new(Op::Fill, data(pages), 256, 4))
+                .map(|r| r.mismatches());
+            let _ = tx.send(());
+            r
+        })
+    };
+    let done = rx.recv_timeout(std::time::Duration::from_secs(30));
+    assert!(
+        dev.reads_waiting() > 0,
+        "vCPU 0's swap-in was still waiting"
+    );
+    dev.hold_reads(false);
+    assert!(
+        done.is_ok(),
+        "vCPU 1 finished its fill while vCPU 0 waited on a swap-in"
+    );
+    writer.join().expect("writer").expect("vCPU 1 fill");
+    assert_eq!(reader.join().expect("reader").expect("vCPU 0 verify"), 0);
+    assert_eq!(mismatches(&vm, pages, 256, 4), 0);
+}
+
+#[test]
+fn a_vm_out_of_memory_and_swap_fails_alone_and_its_sibling_runs_on() {
+    let Some(hv) = hypervisor() else { return };
+    // A 16 MiB swap file for both. B keeps 8 MiB under its limit of 12 MiB; A may hold
+    // 18 MiB and writes 64 MiB: once the swap file is full, A runs out of memory.
+    let mm = manager(32 * MIB, 16 * MIB);
+    let _kswapd = Reclaimer::start(&mm).expect("kswapd");
+    let b = ManagedVm::new(&hv, &VmConfig::new(16 * MIB, 1), &mm).expect("vm b");
+    b.space().set_limit(Some(12 * MIB / 4096));
+    let b_pages = 8 * MIB / 4096;
+    fill(&b, 0, b_pages, 2);
+    let a = ManagedVm::new(&hv, &VmConfig::new(72 * MIB, 1), &mm).expect("vm a");
+    a.space().set_limit(Some(18 * MIB / 4096));
+    let err = a
+        .vm()
+        .run(0, Command::new(Op::Fill, data(0), 64 * MIB / 4096, 1))
+        .expect_err("A cannot hold 64 MiB in 18 MiB and 16 MiB of swap");
+    let msg = err.to_string();
+    eprintln!("A: {msg}");
+    assert!(
+        matches!(err, vmm::VcpuError::FaultFailed { .. }) && msg.contains("swap"),
+        "a clear out-of-memory error naming swap: {msg}"
+    );
+    assert!(a.vm().failure().is_some(), "A is stopped");
+    // B runs on: its bytes are there, and it can write and read again.
+    assert_eq!(mismatches(&b, 0, b_pages, 2), 0, "B's bytes");
+    fill(&b, 0, b_pages, 3);
+    assert_eq!(mismatches(&b, 0, b_pages, 3), 0, "B after A failed");
+    drop(a);
+    fill(&b, 0, b_pages, 4);
+    assert_eq!(mismatches(&b, 0, b_pages, 4), 0, "B after A exited");
+}
+
+#[test]
 fn clones_forked_in_overcommit_keep_their_own_bytes() {
     let Some(hv) = hypervisor() else { return };
     let mm = manager(24 * MIB, 256 * MIB);

@@ -169,6 +169,58 @@ impl SwapFile {
         Ok(calls)
     }
 
+    /// Reads consecutive `len`-byte pages from `offset` into `pages`, with one `preadv`
+    /// call (more only for a short read). Returns the system calls made.
+    ///
+    /// # Safety
+    ///
+    /// Every pointer must be valid for writes of `len` bytes and not read or written by
+    /// anyone else during the call.
+    pub unsafe fn read_pages(&self, offset: u64, pages: &[*mut u8], len: usize) -> io::Result<u64> {
+        let iov: Vec<libc::iovec> = pages
+            .iter()
+            .map(|&p| libc::iovec {
+                iov_base: p.cast(),
+                iov_len: len,
+            })
+            .collect();
+        let total = pages.len() * len;
+        let mut done = 0usize;
+        let mut calls = 0;
+        while done < total {
+            let first = done / len;
+            let mut v = iov[first..].to_vec();
+            v[0].iov_base = v[0].iov_base.cast::<u8>().wrapping_add(done % len).cast();
+            v[0].iov_len -= done % len;
+            let at = libc::off_t::try_from(offset + done as u64)
+                .map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
+            // SAFETY: every iovec points to `len` writable bytes no one else touches (the
+            // caller's contract), less the part already read; the count fits an int
+            // (callers batch at most IOV_MAX pages).
+            let n = unsafe {
+                libc::preadv(
+                    self.file.as_raw_fd(),
+                    v.as_ptr(),
+                    v.len() as libc::c_int,
+                    at,
+                )
+            };
+            calls += 1;
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            if n == 0 {
+                return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
+            }
+            done += n as usize;
+        }
+        Ok(calls)
+    }
+
     /// Reads `len` bytes at `offset` into `dst`.
     ///
     /// # Safety

@@ -289,10 +289,11 @@ pub(crate) struct VmLink {
     pub ram: u64,
     /// Set by the fault handler when a fault cannot be resolved (the first error wins).
     pub failure: Mutex<Option<Arc<FaultError>>>,
-    /// The fault handler may hold an event: set before it reads the userfaultfd, cleared
-    /// once a read finds the queue empty. SeqCst, paired with the load in `Vm::pause`'s
-    /// quiesce (with the queue's readability checked after it).
-    pub handler_busy: std::sync::atomic::AtomicBool,
+    /// Fault handler threads that may hold an event: each counts itself in before it
+    /// reads the userfaultfd and out once a read finds the queue empty. SeqCst, paired
+    /// with the load in `Vm::pause`'s quiesce (with the queue's readability checked
+    /// after it).
+    pub handlers_busy: std::sync::atomic::AtomicU32,
 }
 
 #[derive(Debug, Default)]

@@ -1,15 +1,17 @@
 //! A VM: its KVM fd, its guest RAM [`Window`] (memslot 0 at gpa 0), its fault handler
-//! thread and its vCPUs running the built-in guest.
+//! threads and its vCPUs running the built-in guest.
 //!
-//! The fault handler thread polls the window's userfaultfd, resolves each fault through
-//! the VM's [`FaultResolver`] and wakes the faulting vCPU. A fault it cannot resolve stops
+//! The fault handler threads (one per vCPU, up to [`Vm::MAX_FAULT_HANDLERS`]) poll the
+//! window's userfaultfd, each resolving the faults it reads through the VM's
+//! [`FaultResolver`] and waking the faulting vCPU, so one slow fault (a swap-in) holds up
+//! only the vCPU that took it. A fault a handler cannot resolve stops
 //! the VM (its vCPUs return [`VcpuError::FaultFailed`]); other VMs are unaffected. Pin the
 //! VM to one CPU ([`VmConfig::cpu`]) to keep the handler and the faulting vCPU together:
 //! cross-CPU wake-ups cost about 5x here.
 
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -266,7 +268,8 @@ pub struct Vm {
     vcpus: Vec<Vcpu>,
     /// pthread ids the fault handler may kick; emptied before the vCPU threads end.
     kick: Arc<Mutex<Vec<libc::pthread_t>>>,
-    handler: Option<JoinHandle<()>>,
+    /// The fault handler threads ([`Vm::fault_handlers`] of them).
+    handlers: Vec<JoinHandle<()>>,
     stop: OwnedFd,
     /// Shared only with the window, weakly (it moves the memslot on fork); replaced by
     /// [`Vm::rebirth`].
@@ -413,7 +416,7 @@ impl Vm {
         let link = Arc::new(VmLink {
             ram: cfg.mem_bytes,
             failure: Mutex::new(None),
-            handler_busy: AtomicBool::new(false),
+            handlers_busy: AtomicU32::new(0),
         });
         let stats = Arc::new(FaultStats::default());
         // SAFETY: eventfd takes flags only and returns a new fd or -1.
@@ -430,7 +433,7 @@ impl Vm {
         let mut vm = Vm {
             vcpus: Vec::with_capacity(cfg.vcpus as usize),
             kick: Arc::new(Mutex::new(Vec::new())),
-            handler: None,
+            handlers: Vec::new(),
             stop,
             vm_fd: Mutex::new(vm_fd.clone()),
             link,
@@ -442,7 +445,10 @@ impl Vm {
         };
         // The handler first: from here on any access to guest RAM, the VMM's own included,
         // can fault and be resolved (once a resolver is attached).
-        vm.handler = Some(vm.spawn_handler(cfg.cpu)?);
+        for _ in 0..Vm::fault_handlers(cfg) {
+            let h = vm.spawn_handler(cfg.cpu)?;
+            vm.handlers.push(h);
+        }
         for id in 0..cfg.vcpus {
             let fd = failpoint::hit(ForkStep::ShellVcpu)
                 .map_err(kvm_ioctls::Error::new)
@@ -557,7 +563,7 @@ impl Vm {
             // an event consumed after our poll shows up as busy.
             // SAFETY: one valid pollfd, zero timeout.
             let readable = unsafe { libc::poll(&mut p, 1, 0) } > 0;
-            let busy = self.link.handler_busy.load(Ordering::SeqCst);
+            let busy = self.link.handlers_busy.load(Ordering::SeqCst) > 0;
             if (!busy && !readable) || self.failure().is_some() || self.handler_gone() {
                 return;
             }
@@ -566,8 +572,19 @@ impl Vm {
     }
 
     fn handler_gone(&self) -> bool {
-        self.handler.as_ref().is_none_or(|h| h.is_finished())
+        self.handlers.iter().all(JoinHandle::is_finished)
     }
+
+    /// Fault handler threads a VM of `cfg` gets: one per vCPU, at most
+    /// [`Vm::MAX_FAULT_HANDLERS`]. They read the one userfaultfd of the VM and resolve
+    /// faults side by side, so a vCPU waiting on a slow fault (a swap-in reading the
+    /// swap file) does not hold up its siblings' faults.
+    pub fn fault_handlers(cfg: &VmConfig) -> u32 {
+        cfg.vcpus.clamp(1, Vm::MAX_FAULT_HANDLERS)
+    }
+
+    /// The most fault handler threads per VM.
+    pub const MAX_FAULT_HANDLERS: u32 = 4;
 
     /// Undoes one [`Vm::pause`] of every vCPU (pauses nest; see [`Vcpu::resume`]).
     pub fn resume(&self) {
@@ -736,7 +753,7 @@ impl Drop for Vm {
         let one: u64 = 1;
         // SAFETY: writes 8 bytes from `one` to our eventfd.
         unsafe { libc::write(self.stop.as_raw_fd(), (&one as *const u64).cast(), 8) };
-        if let Some(h) = self.handler.take() {
+        for h in self.handlers.drain(..) {
             let _ = h.join();
         }
     }
@@ -828,23 +845,24 @@ fn fault_loop(
         if fds[1].revents != 0 {
             return;
         }
-        // SeqCst: see VmLink::handler_busy.
-        link.handler_busy.store(true, Ordering::SeqCst);
+        // SeqCst: see VmLink::handlers_busy.
+        link.handlers_busy.fetch_add(1, Ordering::SeqCst);
         loop {
             let ev = match uffd.read_event() {
                 Ok(Some(ev)) => ev,
                 Ok(None) => {
-                    link.handler_busy.store(false, Ordering::SeqCst);
+                    link.handlers_busy.fetch_sub(1, Ordering::SeqCst);
                     break;
                 }
                 Err(e) => {
                     tracing::error!("reading guest faults failed: {e}");
                     fail(link, FaultError::Uffd(e), kick);
-                    link.handler_busy.store(false, Ordering::SeqCst);
+                    link.handlers_busy.fetch_sub(1, Ordering::SeqCst);
                     return;
                 }
             };
-            if failed {
+            // Another handler of the VM may have failed it.
+            if failed || link.failure.lock().is_ok_and(|f| f.is_some()) {
                 release(window, &uffd, ev);
                 continue;
             }

@@ -132,6 +132,8 @@ pub struct SwapStats {
     pub bytes_read: u64,
     /// Write system calls made.
     pub write_calls: u64,
+    /// Read system calls made.
+    pub read_calls: u64,
     /// Pages whose write failed.
     pub writes_failed: u64,
 }
@@ -241,7 +243,11 @@ pub struct SwapDevice {
     bytes_written: AtomicU64,
     bytes_read: AtomicU64,
     write_calls: AtomicU64,
+    read_calls: AtomicU64,
     writes_failed: AtomicU64,
+    /// While set, reads wait (see [`SwapDevice::hold_reads`]); `reads_waiting` counts them.
+    hold_reads: AtomicBool,
+    reads_waiting: AtomicU64,
     stopped: AtomicBool,
     stop_reason: Mutex<Option<String>>,
     inject: Mutex<Option<InjectedFault>>,
@@ -301,7 +307,10 @@ impl SwapDevice {
             bytes_written: AtomicU64::new(0),
             bytes_read: AtomicU64::new(0),
             write_calls: AtomicU64::new(0),
+            read_calls: AtomicU64::new(0),
             writes_failed: AtomicU64::new(0),
+            hold_reads: AtomicBool::new(false),
+            reads_waiting: AtomicU64::new(0),
             stopped: AtomicBool::new(false),
             stop_reason: Mutex::new(None),
             inject: Mutex::new(None),
@@ -510,32 +519,100 @@ impl SwapDevice {
         out
     }
 
-    /// Reads `slot` into `dst` (a same-filled slot without I/O).
+    /// Reads `slot` into `dst` (see [`SwapDevice::read_many`]).
     ///
     /// # Safety
     ///
-    /// `dst` must be a writable page (`PAGE_SIZE` bytes, 8-aligned) that nobody else
-    /// reads or writes during the call.
+    /// As for [`SwapDevice::read_many`].
     pub unsafe fn read(&self, slot: SwapSlot, dst: *mut u8) -> Result<(), SwapError> {
-        if let Some(v) = self.filled(slot) {
-            for i in 0..PAGE_SIZE / 8 {
-                // SAFETY: `dst` is a writable, 8-aligned page (the caller's contract).
-                unsafe { dst.cast::<u64>().add(i).write(v) };
+        // SAFETY: the caller's contract.
+        unsafe { self.read_many(&[(slot, dst)]) }
+            .pop()
+            .unwrap_or(Ok(()))
+    }
+
+    /// Reads each slot of `batch` into its page: a same-filled slot from its marker, and
+    /// every run of consecutive slots with one `preadv` (a readahead run is one call).
+    /// Returns one result per entry, in `batch` order.
+    ///
+    /// # Safety
+    ///
+    /// Each pointer must be a writable, 8-byte aligned page that nothing else reads or
+    /// writes during the call.
+    pub unsafe fn read_many(&self, batch: &[(SwapSlot, *mut u8)]) -> Vec<Result<(), SwapError>> {
+        self.wait_while_held();
+        let mut out: Vec<Result<(), SwapError>> = batch.iter().map(|_| Ok(())).collect();
+        let mut from_file: Vec<usize> = Vec::with_capacity(batch.len());
+        for (i, &(slot, dst)) in batch.iter().enumerate() {
+            match self.filled(slot) {
+                Some(v) => {
+                    for w in 0..PAGE_SIZE / 8 {
+                        // SAFETY: `dst` is a writable, 8-aligned page (the caller's contract).
+                        unsafe { dst.cast::<u64>().add(w).write(v) };
+                    }
+                }
+                None => from_file.push(i),
             }
-            return Ok(());
         }
-        // SAFETY: as the caller promises.
-        unsafe {
-            self.file
-                .read_page(slot.0 * PAGE_SIZE as u64, dst, PAGE_SIZE)
+        from_file.sort_unstable_by_key(|&i| batch[i].0);
+        let mut a = 0;
+        while a < from_file.len() {
+            let mut b = a + 1;
+            while b < from_file.len()
+                && b - a < IOV_MAX
+                && batch[from_file[b]].0.0 == batch[from_file[b - 1]].0.0 + 1
+            {
+                b += 1;
+            }
+            let run = &from_file[a..b];
+            a = b;
+            let ptrs: Vec<*mut u8> = run.iter().map(|&i| batch[i].1).collect();
+            let first = batch[run[0]].0;
+            // SAFETY: as the caller promises for each page.
+            let res = unsafe {
+                self.file
+                    .read_pages(first.0 * PAGE_SIZE as u64, &ptrs, PAGE_SIZE)
+            };
+            match res {
+                Ok(calls) => {
+                    self.read_calls.fetch_add(calls, Ordering::Relaxed);
+                    self.bytes_read
+                        .fetch_add((run.len() * PAGE_SIZE) as u64, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    self.read_calls.fetch_add(1, Ordering::Relaxed);
+                    for &i in run {
+                        out[i] = Err(SwapError::Read {
+                            slot: batch[i].0.0,
+                            source: io::Error::new(e.kind(), e.to_string()),
+                        });
+                    }
+                }
+            }
         }
-        .map_err(|source| SwapError::Read {
-            slot: slot.0,
-            source,
-        })?;
-        self.bytes_read
-            .fetch_add(PAGE_SIZE as u64, Ordering::Relaxed);
-        Ok(())
+        out
+    }
+
+    /// Makes every read wait until called again with `false` (for tests: a swap-in that
+    /// stays in flight, to show what it does and does not hold up).
+    pub fn hold_reads(&self, hold: bool) {
+        self.hold_reads.store(hold, Ordering::SeqCst);
+    }
+
+    /// Reads waiting in [`SwapDevice::hold_reads`] now.
+    pub fn reads_waiting(&self) -> u64 {
+        self.reads_waiting.load(Ordering::SeqCst)
+    }
+
+    fn wait_while_held(&self) {
+        if !self.hold_reads.load(Ordering::SeqCst) {
+            return;
+        }
+        self.reads_waiting.fetch_add(1, Ordering::SeqCst);
+        while self.hold_reads.load(Ordering::SeqCst) {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        self.reads_waiting.fetch_sub(1, Ordering::SeqCst);
     }
 
     /// What the device holds and did.
@@ -549,6 +626,7 @@ impl SwapDevice {
             bytes_written: r(&self.bytes_written),
             bytes_read: r(&self.bytes_read),
             write_calls: r(&self.write_calls),
+            read_calls: r(&self.read_calls),
             writes_failed: r(&self.writes_failed),
         }
     }

@@ -118,6 +118,23 @@ pub enum SpaceError {
         #[source]
         source: crate::reclaim::swap::SwapError,
     },
+    /// Out of memory with swap: the allocation failed, and reclaim (swap-out included)
+    /// could not free a frame for it.
+    #[error(
+        "{vm} is out of memory: {source}; reclaim could not free a frame for it (the swap file has {swap_used} of {swap_slots} slots in use{stopped}): give the VM a larger limit, more host memory (--host-memory) or a larger swap file"
+    )]
+    OutOfMemory {
+        /// The VM.
+        vm: VmId,
+        /// The allocation's failure.
+        source: Box<SpaceError>,
+        /// Swap slots in use.
+        swap_used: u64,
+        /// Swap slots in the file.
+        swap_slots: u64,
+        /// Why swap-out stopped, if it did (as `", ..."`, or empty).
+        stopped: String,
+    },
     /// A fault kept finding its page being read by another fault, far longer than any
     /// read takes.
     #[error("{vm}: a fault waited for a swap-in that never finished")]

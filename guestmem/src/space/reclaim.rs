@@ -196,18 +196,40 @@ impl Manager {
 
     /// Direct reclaim for `vm`, whose allocation failed with `e`: a VM at its own limit
     /// reclaims its own frames; otherwise any frames of the node. Holds no lock of `vm`.
-    pub(super) fn direct_reclaim(&self, vm: &AddressSpace, e: &SpaceError) {
+    /// Returns the frames it freed.
+    pub(super) fn direct_reclaim(&self, vm: &AddressSpace, e: &SpaceError) -> u64 {
         let Some(sw) = self.swap.get() else {
-            return;
+            return 0;
         };
         self.rstats.add(&self.rstats.direct_runs, 1);
         let own = matches!(e, SpaceError::Charge(ChargeError::Limit { .. }));
         let filter = own.then(|| vm.charge.id());
         let want = sw.config.batch as u64;
+        let mut freed = 0;
         for node in 0..self.lrus.len() {
-            if self.shrink_node(node, want, filter).reclaimed >= want {
-                return;
+            freed += self.shrink_node(node, want, filter).reclaimed;
+            if freed >= want {
+                break;
             }
+        }
+        freed
+    }
+
+    /// The error of a fault that reclaim could not help: `e` with the swap file's state.
+    pub(super) fn out_of_memory(&self, vm: &AddressSpace, e: SpaceError) -> SpaceError {
+        let Some(sw) = self.swap.get() else {
+            return e;
+        };
+        let st = sw.dev.stats();
+        SpaceError::OutOfMemory {
+            vm: vm.id,
+            source: Box::new(e),
+            swap_used: st.used,
+            swap_slots: st.slots,
+            stopped: sw
+                .dev
+                .stop_reason()
+                .map_or_else(String::new, |r| format!(", {r}")),
         }
     }
 

@@ -296,14 +296,21 @@ impl Manager {
         }
         self.release_frames(&unused);
         let mut failed = None;
-        for &(slot, pfn, i) in &reading {
+        for &(_, pfn, i) in &reading {
             let frame = self.pool.frame(pfn);
             let old = frame.set_rmap_link(AnonVma::into_raw(Arc::clone(anon)), first_pgoff + i);
             debug_assert_eq!(old, 0, "a new frame has no rmap link");
             vm.mark_mlocked(first_pgoff + i, pfn, 1);
-            // SAFETY: `pfn` is ours alone (in the cache as `Reading`, which no fault maps)
-            // and a whole page; the device writes it and nothing else touches it.
-            let read = unsafe { sw.dev.read(slot, self.pool.page_ptr(pfn)) };
+        }
+        let pages: Vec<(SwapSlot, *mut u8)> = reading
+            .iter()
+            .map(|&(slot, pfn, _)| (slot, self.pool.page_ptr(pfn)))
+            .collect();
+        // SAFETY: each frame is ours alone (in the cache as `Reading`, which no fault
+        // maps) and a whole page; the device writes it and nothing else touches it.
+        let reads = unsafe { sw.dev.read_many(&pages) };
+        for (&(slot, pfn, _), read) in reading.iter().zip(reads) {
+            let frame = self.pool.frame(pfn);
             let mut cache = sw.cache.lock();
             match read {
                 Ok(()) => {
@@ -515,21 +522,39 @@ impl AddressSpace {
                     pgoff,
                 })) => match self.mm.swap_read(self, &run, at, anon, pgoff) {
                     Ok(()) => {}
-                    Err(e) if self.mm.can_reclaim_for(&e) && reclaims < DIRECT_RECLAIM_TRIES => {
-                        reclaims += 1;
-                        self.mm.direct_reclaim(self, &e);
+                    Err(e) if self.mm.can_reclaim_for(&e) => {
+                        if !self.reclaim_or_give_up(&e, &mut reclaims) {
+                            return Err(self.mm.out_of_memory(self, e));
+                        }
                     }
                     Err(e) => return Err(e),
                 },
                 Ok(Err(Pending::Wait)) => std::thread::yield_now(),
-                Err(e) if self.mm.can_reclaim_for(&e) && reclaims < DIRECT_RECLAIM_TRIES => {
-                    reclaims += 1;
-                    self.mm.direct_reclaim(self, &e);
+                Err(e) if self.mm.can_reclaim_for(&e) => {
+                    if !self.reclaim_or_give_up(&e, &mut reclaims) {
+                        return Err(self.mm.out_of_memory(self, e));
+                    }
                 }
                 Err(e) => return Err(e),
             }
         }
         Err(SpaceError::SwapStuck { vm: self.id })
+    }
+
+    /// One round of direct reclaim for a fault whose allocation failed with `e`; false
+    /// once the fault should give up: [`DIRECT_RECLAIM_TRIES`] rounds, or three in a row
+    /// that freed nothing (others may be reclaiming the same frames, so one empty
+    /// round is not the end).
+    fn reclaim_or_give_up(&self, e: &SpaceError, rounds: &mut u32) -> bool {
+        if *rounds >= DIRECT_RECLAIM_TRIES {
+            return false;
+        }
+        *rounds += 1;
+        if self.mm.direct_reclaim(self, e) == 0 {
+            *rounds += DIRECT_RECLAIM_TRIES / 3;
+            std::thread::yield_now();
+        }
+        true
     }
 
     /// For a software access or fault: whether `access` is satisfied by `pte`.
