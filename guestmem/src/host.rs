@@ -125,48 +125,18 @@ impl SwapFile {
         pages: &[*const u8],
         len: usize,
     ) -> io::Result<u64> {
-        let iov: Vec<libc::iovec> = pages
-            .iter()
-            .map(|&p| libc::iovec {
-                iov_base: p.cast_mut().cast(),
-                iov_len: len,
-            })
-            .collect();
-        let total = pages.len() * len;
-        let mut done = 0usize;
-        let mut calls = 0;
-        while done < total {
-            let first = done / len;
-            let mut v = iov[first..].to_vec();
-            v[0].iov_base = v[0].iov_base.cast::<u8>().wrapping_add(done % len).cast();
-            v[0].iov_len -= done % len;
-            let at = libc::off_t::try_from(offset + done as u64)
-                .map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
-            // SAFETY: every iovec points to `len` readable bytes (the caller's contract),
-            // less the part already written; the count fits an int (callers batch at most
-            // IOV_MAX pages).
-            let n = unsafe {
-                libc::pwritev(
-                    self.file.as_raw_fd(),
-                    v.as_ptr(),
-                    v.len() as libc::c_int,
-                    at,
-                )
-            };
-            calls += 1;
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e);
-            }
-            if n == 0 {
-                return Err(io::Error::from(io::ErrorKind::WriteZero));
-            }
-            done += n as usize;
+        let ptrs: Vec<*mut u8> = pages.iter().map(|p| p.cast_mut()).collect();
+        // SAFETY: every iovec points to `len` readable bytes (the caller's contract);
+        // pwritev only reads them.
+        unsafe {
+            self.vectored(
+                offset,
+                &ptrs,
+                len,
+                io::ErrorKind::WriteZero,
+                |fd, v, n, at| libc::pwritev(fd, v, n, at),
+            )
         }
-        Ok(calls)
     }
 
     /// Reads consecutive `len`-byte pages from `offset` into `pages`, with one `preadv`
@@ -177,6 +147,33 @@ impl SwapFile {
     /// Every pointer must be valid for writes of `len` bytes and not read or written by
     /// anyone else during the call.
     pub unsafe fn read_pages(&self, offset: u64, pages: &[*mut u8], len: usize) -> io::Result<u64> {
+        // SAFETY: every iovec points to `len` writable bytes no one else touches (the
+        // caller's contract).
+        unsafe {
+            self.vectored(
+                offset,
+                pages,
+                len,
+                io::ErrorKind::UnexpectedEof,
+                |fd, v, n, at| libc::preadv(fd, v, n, at),
+            )
+        }
+    }
+
+    /// One `preadv`/`pwritev` (`call`) over `pages` from `offset`, repeated for a short
+    /// transfer; `zero` is the error of a call that moves nothing. Returns the calls made.
+    ///
+    /// # Safety
+    ///
+    /// Every pointer must be valid for what `call` does with `len` bytes there.
+    unsafe fn vectored(
+        &self,
+        offset: u64,
+        pages: &[*mut u8],
+        len: usize,
+        zero: io::ErrorKind,
+        call: impl Fn(libc::c_int, *const libc::iovec, libc::c_int, libc::off_t) -> isize,
+    ) -> io::Result<u64> {
         let iov: Vec<libc::iovec> = pages
             .iter()
             .map(|&p| libc::iovec {
@@ -194,17 +191,13 @@ impl SwapFile {
             v[0].iov_len -= done % len;
             let at = libc::off_t::try_from(offset + done as u64)
                 .map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
-            // SAFETY: every iovec points to `len` writable bytes no one else touches (the
-            // caller's contract), less the part already read; the count fits an int
-            // (callers batch at most IOV_MAX pages).
-            let n = unsafe {
-                libc::preadv(
-                    self.file.as_raw_fd(),
-                    v.as_ptr(),
-                    v.len() as libc::c_int,
-                    at,
-                )
-            };
+            // The count fits an int: callers batch at most IOV_MAX pages.
+            let n = call(
+                self.file.as_raw_fd(),
+                v.as_ptr(),
+                v.len() as libc::c_int,
+                at,
+            );
             calls += 1;
             if n < 0 {
                 let e = io::Error::last_os_error();
@@ -214,7 +207,7 @@ impl SwapFile {
                 return Err(e);
             }
             if n == 0 {
-                return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
+                return Err(io::Error::from(zero));
             }
             done += n as usize;
         }
