@@ -3,26 +3,26 @@
 //! remedy. Needs /dev/kvm for the runs (fails saying so unless SKIP_KVM=1).
 
 mod common;
-use common::{kvm, rejects, vmm};
+use common::{kvm, rejects, report, vmm};
 
 #[test]
 fn a_run_in_twice_its_host_memory_verifies_and_reports_swap() {
     if !kvm() {
         return;
     }
-    let out = vmm(&[
-        "run",
-        "--mem",
-        "64M",
-        "--host-memory",
-        "32M",
-        "--workload",
-        "fill:seed=3,verify:seed=3",
-        "--json",
-    ]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "{err}");
-    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+    let r = report(
+        &[
+            "run",
+            "--mem",
+            "64M",
+            "--host-memory",
+            "32M",
+            "--workload",
+            "fill:seed=3,verify:seed=3",
+            "--json",
+        ],
+        0,
+    );
     assert_eq!(r["verified"], true);
     assert_eq!(r["frames_returned_at_exit"], true);
     assert_eq!(r["pool_bytes"].as_u64(), Some(32 << 20));
@@ -46,23 +46,23 @@ fn a_fork_in_overcommit_verifies_every_vm() {
     if !kvm() {
         return;
     }
-    let out = vmm(&[
-        "fork",
-        "--mem",
-        "64M",
-        "--clones",
-        "4",
-        "--host-memory",
-        "40M",
-        "--phase1",
-        "fill:seed=1",
-        "--phase2",
-        "fill:seed=2:pages=8M:stride=8M",
-        "--json",
-    ]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "{err}");
-    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+    let r = report(
+        &[
+            "fork",
+            "--mem",
+            "64M",
+            "--clones",
+            "4",
+            "--host-memory",
+            "40M",
+            "--phase1",
+            "fill:seed=1",
+            "--phase2",
+            "fill:seed=2:pages=8M:stride=8M",
+            "--json",
+        ],
+        0,
+    );
     assert_eq!(r["verified"], true);
     assert!(r["swap"]["reclaim"]["written"].as_u64() > Some(0));
     let vms = r["vms"].as_array().expect("the VMs");
@@ -83,17 +83,17 @@ fn without_swap_the_json_has_no_swap_fields() {
     if !kvm() {
         return;
     }
-    let out = vmm(&[
-        "run",
-        "--mem",
-        "16M",
-        "--workload",
-        "fill:seed=3,verify:seed=3",
-        "--json",
-    ]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "{err}");
-    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+    let r = report(
+        &[
+            "run",
+            "--mem",
+            "16M",
+            "--workload",
+            "fill:seed=3,verify:seed=3",
+            "--json",
+        ],
+        0,
+    );
     assert!(r.get("swap").is_none(), "{r}");
     assert!(r["config"].get("swap_path").is_none(), "{r}");
     assert!(r["config"].get("host_memory_bytes").is_none(), "{r}");

@@ -11,16 +11,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 mod common;
-use common::{kvm, rejects, vmm};
-
-/// Runs `args` (which end in `--json`), expects `code`, returns the JSON report.
-fn report(args: &[&str], code: i32) -> Value {
-    let out = vmm(args);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(code), "{args:?}: {err}");
-    assert!(!err.contains("panicked"), "{err}");
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{args:?}: no JSON ({e})"))
-}
+use common::{kvm, rejects, report, vmm};
 
 fn rows(r: &Value) -> &Vec<Value> {
     r["vms"].as_array().expect("vms")

@@ -235,13 +235,12 @@ impl Manager {
 
     /// For a fault that found no free block for its fault-around run: reclaims one whole
     /// block (`UNMAP_SPAN` frames, only blocks with no frame in use), scanning a few
-    /// blocks at most. Holds no lock of `vm`. (A VM at its own frame limit is not sent
-    /// here: freeing other VMs' blocks would not let it allocate.)
-    pub(super) fn reclaim_block(&self, vm: &AddressSpace) {
+    /// blocks at most; the caller holds no page-table lock. (A VM at its own frame limit
+    /// is not sent here: freeing other VMs' blocks would not let it allocate.)
+    pub(super) fn reclaim_block(&self) {
         let Some(sw) = self.swap.get() else {
             return;
         };
-        let _ = vm;
         self.rstats.add(&self.rstats.direct_runs, 1);
         for node in 0..self.lrus.len() {
             if self

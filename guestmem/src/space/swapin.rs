@@ -260,7 +260,7 @@ impl Manager {
                     ..
                 },
             ) if run.len() > 1 && self.can_reclaim_for(&e) => {
-                self.reclaim_block(vm);
+                self.reclaim_block();
                 vm.alloc(order, FrameInit::Overwritten)
             }
             r => r,
@@ -512,7 +512,7 @@ impl AddressSpace {
             match attempt() {
                 Ok(Err(Pending::Block)) => {
                     BLOCK_TRIED.with(|b| b.set(true));
-                    self.mm.reclaim_block(self);
+                    self.mm.reclaim_block();
                 }
                 Ok(Ok(t)) => return Ok(t),
                 Ok(Err(Pending::Read {

@@ -27,6 +27,16 @@ pub fn rejects(args: &[&str], needle: &str) {
     );
 }
 
+/// Runs `args` (which end in `--json`), expects exit status `code` and no panic, and
+/// returns the JSON report.
+pub fn report(args: &[&str], code: i32) -> serde_json::Value {
+    let out = vmm(args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(code), "{args:?}: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{args:?}: no JSON ({e})"))
+}
+
 /// Whether KVM tests run: true with `/dev/kvm`; without it false under SKIP_KVM=1, else
 /// a failure saying so.
 pub fn kvm() -> bool {
