@@ -3,8 +3,8 @@
 //! 1. Swap-out, software VM: a VM writes every page of a region with incompressible
 //!    data (no same-filled pages) in a prefaulted pool with a swap file attached; after
 //!    one aging pass, one thread reclaims every page (`shrink_node`): referenced walk,
-//!    swap-cache insert, entries replaced, one `pwritev` per run of slots, hole punched,
-//!    frame freed. Reported in GB/s of pages written, with the device's write calls.
+//!    swap-cache insert, entries replaced, one `pwritev` per run of slots, hole punched
+//!    (or not, see below), frame freed. Reported in GB/s of pages written, with the device's write calls.
 //! 2. Swap-in, software access: one 8-byte read per swapped page in order, each timed;
 //!    p50 and p99 per access, and per major fault (an access that read its page from
 //!    the file, with readahead of up to 64 neighbours, which later accesses find
@@ -17,19 +17,24 @@
 //!    a fork in the same run (a clone writes every page: one WP fault + copy per page).
 //!    Both sides run cold in guest terms: every page faults once.
 //!
+//! Each part runs twice in one run: with reclaimed frames' host memory punched at once
+//! (`Punch::OnReclaim`: a swap-in's frames are allocated and zeroed by the host again)
+//! and with it kept for reuse (`Punch::WhenIdle`, the default: the background
+//! reclaimer returns free memory only when no node is under pressure).
+//!
 //! `cargo bench --bench swap -- --quick`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use guestmem::reclaim::ReclaimConfig;
 use guestmem::reclaim::swap::{SwapConfig, SwapDevice};
+use guestmem::reclaim::{Punch, ReclaimConfig};
 use guestmem::{Gfn, Gpa, Manager, ManagerConfig, PAGE_SIZE, ReferencedLocking};
 use kvmm::{Experiment, Mode, Row, setup};
 use vmm::guest::DATA_START;
 use vmm::{Command, ForkOptions, Hypervisor, ManagedVm, Op, VmConfig};
 
-fn attach(mm: &Manager, slots: u64) {
+fn attach(mm: &Manager, slots: u64, punch: Punch) {
     let dev = SwapDevice::create(&SwapConfig {
         slots,
         ..Default::default()
@@ -37,6 +42,7 @@ fn attach(mm: &Manager, slots: u64) {
     .expect("a swap file in the temp dir");
     let mut cfg = ReclaimConfig::for_pool(mm.pool().total_frames());
     cfg.referenced = ReferencedLocking::Trylock;
+    cfg.punch = punch;
     mm.attach_swap(dev, cfg).expect("attach");
 }
 
@@ -57,9 +63,17 @@ fn drop_caches() -> bool {
     std::fs::write("/proc/sys/vm/drop_caches", "1").is_ok()
 }
 
-fn software(exp: &mut Experiment, pages: u64) {
+fn label(punch: Punch) -> &'static str {
+    match punch {
+        Punch::OnReclaim => "on-reclaim",
+        Punch::WhenIdle => "when-idle",
+    }
+}
+
+fn software(exp: &mut Experiment, pages: u64, punch: Punch) {
     let mm = setup::manager((pages + 4096) * PAGE_SIZE as u64, ManagerConfig::default());
-    attach(&mm, pages + 1024);
+    attach(&mm, pages + 1024, punch);
+    let p = label(punch);
     let vm = mm
         .create(
             &[guestmem::RegionSpec {
@@ -94,12 +108,13 @@ fn software(exp: &mut Experiment, pages: u64) {
     );
     let gbs = (st.written * PAGE_SIZE as u64) as f64 / secs / 1e9;
     eprintln!(
-        "swap-out: {} pages in {:.3} s = {gbs:.2} GB/s, {calls} write calls",
+        "swap-out (punch {p}): {} pages in {:.3} s = {gbs:.2} GB/s, {calls} write calls",
         st.written, secs
     );
     exp.push(
         Row::new("swap-out")
             .param("pages", pages)
+            .param("punch", p)
             .metric("gb_per_sec", gbs)
             .metric(
                 "pages_per_write_call",
@@ -139,12 +154,13 @@ fn software(exp: &mut Experiment, pages: u64) {
         let (p50, p99) = (percentile(&lat, 0.5), percentile(&lat, 0.99));
         let (f50, f99) = (percentile(&faults, 0.5), percentile(&faults, 0.99));
         eprintln!(
-            "{variant}: per access p50 {p50:.1} us, p99 {p99:.1} us over {n} pages; per major fault (readahead of up to 64 pages) p50 {f50:.1} us, p99 {f99:.1} us over {} faults",
+            "{variant} (punch {p}): per access p50 {p50:.1} us, p99 {p99:.1} us over {n} pages; per major fault (readahead of up to 64 pages) p50 {f50:.1} us, p99 {f99:.1} us over {} faults",
             faults.len()
         );
         exp.push(
             Row::new(variant)
                 .param("pages", n)
+                .param("punch", p)
                 .metric("access_p50_us", p50)
                 .metric("access_p99_us", p99)
                 .metric("fault_p50_us", f50)
@@ -155,10 +171,11 @@ fn software(exp: &mut Experiment, pages: u64) {
     vm.exit();
 }
 
-fn guest(exp: &mut Experiment, hv: &Hypervisor, pages: u64) {
+fn guest(exp: &mut Experiment, hv: &Hypervisor, pages: u64, punch: Punch) {
     let mem = pages * PAGE_SIZE as u64 + (8 << 20);
     let mm = setup::manager(3 * mem, ManagerConfig::default());
-    attach(&mm, pages + 4096);
+    attach(&mm, pages + 4096, punch);
+    let p = label(punch);
     let vm = ManagedVm::new(hv, &VmConfig::new(mem, 1), &mm).expect("vm");
     let data = Gfn(DATA_START / 4096);
     let run = |vm: &ManagedVm, op, seed| -> Duration {
@@ -183,28 +200,38 @@ fn guest(exp: &mut Experiment, hv: &Hypervisor, pages: u64) {
     let per = |d: Duration| d.as_secs_f64() * 1e9 / pages as f64;
     let (si, cw) = (per(swapin), per(cow));
     eprintln!(
-        "guest swap-in {si:.0} ns/page ({majors} major faults), guest COW {cw:.0} ns/page: {:.2}x",
+        "guest (punch {p}): swap-in {si:.0} ns/page ({majors} major faults), guest COW {cw:.0} ns/page: {:.2}x",
         si / cw
     );
     exp.push(
         Row::new("guest-swapin")
             .param("pages", pages)
+            .param("punch", p)
             .metric("ns_per_page", si)
             .metric("major_faults", majors as f64),
     );
     exp.push(
         Row::new("guest-cow")
             .param("pages", pages)
+            .param("punch", p)
             .metric("ns_per_page", cw),
     );
 }
 
+const PUNCH: [Punch; 2] = [Punch::OnReclaim, Punch::WhenIdle];
+
 fn main() {
     let mode = Mode::from_args();
     let mut exp = Experiment::new("swap", mode);
-    software(&mut exp, mode.pick(2048, 65536, 262144));
+    for punch in PUNCH {
+        software(&mut exp, mode.pick(2048, 65536, 262144), punch);
+    }
     match Hypervisor::new() {
-        Ok(hv) => guest(&mut exp, &hv, mode.pick(512, 16384, 32768)),
+        Ok(hv) => {
+            for punch in PUNCH {
+                guest(&mut exp, &hv, mode.pick(512, 16384, 32768), punch);
+            }
+        }
         Err(e) if std::env::var("SKIP_KVM").as_deref() == Ok("1") => {
             eprintln!("swap: guest part skipped ({e})");
         }

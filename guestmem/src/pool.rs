@@ -331,10 +331,31 @@ impl Node {
     /// memory afterwards). Caches are drained first.
     pub fn release_free_memory(&self) -> Result<u64, HostError> {
         self.alloc.drain();
+        self.release_blocks(0)
+    }
+
+    /// Returns the host memory of the zone's free blocks of at least `min_order` that
+    /// still have some (a block whose frames are all unbacked costs no syscall). The
+    /// allocators' caches are left as they are. Returns the frames released.
+    pub fn release_idle_memory(&self, min_order: u32) -> Result<u64, HostError> {
+        self.release_blocks(min_order)
+    }
+
+    fn release_blocks(&self, min_order: u32) -> Result<u64, HostError> {
         // Hold no lock while punching: take each block out of the zone, punch, put back.
         // Blocks are taken one order-sized run at a time so other allocations go on.
         let mut released = 0;
         for (first, order) in self.alloc.zone_free_blocks() {
+            if order < min_order {
+                continue;
+            }
+            let frames = &self.frames[first as usize..(first + (1 << order)) as usize];
+            if frames
+                .iter()
+                .all(|f| f.flags().contains(FrameFlags::UNBACKED))
+            {
+                continue;
+            }
             // The block may have been allocated since the listing; take it only if the
             // zone still has a block of this order there.
             let got = self.take_exact(first, order);
@@ -590,6 +611,15 @@ impl Pool {
     /// Returns every free frame's memory to the host; returns the frames released.
     pub fn release_free_memory(&self) -> Result<u64, HostError> {
         self.nodes.iter().map(Node::release_free_memory).sum()
+    }
+
+    /// Returns the host memory of every node's free blocks of at least `min_order` that
+    /// still have some (see [`Node::release_idle_memory`]); returns the frames released.
+    pub fn release_idle_memory(&self, min_order: u32) -> Result<u64, HostError> {
+        self.nodes
+            .iter()
+            .map(|n| n.release_idle_memory(min_order))
+            .sum()
     }
 
     /// Returns the host memory of frames about to be freed (reclaim): one hole punch per

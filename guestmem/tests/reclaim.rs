@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use guestmem::mmu::NoopMmu;
-use guestmem::reclaim::ReclaimConfig;
 use guestmem::reclaim::swap::{SwapConfig, SwapDevice};
+use guestmem::reclaim::{Punch, ReclaimConfig};
 use guestmem::{
     AddressSpace, AllocatorKind, Gfn, Gpa, Manager, ManagerConfig, PAGE_SIZE, Pool, PoolConfig,
     ReferencedLocking, RegionSpec,
@@ -564,4 +564,76 @@ fn reclaiming_every_other_page_does_not_split_host_mappings_per_page() {
     }
     drop(vm);
     assert_all_returned(&mm);
+}
+
+/// Reclaims until `n` of `vm`'s pages are swapped out.
+fn swap_out(mm: &Manager, vm: &AddressSpace, n: u64) {
+    for _ in 0..8 {
+        if vm.memory().swapped >= n {
+            return;
+        }
+        mm.shrink_node(0, n, None);
+    }
+    panic!("{n} pages swapped out: {:?}", mm.reclaim_stats());
+}
+
+#[test]
+fn freed_host_memory_goes_back_at_reclaim_or_once_memory_is_idle() {
+    let page = PAGE_SIZE as u64;
+    for punch in [Punch::OnReclaim, Punch::WhenIdle] {
+        let pool = Arc::new(
+            Pool::new(&PoolConfig {
+                nodes: vec![guestmem::NodeConfig {
+                    frames: 4096,
+                    host_node: None,
+                }],
+                allocator: AllocatorKind::Magazine,
+            })
+            .unwrap(),
+        );
+        let mm = Manager::new(pool, ManagerConfig::default());
+        let dev = SwapDevice::create(&SwapConfig {
+            slots: 4096,
+            ..Default::default()
+        })
+        .unwrap();
+        let mut cfg = ReclaimConfig::for_pool(4096);
+        cfg.punch = punch;
+        mm.attach_swap(dev, cfg).unwrap();
+        let vm = mm.create(&ram(2048), Arc::new(NoopMmu)).unwrap();
+        fill(&vm, 2048, 7);
+        let full = mm.pool().resident_bytes().unwrap();
+        assert!(full >= 2048 * page, "{punch:?}: {full}");
+        swap_out(&mm, &vm, 1024);
+        let reclaimed = mm.reclaim_stats().reclaimed;
+        let after = mm.pool().resident_bytes().unwrap();
+        match punch {
+            Punch::OnReclaim => assert!(
+                after <= full - reclaimed * page,
+                "{punch:?}: reclaim returned its frames' memory ({full} -> {after}, {reclaimed} frames)"
+            ),
+            Punch::WhenIdle => {
+                assert_eq!(
+                    after, full,
+                    "{punch:?}: reclaim keeps freed memory for reuse"
+                );
+                // Memory is ample (free frames above the high watermark): the background
+                // reclaimer returns what stays free, once per period.
+                mm.background_reclaim();
+                let idle = mm.pool().resident_bytes().unwrap();
+                assert!(
+                    idle <= full - (reclaimed - 64) * page,
+                    "{punch:?}: idle free memory returned ({full} -> {idle}, {reclaimed} frames)"
+                );
+                let punched = mm.reclaim_stats().punched;
+                mm.background_reclaim();
+                assert_eq!(mm.reclaim_stats().punched, punched, "once per period");
+            }
+        }
+        for p in 0..2048 {
+            assert!(read_page(&vm, p) == pattern(7, p), "{punch:?}: page {p}");
+        }
+        vm.exit();
+        assert_all_returned(&mm);
+    }
 }

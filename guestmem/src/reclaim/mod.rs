@@ -38,8 +38,36 @@ pub struct ReclaimConfig {
     pub low_watermark: u64,
     /// Background reclaim stops when free frames reach this.
     pub high_watermark: u64,
-    /// Return reclaimed frames' host memory (punch a hole in the node's memfd).
-    pub punch: bool,
+    /// When the host memory of freed frames goes back to the host.
+    pub punch: Punch,
+}
+
+/// When reclaimed (and other freed) frames' host memory is returned to the host, with a
+/// hole punched in the node's memfd.
+///
+/// Measured (`benches/swap.rs`, docs/BENCHMARKS.md): punching every reclaimed frame at
+/// once halves swap-out throughput, and the frames a swap-in or fault then takes must be
+/// allocated and zeroed by the host again, about 2 us a page, four fifths of a software
+/// swap-in. A pool under pressure reuses what reclaim frees within milliseconds, so the
+/// default returns only memory that stays free, as Linux's free page reporting does for
+/// a guest's free memory.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub enum Punch {
+    /// Every frame reclaim frees is punched before it returns to the pool.
+    OnReclaim,
+    /// The background reclaimer punches free blocks of at least [`Punch::IDLE_ORDER`]
+    /// that still have host memory, when a node is at or above its high watermark (no
+    /// pressure), at most once per [`Punch::IDLE_PERIOD`].
+    #[default]
+    WhenIdle,
+}
+
+impl Punch {
+    /// Smallest free block returned when idle: 64 frames (256 KiB), one span of the
+    /// guests' host mappings.
+    pub const IDLE_ORDER: u32 = 6;
+    /// Shortest time between two idle releases (Linux's page reporting waits 2 s).
+    pub const IDLE_PERIOD: std::time::Duration = std::time::Duration::from_secs(2);
 }
 
 impl ReclaimConfig {
@@ -52,7 +80,7 @@ impl ReclaimConfig {
             batch: 32,
             low_watermark: low,
             high_watermark: (2 * low).min(frames / 2),
-            punch: true,
+            punch: Punch::default(),
         }
     }
 }

@@ -265,13 +265,15 @@ impl Manager {
     }
 
     /// One round of background reclaim: harvest guest accesses, then shrink until free
-    /// frames reach the high watermark (or nothing more can be reclaimed).
+    /// frames reach the high watermark (or nothing more can be reclaimed). With memory
+    /// ample, returns idle free memory to the host instead ([`crate::reclaim::Punch`]).
     pub fn background_reclaim(&self) {
         let Some(sw) = self.swap.get() else {
             return;
         };
         let free = self.charges.available();
         if free >= sw.config.low_watermark {
+            self.release_idle(sw);
             return;
         }
         self.rstats.add(&self.rstats.background_runs, 1);

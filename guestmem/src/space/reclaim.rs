@@ -18,7 +18,7 @@ use crate::pool::AllocError;
 use crate::reclaim::lru::{Lru, LruList};
 use crate::reclaim::swap::{SwapDevice, SwapSlot};
 use crate::reclaim::swapcache::{CacheState, SwapCache};
-use crate::reclaim::{ReclaimConfig, ReclaimStats};
+use crate::reclaim::{Punch, ReclaimConfig, ReclaimStats};
 use crate::space::ReferencedLocking;
 use crate::types::{PAGE_SIZE, Pfn};
 
@@ -33,6 +33,8 @@ pub struct SwapState {
     pub(super) dev: SwapDevice,
     pub(super) cache: SwapCache,
     pub(super) config: ReclaimConfig,
+    /// When the background reclaimer last returned idle free memory ([`Punch::WhenIdle`]).
+    pub(super) idle_released: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 /// [`ReclaimStats`] as atomics (all `Relaxed`: statistics).
@@ -139,6 +141,7 @@ impl Manager {
                 dev,
                 cache: SwapCache::default(),
                 config,
+                idle_released: std::sync::Mutex::new(None),
             })
             .map_err(|_| AttachError::AlreadyAttached)
     }
@@ -634,13 +637,40 @@ impl Manager {
             }
             // Otherwise a transient holder (a walker) frees it when it lets go.
         }
-        if sw.config.punch && !freed.is_empty() {
+        if sw.config.punch == Punch::OnReclaim && !freed.is_empty() {
             let n = self.pool.punch_frames(&mut freed);
             self.rstats.add(&self.rstats.punched, n);
         }
         self.rstats.add(&self.rstats.reclaimed, freed.len() as u64);
         self.release_frames_to_zone(&freed);
         freed.len() as u64
+    }
+
+    /// [`Punch::WhenIdle`]: with every node at or above the high watermark, returns the
+    /// host memory of free blocks of [`Punch::IDLE_ORDER`] or more, once per
+    /// [`Punch::IDLE_PERIOD`] at most. Returns the frames released.
+    pub(super) fn release_idle(&self, sw: &SwapState) -> u64 {
+        if sw.config.punch != Punch::WhenIdle || self.charges.available() < sw.config.high_watermark
+        {
+            return 0;
+        }
+        {
+            let mut last = sw.idle_released.lock().unwrap_or_else(|e| e.into_inner());
+            if last.is_some_and(|t| t.elapsed() < Punch::IDLE_PERIOD) {
+                return 0;
+            }
+            *last = Some(std::time::Instant::now());
+        }
+        match self.pool.release_idle_memory(Punch::IDLE_ORDER) {
+            Ok(n) => {
+                self.rstats.add(&self.rstats.punched, n);
+                n
+            }
+            Err(e) => {
+                tracing::warn!("returning idle free memory to the host failed: {e}");
+                0
+            }
+        }
     }
 
     /// `try_to_unmap`: replaces every entry naming the locked frame `pfn` with a swap
