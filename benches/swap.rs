@@ -17,7 +17,10 @@
 //!    a fork in the same run (a clone writes every page: one WP fault + copy per page).
 //!    Both sides run cold in guest terms: every page faults once.
 //!
-//! Each part runs twice in one run: with reclaimed frames' host memory punched at once
+//! Swap-out runs with synchronous `pwritev` (`SwapIo::Pwritev`, the default) and with
+//! io_uring (`SwapIo::IoUring`: a batch is written by the kernel's workers while the
+//! next is unmapped). Each part runs with
+//! reclaimed frames' host memory punched at once
 //! (`Punch::OnReclaim`: a swap-in's frames are allocated and zeroed by the host again)
 //! and with it kept for reuse (`Punch::WhenIdle`, the default: the background
 //! reclaimer returns free memory only when no node is under pressure).
@@ -27,16 +30,17 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use guestmem::reclaim::swap::{SwapConfig, SwapDevice};
+use guestmem::reclaim::swap::{SwapConfig, SwapDevice, SwapIo};
 use guestmem::reclaim::{Punch, ReclaimConfig};
 use guestmem::{Gfn, Gpa, Manager, ManagerConfig, PAGE_SIZE, ReferencedLocking};
 use kvmm::{Experiment, Mode, Row, setup};
 use vmm::guest::DATA_START;
 use vmm::{Command, ForkOptions, Hypervisor, ManagedVm, Op, VmConfig};
 
-fn attach(mm: &Manager, slots: u64, punch: Punch) {
+fn attach(mm: &Manager, slots: u64, punch: Punch, io: SwapIo) {
     let dev = SwapDevice::create(&SwapConfig {
         slots,
+        io,
         ..Default::default()
     })
     .expect("a swap file in the temp dir");
@@ -70,9 +74,10 @@ fn label(punch: Punch) -> &'static str {
     }
 }
 
-fn software(exp: &mut Experiment, pages: u64, punch: Punch) {
+fn software(exp: &mut Experiment, pages: u64, punch: Punch, io: SwapIo) {
     let mm = setup::manager((pages + 4096) * PAGE_SIZE as u64, ManagerConfig::default());
-    attach(&mm, pages + 1024, punch);
+    attach(&mm, pages + 1024, punch, io);
+    let io = mm.swap_device().expect("attached").io();
     let p = label(punch);
     let vm = mm
         .create(
@@ -108,13 +113,14 @@ fn software(exp: &mut Experiment, pages: u64, punch: Punch) {
     );
     let gbs = (st.written * PAGE_SIZE as u64) as f64 / secs / 1e9;
     eprintln!(
-        "swap-out (punch {p}): {} pages in {:.3} s = {gbs:.2} GB/s, {calls} write calls",
+        "swap-out (punch {p}, {io:?}): {} pages in {:.3} s = {gbs:.2} GB/s, {calls} write calls",
         st.written, secs
     );
     exp.push(
         Row::new("swap-out")
             .param("pages", pages)
             .param("punch", p)
+            .param("io", format!("{io:?}"))
             .metric("gb_per_sec", gbs)
             .metric(
                 "pages_per_write_call",
@@ -154,13 +160,14 @@ fn software(exp: &mut Experiment, pages: u64, punch: Punch) {
         let (p50, p99) = (percentile(&lat, 0.5), percentile(&lat, 0.99));
         let (f50, f99) = (percentile(&faults, 0.5), percentile(&faults, 0.99));
         eprintln!(
-            "{variant} (punch {p}): per access p50 {p50:.1} us, p99 {p99:.1} us over {n} pages; per major fault (readahead of up to 64 pages) p50 {f50:.1} us, p99 {f99:.1} us over {} faults",
+            "{variant} (punch {p}, {io:?}): per access p50 {p50:.1} us, p99 {p99:.1} us over {n} pages; per major fault (readahead of up to 64 pages) p50 {f50:.1} us, p99 {f99:.1} us over {} faults",
             faults.len()
         );
         exp.push(
             Row::new(variant)
                 .param("pages", n)
                 .param("punch", p)
+                .param("io", format!("{io:?}"))
                 .metric("access_p50_us", p50)
                 .metric("access_p99_us", p99)
                 .metric("fault_p50_us", f50)
@@ -174,7 +181,7 @@ fn software(exp: &mut Experiment, pages: u64, punch: Punch) {
 fn guest(exp: &mut Experiment, hv: &Hypervisor, pages: u64, punch: Punch) {
     let mem = pages * PAGE_SIZE as u64 + (8 << 20);
     let mm = setup::manager(3 * mem, ManagerConfig::default());
-    attach(&mm, pages + 4096, punch);
+    attach(&mm, pages + 4096, punch, SwapIo::default());
     let p = label(punch);
     let vm = ManagedVm::new(hv, &VmConfig::new(mem, 1), &mm).expect("vm");
     let data = Gfn(DATA_START / 4096);
@@ -223,8 +230,12 @@ const PUNCH: [Punch; 2] = [Punch::OnReclaim, Punch::WhenIdle];
 fn main() {
     let mode = Mode::from_args();
     let mut exp = Experiment::new("swap", mode);
-    for punch in PUNCH {
-        software(&mut exp, mode.pick(2048, 65536, 262144), punch);
+    for (punch, io) in [
+        (Punch::OnReclaim, SwapIo::Pwritev),
+        (Punch::WhenIdle, SwapIo::Pwritev),
+        (Punch::WhenIdle, SwapIo::IoUring),
+    ] {
+        software(&mut exp, mode.pick(2048, 65536, 262144), punch, io);
     }
     match Hypervisor::new() {
         Ok(hv) => {

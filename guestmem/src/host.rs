@@ -106,6 +106,12 @@ impl SwapFile {
         Ok(SwapFile { file })
     }
 
+    /// The file's descriptor, for requests submitted elsewhere (the io_uring layer); it
+    /// stays open as long as `self`.
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        self.file.as_raw_fd()
+    }
+
     /// Bytes the file holds on disk (its allocated blocks).
     pub fn allocated_bytes(&self) -> io::Result<u64> {
         use std::os::unix::fs::MetadataExt;

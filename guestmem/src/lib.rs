@@ -58,6 +58,7 @@ pub mod reclaim;
 pub mod space;
 pub(crate) mod sync;
 pub mod types;
+pub mod uring;
 pub(crate) mod zone;
 
 pub use alloc::AllocatorKind;

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use guestmem::mmu::NoopMmu;
-use guestmem::reclaim::swap::{SwapConfig, SwapDevice};
+use guestmem::reclaim::swap::{SwapConfig, SwapDevice, SwapIo};
 use guestmem::reclaim::{Punch, ReclaimConfig};
 use guestmem::{
     AddressSpace, AllocatorKind, Gfn, Gpa, Manager, ManagerConfig, PAGE_SIZE, Pool, PoolConfig,
@@ -21,7 +21,13 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
 fn manager(frames: u64, slots: u64, design: rmap::Design) -> Arc<Manager> {
-    manager_with(frames, slots, design, ReferencedLocking::Trylock)
+    manager_with(
+        frames,
+        slots,
+        design,
+        ReferencedLocking::Trylock,
+        SwapIo::default(),
+    )
 }
 
 fn manager_with(
@@ -29,6 +35,7 @@ fn manager_with(
     slots: u64,
     design: rmap::Design,
     locking: ReferencedLocking,
+    io: SwapIo,
 ) -> Arc<Manager> {
     let pool = Arc::new(
         Pool::new(&PoolConfig {
@@ -52,6 +59,7 @@ fn manager_with(
     );
     let dev = SwapDevice::create(&SwapConfig {
         slots,
+        io,
         ..Default::default()
     })
     .unwrap();
@@ -211,7 +219,7 @@ fn same_filled_pages_are_stored_as_markers_not_written() {
 #[test]
 fn referenced_pages_stay_and_cold_ones_go() {
     for locking in [ReferencedLocking::Trylock, ReferencedLocking::Blocking] {
-        let mm = manager_with(1024, 1024, rmap::Design::Chain, locking);
+        let mm = manager_with(1024, 1024, rmap::Design::Chain, locking, SwapIo::default());
         let vm = mm.create(&ram(512), Arc::new(NoopMmu)).unwrap();
         fill(&vm, 512, 3);
         // Age: clear every young bit, as an earlier pass would.
@@ -284,8 +292,13 @@ fn a_write_after_swap_in_takes_the_page_out_of_the_cache() {
 #[test]
 fn reclaim_beside_fork_cow_reads_and_exits_loses_nothing() {
     const PAGES: u64 = 96;
-    for design in [rmap::Design::Chain, rmap::Design::Flat] {
-        let mm = manager(384, 8192, design);
+    for (design, io) in [
+        (rmap::Design::Chain, SwapIo::Pwritev),
+        (rmap::Design::Flat, SwapIo::Pwritev),
+        // Asynchronous writes: a batch is in flight while the next is unmapped.
+        (rmap::Design::Chain, SwapIo::IoUring),
+    ] {
+        let mm = manager_with(384, 8192, design, ReferencedLocking::Trylock, io);
         let stop = Arc::new(AtomicBool::new(false));
         let reclaimer = {
             let mm = Arc::clone(&mm);
@@ -317,7 +330,10 @@ fn reclaim_beside_fork_cow_reads_and_exits_loses_nothing() {
         stop.store(true, Ordering::Relaxed);
         reclaimer.join().unwrap();
         let st = mm.reclaim_stats();
-        assert!(st.written > 0 && st.major_faults > 0, "{design:?} {st:?}");
+        assert!(
+            st.written > 0 && st.major_faults > 0,
+            "{design:?} {io:?} {st:?}"
+        );
         assert_all_returned(&mm);
     }
 }

@@ -16,7 +16,7 @@ use crate::frame::{Frame, FrameFlags};
 use crate::pagetable::Pte;
 use crate::pool::AllocError;
 use crate::reclaim::lru::{Lru, LruList};
-use crate::reclaim::swap::{SwapDevice, SwapSlot};
+use crate::reclaim::swap::{PendingWrite, SwapDevice, SwapSlot};
 use crate::reclaim::swapcache::{CacheState, SwapCache};
 use crate::reclaim::{Punch, ReclaimConfig, ReclaimStats};
 use crate::space::ReferencedLocking;
@@ -290,7 +290,11 @@ impl Manager {
             Phases::WholeThenFrames => budget,
             Phases::WholeOnly => whole_scan,
         };
-        while res.reclaimed < want && res.scanned < budget {
+        // One batch is written while the next is decided (asynchronous writes): its
+        // frames stay locked and isolated until it is finished.
+        let mut in_flight: Option<(Vec<(Pfn, Verdict)>, PendingWrite<'_>)> = None;
+        let mut in_flight_frames = 0;
+        while res.reclaimed + in_flight_frames < want && res.scanned < budget {
             let sizes = lru.sizes();
             // Reclaim for one VM ages every pass: the inactive list may hold only other
             // VMs' frames, which it passes over.
@@ -325,7 +329,20 @@ impl Manager {
             }
             res.scanned += isolated.len() as u64;
             let whole = whole.then_some(busy.as_slice());
-            res.reclaimed += self.shrink_batch(sw, lru, &isolated, filter, whole);
+            let locked = self.decide_batch(sw, lru, &isolated, filter, whole);
+            let pending = self.submit_batch(sw, &locked);
+            // The last batch's write went on while this one was decided and unmapped.
+            if let Some((l, p)) = in_flight.take() {
+                res.reclaimed += self.finish_batch(sw, lru, l, &p.wait().failed_slots());
+            }
+            in_flight_frames = locked
+                .iter()
+                .filter(|(_, v)| matches!(v, Verdict::Write(_) | Verdict::Free))
+                .count() as u64;
+            in_flight = Some((locked, pending));
+        }
+        if let Some((l, p)) = in_flight.take() {
+            res.reclaimed += self.finish_batch(sw, lru, l, &p.wait().failed_slots());
         }
         res
     }
@@ -366,16 +383,17 @@ impl Manager {
         self.rstats.add(&self.rstats.deactivated, deactivated);
     }
 
-    /// Reclaims what it can of `isolated` (each with a reference held); returns the frames
-    /// freed.
-    fn shrink_batch(
+    /// Decides what to do with each of `isolated` (each with a reference held) and unmaps
+    /// what goes: the frames kept locked, with their verdicts, for [`Manager::finish_batch`]
+    /// once the writes of the `Write` ones are done.
+    fn decide_batch(
         &self,
         sw: &SwapState,
         lru: &Lru,
         isolated: &[Pfn],
         filter: Option<u32>,
         whole: Option<&[u32]>,
-    ) -> u64 {
+    ) -> Vec<(Pfn, Verdict)> {
         self.rstats.add(&self.rstats.scanned, isolated.len() as u64);
         let mut held: Vec<Pfn> = Vec::with_capacity(isolated.len());
         for &pfn in isolated {
@@ -430,8 +448,11 @@ impl Manager {
                 locked.push((pfn, v));
             }
         }
-        // Write every unmapped frame of the batch: one call, one syscall per run of
-        // consecutive slots.
+        locked
+    }
+
+    /// Starts the writes of a decided batch: one request per run of consecutive slots.
+    fn submit_batch<'a>(&self, sw: &'a SwapState, locked: &[(Pfn, Verdict)]) -> PendingWrite<'a> {
         let writes: Vec<(SwapSlot, *const u8)> = locked
             .iter()
             .filter_map(|(pfn, v)| match v {
@@ -439,15 +460,24 @@ impl Manager {
                 _ => None,
             })
             .collect();
-        let failed = if writes.is_empty() {
-            Vec::new()
-        } else {
-            // SAFETY: every page is a locked frame that no entry maps and no host view
-            // maps (its entries were all replaced by swap entries): nothing writes it
-            // during the call.
-            let out = unsafe { sw.dev.write(&writes) };
-            out.failed_slots()
-        };
+        // SAFETY: every page is a frame that stays locked and isolated until
+        // `finish_batch`, which runs after the write is collected; no entry maps it and no
+        // host view maps it (its entries were all replaced by swap entries), and a write
+        // fault on it from the swap cache copies it (the frame lock and reclaim's
+        // reference keep it from being reused): nothing writes it meanwhile.
+        unsafe { sw.dev.submit(&writes) }
+    }
+
+    /// Completes a decided batch whose writes are done (`failed`: the slots whose write
+    /// failed): frames written or dropped are freed, the rest go back to their lists.
+    /// Returns the frames freed.
+    fn finish_batch(
+        &self,
+        sw: &SwapState,
+        lru: &Lru,
+        locked: Vec<(Pfn, Verdict)>,
+        failed: &[SwapSlot],
+    ) -> u64 {
         let mut to_free = Vec::new();
         for (pfn, v) in locked {
             let f = self.pool.frame(pfn);
