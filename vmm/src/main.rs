@@ -94,12 +94,24 @@ fn main() -> ExitCode {
                 events: *events,
                 parent: vmm::ParentMode::Rebirth,
             });
-            let (verified, error) = finish(*json, *events, report, error, print_fork);
-            if !verified || error.is_some() || *json || *events || corrupt.is_some() {
-                (verified, error)
+            // The overcommit phase follows a first phase that verified (with `--corrupt`
+            // the first phase is meant to fail: there is none).
+            let first_ok =
+                error.is_none() && corrupt.is_none() && report.as_ref().is_some_and(|r| r.verified);
+            let (overcommit, oc_error) = if first_ok {
+                demo_overcommit(*json, *events, report.as_ref())
             } else {
-                demo_overcommit()
-            }
+                (None, None)
+            };
+            let fork_printed = first_ok && !*json && !*events;
+            let demo = report.map(|fork| DemoReport {
+                every_phase_verified: fork.verified
+                    && overcommit.as_ref().is_none_or(|o| o.verified),
+                fork,
+                overcommit,
+                fork_printed,
+            });
+            finish(*json, *events, demo, error.or(oc_error), print_demo)
         }
         // They keep their own exit statuses (see their modules).
         Cmd::Serve(a) => return cli::serve::cmd_serve(a),
@@ -135,22 +147,75 @@ impl Verdict for ForkReport {
     }
 }
 
-/// Writes the report (text, `--json`, or the last `--events` line) and gives the verdict
-/// and the error to exit with (the command's own first, else a report that could not be
-/// written).
-/// The demo's overcommit phase (text output only): a fork whose VMs together touch about
-/// twice the host memory they are given, so reclaim swaps all the time.
-fn demo_overcommit() -> (bool, Option<CliError>) {
+/// `vmm demo`'s report: the fork phase's fields at the top level (as `vmm fork --json`
+/// has them) and the overcommit phase's report under `overcommit` (`null` when it did not
+/// run: the first phase failed, or `--corrupt`).
+#[derive(Debug, serde::Serialize)]
+struct DemoReport {
+    #[serde(flatten)]
+    fork: ForkReport,
+    overcommit: Option<ForkReport>,
+    /// Both phases verified (`verified` above is the first phase's).
+    every_phase_verified: bool,
+    /// The text output showed the first phase's table already.
+    #[serde(skip)]
+    fork_printed: bool,
+}
+
+impl Verdict for DemoReport {
+    fn verified(&self) -> bool {
+        self.every_phase_verified
+    }
+}
+
+fn print_demo(out: &mut dyn std::io::Write, r: &DemoReport) -> std::io::Result<()> {
+    use cli::fork::{DEMO_OC_CLONES, DEMO_OC_HOST, DEMO_OC_MEM, DEMO_OC_TOUCHED};
+    if !r.fork_printed {
+        print_fork(out, &r.fork)?;
+    }
+    if let Some(oc) = &r.overcommit {
+        writeln!(
+            out,
+            "\nOvercommit: 1 parent + {DEMO_OC_CLONES} clones of {DEMO_OC_MEM} touch about \
+             {DEMO_OC_TOUCHED} in {DEMO_OC_HOST} of host memory (--host-memory {DEMO_OC_HOST}, a \
+             swap file in the temp dir):\n"
+        )?;
+        print_fork(out, oc)?;
+    }
+    Ok(())
+}
+
+/// The demo's overcommit phase: a fork whose VMs together touch about twice the host
+/// memory they are given, so reclaim swaps all the time. Its events (with `--events`)
+/// follow the first phase's, after a `stage` event naming it; its report is returned for
+/// the demo's. Text output comes at the end with the first phase's, so a terminal shows
+/// the first table while this phase runs.
+fn demo_overcommit(
+    json: bool,
+    events: bool,
+    first: Option<&ForkReport>,
+) -> (Option<ForkReport>, Option<CliError>) {
     use cli::fork::{
         DEMO_OC_CLONES, DEMO_OC_HOST, DEMO_OC_MEM, DEMO_OC_PHASE1, DEMO_OC_PHASE2, DEMO_OC_TOUCHED,
     };
     use std::io::Write;
-    let _ = writeln!(
-        std::io::stdout(),
-        "\nOvercommit: 1 parent + {DEMO_OC_CLONES} clones of {DEMO_OC_MEM} touch about \
-         {DEMO_OC_TOUCHED} in {DEMO_OC_HOST} of host memory (--host-memory {DEMO_OC_HOST}, a \
-         swap file in the temp dir):\n"
-    );
+    if events {
+        let line = serde_json::json!({
+            "event": "stage",
+            "what": format!(
+                "overcommit phase: 1 parent + {DEMO_OC_CLONES} clones of {DEMO_OC_MEM} touch \
+                 about {DEMO_OC_TOUCHED} in {DEMO_OC_HOST} of host memory"
+            ),
+        });
+        let _ = writeln!(std::io::stdout(), "{line}");
+    } else if !json {
+        // The first table now: the overcommit phase takes a few seconds.
+        if let Some(r) = first {
+            let mut out = std::io::stdout().lock();
+            let _ = print_fork(&mut out, r);
+            let _ = out.flush();
+        }
+    }
     let common = Common {
         mem: DEMO_OC_MEM.into(),
         vcpus: 1,
@@ -161,11 +226,11 @@ fn demo_overcommit() -> (bool, Option<CliError>) {
         rmap: RmapArg::Chain,
         cpu: None,
         timeout: None,
-        json: false,
-        events: false,
+        json,
+        events,
         corrupt: None,
     };
-    let (report, error) = cmd_fork(&ForkParams {
+    cmd_fork(&ForkParams {
         common: &common,
         clones: DEMO_OC_CLONES,
         phase1: DEMO_OC_PHASE1,
@@ -173,12 +238,14 @@ fn demo_overcommit() -> (bool, Option<CliError>) {
         grandchild: false,
         shells: false,
         demo: false,
-        events: false,
+        events,
         parent: vmm::ParentMode::Rebirth,
-    });
-    finish(false, false, report, error, print_fork)
+    })
 }
 
+/// Writes the report (text, `--json`, or the last `--events` line) and gives the verdict
+/// and the error to exit with (the command's own first, else a report that could not be
+/// written).
 fn finish<T: serde::Serialize + Verdict>(
     json: bool,
     events: bool,

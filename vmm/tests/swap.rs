@@ -124,6 +124,68 @@ fn the_demo_runs_an_overcommit_phase_where_every_vm_verifies() {
     assert!(oc.contains("every VM verified: yes"), "{oc}");
 }
 
+/// What the demo's overcommit phase must show in its JSON report.
+fn assert_overcommit_phase(r: &serde_json::Value) {
+    let oc = &r["overcommit"];
+    assert_eq!(oc["verified"], true, "{oc}");
+    assert_eq!(
+        oc["vms"].as_array().map(Vec::len),
+        Some(5),
+        "a parent and 4 clones"
+    );
+    let swap = &oc["swap"];
+    assert!(
+        swap["touched_bytes"].as_u64() >= swap["pool_bytes"].as_u64().map(|b| 2 * b),
+        "the VMs touch twice their host memory: {swap}"
+    );
+    assert!(swap["device"]["bytes_written"].as_u64() > Some(0), "{swap}");
+    assert!(swap["reclaim"]["major_faults"].as_u64() > Some(0), "{swap}");
+    assert_eq!(
+        r["every_phase_verified"],
+        r["verified"].as_bool() == Some(true) && oc["verified"].as_bool() == Some(true),
+        "the demo's verdict covers both phases"
+    );
+    assert_eq!(r["every_phase_verified"], true);
+}
+
+#[test]
+fn the_demos_json_and_events_carry_the_overcommit_phase() {
+    if !kvm() {
+        return;
+    }
+    let r = report(&["demo", "--clones", "2", "--json"], 0);
+    assert_eq!(r["verified"], true);
+    assert!(
+        r.get("swap").is_none(),
+        "the first phase runs without swap: {r}"
+    );
+    assert_overcommit_phase(&r);
+
+    let out = vmm(&["demo", "--clones", "2", "--events"]);
+    assert_eq!(out.status.code(), Some(0));
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+        .collect();
+    let stage = lines
+        .iter()
+        .position(|l| {
+            l["event"] == "stage"
+                && l["what"]
+                    .as_str()
+                    .is_some_and(|w| w.starts_with("overcommit phase"))
+        })
+        .expect("a stage event opens the overcommit phase");
+    let starts: Vec<usize> = (0..lines.len())
+        .filter(|&i| lines[i]["event"] == "start")
+        .collect();
+    assert_eq!(starts.len(), 2, "each phase starts with its configuration");
+    assert!(starts[0] < stage && stage < starts[1]);
+    let last = lines.last().expect("events");
+    assert_eq!(last["event"], "report");
+    assert_overcommit_phase(&last["report"]);
+}
+
 #[test]
 fn bad_swap_options_exit_2_with_a_remedy() {
     rejects(
