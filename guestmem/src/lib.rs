@@ -11,8 +11,10 @@
 //! # Lock order
 //!
 //! ```text
-//! AddressSpace.mmap_lock (read: faults, accesses; write: fork, exit, region changes)
-//!   Frame lock bit (FrameFlags::LOCKED: rmap walkers, later swap-out and migration;
+//! AddressSpace.mmap_lock (read: faults, accesses, migrate; write: fork, exit, region changes)
+//!   Manager.fork_link RwLock (read: a migration run, before its frame locks; write:
+//!     |   fork, from sharing a region's blocks to linking its child; space/migrate.rs)
+//!   Frame lock bit (FrameFlags::LOCKED: rmap walkers, swap-out and migration;
 //!     |            Linux's folio lock: taken before the anon_vma lock)
 //!     anon_vma root lock (rmap; write = link/unlink, read = rmap walk)
 //!       page-table slot lock (one per 512 gfns; Slot in pagetable.rs)
@@ -65,7 +67,8 @@ pub use alloc::AllocatorKind;
 pub use charge::{ChargeError, ChargeSnapshot};
 pub use pool::{AllocError, FrameInit, NodeConfig, Pool, PoolConfig};
 pub use space::{
-    Access, AddressSpace, ChildOptions, CowRun, EntryInfo, FaultOutcome, Manager, ManagerConfig,
-    MemoryUsage, Referenced, ReferencedLocking, RegionSpec, SpaceError,
+    Access, AddressSpace, ChildOptions, CowRun, EntryInfo, FaultOutcome, MIGRATE_RUN, Manager,
+    ManagerConfig, MemoryUsage, MigrateStats, MigrateWalk, Referenced, ReferencedLocking,
+    RegionSpec, SpaceError,
 };
 pub use types::{Gfn, Gpa, NodeId, Order, PAGE_SIZE, Pfn, VmId};

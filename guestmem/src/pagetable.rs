@@ -29,14 +29,22 @@ pub const PTES_PER_BLOCK: usize = 512;
 
 /// One guest page-table entry, packed in a `u64`.
 ///
-/// The permission and state changes (`wrprotect`, `mkwrite`, `mkyoung`, `mkold`,
-/// `mkdirty`) apply to present entries only and leave any other entry as it is: in a swap
-/// or migration entry those bits are the kind.
+/// The permission and state changes (`mkwrite`, `mkyoung`, `mkold`, `mkdirty`) apply to
+/// present entries only and leave any other entry as it is: in a swap or migration entry
+/// those bits are the kind. `wrprotect` also clears a migration entry's saved write bit
+/// (a block copied for copy-on-write must come back read-only).
+///
+/// A migration entry keeps the present entry's writable, young and dirty bits in its own
+/// places, so that the entry comes back with the permissions it had
+/// ([`Pte::migration_of`], [`Pte::migrated_to`]). It names the frame being moved, which
+/// keeps the mapping and the reference the present entry held until the entry is
+/// restored (as a frame's mapcount counts blocks, a migration entry is counted like a
+/// present one: see [`Pte::frame`]).
 ///
 /// ```text
 /// present:   [63..44 0][43..12 pfn][11..4 0][3 dirty][2 young][1 writable][0 = 1]
 /// swap:      [63..4 slot][3..1 = 001][0 = 0]
-/// migration: [63..12 0][43..12 pfn][3..1 = 010][0 = 0]
+/// migration: [63..44 0][43..12 pfn][11..7 0][6 dirty][5 young][4 writable][3..1 = 010][0 = 0]
 /// empty:     all zero
 /// ```
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -53,6 +61,10 @@ const KIND_MASK: u64 = 0b111 << KIND_SHIFT;
 const KIND_SWAP: u64 = 0b001 << KIND_SHIFT;
 const KIND_MIGRATION: u64 = 0b010 << KIND_SHIFT;
 const SLOT_SHIFT: u32 = 4;
+const MIG_WRITABLE: u64 = 1 << 4;
+const MIG_YOUNG: u64 = 1 << 5;
+const MIG_DIRTY: u64 = 1 << 6;
+const _: () = assert!(MIG_DIRTY < 1 << PFN_SHIFT, "migration flags below the pfn");
 
 const _: () = assert!(PFN_SHIFT + PFN_BITS <= 64, "pfn field must fit");
 const _: () = assert!(PFN_SHIFT > 3, "pfn field must not overlap the flag bits");
@@ -102,9 +114,56 @@ impl Pte {
         Pte(KIND_SWAP | (slot << SLOT_SHIFT))
     }
 
-    /// A migration entry.
+    /// A migration entry (not writable, not young, not dirty).
     pub fn migration(pfn: Pfn) -> Pte {
         Pte(KIND_MIGRATION | (u64::from(pfn.0) << PFN_SHIFT))
+    }
+
+    /// The migration entry replacing the present entry `self`: same frame, with its
+    /// writable, young and dirty bits kept. `None` for an entry that is not present.
+    pub fn migration_of(self) -> Option<Pte> {
+        let pfn = self.pfn()?;
+        let mut m = Pte::migration(pfn).0;
+        if self.0 & WRITABLE != 0 {
+            m |= MIG_WRITABLE;
+        }
+        if self.0 & YOUNG != 0 {
+            m |= MIG_YOUNG;
+        }
+        if self.0 & DIRTY != 0 {
+            m |= MIG_DIRTY;
+        }
+        Some(Pte(m))
+    }
+
+    /// The present entry a migration entry becomes once its page is at `pfn`, with the
+    /// writable, young and dirty bits it kept. `None` for an entry that is not a
+    /// migration entry.
+    pub fn migrated_to(self, pfn: Pfn) -> Option<Pte> {
+        if !self.is_migration() {
+            return None;
+        }
+        let mut p = Pte::present(pfn, self.0 & MIG_WRITABLE != 0).0 & !YOUNG;
+        if self.0 & MIG_YOUNG != 0 {
+            p |= YOUNG;
+        }
+        if self.0 & MIG_DIRTY != 0 {
+            p |= DIRTY;
+        }
+        Some(Pte(p))
+    }
+
+    /// Whether the entry is a migration entry.
+    #[inline]
+    pub fn is_migration(self) -> bool {
+        self.0 & PRESENT == 0 && self.0 & KIND_MASK == KIND_MIGRATION
+    }
+
+    /// The frame the entry holds a mapping of: a present entry's, or a migration
+    /// entry's (the frame being moved).
+    #[inline]
+    pub fn frame(self) -> Option<Pfn> {
+        (self.is_present() || self.is_migration()).then(|| self.pfn_bits())
     }
 
     /// Decodes the entry.
@@ -168,11 +227,14 @@ impl Pte {
         self.0 & (PRESENT | DIRTY) == PRESENT | DIRTY
     }
 
-    /// This present entry without write permission.
+    /// This present entry without write permission; a migration entry without its saved
+    /// write permission.
     #[inline]
     pub fn wrprotect(self) -> Pte {
         if self.is_present() {
             Pte(self.0 & !WRITABLE)
+        } else if self.is_migration() {
+            Pte(self.0 & !MIG_WRITABLE)
         } else {
             self
         }
@@ -623,6 +685,34 @@ mod tests {
         );
         assert_eq!(Pte::EMPTY.kind(), PteKind::Empty);
         assert_eq!(Pte::swap(0).kind(), PteKind::Swap { slot: 0 });
+        // A migration entry keeps the permissions and state it replaced.
+        for (w, young, dirty) in [
+            (true, true, true),
+            (false, false, false),
+            (true, false, true),
+        ] {
+            let mut e = Pte::present(Pfn(9), w);
+            if !young {
+                e = e.mkold();
+            }
+            if dirty {
+                e = e.mkdirty();
+            }
+            let m = e.migration_of().unwrap();
+            assert_eq!(m.kind(), PteKind::Migration { pfn: Pfn(9) });
+            assert_eq!(m.frame(), Some(Pfn(9)));
+            assert_eq!(m.pfn(), None, "not present");
+            let back = m.migrated_to(Pfn(20)).unwrap();
+            assert_eq!(back.pfn(), Some(Pfn(20)));
+            assert_eq!(
+                (back.is_writable(), back.is_young(), back.is_dirty()),
+                (w, young, dirty)
+            );
+            assert!(!m.wrprotect().migrated_to(Pfn(1)).unwrap().is_writable());
+        }
+        assert_eq!(Pte::swap(3).migration_of(), None);
+        assert_eq!(Pte::present(Pfn(3), true).migrated_to(Pfn(4)), None);
+        assert_eq!(Pte::swap(3).frame(), None);
         // Permission changes leave non-present entries alone (their bits are the kind).
         let sw = Pte::swap(77);
         for changed in [

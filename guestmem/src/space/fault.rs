@@ -87,9 +87,9 @@ impl AddressSpace {
                     FaultOutcome::MapExisting { pages: sw.pages }
                 }
             }
-            PteKind::Migration { .. } => {
-                unreachable!("migration entries are not created yet")
-            }
+            // The page is being moved to another node: wait (with no lock held) until
+            // the migration restores the entry.
+            PteKind::Migration { .. } => return Ok(Err(Pending::Wait)),
         };
         self.mm.count(&self.counters, o);
         Ok(Ok(o))

@@ -76,6 +76,9 @@ impl AddressSpace {
             }
         }
         for pr in &parent.list {
+            // From sharing the blocks to linking the region, no migration run is in
+            // flight (see `space::migrate`).
+            let _no_migration = mm.fork_link.write().unwrap_or_else(|e| e.into_inner());
             let table = match PageTable::share_from(&pr.pt.table) {
                 Ok(t) => t,
                 Err(_) => {
@@ -183,7 +186,8 @@ impl AddressSpace {
                 };
                 drop(slot);
                 for &p in block.ptes() {
-                    if let Some(pfn) = p.pfn() {
+                    // A migration entry holds its frame's mapping as a present one does.
+                    if let Some(pfn) = p.frame() {
                         self.drop_mapping(pfn, &mut freed);
                     } else if let Some(s) = super::swapin::swap_slot(p) {
                         self.mm.swap_put(s);

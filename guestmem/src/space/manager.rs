@@ -77,6 +77,11 @@ pub struct Manager {
     pub(super) swap: OnceLock<SwapState>,
     /// What reclaim did.
     pub(super) rstats: ReclaimCounters,
+    /// What migration did.
+    pub(super) mstats: super::migrate::MigrateCounters,
+    /// Read by a migration run from its first walk to its last, written by a fork from
+    /// sharing a region's blocks to linking the child's region (see `space::migrate`).
+    pub(super) fork_link: std::sync::RwLock<()>,
     /// How allocations wake the background reclaimer.
     pub(super) kswapd: Arc<KswapdWake>,
     /// Every address space created or forked, for access harvesting (dead ones are
@@ -108,6 +113,8 @@ impl Manager {
             lrus,
             swap: OnceLock::new(),
             rstats: ReclaimCounters::default(),
+            mstats: Default::default(),
+            fork_link: std::sync::RwLock::new(()),
             kswapd: Arc::new(KswapdWake::default()),
             spaces: Mutex::new(Vec::new()),
             reclaimer: OnceLock::new(),

@@ -36,12 +36,14 @@ mod fault;
 mod fork;
 mod harvest;
 mod manager;
+mod migrate;
 mod reclaim;
 mod swapin;
 
 pub use counters::{CounterSnapshot, Counters};
 pub use fork::ChildOptions;
 pub use manager::{CowRun, Manager, ManagerConfig, Referenced, ReferencedLocking};
+pub use migrate::{MIGRATE_RUN, MigrateStats, MigrateWalk};
 pub use reclaim::{AttachError, ShrinkResult, SwapState, UNMAP_SPAN};
 
 /// The largest region: 1 TiB of 4 KiB pages.
@@ -55,6 +57,14 @@ type AnonVma = rmap::AnonVma<RegionHandle>;
 /// VMs are not affected.
 #[derive(Debug, thiserror::Error)]
 pub enum SpaceError {
+    /// A node the pool does not have.
+    #[error("{node} does not exist: the frame pool has {nodes} node(s), numbered from 0")]
+    NoSuchNode {
+        /// The node asked for.
+        node: crate::types::NodeId,
+        /// Nodes in the pool.
+        nodes: usize,
+    },
     /// The page is in no RAM region of the VM.
     #[error("{gfn} is outside every RAM region of {vm}: check the guest's memory size")]
     OutOfRange {
@@ -556,7 +566,7 @@ impl AddressSpace {
                     if swapin::swap_slot(pte).is_some() {
                         u.swapped += 1;
                     }
-                    if let Some(pfn) = pte.pfn() {
+                    if let Some(pfn) = pte.frame() {
                         u.resident += 1;
                         // A frame named by this block only: the VMs sharing the block are
                         // exactly the VMs mapping it.

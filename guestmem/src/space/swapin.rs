@@ -114,8 +114,9 @@ impl Manager {
         let mut freed = Vec::new();
         let mut slots_released = Vec::new();
         let block = slot.make_exclusive(
+            // A migration entry holds its frame's mapping as a present entry does.
             |p| {
-                if let Some(pfn) = p.pfn() {
+                if let Some(pfn) = p.frame() {
                     let f = pool.frame(pfn);
                     f.map();
                     f.get();
@@ -124,7 +125,7 @@ impl Manager {
                 }
             },
             |p| {
-                if let Some(pfn) = p.pfn() {
+                if let Some(pfn) = p.frame() {
                     self.drop_mapping(pfn, &mut freed);
                 } else if let Some(s) = swap_slot(p) {
                     slots_released.push(s);
