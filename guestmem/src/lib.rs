@@ -12,8 +12,9 @@
 //!
 //! ```text
 //! AddressSpace.mmap_lock (read: faults, accesses, migrate; write: fork, exit, region changes)
-//!   Manager.fork_link RwLock (read: a migration run, before its frame locks; write:
-//!     |   fork, from sharing a region's blocks to linking its child; space/migrate.rs)
+//!   Manager.topology RwLock (read: a migration run, before its frame locks; write:
+//!     |   every rmap link and unlink: create, fork from sharing a region's blocks to
+//!     |   linking its child, exit; space/migrate.rs)
 //!   Frame lock bit (FrameFlags::LOCKED: rmap walkers, swap-out and migration;
 //!     |            Linux's folio lock: taken before the anon_vma lock)
 //!     anon_vma root lock (rmap; write = link/unlink, read = rmap walk)

@@ -16,7 +16,11 @@ use guestmem::{
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
-const WALKS: [MigrateWalk; 2] = [MigrateWalk::Exclusive, MigrateWalk::Shared];
+const WALKS: [MigrateWalk; 3] = [
+    MigrateWalk::Exclusive,
+    MigrateWalk::Shared,
+    MigrateWalk::Unlocked,
+];
 
 fn manager(frames_per_node: &[u64]) -> Arc<Manager> {
     let pool = Pool::new(&PoolConfig {
@@ -56,7 +60,9 @@ fn put(vm: &AddressSpace, p: u64, seed: u64) {
 fn get(vm: &AddressSpace, p: u64) -> (u64, u64) {
     let mut a = [0u8; 8];
     let mut b = [0u8; 8];
-    if let Err(e) = vm.read(Gpa(p * PAGE_SIZE as u64), &mut a) { panic!("{e}: {:?}", vm.entry(Gfn(p))); }
+    if let Err(e) = vm.read(Gpa(p * PAGE_SIZE as u64), &mut a) {
+        panic!("{e}: {:?}", vm.entry(Gfn(p)));
+    }
     vm.read(Gpa(p * PAGE_SIZE as u64 + PAGE_SIZE as u64 - 8), &mut b)
         .unwrap();
     (u64::from_le_bytes(a), u64::from_le_bytes(b))
@@ -307,7 +313,10 @@ fn migration_beside_fork_cow_reclaim_writes_and_exits_loses_nothing() {
         let st = mm.migrate_stats();
         let r = mm.reclaim_stats();
         assert!(st.pages > 5000, "{walk:?}: migration ran: {st:?}");
-        assert!(r.written > 0 && r.major_faults > 0, "{walk:?}: reclaim ran: {r:?}");
+        assert!(
+            r.written > 0 && r.major_faults > 0,
+            "{walk:?}: reclaim ran: {r:?}"
+        );
         assert_eq!(mm.swap_cache_frames(), 0, "swap cache empty");
         assert_all_returned(&mm);
     }

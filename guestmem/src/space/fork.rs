@@ -61,6 +61,8 @@ impl AddressSpace {
         }
         let id = VmId(mm.next_vm.fetch_add(1, Ordering::Relaxed));
         let charge = mm.charges.register(id, opts.limit);
+        // Called with `mm.topology` held for writing (inside the loop below) or with
+        // nothing linked yet.
         let unwind = |list: &mut Vec<Region>| {
             for mut done in list.drain(..).map(|r| r.rmap) {
                 mm.rmap.unlink_anon_vmas(&mut done);
@@ -78,7 +80,7 @@ impl AddressSpace {
         for pr in &parent.list {
             // From sharing the blocks to linking the region, no migration run is in
             // flight (see `space::migrate`).
-            let _no_migration = mm.fork_link.write().unwrap_or_else(|e| e.into_inner());
+            let _topology = mm.topology.write().unwrap_or_else(|e| e.into_inner());
             let table = match PageTable::share_from(&pr.pt.table) {
                 Ok(t) => t,
                 Err(_) => {
@@ -203,8 +205,11 @@ impl AddressSpace {
         if leaked > 0 {
             tracing::error!(vm = %self.id, pages = leaked, "exit leaked pages it could not free safely");
         }
-        for r in regions.list.iter_mut() {
-            self.mm.rmap.unlink_anon_vmas(&mut r.rmap);
+        {
+            let _topology = self.mm.topology.write().unwrap_or_else(|e| e.into_inner());
+            for r in regions.list.iter_mut() {
+                self.mm.rmap.unlink_anon_vmas(&mut r.rmap);
+            }
         }
         self.mm.charges.exit(&self.charge);
         self.mm.counters.add(&self.mm.counters.exits, 1);

@@ -79,9 +79,12 @@ pub struct Manager {
     pub(super) rstats: ReclaimCounters,
     /// What migration did.
     pub(super) mstats: super::migrate::MigrateCounters,
-    /// Read by a migration run from its first walk to its last, written by a fork from
-    /// sharing a region's blocks to linking the child's region (see `space::migrate`).
-    pub(super) fork_link: std::sync::RwLock<()>,
+    /// The reverse map's topology: written around every link and unlink of a region
+    /// (create, fork from sharing a region's blocks to linking its child, exit), read by a
+    /// migration run from its first walk to its last. A run therefore sees every region
+    /// that can hold its migration entries, and its walks may go without the root lock
+    /// ([`MigrateWalk::Unlocked`](super::MigrateWalk::Unlocked); see `space::migrate`).
+    pub(super) topology: std::sync::RwLock<()>,
     /// How allocations wake the background reclaimer.
     pub(super) kswapd: Arc<KswapdWake>,
     /// Every address space created or forked, for access harvesting (dead ones are
@@ -114,7 +117,7 @@ impl Manager {
             swap: OnceLock::new(),
             rstats: ReclaimCounters::default(),
             mstats: Default::default(),
-            fork_link: std::sync::RwLock::new(()),
+            topology: std::sync::RwLock::new(()),
             kswapd: Arc::new(KswapdWake::default()),
             spaces: Mutex::new(Vec::new()),
             reclaimer: OnceLock::new(),
@@ -199,6 +202,7 @@ impl Manager {
                 PageTable::new(r.pages),
                 Arc::clone(&mmu),
             ));
+            let _topology = self.topology.write().unwrap_or_else(|e| e.into_inner());
             let linked = self
                 .rmap
                 .region(Arc::clone(&pt), r.start.0..r.start.0 + r.pages)

@@ -53,15 +53,10 @@ pub enum MigrateWalk {
     /// The root lock for reading (the rwsem Linux adopted): migrations and reclaim walk
     /// in parallel; only link and unlink (fork, exit) are excluded.
     Shared,
-}
-
-impl MigrateWalk {
-    fn mode<'g>(self) -> rmap::WalkMode<'g, RegionHandle> {
-        match self {
-            MigrateWalk::Exclusive => rmap::WalkMode::Exclusive,
-            MigrateWalk::Shared => rmap::WalkMode::Shared,
-        }
-    }
+    /// No root lock: a run holds `Manager::topology` for reading, which every link and
+    /// unlink takes for writing, so no chain changes under any root while it walks (the
+    /// proof an `rmap::WalkGuard` asks for).
+    Unlocked,
 }
 
 /// What a migration did (counted like `/proc/vmstat`'s `pgmigrate_*`).
@@ -165,8 +160,9 @@ impl Manager {
             return st;
         }
         // No fork may share a block between our walks and link its child's regions only
-        // after them: the child would hold migration entries no walk restores.
-        let _forks = self.fork_link.read().unwrap_or_else(|e| e.into_inner());
+        // after them (the child would hold migration entries no walk restores), and no
+        // region is linked or unlinked while the run walks.
+        let topology = self.topology.read().unwrap_or_else(|e| e.into_inner());
         let Some(news) = self.alloc_on(target, run.len()) else {
             st.no_memory += olds.len() as u64;
             for p in olds {
@@ -190,7 +186,7 @@ impl Manager {
             .collect();
         for i in 0..moves.len() {
             if moves[i].is_some_and(|m| m.unmapped)
-                && !self.unmap_for_migration(&mut moves, i, walk, &mut st)
+                && !self.unmap_for_migration(&mut moves, i, walk, &topology, &mut st)
             {
                 if let Some(m) = moves[i].as_mut() {
                     m.unmapped = false;
@@ -215,7 +211,7 @@ impl Manager {
         }
         for i in 0..moves.len() {
             if moves[i].is_some() {
-                self.remap_after_migration(&moves, i, walk);
+                self.remap_after_migration(&moves, i, walk, &topology);
             }
         }
         for m in moves.iter().flatten().filter(|m| m.unmapped) {
@@ -315,6 +311,7 @@ impl Manager {
         moves: &mut [Option<Move>],
         i: usize,
         walk: MigrateWalk,
+        topology: &Topology<'_>,
         st: &mut MigrateStats,
     ) -> bool {
         let Some(me) = moves[i] else {
@@ -323,7 +320,7 @@ impl Manager {
         let f = self.pool.frame(me.old);
         let mut ok = true;
         let mut failed_frames = Vec::new();
-        let _ = self.walk_frame(f, walk.mode(), |region: &RegionHandle, pgoff| {
+        self.migration_walk(f, walk, topology, |region: &RegionHandle, pgoff| {
             let index = pgoff - region.start.0;
             if index >= region.table.pages() || (index as usize) < i {
                 return ControlFlow::Continue(());
@@ -397,12 +394,18 @@ impl Manager {
     /// Step 5 for `moves[i]`: every migration entry naming its old frame becomes a present
     /// entry for the new frame (or the old one again, if the move failed), with the
     /// neighbouring frames of the run in each block visited.
-    fn remap_after_migration(&self, moves: &[Option<Move>], i: usize, walk: MigrateWalk) {
+    fn remap_after_migration(
+        &self,
+        moves: &[Option<Move>],
+        i: usize,
+        walk: MigrateWalk,
+        topology: &Topology<'_>,
+    ) {
         let Some(me) = moves[i] else {
             return;
         };
         let f = self.pool.frame(me.old);
-        let _ = self.walk_frame(f, walk.mode(), |region: &RegionHandle, pgoff| {
+        self.migration_walk(f, walk, topology, |region: &RegionHandle, pgoff| {
             let index = pgoff - region.start.0;
             if index >= region.table.pages() || (index as usize) < i {
                 return ControlFlow::Continue(());
@@ -451,6 +454,44 @@ impl Manager {
             }
             ControlFlow::Continue(())
         });
+    }
+}
+
+/// `Manager::topology` held for reading: no region links or unlinks while it lives.
+type Topology<'a> = std::sync::RwLockReadGuard<'a, ()>;
+
+impl Manager {
+    /// Walks the reverse map of the locked, referenced `frame` for a migration run, in
+    /// `walk`'s mode; `_topology` is the run's proof that no chain changes meanwhile.
+    fn migration_walk(
+        &self,
+        frame: &crate::frame::Frame,
+        walk: MigrateWalk,
+        _topology: &Topology<'_>,
+        visitor: impl FnMut(&RegionHandle, u64) -> ControlFlow<()>,
+    ) {
+        let mode = match walk {
+            MigrateWalk::Exclusive => rmap::WalkMode::Exclusive,
+            MigrateWalk::Shared => rmap::WalkMode::Shared,
+            MigrateWalk::Unlocked => {
+                let (raw, pgoff) = frame.rmap_link();
+                if raw == 0 {
+                    return;
+                }
+                // SAFETY: `raw` is the frame's link, alive while the frame is locked and
+                // referenced (the caller holds both).
+                let anon = unsafe { super::AnonVma::borrow_raw(raw) };
+                // SAFETY: `_topology` is `Manager::topology` held for reading, and every
+                // `anon_vma_prepare`, `anon_vma_fork` and `unlink_anon_vmas` of this
+                // manager (create, fork, exit and their error paths; a `RegionRmap` is
+                // only dropped after its unlink or within them) holds it for writing:
+                // no region of any tree links or unlinks while the guard lives.
+                let guard = unsafe { rmap::WalkGuard::new(anon) };
+                let _ = rmap::rmap_walk(anon, pgoff, rmap::WalkMode::Unlocked(&guard), visitor);
+                return;
+            }
+        };
+        let _ = self.walk_frame(frame, mode, visitor);
     }
 }
 
