@@ -12,7 +12,12 @@ use guestmem::{
 /// A manager over a one-node magazine pool of `bytes`, backed by host memory up front so
 /// that experiments measure the manager, not the host's first-touch cost.
 pub fn manager(bytes: u64, config: ManagerConfig) -> Arc<Manager> {
-    let pool = Pool::new(&PoolConfig::uniform(bytes, 1, AllocatorKind::Magazine))
+    manager_nodes(bytes, 1, config)
+}
+
+/// [`manager`] with the pool split into `nodes` equal nodes.
+pub fn manager_nodes(bytes: u64, nodes: usize, config: ManagerConfig) -> Arc<Manager> {
+    let pool = Pool::new(&PoolConfig::uniform(bytes, nodes, AllocatorKind::Magazine))
         .expect("a benchmark pool fits in this machine's memory");
     pool.prefault().expect("the host backs the benchmark pool");
     Manager::new(Arc::new(pool), config)
