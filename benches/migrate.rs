@@ -93,7 +93,9 @@ fn software(exp: &mut Experiment, pages: u64, reps: usize, copy: f64) {
         let t = Instant::now();
         let mut moved = 0;
         for p in pfns {
-            moved += mm.migrate_run(&[p], NodeId(node), MigrateWalk::Shared).pages;
+            moved += mm
+                .migrate_run(&[p], NodeId(node), MigrateWalk::Shared)
+                .pages;
         }
         let d = t.elapsed();
         assert_eq!(moved, pages);
@@ -187,9 +189,7 @@ fn walks(exp: &mut Experiment, pages: u64, secs: f64) {
                 std::thread::spawn(move || {
                     let mut alive = std::collections::VecDeque::new();
                     while !stop.load(Ordering::Relaxed) {
-                        let c = parent
-                            .fork(Arc::new(guestmem::mmu::NoopMmu))
-                            .expect("fork");
+                        let c = parent.fork(Arc::new(guestmem::mmu::NoopMmu)).expect("fork");
                         setup::write_pages(&c, 0, 16, 2);
                         alive.push_back(c);
                         if alive.len() > 8 {
@@ -230,9 +230,7 @@ fn walks(exp: &mut Experiment, pages: u64, secs: f64) {
             forker.join().expect("forker");
             let g = gbs(moved.load(Ordering::Relaxed) * PAGE_SIZE as u64, elapsed);
             let fps = forks.load(Ordering::Relaxed) as f64 / elapsed.as_secs_f64();
-            eprintln!(
-                "walks {walk:?} x{threads}: {g:.2} GB/s moved beside {fps:.0} forks+exits/s"
-            );
+            eprintln!("walks {walk:?} x{threads}: {g:.2} GB/s moved beside {fps:.0} forks+exits/s");
             exp.push(
                 Row::new(format!("walks-{walk:?}").to_lowercase().as_str())
                     .param("threads", threads as u64)

@@ -67,7 +67,9 @@ fn a_guest_writing_all_the_time_verifies_while_its_memory_moves_ten_times() {
                 seed += 1;
                 started.fetch_add(1, Ordering::SeqCst);
                 let f = vm.vm().run(0, Command::new(Op::Fill, data(0), pages, seed));
-                let v = vm.vm().run(0, Command::new(Op::Verify, data(0), pages, seed));
+                let v = vm
+                    .vm()
+                    .run(0, Command::new(Op::Verify, data(0), pages, seed));
                 let bad = v.map(|r| r.mismatches()).expect("verify");
                 f.expect("fill");
                 assert_eq!(bad, 0, "pass {passes} (seed {seed}) lost words");
@@ -84,12 +86,12 @@ fn a_guest_writing_all_the_time_verifies_while_its_memory_moves_ten_times() {
             std::thread::yield_now();
         }
         let to = NodeId((round + 1) % 2);
-        let walk = [MigrateWalk::Exclusive, MigrateWalk::Shared, MigrateWalk::Unlocked]
-            [usize::from(round % 3)];
-        let st = vm
-            .space()
-            .migrate(Gfn(0)..end, to, walk)
-            .expect("migrate");
+        let walk = [
+            MigrateWalk::Exclusive,
+            MigrateWalk::Shared,
+            MigrateWalk::Unlocked,
+        ][usize::from(round % 3)];
+        let st = vm.space().migrate(Gfn(0)..end, to, walk).expect("migrate");
         assert!(st.pages > 0, "round {round}: {st:?}");
         assert_eq!(st.failed + st.no_memory, 0, "round {round}: {st:?}");
         moved += st.pages;

@@ -138,6 +138,8 @@ struct Move {
     new: Pfn,
     /// Every mapping of `old` became a migration entry.
     unmapped: bool,
+    /// Blocks in which this run's walks made `old`'s entry a migration entry.
+    converted: u32,
 }
 
 impl Manager {
@@ -181,11 +183,19 @@ impl Manager {
                     old,
                     new,
                     unmapped: true,
+                    converted: 0,
                 })
             })
             .collect();
         for i in 0..moves.len() {
-            if moves[i].is_some_and(|m| m.unmapped)
+            // A frame whose every mapping an earlier frame's walk already changed (its
+            // mapcount counts the blocks naming it) needs no walk of its own. If a block
+            // naming it was copied meanwhile, the count is higher and the walk runs.
+            let done = moves[i].is_some_and(|m| {
+                m.converted > 0 && m.converted >= self.pool.frame(m.old).mapcount()
+            });
+            if !done
+                && moves[i].is_some_and(|m| m.unmapped)
                 && !self.unmap_for_migration(&mut moves, i, walk, &topology, &mut st)
             {
                 if let Some(m) = moves[i].as_mut() {
@@ -210,18 +220,33 @@ impl Manager {
             nf.set_charge(of.take_charge());
         }
         for i in 0..moves.len() {
-            if moves[i].is_some() {
+            // A moved frame that no entry names any more (its mappings all went to the
+            // new frame with an earlier frame's walk) needs no walk of its own.
+            let done =
+                moves[i].is_some_and(|m| m.unmapped && self.pool.frame(m.old).mapcount() == 0);
+            if moves[i].is_some() && !done {
                 self.remap_after_migration(&moves, i, walk, &topology);
             }
         }
         for m in moves.iter().flatten().filter(|m| m.unmapped) {
             let left = self.pool.frame(m.old).mapcount();
             if left > 0 {
-                // Only a block no walk could change (poisoned by a panic: its VM has
-                // failed) still names the old frame.
-                tracing::warn!(frame = %m.old, mappings = left, "a moved frame is still mapped by a failed VM");
+                // A block no walk could change (poisoned by a panic: its VM has failed),
+                // or a read-only sharer the skipped walk did not see (an exit changed the
+                // count): that VM keeps the old frame, with the same bytes.
+                tracing::debug!(frame = %m.old, mappings = left, "a moved frame keeps a mapping its walks could not change");
             }
         }
+        // Old frames go with the run's reference (their mappings went to the new ones),
+        // unused new frames with the allocation's; all freed in one batch.
+        let mut freed = Vec::new();
+        let mut put = |p: Pfn| {
+            let f = self.pool.frame(p);
+            if f.put() == 0 {
+                super::release_link(f);
+                freed.push(p);
+            }
+        };
         let mut moved_new = Vec::new();
         for (i, m) in moves.iter().enumerate() {
             match m {
@@ -229,24 +254,31 @@ impl Manager {
                     st.pages += 1;
                     moved_new.push(m.new);
                     self.pool.frame(m.old).unlock();
-                    self.put_frame(m.old);
+                    put(m.old);
                 }
                 Some(m) => {
                     st.failed += 1;
                     self.pool.frame(m.old).unlock();
-                    self.put_frame(m.old);
-                    self.put_frame(m.new);
+                    put(m.old);
+                    put(m.new);
                 }
-                None => self.put_frame(news[i]),
+                None => put(news[i]),
             }
         }
-        for &p in &moved_new {
-            if self.pool.frame(p).mapcount() > 0 {
-                self.lru_add_run(p, 1);
-            }
+        // The new frames join the LRU a contiguous piece at a time (one lock each).
+        let mapped: Vec<Pfn> = moved_new
+            .iter()
+            .copied()
+            .filter(|&p| self.pool.frame(p).mapcount() > 0)
+            .collect();
+        for piece in mapped.chunk_by(|a, b| b.0 == a.0 + 1) {
+            self.lru_add_run(piece[0], piece.len() as u64);
+        }
+        for p in moved_new {
             // The allocation's reference; each mapping holds its own.
-            self.put_frame(p);
+            put(p);
         }
+        self.release_frames(&freed);
         if st.pages > 0 {
             st.runs += 1;
         }
@@ -320,6 +352,7 @@ impl Manager {
         let f = self.pool.frame(me.old);
         let mut ok = true;
         let mut failed_frames = Vec::new();
+        let mut converted = Vec::new();
         self.migration_walk(f, walk, topology, |region: &RegionHandle, pgoff| {
             let index = pgoff - region.start.0;
             if index >= region.table.pages() || (index as usize) < i {
@@ -356,11 +389,12 @@ impl Manager {
             }
             let block = self.exclusive(&mut g);
             let mut saved = Vec::with_capacity(mine.len());
-            for &(_, t) in &mine {
+            for &(j, t) in &mine {
                 let p = block.get(t);
                 saved.push(p);
                 if let Some(m) = p.migration_of() {
                     block.set(t, m);
+                    converted.push(j);
                 }
             }
             let (lo, hi) = (
@@ -375,6 +409,7 @@ impl Manager {
                         block.set(t, *p);
                         failed_frames.push(j);
                     }
+                    converted.truncate(converted.len() - mine.len());
                     ok = false;
                     return ControlFlow::Continue(());
                 }
@@ -383,6 +418,11 @@ impl Manager {
             }
             ControlFlow::Continue(())
         });
+        for j in converted {
+            if let Some(m) = moves[j].as_mut() {
+                m.converted += 1;
+            }
+        }
         for j in failed_frames {
             if let Some(m) = moves[j].as_mut() {
                 m.unmapped = false;
@@ -511,14 +551,26 @@ impl AddressSpace {
                 nodes: self.mm.pool.nodes().len(),
             });
         }
-        let regions = self.read_regions()?;
         let mut st = MigrateStats::default();
-        for r in &regions.list {
-            let start = r.pt.start.0.max(range.start.0);
-            let end = (r.pt.start.0 + r.pt.table.pages()).min(range.end.0);
-            let mut index = start.saturating_sub(r.pt.start.0);
-            let end_index = end.saturating_sub(r.pt.start.0);
+        let spans: Vec<(u64, u64)> = self
+            .read_regions()?
+            .list
+            .iter()
+            .map(|r| (r.pt.start.0, r.pt.table.pages()))
+            .collect();
+        for (ri, (rstart, rpages)) in spans.into_iter().enumerate() {
+            let start = rstart.max(range.start.0);
+            let end = (rstart + rpages).min(range.end.0);
+            let mut index = start.saturating_sub(rstart);
+            let end_index = end.saturating_sub(rstart);
             while index < end_index {
+                // One block at a time under the mmap_lock (read), so a fork of this VM
+                // waits for one block's runs at most.
+                let regions = self.read_regions()?;
+                if regions.exited {
+                    return Err(SpaceError::Exited(self.id));
+                }
+                let r = &regions.list[ri];
                 // The runs of this block: consecutive frames at consecutive pages, off the
                 // target node, each within a naturally aligned chunk of up to 512 pages.
                 let (g, s) = self.lock_entry(r, index)?;
@@ -572,6 +624,7 @@ impl AddressSpace {
                         k += n;
                     }
                 }
+                drop(regions);
                 index = stop;
             }
         }
