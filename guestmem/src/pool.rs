@@ -499,20 +499,46 @@ impl Pool {
         order: Order,
         init: FrameInit,
     ) -> Result<Pfn, AllocError> {
-        let first = usize::from(preferred.0).min(self.nodes.len() - 1);
-        if let Some(p) = self.nodes[first].alloc(order, init)? {
-            return Ok(p);
-        }
-        for (i, n) in self.nodes.iter().enumerate() {
-            if i != first {
-                if let Some(p) = n.alloc(order, init)? {
-                    return Ok(p);
-                }
+        self.alloc_policy(preferred, false, order, init)
+    }
+
+    /// Allocates `2^order` contiguous frames from `first`, and if it cannot (and `only` is
+    /// false) from the nodes after it in turn, wrapping around.
+    ///
+    /// A node that still has `2^order` free frames, only not contiguous (or in the
+    /// allocators' caches), fails the call instead of passing it on: a caller that asked
+    /// for a run tries a smaller one next, so the node a policy names keeps being used
+    /// until it is really full, while a full node's faults still get runs elsewhere (not
+    /// single frames, which would cost a host mapping each).
+    #[inline]
+    pub fn alloc_policy(
+        &self,
+        first: NodeId,
+        only: bool,
+        order: Order,
+        init: FrameInit,
+    ) -> Result<Pfn, AllocError> {
+        let n = self.nodes.len();
+        let first = usize::from(first.0).min(n - 1);
+        let tries = if only { 1 } else { n };
+        for k in 0..tries {
+            if k == 1
+                && order.get() > 0
+                && self.nodes[first].free_frames() >= u64::from(order.frames())
+            {
+                break;
+            }
+            if let Some(p) = self.nodes[(first + k) % n].alloc(order, init)? {
+                return Ok(p);
             }
         }
         Err(AllocError::Exhausted {
             frames: order.frames(),
-            free: self.free_frames(),
+            free: if only {
+                self.nodes[first].free_frames()
+            } else {
+                self.free_frames()
+            },
         })
     }
 

@@ -321,3 +321,83 @@ fn migration_beside_fork_cow_reclaim_writes_and_exits_loses_nothing() {
         assert_all_returned(&mm);
     }
 }
+
+/// Pages of `vm`'s `0 .. pages` on each of two nodes.
+fn placement(mm: &Manager, vm: &AddressSpace, pages: u64) -> [u64; 2] {
+    let mut n = [0; 2];
+    for p in 0..pages {
+        if let Some(node) = node_of(mm, vm, p) {
+            n[usize::from(node.0)] += 1;
+        }
+    }
+    n
+}
+
+#[test]
+fn allocation_follows_the_vms_node_policy() {
+    use guestmem::NodePolicy;
+    let mm = manager(&[1024, 1024]);
+    // First touch: the faulting thread's home node.
+    let vm = mm.create(&ram(512), Arc::new(NoopMmu)).unwrap();
+    assert_eq!(vm.policy(), NodePolicy::FirstTouch);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            guestmem::set_home_node(NodeId(1));
+            for p in 0..256 {
+                put(&vm, p, 1);
+            }
+        });
+    });
+    for p in 256..512 {
+        put(&vm, p, 1);
+    }
+    assert_eq!(placement(&mm, &vm, 512), [256, 256], "home node 1, then 0");
+    // Forks inherit the policy.
+    vm.set_policy(NodePolicy::Bind(NodeId(1))).unwrap();
+    let child = vm.fork(Arc::new(NoopMmu)).unwrap();
+    assert_eq!(child.policy(), NodePolicy::Bind(NodeId(1)));
+    child.exit();
+    vm.exit();
+
+    // Preferred: node 1 until it is full, then node 0.
+    let vm = mm.create(&ram(1536), Arc::new(NoopMmu)).unwrap();
+    vm.set_policy(NodePolicy::Preferred(NodeId(1))).unwrap();
+    for p in 0..1536 {
+        put(&vm, p, 2);
+    }
+    assert_eq!(placement(&mm, &vm, 1536), [512, 1024]);
+    vm.exit();
+
+    // Bind: node 1 only; a full node 1 fails the VM although node 0 has room.
+    let vm = mm.create(&ram(1536), Arc::new(NoopMmu)).unwrap();
+    vm.set_policy(NodePolicy::Bind(NodeId(1))).unwrap();
+    let mut failed = None;
+    for p in 0..1536 {
+        let w = 1u64.to_le_bytes();
+        if let Err(e) = vm.write(Gpa(p * PAGE_SIZE as u64), &w) {
+            failed = Some((p, e));
+            break;
+        }
+    }
+    let (at, e) = failed.expect("node 1 runs out");
+    assert_eq!(at, 1024, "{e}");
+    assert_eq!(placement(&mm, &vm, 1024), [0, 1024]);
+    assert_eq!(mm.pool().node(NodeId(0)).free_frames(), 1024);
+    vm.exit();
+
+    // Interleave: both nodes, in turn.
+    let vm = mm.create(&ram(1024), Arc::new(NoopMmu)).unwrap();
+    vm.set_policy(NodePolicy::Interleave).unwrap();
+    for p in 0..1024 {
+        put(&vm, p, 3);
+    }
+    let [a, b] = placement(&mm, &vm, 1024);
+    assert!(a >= 256 && b >= 256, "{a} / {b}");
+    for p in 0..1024 {
+        assert_eq!(get(&vm, p), (word(3, p), word(3, p)));
+    }
+    let e = vm.set_policy(NodePolicy::Bind(NodeId(5))).unwrap_err();
+    assert!(e.to_string().contains("node5 does not exist"), "{e}");
+    vm.exit();
+    assert_all_returned(&mm);
+}

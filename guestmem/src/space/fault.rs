@@ -11,7 +11,7 @@ use crate::mmu::{HostMmuError, MapRun};
 use crate::pagetable::{Block, PTES_PER_BLOCK, Pte, PteKind, Slot};
 use crate::pool::{AllocError, FrameInit};
 use crate::reclaim::swap::SwapSlot;
-use crate::types::{Gfn, NodeId, Order, Pfn};
+use crate::types::{Gfn, Order, Pfn};
 
 impl AddressSpace {
     /// Resolves a guest fault at `gfn` (what the VMM calls for a userfaultfd event).
@@ -119,7 +119,8 @@ impl AddressSpace {
             }
             Err(e) => return Err(e.into()),
         };
-        match self.mm.pool.alloc(NodeId(0), order, init) {
+        let (node, only) = self.policy.pick(self.mm.pool.nodes().len());
+        match self.mm.pool.alloc_policy(node, only, order, init) {
             Ok(pfn) => {
                 self.mm.kswapd_wake_if_low();
                 for i in 0..order.frames() {

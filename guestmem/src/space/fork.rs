@@ -126,6 +126,7 @@ impl AddressSpace {
             exited: AtomicBool::new(false),
             charge,
             cow_hint: AtomicU64::new(0),
+            policy: super::policy::PolicyState::new(self.policy()),
             mlocked: RwLock::new(
                 self.mlocked
                     .read()

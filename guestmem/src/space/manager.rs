@@ -230,6 +230,7 @@ impl Manager {
             exited: AtomicBool::new(false),
             charge: self.charges.register(id, None),
             cow_hint: AtomicU64::new(0),
+            policy: Default::default(),
             mlocked: RwLock::new(Vec::new()),
         });
         self.register_space(&space);

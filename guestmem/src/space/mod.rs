@@ -37,6 +37,7 @@ mod fork;
 mod harvest;
 mod manager;
 mod migrate;
+mod policy;
 mod reclaim;
 mod swapin;
 
@@ -44,6 +45,7 @@ pub use counters::{CounterSnapshot, Counters};
 pub use fork::ChildOptions;
 pub use manager::{CowRun, Manager, ManagerConfig, Referenced, ReferencedLocking};
 pub use migrate::{MIGRATE_RUN, MigrateStats, MigrateWalk};
+pub use policy::{NodePolicy, home_node, set_home_node};
 pub use reclaim::{AttachError, ShrinkResult, SwapState, UNMAP_SPAN};
 
 /// The largest region: 1 TiB of 4 KiB pages.
@@ -373,6 +375,8 @@ pub struct AddressSpace {
     cow_hint: AtomicU64,
     /// Guest page ranges kept resident ([`AddressSpace::mlock`]); inherited by forks.
     mlocked: RwLock<Vec<std::ops::Range<u64>>>,
+    /// Where its new frames come from; inherited by forks.
+    policy: policy::PolicyState,
 }
 
 impl AddressSpace {
