@@ -45,8 +45,16 @@ fn main() -> ExitCode {
             common,
             vms,
             workload,
+            migrate_to,
+            migrate_walk,
+            migrate_rate,
         } => {
-            let (report, error) = cmd_run(common, *vms, workload, common.events);
+            let migrate = migrate_to.map(|to| cli::run::MigrateOpts {
+                to,
+                walk: (*migrate_walk).into(),
+                rate_mib: *migrate_rate,
+            });
+            let (report, error) = cmd_run(common, *vms, workload, common.events, migrate);
             finish(common.json, common.events, report, error, print_run)
         }
         Cmd::Fork(a) => {
@@ -75,6 +83,8 @@ fn main() -> ExitCode {
                 pool: None,
                 swap: None,
                 host_memory: None,
+                nodes: 1,
+                policy: guestmem::NodePolicy::FirstTouch,
                 allocator: AllocatorArg::Magazine,
                 rmap: RmapArg::Chain,
                 cpu: None,
@@ -222,6 +232,8 @@ fn demo_overcommit(
         pool: None,
         swap: None,
         host_memory: Some(DEMO_OC_HOST.into()),
+        nodes: 1,
+        policy: guestmem::NodePolicy::FirstTouch,
         allocator: AllocatorArg::Magazine,
         rmap: RmapArg::Chain,
         cpu: None,

@@ -212,12 +212,24 @@ pub struct ManagedVm {
 impl ManagedVm {
     /// A VM of `cfg.mem_bytes` (one RAM region at gpa 0) on memory managed by `mm`.
     pub fn new(hv: &Hypervisor, cfg: &VmConfig, mm: &Arc<Manager>) -> Result<ManagedVm, VmError> {
+        Self::with_policy(hv, cfg, mm, guestmem::NodePolicy::FirstTouch)
+    }
+
+    /// [`ManagedVm::new`] with the address space's node policy set before any of its
+    /// memory (the boot region the VMM writes first) is placed.
+    pub fn with_policy(
+        hv: &Hypervisor,
+        cfg: &VmConfig,
+        mm: &Arc<Manager>,
+        policy: guestmem::NodePolicy,
+    ) -> Result<ManagedVm, VmError> {
         let regions = [RegionSpec {
             start: Gfn(0),
             pages: cfg.mem_bytes / crate::PAGE_SIZE_U64,
         }];
         Self::build(hv, cfg, |w| {
             let space = mm.create(&regions, w.clone())?;
+            space.set_policy(policy)?;
             // The boot region holds the guest's page tables, GDT and program: KVM's
             // shadow MMU (on software KVM hosts such as this one) reads and updates the
             // page tables in ways that cannot wait for a userfaultfd fault, so reclaim

@@ -242,6 +242,10 @@ pub struct VmConfig {
     pub vcpus: u32,
     /// Pin the fault handler and every vCPU thread to this host CPU.
     pub cpu: Option<usize>,
+    /// The memory node of the VM's vCPUs: its fault handlers resolve faults as threads of
+    /// that node, where a first-touch policy ([`guestmem::NodePolicy::FirstTouch`])
+    /// allocates.
+    pub home_node: guestmem::NodeId,
     /// Write the built-in guest's boot region (page tables, GDT, program) into guest RAM.
     /// False when the memory already holds a running guest (a snapshot-fork child), whose
     /// vCPUs then get their state from [`Vcpu::restore_state`].
@@ -255,6 +259,7 @@ impl VmConfig {
             mem_bytes,
             vcpus,
             cpu: None,
+            home_node: guestmem::NodeId(0),
             load_guest: true,
         }
     }
@@ -502,6 +507,7 @@ impl Vm {
             source: e,
         })?;
         let kick = self.kick.clone();
+        let home = self.cfg.home_node;
         failpoint::hit(ForkStep::ShellHandler)
             .map_err(failpoint::io)
             .and_then(|()| {
@@ -509,6 +515,7 @@ impl Vm {
                     .name("uffd-handler".into())
                     .spawn(move || {
                         crate::vcpu::pin_current(cpu);
+                        guestmem::set_home_node(home);
                         fault_loop(&window, resolver.as_ref(), &stats, &link, &stop, &kick)
                     })
             })

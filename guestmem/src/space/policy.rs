@@ -136,6 +136,28 @@ impl AddressSpace {
     }
 }
 
+impl AddressSpace {
+    /// The VM's resident pages on each node of the pool (a block shared with a fork
+    /// counted for each VM sharing it). Blocks whose lock is poisoned are left out.
+    pub fn pages_per_node(&self) -> Vec<u64> {
+        let mut n = vec![0; self.mm.pool.nodes().len()];
+        let regions = self.regions.read().unwrap_or_else(|e| e.into_inner());
+        for r in &regions.list {
+            for b in 0..r.pt.table.blocks() {
+                let Ok(slot) = r.pt.table.lock_block(b) else {
+                    continue;
+                };
+                for s in 0..r.pt.table.block_len(b) {
+                    if let Some(pfn) = slot.pte(s).frame() {
+                        n[usize::from(self.mm.pool.node_of(pfn).id().0)] += 1;
+                    }
+                }
+            }
+        }
+        n
+    }
+}
+
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;

@@ -55,6 +55,27 @@ pub(crate) enum ParentArg {
     InPlace,
 }
 
+/// `--migrate-walk`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum MigrateWalkArg {
+    /// The root lock for writing (Linux before 2012).
+    Exclusive,
+    /// The root lock for reading (seed 4, Linux since).
+    Shared,
+    /// No root lock (the run's topology lock proves no chain changes).
+    Unlocked,
+}
+
+impl From<MigrateWalkArg> for guestmem::MigrateWalk {
+    fn from(w: MigrateWalkArg) -> guestmem::MigrateWalk {
+        match w {
+            MigrateWalkArg::Exclusive => guestmem::MigrateWalk::Exclusive,
+            MigrateWalkArg::Shared => guestmem::MigrateWalk::Shared,
+            MigrateWalkArg::Unlocked => guestmem::MigrateWalk::Unlocked,
+        }
+    }
+}
+
 impl Common {
     /// Whether swap is on (`--swap` or `--host-memory`).
     pub(crate) fn swap_on(&self) -> bool {
@@ -101,6 +122,15 @@ pub(crate) struct Common {
     /// (--swap's PATH, or the temp dir).
     #[arg(long, value_name = "SIZE")]
     pub host_memory: Option<String>,
+    /// Memory nodes of the frame pool (1 to 64), each its own memfd; without --pool each
+    /// can hold all the VMs write (the pool is sparse). On a host with one NUMA node they
+    /// are separate pools in the same memory.
+    #[arg(long, default_value_t = 1)]
+    pub nodes: usize,
+    /// Where each VM's new frames come from: first-touch (the node of the VM's vCPUs:
+    /// VM k's is node k mod --nodes), interleave, preferred:N or bind:N.
+    #[arg(long, default_value = "first-touch", value_parser = parse_policy)]
+    pub policy: guestmem::NodePolicy,
     /// Frame allocator design.
     #[arg(long, value_enum, default_value = "magazine")]
     pub allocator: AllocatorArg,
@@ -129,6 +159,25 @@ pub(crate) struct Common {
     /// must fail. Fork and demo only.
     #[arg(long, hide = true, value_name = "VM")]
     pub corrupt: Option<String>,
+}
+
+/// `--policy`: first-touch, interleave, preferred:N or bind:N.
+fn parse_policy(s: &str) -> Result<guestmem::NodePolicy, String> {
+    use guestmem::{NodeId, NodePolicy};
+    let node = |n: &str| {
+        n.parse::<u16>()
+            .map(NodeId)
+            .map_err(|_| format!("{n:?} is not a node number (0, 1, ...)"))
+    };
+    match s.trim().split_once(':') {
+        None if s.trim() == "first-touch" => Ok(NodePolicy::FirstTouch),
+        None if s.trim() == "interleave" => Ok(NodePolicy::Interleave),
+        Some(("preferred", n)) => node(n).map(NodePolicy::Preferred),
+        Some(("bind", n)) => node(n).map(NodePolicy::Bind),
+        _ => Err(format!(
+            "{s:?} is not a policy: give first-touch, interleave, preferred:N or bind:N"
+        )),
+    }
 }
 
 /// `--timeout`: positive seconds, fractions allowed.
@@ -189,6 +238,16 @@ pub(crate) enum Cmd {
         /// The guest commands to run.
         #[arg(long, default_value = "fill:seed=1,verify:seed=1")]
         workload: String,
+        /// While the workload runs, move every VM's memory to this node, over and over
+        /// (each pass takes the pages placed since), then once more at the end.
+        #[arg(long, value_name = "NODE")]
+        migrate_to: Option<u16>,
+        /// How the moves' reverse-map walks take the anon_vma root lock.
+        #[arg(long, value_enum, default_value = "shared")]
+        migrate_walk: MigrateWalkArg,
+        /// Move at most this many MiB per second (default: as fast as it goes).
+        #[arg(long, value_name = "MIB")]
+        migrate_rate: Option<u64>,
     },
     /// Run a VM, snapshot-fork it into clones, run a second phase in each, verify all.
     #[command(after_help = WORKLOAD_HELP)]

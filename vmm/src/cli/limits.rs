@@ -67,6 +67,30 @@ pub(crate) fn check_vcpus(vcpus: u32) -> Result<(), CliError> {
 
 /// `--cpu`: one of the CPUs this process may run on (pinning to any other would silently
 /// leave the threads unpinned).
+/// `--nodes` and `--policy`: 1 to 64 nodes, and a policy naming one of them.
+pub(crate) fn check_nodes(common: &Common) -> Result<(), CliError> {
+    if !(1..=64).contains(&common.nodes) {
+        return Err(CliError::Usage(format!(
+            "--nodes {} must be between 1 and 64",
+            common.nodes
+        )));
+    }
+    if let Some(n) = common
+        .policy
+        .node()
+        .filter(|n| usize::from(n.0) >= common.nodes)
+    {
+        return Err(CliError::Usage(format!(
+            "--policy {}: node {} does not exist with --nodes {} (nodes are 0 to {})",
+            common.policy,
+            n.0,
+            common.nodes,
+            common.nodes - 1
+        )));
+    }
+    Ok(())
+}
+
 pub(crate) fn check_cpu(cpu: Option<usize>) -> Result<(), CliError> {
     let Some(cpu) = cpu else { return Ok(()) };
     // available_parallelism counts the CPUs in this process's affinity mask (and cgroup
@@ -143,7 +167,8 @@ pub(crate) fn pool_bytes(common: &Common, default_pool: u64, need: u64) -> Resul
             }
             b
         }
-        None => default_pool,
+        // Each node can hold everything (the pool is sparse): a VM can move to any node.
+        None => default_pool.saturating_mul(common.nodes.max(1) as u64),
     };
     if need > bytes && !common.swap_on() {
         return Err(CliError::Usage(format!(
@@ -303,20 +328,21 @@ pub(crate) fn manager(common: &Common, bytes: u64, need: u64) -> Result<Arc<Mana
         AllocatorArg::Percpu => AllocatorKind::PerCpuLists,
         AllocatorArg::Global => AllocatorKind::GlobalLock,
     };
-    let pool = Pool::new(&PoolConfig::uniform(bytes, 1, allocator)).map_err(|e| match e {
-        PoolError::TooLarge { .. } => CliError::PoolTooLarge {
-            what: match &common.pool {
-                Some(s) => format!("--pool {s} is too large"),
-                None => format!(
-                    "the VMs need a frame pool of {} MiB, too large (use a smaller --mem or \
+    let pool =
+        Pool::new(&PoolConfig::uniform(bytes, common.nodes, allocator)).map_err(|e| match e {
+            PoolError::TooLarge { .. } => CliError::PoolTooLarge {
+                what: match &common.pool {
+                    Some(s) => format!("--pool {s} is too large"),
+                    None => format!(
+                        "the VMs need a frame pool of {} MiB, too large (use a smaller --mem or \
                      fewer VMs or clones)",
-                    bytes / MIB
-                ),
+                        bytes / MIB
+                    ),
+                },
+                source: e,
             },
-            source: e,
-        },
-        e => CliError::Pool { bytes, source: e },
-    })?;
+            e => CliError::Pool { bytes, source: e },
+        })?;
     let mut cfg = ManagerConfig::default();
     cfg.rmap.design = match common.rmap {
         RmapArg::Chain => rmap::Design::Chain,

@@ -46,6 +46,11 @@ pub(crate) struct Config {
     pub workload: Option<String>,
     pub phase1: Option<String>,
     pub phase2: Option<String>,
+    /// Memory nodes of the pool (`--nodes`), each its own memfd; on this host all in the
+    /// same memory unless the nodes were bound to host NUMA nodes.
+    pub nodes: usize,
+    /// `--policy`.
+    pub policy: String,
 }
 
 impl Config {
@@ -86,6 +91,8 @@ impl Config {
             workload: None,
             phase1: None,
             phase2: None,
+            nodes: c.nodes,
+            policy: c.policy.to_string(),
         }
     }
 }
@@ -120,6 +127,8 @@ pub(crate) struct VmRunReport {
     pub memory_pages: MemoryUsage,
     pub memory_mib: MemMib,
     pub window_host_mappings: Option<u64>,
+    /// Resident pages on each node of the pool at the end.
+    pub pages_per_node: Vec<u64>,
     /// Bad words the workload's verify steps found.
     pub mismatches: u64,
     /// Why this VM stopped early, if it did.
@@ -210,10 +219,27 @@ pub(crate) struct RunReport {
     pub host_resident_bytes: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub swap: Option<SwapSummary>,
+    /// With `--migrate-to`: what moving the VMs' memory did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub migration: Option<MigrationSummary>,
     pub frames_returned_at_exit: bool,
     /// Why the run stopped before every VM finished, if it did.
     pub error: Option<String>,
     pub verified: bool,
+}
+
+/// What `vmm run --migrate-to` did.
+#[derive(Debug, serde::Serialize)]
+pub(crate) struct MigrationSummary {
+    pub to_node: u16,
+    pub walk: guestmem::MigrateWalk,
+    /// Passes over every VM's memory (the last after the workload ended).
+    pub passes: u64,
+    pub stats: guestmem::MigrateStats,
+    /// Time spent moving, seconds (rate-limit sleeps excluded).
+    pub seconds: f64,
+    /// Bytes moved per second of that time, GB/s.
+    pub gb_per_sec: f64,
 }
 
 /// One step as a text line.
@@ -282,6 +308,35 @@ pub(crate) fn print_run(out: &mut dyn Write, r: &RunReport) -> io::Result<()> {
                 v.counters.major_faults
             )?;
         }
+    }
+    if r.config.nodes > 1 {
+        for v in &r.vms {
+            let per: Vec<String> = v
+                .pages_per_node
+                .iter()
+                .enumerate()
+                .map(|(n, p)| format!("node {n} {:.1} MiB", *p as f64 * PAGE as f64 / MIB as f64))
+                .collect();
+            writeln!(out, "VM {} memory by node: {}", v.vm, per.join(", "))?;
+        }
+    }
+    if let Some(m) = &r.migration {
+        writeln!(
+            out,
+            "migration to node {} ({:?} walks): {} passes moved {} pages ({:.1} MiB) in {} runs with {} host unmaps, {:.3} s of moving ({:.2} GB/s); left where they were: {} busy, {} for want of room, {} failed",
+            m.to_node,
+            m.walk,
+            m.passes,
+            m.stats.pages,
+            m.stats.pages as f64 * PAGE as f64 / MIB as f64,
+            m.stats.runs,
+            m.stats.host_unmaps,
+            m.seconds,
+            m.gb_per_sec,
+            m.stats.busy,
+            m.stats.no_memory,
+            m.stats.failed
+        )?;
     }
     if let Some(e) = &r.error {
         writeln!(out, "the run stopped early: {e}")?;

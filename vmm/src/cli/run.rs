@@ -11,11 +11,20 @@ use super::args::Common;
 use super::error::CliError;
 use super::feedback::Feedback;
 use super::limits::{
-    PAGE, check_cpu, check_fds, check_host_memory, check_vcpus, default_pool, guest_mem,
-    hypervisor, manager, pool_bytes, run_need, touched_bytes,
+    PAGE, check_cpu, check_fds, check_host_memory, check_nodes, check_vcpus, default_pool,
+    guest_mem, hypervisor, manager, pool_bytes, run_need, touched_bytes,
 };
-use super::report::{Config, RunReport, VmRunReport};
+use super::report::{Config, MigrationSummary, RunReport, VmRunReport};
 use super::steps::{Deadline, StepReport, plan, run_plan, workload};
+
+/// `vmm run --migrate-to`: where and how to move the VMs' memory while they run.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct MigrateOpts {
+    pub to: u16,
+    pub walk: guestmem::MigrateWalk,
+    /// MiB per second at most.
+    pub rate_mib: Option<u64>,
+}
 
 /// Runs `vms` VMs of the workload `w`. The report is there whenever a VM was made (also
 /// when one then failed); the error says why the run did not finish.
@@ -24,10 +33,28 @@ pub(crate) fn cmd_run(
     vms: u32,
     w: &str,
     events: bool,
+    migrate: Option<MigrateOpts>,
 ) -> (Option<RunReport>, Option<CliError>) {
     let prepared = (|| {
         let mem = guest_mem(&common.mem)?;
         check_vcpus(common.vcpus)?;
+        check_nodes(common)?;
+        if let Some(m) = migrate {
+            if usize::from(m.to) >= common.nodes {
+                return Err(CliError::Usage(format!(
+                    "--migrate-to {}: the pool has {} node(s), numbered from 0 (give --nodes {} or more)",
+                    m.to,
+                    common.nodes,
+                    m.to + 1
+                )));
+            }
+            if m.rate_mib == Some(0) {
+                return Err(CliError::Usage(
+                    "--migrate-rate must be at least 1 MiB per second (leave it out for no limit)"
+                        .into(),
+                ));
+            }
+        }
         if vms == 0 || vms > 1000 {
             return Err(CliError::Usage("--vms must be between 1 and 1000".into()));
         }
@@ -79,7 +106,16 @@ pub(crate) fn cmd_run(
     let mut machines = Vec::new();
     let mut fatal = None;
     for i in 0..vms {
-        match ManagedVm::new(&hv, &cfg, &mm) {
+        // VM k's vCPUs live on node k mod --nodes (its first-touch node).
+        let cfg = VmConfig {
+            home_node: guestmem::NodeId((i as usize % common.nodes) as u16),
+            ..cfg.clone()
+        };
+        // The boot region the VMM writes into a new VM is first touched by this thread.
+        guestmem::set_home_node(cfg.home_node);
+        let made = ManagedVm::with_policy(&hv, &cfg, &mm, common.policy);
+        guestmem::set_home_node(guestmem::NodeId(0));
+        match made {
             Ok(m) => {
                 fb.vm(&format!("VM {i}"), "created", None);
                 machines.push(m);
@@ -92,15 +128,21 @@ pub(crate) fn cmd_run(
     }
     let deadline = Deadline::starting_now(common.timeout);
     let mut results: Vec<(Vec<StepReport>, Option<CliError>)> = Vec::new();
+    let running = std::sync::atomic::AtomicUsize::new(machines.len());
+    let mut migration = None;
     if fatal.is_none() {
         fb.stage("running the workload in every VM");
         results = std::thread::scope(|s| {
+            let mover = migrate.map(|m| {
+                let (machines, running) = (&machines, &running);
+                s.spawn(move || move_memory(machines, mem, m, running))
+            });
             let handles: Vec<_> = machines
                 .iter()
                 .zip(&plans)
                 .enumerate()
                 .map(|(i, (m, p))| {
-                    let fb = &fb;
+                    let (fb, running) = (&fb, &running);
                     s.spawn(move || {
                         let who = format!("VM {i}");
                         let mut model = Model::new();
@@ -112,11 +154,12 @@ pub(crate) fn cmd_run(
                         if let Err(e) = &r {
                             fb.failed(&who, &e.to_string());
                         }
+                        running.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
                         (steps, r.err())
                     })
                 })
                 .collect();
-            handles
+            let results = handles
                 .into_iter()
                 .enumerate()
                 .map(|(i, h)| {
@@ -124,7 +167,11 @@ pub(crate) fn cmd_run(
                         (Vec::new(), Some(CliError::Panicked(format!("VM {i}"))))
                     })
                 })
-                .collect()
+                .collect();
+            // A panicking VM thread may not have counted itself out.
+            running.store(0, std::sync::atomic::Ordering::SeqCst);
+            migration = mover.and_then(|h| h.join().ok());
+            results
         });
     }
     fb.finish();
@@ -148,6 +195,7 @@ pub(crate) fn cmd_run(
             memory_pages: memory,
             memory_mib: memory.into(),
             window_host_mappings: m.vm().window().host_mappings(),
+            pages_per_node: m.space().pages_per_node(),
             mismatches: bad,
             error: text,
             verified: ran_all && bad == 0,
@@ -172,8 +220,72 @@ pub(crate) fn cmd_run(
         pool_bytes: pool.total_frames() * PAGE,
         host_resident_bytes,
         swap: super::report::SwapSummary::of(&mm, touched),
+        migration,
         frames_returned_at_exit: pool.free_frames() == pool.total_frames(),
         error: error.as_ref().map(ToString::to_string),
     };
     (Some(report), error)
+}
+
+/// The `--migrate-to` thread: moves every VM's memory to the node, 2 MiB at a time, pass
+/// after pass while a VM still runs (each pass takes the pages placed since), then once
+/// more; sleeps as needed to stay under the rate.
+fn move_memory(
+    machines: &[ManagedVm],
+    mem: u64,
+    m: MigrateOpts,
+    running: &std::sync::atomic::AtomicUsize,
+) -> MigrationSummary {
+    use guestmem::{Gfn, MigrateStats, NodeId};
+    let chunk = guestmem::MIGRATE_RUN as u64;
+    let pages = mem / PAGE;
+    let mut st = MigrateStats::default();
+    let mut busy = std::time::Duration::ZERO;
+    let start = std::time::Instant::now();
+    let mut passes = 0;
+    loop {
+        let last = running.load(std::sync::atomic::Ordering::SeqCst) == 0;
+        for vm in machines {
+            let mut at = 0;
+            while at < pages {
+                let t = std::time::Instant::now();
+                // An exited or failed VM has nothing left to move.
+                if let Ok(s) =
+                    vm.space()
+                        .migrate(Gfn(at)..Gfn((at + chunk).min(pages)), NodeId(m.to), m.walk)
+                {
+                    st.pages += s.pages;
+                    st.runs += s.runs;
+                    st.host_unmaps += s.host_unmaps;
+                    st.busy += s.busy;
+                    st.no_memory += s.no_memory;
+                    st.failed += s.failed;
+                    st.already += s.already;
+                }
+                busy += t.elapsed();
+                at += chunk;
+                if let Some(rate) = m.rate_mib {
+                    let due = std::time::Duration::from_secs_f64(
+                        (st.pages * PAGE) as f64 / (rate << 20) as f64,
+                    );
+                    if let Some(wait) = due.checked_sub(start.elapsed()) {
+                        std::thread::sleep(wait);
+                    }
+                }
+            }
+        }
+        passes += 1;
+        if last {
+            break;
+        }
+        std::thread::yield_now();
+    }
+    MigrationSummary {
+        to_node: m.to,
+        walk: m.walk,
+        passes,
+        stats: st,
+        seconds: busy.as_secs_f64(),
+        gb_per_sec: (st.pages * PAGE) as f64 / busy.as_secs_f64().max(1e-9) / 1e9,
+    }
 }
