@@ -68,6 +68,7 @@ fn main() -> ExitCode {
                 demo: false,
                 events: a.common.events,
                 parent: a.parent.into(),
+                live_move: None,
             });
             finish(a.common.json, a.common.events, report, error, print_fork)
         }
@@ -83,7 +84,8 @@ fn main() -> ExitCode {
                 pool: None,
                 swap: None,
                 host_memory: None,
-                nodes: 1,
+                // Two nodes: clone 1's memory moves to node 1 while phase 2 runs.
+                nodes: 2,
                 policy: guestmem::NodePolicy::FirstTouch,
                 allocator: AllocatorArg::Magazine,
                 rmap: RmapArg::Chain,
@@ -103,6 +105,7 @@ fn main() -> ExitCode {
                 demo: true,
                 events: *events,
                 parent: vmm::ParentMode::Rebirth,
+                live_move: Some((1, 1)),
             });
             // The overcommit phase follows a first phase that verified (with `--corrupt`
             // the first phase is meant to fail: there is none).
@@ -252,6 +255,7 @@ fn demo_overcommit(
         demo: false,
         events,
         parent: vmm::ParentMode::Rebirth,
+        live_move: None,
     })
 }
 

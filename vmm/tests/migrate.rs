@@ -115,3 +115,29 @@ fn bad_node_options_exit_2_with_a_remedy() {
         "at least 1 MiB",
     );
 }
+
+#[test]
+fn the_demo_moves_a_clones_memory_live_and_every_vm_verifies() {
+    if !kvm() {
+        return;
+    }
+    let r = report(&["demo", "--clones", "2", "--json"], 0);
+    assert_eq!(r["verified"], true, "{r}");
+    assert_eq!(r["config"]["nodes"], 2);
+    let m = &r["live_move"];
+    assert_eq!(m["vm"], "clone 1", "{m}");
+    assert_eq!(m["to_node"], 1);
+    assert!(m["stats"]["pages"].as_u64() > Some(40_000), "{m}");
+    let per = &m["pages_per_node"];
+    assert!(
+        per[1].as_u64() > Some(40_000) && per[0].as_u64() < Some(1024),
+        "clone 1 lives on node 1 now: {per}"
+    );
+    assert!(
+        r["vms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|v| v["verified"] == true)
+    );
+}

@@ -35,6 +35,9 @@ pub(crate) struct ForkParams<'a> {
     pub events: bool,
     /// `--parent`: what the first fork does with the parent's window.
     pub parent: vmm::ParentMode,
+    /// While phase 2 runs, move phase-2 VM `.0`'s memory (0 the parent, then the clones)
+    /// to node `.1` (the demo's live move).
+    pub live_move: Option<(usize, u16)>,
 }
 
 /// The name of phase 2's VM `k` (0 the parent, then the clones, then the grandchild).
@@ -140,6 +143,7 @@ struct Experiment {
     timing: Option<vmm::ForkTiming>,
     grandchild_ms: Option<f64>,
     shell_ms: Option<f64>,
+    live_move: Option<LiveMove>,
 }
 
 /// The checked plan of a fork experiment.
@@ -178,6 +182,7 @@ fn check(p: &ForkParams<'_>) -> Result<Plan, CliError> {
         }));
     }
     check_cpu(common.cpu)?;
+    super::limits::check_nodes(common)?;
     if let Some(c) = &common.corrupt {
         let extra = usize::from(p.grandchild);
         if !(0..=p.clones + extra).any(|k| role(k, p.clones) == *c) {
@@ -360,6 +365,7 @@ pub(crate) fn cmd_fork(p: &ForkParams<'_>) -> (Option<ForkReport>, Option<CliErr
         swap: super::report::SwapSummary::of(&mm, touched),
         full_copies_mib: mib((parent_resident * rows.len() as u64) as f64),
         pss_total_mib: rows.iter().map(|r| r.memory_mib.pss).sum(),
+        live_move: ex.live_move.clone(),
         verified: fatal.is_none()
             && rows.len() == 1 + p.clones + extra
             && rows.iter().all(|r| r.verified),
@@ -400,7 +406,8 @@ fn run(
     ex: &mut Experiment,
 ) -> Result<(), CliError> {
     fb.stage("booting the parent VM");
-    let parent = ManagedVm::new(hv, &pl.cfg, mm)?;
+    // Clones inherit the parent's node policy (its frames are theirs until they write).
+    let parent = ManagedVm::with_policy(hv, &pl.cfg, mm, p.common.policy)?;
     ex.members
         .push(Member::new("parent".into(), parent, Model::new(), None));
     fb.vm("parent", "created", None);
@@ -447,7 +454,12 @@ fn run(
     }
     ex.timing = Some(timing);
     fb.stage("phase 2 in the parent and every clone");
-    phase2(&mut ex.members, &pl.plans2, fb, deadline);
+    let mover = p.live_move.and_then(|(k, node)| {
+        let space = ex.members.get(k)?.vm.space().clone();
+        let role = ex.members[k].role.clone();
+        Some((role, node, space))
+    });
+    ex.live_move = phase2(&mut ex.members, &pl.plans2, fb, deadline, mover);
     if p.grandchild {
         // Clone 1 forks again, unless it already failed (then the grandchild is missing
         // from the report, and the verdict says so).
@@ -525,8 +537,20 @@ fn corrupt(m: &Member) -> Result<(), CliError> {
 
 /// Runs phase 2 in every VM at once (VM k gets `plans[k]`); a VM's failure (a panic too)
 /// is recorded in it, the others go on.
-fn phase2(members: &mut [Member], plans: &[Vec<Vec<Command>>], fb: &Feedback, deadline: Deadline) {
+fn phase2(
+    members: &mut [Member],
+    plans: &[Vec<Vec<Command>>],
+    fb: &Feedback,
+    deadline: Deadline,
+    mover: Option<(String, u16, std::sync::Arc<guestmem::AddressSpace>)>,
+) -> Option<LiveMove> {
+    let running = std::sync::atomic::AtomicBool::new(true);
+    let mut moved = None;
     let outcomes: Vec<Result<(), CliError>> = std::thread::scope(|s| {
+        let mv = mover.map(|(role, node, space)| {
+            let running = &running;
+            s.spawn(move || live_move(&role, node, &space, running))
+        });
         let handles: Vec<_> = members
             .iter_mut()
             .zip(plans)
@@ -550,16 +574,80 @@ fn phase2(members: &mut [Member], plans: &[Vec<Vec<Command>>], fb: &Feedback, de
                 (who, h)
             })
             .collect();
-        handles
+        let out = handles
             .into_iter()
             .map(|(who, h)| h.join().unwrap_or(Err(CliError::Panicked(who))))
-            .collect()
+            .collect();
+        running.store(false, std::sync::atomic::Ordering::SeqCst);
+        moved = mv.and_then(|h| h.join().ok());
+        out
     });
     for (m, r) in members.iter_mut().zip(outcomes) {
         if let Err(e) = r {
             fb.failed(&m.role, &e.to_string());
             m.error = Some(e);
         }
+    }
+    moved
+}
+
+/// What the live move of one VM's memory did (see [`ForkParams::live_move`]).
+#[derive(Debug, Clone, serde::Serialize)]
+pub(crate) struct LiveMove {
+    pub vm: String,
+    pub to_node: u16,
+    /// Passes over its memory (the last after phase 2 ended).
+    pub passes: u64,
+    pub stats: guestmem::MigrateStats,
+    pub seconds: f64,
+    /// Its resident pages on each node afterwards.
+    pub pages_per_node: Vec<u64>,
+}
+
+/// Moves `space`'s memory to `node` pass after pass while phase 2 runs, then once more.
+fn live_move(
+    role: &str,
+    node: u16,
+    space: &guestmem::AddressSpace,
+    running: &std::sync::atomic::AtomicBool,
+) -> LiveMove {
+    let t = std::time::Instant::now();
+    let mut st = guestmem::MigrateStats::default();
+    let mut passes = 0;
+    loop {
+        let last = !running.load(std::sync::atomic::Ordering::SeqCst);
+        // A VM that failed or exited has nothing left to move.
+        if let Ok(s) = space.migrate(
+            guestmem::Gfn(0)..guestmem::Gfn(u64::MAX),
+            guestmem::NodeId(node),
+            guestmem::MigrateWalk::Shared,
+        ) {
+            st.pages += s.pages;
+            st.runs += s.runs;
+            st.host_unmaps += s.host_unmaps;
+            st.busy += s.busy;
+            st.no_memory += s.no_memory;
+            st.failed += s.failed;
+        }
+        passes += 1;
+        if last {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    // Done moving: the old node's free blocks go back to the host (migration keeps them
+    // for reuse while it runs).
+    let _ = space
+        .manager()
+        .pool()
+        .release_idle_memory(guestmem::reclaim::Punch::IDLE_ORDER);
+    LiveMove {
+        vm: role.to_string(),
+        to_node: node,
+        passes,
+        stats: st,
+        seconds: t.elapsed().as_secs_f64(),
+        pages_per_node: space.pages_per_node(),
     }
 }
 

@@ -452,6 +452,9 @@ pub(crate) struct ForkReport {
     pub full_copies_mib: f64,
     /// Sum of the VMs' PSS, MiB (equals the frames in use).
     pub pss_total_mib: f64,
+    /// The demo's live move of one VM's memory to another node during phase 2.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub live_move: Option<super::fork::LiveMove>,
     pub frames_returned_at_exit: bool,
     /// Why the experiment stopped before every VM finished, if it did.
     pub error: Option<String>,
@@ -551,6 +554,26 @@ pub(crate) fn print_fork(out: &mut dyn Write, r: &ForkReport) -> io::Result<()> 
         }
     }
     writeln!(out)?;
+    if let Some(m) = &r.live_move {
+        let per: Vec<String> = m
+            .pages_per_node
+            .iter()
+            .enumerate()
+            .map(|(n, p)| format!("node {n} {:.1} MiB", *p as f64 * PAGE as f64 / MIB as f64))
+            .collect();
+        writeln!(
+            out,
+            "live move: {}'s memory to node {} while phase 2 ran: {} pages ({:.1} MiB; frames it shares moved once for every VM) in {} runs, {} host unmaps, {:.2} s; now {}",
+            m.vm,
+            m.to_node,
+            m.stats.pages,
+            m.stats.pages as f64 * PAGE as f64 / MIB as f64,
+            m.stats.runs,
+            m.stats.host_unmaps,
+            m.seconds,
+            per.join(", ")
+        )?;
+    }
     if r.fork_total_ms > 0.0 {
         writeln!(
             out,

@@ -280,6 +280,15 @@ fn move_memory(
         }
         std::thread::yield_now();
     }
+    // Done moving: the old nodes' free blocks go back to the host (migration keeps them
+    // for reuse while it runs).
+    if let Some(vm) = machines.first() {
+        let _ = vm
+            .space()
+            .manager()
+            .pool()
+            .release_idle_memory(guestmem::reclaim::Punch::IDLE_ORDER);
+    }
     MigrationSummary {
         to_node: m.to,
         walk: m.walk,
