@@ -146,3 +146,68 @@ fn clones_follow_the_frames_they_share_with_a_moved_parent() {
         .expect("verify");
     assert_eq!(v.mismatches(), 0);
 }
+
+#[test]
+fn numa_balancing_moves_pages_a_guest_keeps_touching_from_another_node() {
+    let Some(hv) = hypervisor() else { return };
+    let mm = manager(64 * MIB, 2);
+    let cfg = VmConfig {
+        home_node: NodeId(1),
+        ..VmConfig::new(24 * MIB, 1)
+    };
+    // Its memory starts on node 0 (bound there), away from its vCPUs' node 1.
+    let vm =
+        ManagedVm::with_policy(&hv, &cfg, &mm, guestmem::NodePolicy::Bind(NodeId(0))).expect("vm");
+    let pages = 8 * MIB / 4096;
+    let run = |op, n| {
+        let r = vm
+            .vm()
+            .run(0, Command::new(op, data(0), n, 9))
+            .expect("guest");
+        if op == Op::Verify {
+            assert_eq!(r.mismatches(), 0);
+        }
+    };
+    run(Op::Fill, pages);
+    assert_eq!(on_node(&mm, &vm, pages, NodeId(0)), pages);
+    // Bound to node 0 it would stay there; first touch lets balancing move it.
+    vm.space()
+        .set_policy(guestmem::NodePolicy::FirstTouch)
+        .expect("policy");
+    let bcfg = guestmem::BalanceConfig::default();
+    // The first scan sees the fill's accesses from away: marked, nothing moves yet.
+    let first = mm.balance_numa(&bcfg);
+    assert!(first.remote >= pages, "{first:?}");
+    assert_eq!(
+        first.pages_migrated, 0,
+        "one access moves nothing: {first:?}"
+    );
+    // The guest keeps touching the first half only: those move home at the next scan.
+    run(Op::Touch, pages / 2);
+    let second = mm.balance_numa(&bcfg);
+    assert!(
+        second.pages_migrated >= pages / 2 - 64,
+        "touched twice from away: {second:?}"
+    );
+    assert!(on_node(&mm, &vm, pages, NodeId(1)) >= pages / 2 - 64);
+    // The untouched half lost its mark and stays.
+    run(Op::Touch, pages / 2);
+    let third = mm.balance_numa(&bcfg);
+    assert!(
+        on_node(&mm, &vm, pages, NodeId(0)) >= pages / 2,
+        "pages not touched again stay: {third:?}"
+    );
+    run(Op::Verify, pages);
+    // A rate limit of 64 pages per scan moves no more.
+    let limited = guestmem::BalanceConfig {
+        scan_pages: 64,
+        ..bcfg
+    };
+    run(Op::Touch, pages);
+    mm.balance_numa(&limited);
+    run(Op::Touch, pages);
+    let capped = mm.balance_numa(&limited);
+    assert!(capped.pages_migrated <= 64, "{capped:?}");
+    assert!(capped.failed > 0, "the rest waits: {capped:?}");
+    run(Op::Verify, pages);
+}

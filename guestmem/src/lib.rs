@@ -68,8 +68,8 @@ pub use alloc::AllocatorKind;
 pub use charge::{ChargeError, ChargeSnapshot};
 pub use pool::{AllocError, FrameInit, NodeConfig, Pool, PoolConfig};
 pub use space::{
-    Access, AddressSpace, ChildOptions, CowRun, EntryInfo, FaultOutcome, MIGRATE_RUN, Manager,
-    ManagerConfig, MemoryUsage, MigrateStats, MigrateWalk, NodePolicy, Referenced,
-    ReferencedLocking, RegionSpec, SpaceError, home_node, set_home_node,
+    Access, AddressSpace, BalanceConfig, BalanceStats, Balancer, ChildOptions, CowRun, EntryInfo,
+    FaultOutcome, MIGRATE_RUN, Manager, ManagerConfig, MemoryUsage, MigrateStats, MigrateWalk,
+    NodePolicy, Referenced, ReferencedLocking, RegionSpec, SpaceError, home_node, set_home_node,
 };
 pub use types::{Gfn, Gpa, NodeId, Order, PAGE_SIZE, Pfn, VmId};

@@ -48,13 +48,21 @@ fn main() -> ExitCode {
             migrate_to,
             migrate_walk,
             migrate_rate,
+            numa_balance,
         } => {
             let migrate = migrate_to.map(|to| cli::run::MigrateOpts {
                 to,
                 walk: (*migrate_walk).into(),
                 rate_mib: *migrate_rate,
             });
-            let (report, error) = cmd_run(common, *vms, workload, common.events, migrate);
+            let (report, error) = cmd_run(
+                common,
+                *vms,
+                workload,
+                common.events,
+                migrate,
+                *numa_balance,
+            );
             finish(common.json, common.events, report, error, print_run)
         }
         Cmd::Fork(a) => {

@@ -230,6 +230,7 @@ impl ManagedVm {
         Self::build(hv, cfg, |w| {
             let space = mm.create(&regions, w.clone())?;
             space.set_policy(policy)?;
+            space.set_home_node(cfg.home_node);
             // The boot region holds the guest's page tables, GDT and program: KVM's
             // shadow MMU (on software KVM hosts such as this one) reads and updates the
             // page tables in ways that cannot wait for a userfaultfd fault, so reclaim

@@ -141,3 +141,40 @@ fn the_demo_moves_a_clones_memory_live_and_every_vm_verifies() {
             .all(|v| v["verified"] == true)
     );
 }
+
+#[test]
+fn numa_balancing_moves_a_vms_memory_to_its_vcpus_node() {
+    if !kvm() {
+        return;
+    }
+    let mut w = String::from("fill");
+    for _ in 0..60 {
+        w.push_str(",touch");
+    }
+    w.push_str(",verify");
+    let r = report(
+        &[
+            "run",
+            "--mem",
+            "32M",
+            "--vms",
+            "2",
+            "--nodes",
+            "2",
+            "--policy",
+            "preferred:0",
+            "--numa-balance",
+            "20",
+            "--workload",
+            &w,
+            "--json",
+        ],
+        0,
+    );
+    assert_eq!(r["verified"], true, "{r}");
+    let b = &r["numa_balance"];
+    assert!(b["pages_migrated"].as_u64() > Some(4000), "{b}");
+    // VM 1's vCPUs are on node 1: its memory went there; VM 0's stayed on node 0.
+    let per = |k: usize, n: usize| r["vms"][k]["pages_per_node"][n].as_u64().unwrap();
+    assert!(per(1, 1) > 6000 && per(0, 1) == 0, "{}", r["vms"]);
+}

@@ -127,6 +127,7 @@ impl AddressSpace {
             charge,
             cow_hint: AtomicU64::new(0),
             policy: super::policy::PolicyState::new(self.policy()),
+            numa: Default::default(),
             mlocked: RwLock::new(
                 self.mlocked
                     .read()
@@ -134,6 +135,7 @@ impl AddressSpace {
                     .clone(),
             ),
         });
+        child.set_home_node(self.home_node());
         mm.register_space(&child);
         Ok(child)
     }

@@ -11,6 +11,16 @@ impl AddressSpace {
     /// their frames referenced. `bits` is scratch space. A region whose view has no
     /// access information, or fails, is left as it is (logged once per failure).
     pub fn harvest(&self, bits: &mut Vec<u64>) {
+        self.harvest_with(bits, |_, _| {});
+    }
+
+    /// [`AddressSpace::harvest`], calling `seen(gfn, pfn)` for every accessed page with a
+    /// frame (its block locked: `seen` must not touch this VM's page tables).
+    pub(super) fn harvest_with(
+        &self,
+        bits: &mut Vec<u64>,
+        mut seen: impl FnMut(crate::Gfn, crate::Pfn),
+    ) {
         let Ok(regions) = self.read_regions() else {
             return;
         };
@@ -54,6 +64,7 @@ impl AddressSpace {
                             if !f.flags().contains(FrameFlags::REFERENCED) {
                                 f.set(FrameFlags::REFERENCED);
                             }
+                            seen(r.pt.gfn((first + s) as u64), pfn);
                         }
                     }
                 }

@@ -231,6 +231,7 @@ impl Manager {
             charge: self.charges.register(id, None),
             cow_hint: AtomicU64::new(0),
             policy: Default::default(),
+            numa: Default::default(),
             mlocked: RwLock::new(Vec::new()),
         });
         self.register_space(&space);

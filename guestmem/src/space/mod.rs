@@ -31,6 +31,7 @@ use crate::pool::AllocError;
 use crate::sync::MutexGuard;
 use crate::types::{Gfn, Gpa, PAGE_SIZE, VmId};
 
+mod balance;
 mod counters;
 mod fault;
 mod fork;
@@ -41,6 +42,7 @@ mod policy;
 mod reclaim;
 mod swapin;
 
+pub use balance::{BalanceConfig, BalanceStats, Balancer};
 pub use counters::{CounterSnapshot, Counters};
 pub use fork::ChildOptions;
 pub use manager::{CowRun, Manager, ManagerConfig, Referenced, ReferencedLocking};
@@ -377,6 +379,8 @@ pub struct AddressSpace {
     mlocked: RwLock<Vec<std::ops::Range<u64>>>,
     /// Where its new frames come from; inherited by forks.
     policy: policy::PolicyState,
+    /// Its home node and NUMA balancing marks ([`AddressSpace::balance_scan`]).
+    numa: balance::NumaState,
 }
 
 impl AddressSpace {

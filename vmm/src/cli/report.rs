@@ -222,6 +222,9 @@ pub(crate) struct RunReport {
     /// With `--migrate-to`: what moving the VMs' memory did.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub migration: Option<MigrationSummary>,
+    /// With `--numa-balance`: what the balancer did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub numa_balance: Option<guestmem::BalanceStats>,
     pub frames_returned_at_exit: bool,
     /// Why the run stopped before every VM finished, if it did.
     pub error: Option<String>,
@@ -336,6 +339,13 @@ pub(crate) fn print_run(out: &mut dyn Write, r: &RunReport) -> io::Result<()> {
             m.stats.busy,
             m.stats.no_memory,
             m.stats.failed
+        )?;
+    }
+    if let Some(b) = &r.numa_balance {
+        writeln!(
+            out,
+            "NUMA balancing: {} scans, {} hinting faults ({} from another node), {} pages moved home, {} left (busy, full, or over the per-scan limit)",
+            b.scans, b.hinting_faults, b.remote, b.pages_migrated, b.failed
         )?;
     }
     if let Some(e) = &r.error {

@@ -34,6 +34,7 @@ pub(crate) fn cmd_run(
     w: &str,
     events: bool,
     migrate: Option<MigrateOpts>,
+    numa_balance_ms: Option<u64>,
 ) -> (Option<RunReport>, Option<CliError>) {
     let prepared = (|| {
         let mem = guest_mem(&common.mem)?;
@@ -53,6 +54,13 @@ pub(crate) fn cmd_run(
                     "--migrate-rate must be at least 1 MiB per second (leave it out for no limit)"
                         .into(),
                 ));
+            }
+        }
+        if let Some(ms) = numa_balance_ms {
+            if ms == 0 || ms > 60_000 {
+                return Err(CliError::Usage(format!(
+                    "--numa-balance {ms}: the first scan period must be 1 to 60000 ms"
+                )));
             }
         }
         if vms == 0 || vms > 1000 {
@@ -126,6 +134,26 @@ pub(crate) fn cmd_run(
             }
         }
     }
+    let balancer = match numa_balance_ms.map(|ms| {
+        guestmem::Balancer::start(
+            &mm,
+            guestmem::BalanceConfig {
+                period_min: std::time::Duration::from_millis(ms),
+                period_max: std::time::Duration::from_secs(60)
+                    .max(std::time::Duration::from_millis(ms)),
+                ..guestmem::BalanceConfig::default()
+            },
+        )
+    }) {
+        Some(Ok(b)) => Some(b),
+        Some(Err(e)) => {
+            fatal = fatal.or(Some(CliError::Usage(format!(
+                "--numa-balance: cannot start the balancer thread: {e}"
+            ))));
+            None
+        }
+        None => None,
+    };
     let deadline = Deadline::starting_now(common.timeout);
     let mut results: Vec<(Vec<StepReport>, Option<CliError>)> = Vec::new();
     let running = std::sync::atomic::AtomicUsize::new(machines.len());
@@ -175,6 +203,11 @@ pub(crate) fn cmd_run(
         });
     }
     fb.finish();
+    let numa_balance = balancer.map(|b| {
+        let s = b.stats();
+        drop(b);
+        s
+    });
     let mut reports = Vec::new();
     let mut vm_error = None;
     for (i, m) in machines.iter().enumerate() {
@@ -221,6 +254,7 @@ pub(crate) fn cmd_run(
         host_resident_bytes,
         swap: super::report::SwapSummary::of(&mm, touched),
         migration,
+        numa_balance,
         frames_returned_at_exit: pool.free_frames() == pool.total_frames(),
         error: error.as_ref().map(ToString::to_string),
     };

@@ -1,0 +1,253 @@
+//! Automatic NUMA balancing: pages a VM's vCPUs keep touching from another node move to
+//! the VM's home node (Linux's `task_numa_work` and `numa_migrate_prep`, on the access
+//! information this manager has).
+//!
+//! A scan asks each VM's host view which pages the guest touched since the last scan
+//! (the same harvest reclaim uses: the view drops them, so the next access is a *hinting
+//! fault*, a host minor fault here). A touched page whose frame is on another node than
+//! the VM's home node ([`AddressSpace::set_home_node`], where its vCPUs run) is marked; a
+//! page marked at the last scan and touched from away again moves home (two in a row, as
+//! Linux's two-stage filter, so one stray access moves nothing). Each scan moves at most
+//! [`BalanceConfig::scan_pages`] pages (Linux: 256 MiB). The period adapts between
+//! [`BalanceConfig::period_min`] and [`BalanceConfig::period_max`] (Linux: 1 s to 60 s):
+//! halved after a scan that moved pages, doubled after one that moved none. A VM with a
+//! `Bind` policy is left where it is bound.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use super::migrate::{MigrateStats, MigrateWalk};
+use super::{AddressSpace, Manager};
+use crate::types::{Gfn, NodeId, Pfn};
+
+/// How the balancer scans.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct BalanceConfig {
+    /// Most pages moved per scan (all VMs together).
+    pub scan_pages: u64,
+    /// Shortest time between scans.
+    pub period_min: Duration,
+    /// Longest time between scans.
+    pub period_max: Duration,
+    /// The moves' reverse-map walks.
+    pub walk: MigrateWalk,
+}
+
+impl Default for BalanceConfig {
+    /// Linux's defaults: 256 MiB per scan, every 1 s to 60 s; shared walks.
+    fn default() -> BalanceConfig {
+        BalanceConfig {
+            scan_pages: 256 << 8,
+            period_min: Duration::from_secs(1),
+            period_max: Duration::from_secs(60),
+            walk: MigrateWalk::Shared,
+        }
+    }
+}
+
+/// What balancing did (Linux's `numa_hint_faults`, `numa_pages_migrated`, ...).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct BalanceStats {
+    /// Scans run.
+    pub scans: u64,
+    /// Pages found touched (each a hinting fault on its next access).
+    pub hinting_faults: u64,
+    /// Of those, touched from a node other than their frame's.
+    pub remote: u64,
+    /// Pages moved to their VM's home node.
+    pub pages_migrated: u64,
+    /// Pages that should have moved but could not (busy, the home node full, a failed
+    /// mapping), or were left for a later scan by the rate limit.
+    pub failed: u64,
+}
+
+impl BalanceStats {
+    fn add(&mut self, o: &BalanceStats) {
+        self.scans += o.scans;
+        self.hinting_faults += o.hinting_faults;
+        self.remote += o.remote;
+        self.pages_migrated += o.pages_migrated;
+        self.failed += o.failed;
+    }
+}
+
+/// A VM's balancing state: its home node and the pages touched from away at the last
+/// scan.
+#[derive(Debug, Default)]
+pub(super) struct NumaState {
+    home: AtomicU16,
+    marked: Mutex<HashSet<u64>>,
+    migrated: AtomicU64,
+}
+
+impl AddressSpace {
+    /// Sets the node the VM's vCPUs run on: where balancing moves the pages they touch.
+    pub fn set_home_node(&self, node: NodeId) {
+        self.numa.home.store(node.0, Ordering::Relaxed);
+    }
+
+    /// The node the VM's vCPUs run on (node 0 unless set).
+    pub fn home_node(&self) -> NodeId {
+        NodeId(self.numa.home.load(Ordering::Relaxed))
+    }
+
+    /// One balancing scan of this VM: harvests what it touched, marks pages touched from
+    /// away, moves those marked at the last scan too (at most `budget` pages). Returns
+    /// what it did.
+    pub fn balance_scan(&self, budget: u64, walk: MigrateWalk) -> BalanceStats {
+        let mut st = BalanceStats {
+            scans: 1,
+            ..BalanceStats::default()
+        };
+        let home = self.home_node();
+        let pool = &self.mm.pool;
+        // A VM bound to a node stays there (Linux's balancing honours MPOL_BIND too).
+        if usize::from(home.0) >= pool.nodes().len()
+            || matches!(self.policy(), super::NodePolicy::Bind(_))
+        {
+            return st;
+        }
+        let mut bits = Vec::new();
+        let mut remote: Vec<(Gfn, Pfn)> = Vec::new();
+        self.harvest_with(&mut bits, |gfn, pfn| {
+            st.hinting_faults += 1;
+            if pool.node_of(pfn).id() != home {
+                remote.push((gfn, pfn));
+            }
+        });
+        st.remote = remote.len() as u64;
+        let mut marked = self.numa.marked.lock().unwrap_or_else(|e| e.into_inner());
+        let mut go: Vec<Gfn> = Vec::new();
+        let mut now = HashSet::with_capacity(remote.len());
+        for (gfn, _) in remote {
+            if marked.contains(&gfn.0) {
+                go.push(gfn);
+            } else {
+                now.insert(gfn.0);
+            }
+        }
+        // Pages moved or touched from home lose their mark; those touched from away for
+        // the first time get one.
+        *marked = now;
+        drop(marked);
+        go.sort_unstable();
+        let mut moved = MigrateStats::default();
+        let mut left = budget;
+        let mut i = 0;
+        while i < go.len() {
+            // Consecutive pages as one range: one walk of runs per range.
+            let mut j = i + 1;
+            while j < go.len() && go[j].0 == go[j - 1].0 + 1 {
+                j += 1;
+            }
+            let n = ((j - i) as u64).min(left);
+            if n == 0 {
+                st.failed += (go.len() - i) as u64;
+                break;
+            }
+            if let Ok(s) = self.migrate(go[i]..go[i].offset(n), home, walk) {
+                moved.pages += s.pages;
+                st.failed += s.busy + s.no_memory + s.failed;
+            }
+            st.failed += (j - i) as u64 - n;
+            left -= n;
+            i = j;
+        }
+        st.pages_migrated = moved.pages;
+        self.numa.migrated.fetch_add(moved.pages, Ordering::Relaxed);
+        st
+    }
+
+    /// Pages balancing moved home for this VM so far.
+    pub fn balance_migrated(&self) -> u64 {
+        self.numa.migrated.load(Ordering::Relaxed)
+    }
+}
+
+impl Manager {
+    /// One balancing scan of every VM, `cfg.scan_pages` moved at most in all.
+    pub fn balance_numa(&self, cfg: &BalanceConfig) -> BalanceStats {
+        let mut st = BalanceStats::default();
+        let mut left = cfg.scan_pages;
+        for space in self.spaces() {
+            let s = space.balance_scan(left, cfg.walk);
+            left = left.saturating_sub(s.pages_migrated);
+            st.add(&s);
+        }
+        st.scans = 1;
+        st
+    }
+}
+
+/// The background balancer: a thread that scans every VM of a manager, with the period
+/// adapting to what it finds; stops when dropped.
+#[derive(Debug)]
+pub struct Balancer {
+    stop: Arc<(Mutex<bool>, Condvar)>,
+    stats: Arc<Mutex<BalanceStats>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Balancer {
+    /// Starts balancing `mm`'s VMs.
+    pub fn start(mm: &Arc<Manager>, cfg: BalanceConfig) -> std::io::Result<Balancer> {
+        let stop = Arc::new((Mutex::new(false), Condvar::new()));
+        let stats = Arc::new(Mutex::new(BalanceStats::default()));
+        let weak: Weak<Manager> = Arc::downgrade(mm);
+        let thread = std::thread::Builder::new()
+            .name("numa-balance".into())
+            .spawn({
+                let (stop, stats) = (Arc::clone(&stop), Arc::clone(&stats));
+                move || {
+                    let mut period = cfg.period_min;
+                    loop {
+                        {
+                            let (lock, cv) = &*stop;
+                            let g = lock.lock().unwrap_or_else(|e| e.into_inner());
+                            let (g, _) = cv
+                                .wait_timeout_while(g, period, |s| !*s)
+                                .unwrap_or_else(|e| e.into_inner());
+                            if *g {
+                                return;
+                            }
+                        }
+                        let Some(mm) = weak.upgrade() else {
+                            return;
+                        };
+                        let s = mm.balance_numa(&cfg);
+                        drop(mm);
+                        period = if s.pages_migrated > 0 {
+                            (period / 2).max(cfg.period_min)
+                        } else {
+                            (period * 2).min(cfg.period_max)
+                        };
+                        stats.lock().unwrap_or_else(|e| e.into_inner()).add(&s);
+                    }
+                }
+            })?;
+        Ok(Balancer {
+            stop,
+            stats,
+            thread: Some(thread),
+        })
+    }
+
+    /// What it did so far.
+    pub fn stats(&self) -> BalanceStats {
+        *self.stats.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Drop for Balancer {
+    fn drop(&mut self) {
+        let (lock, cv) = &*self.stop;
+        *lock.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        cv.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
