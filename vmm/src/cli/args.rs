@@ -248,9 +248,10 @@ pub(crate) enum Cmd {
         /// Move at most this many MiB per second (default: as fast as it goes).
         #[arg(long, value_name = "MIB")]
         migrate_rate: Option<u64>,
-        /// Automatic NUMA balancing: scan the VMs every MS milliseconds at first (the
-        /// period adapts up to 60 s) and move pages touched twice in a row from another
-        /// node than the VM's home node (VM k's is node k mod --nodes), 256 MiB per scan.
+        /// Automatic NUMA balancing: scan the VMs every MS milliseconds at least (the
+        /// period grows to 60 s while every touch is local) and move pages touched twice
+        /// in a row from another node than the VM's home node (VM k's is node k mod
+        /// --nodes), 256 MiB per scan.
         #[arg(long, value_name = "MS", num_args = 0..=1, default_missing_value = "1000")]
         numa_balance: Option<u64>,
     },
