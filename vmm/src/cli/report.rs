@@ -51,6 +51,8 @@ pub(crate) struct Config {
     pub nodes: usize,
     /// `--policy`.
     pub policy: String,
+    /// The host's NUMA nodes with memory (the pool's nodes are not bound to them).
+    pub host_numa_nodes: Option<usize>,
 }
 
 impl Config {
@@ -93,6 +95,7 @@ impl Config {
             phase2: None,
             nodes: c.nodes,
             policy: c.policy.to_string(),
+            host_numa_nodes: host_memory_nodes(),
         }
     }
 }
@@ -262,6 +265,33 @@ fn print_step(out: &mut dyn Write, indent: &str, s: &StepReport) -> io::Result<(
     )
 }
 
+/// The host's NUMA nodes with memory (`/sys/devices/system/node/has_memory`: "0" or
+/// "0-1,3"); `None` where the host does not say.
+fn host_memory_nodes() -> Option<usize> {
+    let s = std::fs::read_to_string("/sys/devices/system/node/has_memory").ok()?;
+    let mut n = 0;
+    for part in s.trim().split(',').filter(|p| !p.is_empty()) {
+        n += match part.split_once('-') {
+            Some((a, b)) => b.parse::<usize>().ok()? - a.parse::<usize>().ok()? + 1,
+            None => 1,
+        };
+    }
+    Some(n)
+}
+
+/// With several pool nodes: a line saying what they are on this host.
+fn print_nodes(out: &mut dyn Write, nodes: usize, policy: &str) -> io::Result<()> {
+    if nodes < 2 {
+        return Ok(());
+    }
+    let what = match host_memory_nodes() {
+        Some(1) => "separate pools in the same memory: this host has one NUMA node".to_string(),
+        Some(h) => format!("separate pools, not bound to the host's {h} NUMA nodes"),
+        None => "separate pools (the host does not report its NUMA nodes)".to_string(),
+    };
+    writeln!(out, "{nodes} memory nodes ({what}); policy {policy}")
+}
+
 pub(crate) fn print_run(out: &mut dyn Write, r: &RunReport) -> io::Result<()> {
     writeln!(
         out,
@@ -271,6 +301,7 @@ pub(crate) fn print_run(out: &mut dyn Write, r: &RunReport) -> io::Result<()> {
         r.vcpus,
         r.pool_bytes / MIB
     )?;
+    print_nodes(out, r.config.nodes, &r.config.policy)?;
     for v in &r.vms {
         writeln!(out, "VM {}:", v.vm)?;
         for s in &v.steps {
@@ -485,6 +516,7 @@ pub(crate) fn print_fork(out: &mut dyn Write, r: &ForkReport) -> io::Result<()> 
             ""
         }
     )?;
+    print_nodes(out, r.config.nodes, &r.config.policy)?;
     writeln!(out)?;
     // With swap on, three columns before the verdict: swapped out, refaults, major faults.
     let swap_on = r.swap.is_some();
@@ -671,6 +703,20 @@ pub(crate) fn write_report<T: serde::Serialize>(
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
         Err(e) => Err(CliError::Report(e)),
+    }
+}
+
+#[cfg(test)]
+mod node_tests {
+    #[test]
+    fn one_pool_node_prints_nothing_and_several_say_what_they_are() {
+        let mut out = Vec::new();
+        super::print_nodes(&mut out, 1, "first-touch").unwrap();
+        assert!(out.is_empty());
+        super::print_nodes(&mut out, 2, "interleave").unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.starts_with("2 memory nodes (separate pools"), "{text}");
+        assert!(text.ends_with("policy interleave\n"), "{text}");
     }
 }
 
