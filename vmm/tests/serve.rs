@@ -72,17 +72,26 @@ struct Server {
 
 impl Server {
     fn start(name: &str) -> Server {
+        Server::start_with(name, &[])
+    }
+
+    fn start_with(name: &str, extra: &[&str]) -> Server {
         let dir = tmpdir(name);
         let sock = dir.join("sock");
-        Server::start_at(dir, sock)
+        Server::start_at_with(dir, sock, extra)
     }
 
     fn start_at(dir: PathBuf, sock: PathBuf) -> Server {
+        Server::start_at_with(dir, sock, &[])
+    }
+
+    fn start_at_with(dir: PathBuf, sock: PathBuf, extra: &[&str]) -> Server {
         let log = std::fs::File::create(dir.join("stderr")).expect("a log file");
         let child = Command::new(env!("CARGO_BIN_EXE_vmm"))
             .args(["serve", "--api"])
             .arg(&sock)
             .args(["--pool", "256M"])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -554,4 +563,61 @@ fn ctl_prints_the_reply_and_exits_0_1_or_2() {
     let out = vmm(&["ctl", "--api", "/nonexistent/vmm.sock", "list"]);
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("vmm serve --api"));
+}
+
+#[test]
+fn a_vms_memory_moves_to_another_node_while_its_guest_runs() {
+    if !kvm() {
+        return;
+    }
+    let s = Server::start_with("migrate", &["--nodes", "2"]);
+    let id = s.create();
+    s.run(id, "fill:seed=1");
+    // The guest rewrites and verifies its memory while a second request moves it.
+    let sock = s.sock.clone();
+    let runner = std::thread::spawn(move || {
+        http(
+            &sock,
+            "POST",
+            &format!("/vms/{id}/run"),
+            Some(
+                &json!({"workload": "fill:seed=2,verify:seed=2,fill:seed=3,verify:seed=3"})
+                    .to_string(),
+            ),
+        )
+    });
+    let m = s.ok(
+        200,
+        "POST",
+        &format!("/vms/{id}/migrate"),
+        Some(json!({"node": 1})),
+    );
+    assert!(m["stats"]["pages"].as_u64() > Some(7000), "{m}");
+    assert_eq!(m["stats"]["failed"], 0, "{m}");
+    let (st, r) = runner.join().expect("the run request");
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(r["mismatches"], 0, "{r}");
+    let v = s.ok(200, "POST", &format!("/vms/{id}/verify"), None);
+    assert_eq!(v["mismatches"], 0, "{v}");
+    // A range, and a node the pool does not have.
+    let back = s.ok(
+        200,
+        "POST",
+        &format!("/vms/{id}/migrate"),
+        Some(json!({"node": 0, "start": 256, "pages": 512, "walk": "unlocked"})),
+    );
+    assert_eq!(back["stats"]["pages"], 512, "{back}");
+    let (st, e) = s.call(
+        "POST",
+        &format!("/vms/{id}/migrate"),
+        Some(json!({"node": 2})),
+    );
+    assert_eq!(st, 400, "{e}");
+    assert!(e["error"].as_str().unwrap().contains("--nodes 3"), "{e}");
+    let (st, e) = s.call(
+        "POST",
+        &format!("/vms/{id}/migrate"),
+        Some(json!({"node": 0, "walk": "sideways"})),
+    );
+    assert_eq!(st, 400, "{e}");
 }

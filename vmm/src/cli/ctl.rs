@@ -69,6 +69,23 @@ pub(crate) enum CtlOp {
         #[arg(long, value_name = "SECS")]
         timeout: Option<f64>,
     },
+    /// Move a VM's memory (or pages START .. START+PAGES) to another node while it runs
+    /// (POST /vms/ID/migrate; `vmm serve --nodes N`).
+    Migrate {
+        /// The VM's id.
+        id: u64,
+        /// The target node.
+        node: u16,
+        /// First guest page (gfn).
+        #[arg(long)]
+        start: Option<u64>,
+        /// Pages to move.
+        #[arg(long)]
+        pages: Option<u64>,
+        /// How the reverse-map walks lock: exclusive, shared or unlocked.
+        #[arg(long, default_value = "shared")]
+        walk: String,
+    },
     /// Verify every page the VM's fills wrote, its parent's included (POST /vms/ID/verify).
     Verify {
         /// The VM's id.
@@ -322,6 +339,17 @@ fn request(op: &CtlOp) -> (&'static str, String, Option<Value>) {
             "POST",
             format!("/vms/{id}/verify"),
             Some(json!({ "timeout": timeout })),
+        ),
+        CtlOp::Migrate {
+            id,
+            node,
+            start,
+            pages,
+            walk,
+        } => (
+            "POST",
+            format!("/vms/{id}/migrate"),
+            Some(json!({ "node": node, "start": start, "pages": pages, "walk": walk })),
         ),
         CtlOp::Pause { id } => ("POST", format!("/vms/{id}/pause"), None),
         CtlOp::Resume { id } => ("POST", format!("/vms/{id}/resume"), None),

@@ -12,6 +12,7 @@
 //! | `POST` | `/vms/{id}/verify` | `{timeout?}` | 200 `{id, pages_verified, mismatches, verified}` |
 //! | `POST` | `/vms/{id}/pause`, `/resume` | | 200 the VM |
 //! | `POST` | `/vms/{id}/fork` | `{clones?, reserve_pages?}` | 201 `{parent, clones, fork_ms, clone_ms}` |
+//! | `POST` | `/vms/{id}/migrate` | `{node, start?, pages?, walk?}` | 200 `{id, node, stats, seconds, pages_per_node}` (runs beside the VM's other requests) |
 //! | `DELETE` | `/vms/{id}` | | 200 `{destroyed}` |
 //! | `POST` | `/shutdown` | | 202 `{shutting_down: true}` |
 //!
@@ -167,6 +168,20 @@ struct ForkReq {
     reserve_pages: Option<u64>,
 }
 
+/// `POST /vms/{id}/migrate`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MigrateReq {
+    /// The target node.
+    node: u16,
+    /// First guest page (gfn; default 0).
+    start: Option<u64>,
+    /// Pages (default: to the end of guest memory).
+    pages: Option<u64>,
+    /// "exclusive", "shared" (default) or "unlocked".
+    walk: Option<String>,
+}
+
 /// Routes without a body.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -315,6 +330,23 @@ fn handle(
                 "resume" => {
                     parse::<NoFields>(body, Some(NoFields {}))?;
                     Ok(to_json(200, &state.resume(n)?))
+                }
+                "migrate" => {
+                    let r: MigrateReq = parse(body, None)?;
+                    let walk = match r.walk.as_deref() {
+                        None | Some("shared") => guestmem::MigrateWalk::Shared,
+                        Some("exclusive") => guestmem::MigrateWalk::Exclusive,
+                        Some("unlocked") => guestmem::MigrateWalk::Unlocked,
+                        Some(w) => {
+                            return Err(ApiError::Field(format!(
+                                "walk {w:?}: give exclusive, shared or unlocked"
+                            )));
+                        }
+                    };
+                    Ok(to_json(
+                        200,
+                        &state.migrate(n, r.node, r.start, r.pages, walk)?,
+                    ))
                 }
                 "fork" => {
                     let r: ForkReq = parse(body, Some(ForkReq::default()))?;

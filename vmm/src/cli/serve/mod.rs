@@ -73,9 +73,13 @@ pub(crate) struct ServeArgs {
     /// Pin every VM's vCPUs and fault handler to this host CPU.
     #[arg(long)]
     pub cpu: Option<usize>,
-    /// Requests served at once (1 to 64); requests for one VM take turns.
+    /// Requests served at once (1 to 64); requests for one VM take turns (a migrate
+    /// runs beside them: it moves the VM's memory while its guest works).
     #[arg(long, default_value_t = 8)]
     pub workers: usize,
+    /// Memory nodes of each frame pool (1 to 64); each node has the size of --pool.
+    #[arg(long, default_value_t = 1)]
+    pub nodes: usize,
 }
 
 /// `--timeout` as positive seconds.
@@ -220,6 +224,11 @@ pub(crate) fn cmd_serve(a: &ServeArgs) -> ExitCode {
 
 fn serve(a: &ServeArgs) -> Result<(), ServeError> {
     let pool = pool_bytes(&a.pool)?;
+    if !(1..=64).contains(&a.nodes) {
+        return Err(
+            CliError::Usage(format!("--nodes {} must be between 1 and 64", a.nodes)).into(),
+        );
+    }
     check_cpu(a.cpu)?;
     if !(1..=64).contains(&a.workers) {
         return Err(CliError::Usage("--workers must be between 1 and 64".into()).into());
@@ -242,6 +251,7 @@ fn serve(a: &ServeArgs) -> Result<(), ServeError> {
             pool_bytes: pool,
             cpu: a.cpu,
             timeout: a.timeout,
+            nodes: a.nodes,
         },
     ));
     let server = Arc::new(

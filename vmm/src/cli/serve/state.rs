@@ -257,6 +257,19 @@ pub(crate) struct StateConfig {
     pub cpu: Option<usize>,
     /// Timeout for runs and verifies that do not give one.
     pub timeout: Option<Duration>,
+    /// Memory nodes per pool.
+    pub nodes: usize,
+}
+
+/// What `POST /vms/{id}/migrate` returns.
+#[derive(Debug, serde::Serialize)]
+pub(crate) struct MigrateResult {
+    pub id: ApiId,
+    pub node: u16,
+    pub stats: guestmem::MigrateStats,
+    pub seconds: f64,
+    /// The VM's resident pages on each node afterwards.
+    pub pages_per_node: Vec<u64>,
 }
 
 /// Everything the server serves.
@@ -309,7 +322,13 @@ fn common_for(
         .and_then(|m| Common::from_arg_matches(&m))
         .map_err(|e| CliError::Usage(format!("the default VM options do not parse: {e}")))?;
     Ok(Common {
-        pool: Some(cfg.pool.clone()),
+        // Each node holds a whole --pool, so a VM can move to any of them.
+        pool: Some(if cfg.nodes <= 1 {
+            cfg.pool.clone()
+        } else {
+            cfg.pool_bytes.saturating_mul(cfg.nodes as u64).to_string()
+        }),
+        nodes: cfg.nodes.max(1),
         allocator,
         rmap,
         cpu: cfg.cpu,
@@ -601,6 +620,54 @@ impl State {
             pages_verified: pages,
             mismatches: bad,
             verified: bad == 0,
+        })
+    }
+
+    /// `POST /vms/{id}/migrate`: moves the VM's resident pages in `start .. start +
+    /// pages` (default: all of it) to `node`, beside whatever else the VM is doing (a
+    /// migrate does not take the VM's turn: its guest keeps running).
+    pub(crate) fn migrate(
+        &self,
+        id: ApiId,
+        node: u16,
+        start: Option<u64>,
+        pages: Option<u64>,
+        walk: guestmem::MigrateWalk,
+    ) -> Result<MigrateResult, OpError> {
+        let e = self.entry(id)?;
+        let g = e.machine()?;
+        let m = g.as_ref().ok_or(OpError::NoVm(id))?;
+        let nodes = m.space().manager().pool().nodes().len();
+        if usize::from(node) >= nodes {
+            return Err(OpError::Refused(format!(
+                "node {node} does not exist: the pool has {nodes} node(s), numbered from 0 \
+                 (restart `vmm serve` with --nodes {} or more)",
+                node + 1
+            )));
+        }
+        let first = start.unwrap_or(0);
+        let end = pages.map_or(u64::MAX, |p| first.saturating_add(p));
+        let t = std::time::Instant::now();
+        let stats = m
+            .space()
+            .migrate(
+                guestmem::Gfn(first)..guestmem::Gfn(end),
+                guestmem::NodeId(node),
+                walk,
+            )
+            .map_err(|x| OpError::Refused(x.to_string()))?;
+        let seconds = t.elapsed().as_secs_f64();
+        let _ = m
+            .space()
+            .manager()
+            .pool()
+            .release_idle_memory(guestmem::reclaim::Punch::IDLE_ORDER);
+        Ok(MigrateResult {
+            id,
+            node,
+            stats,
+            seconds,
+            pages_per_node: m.space().pages_per_node(),
         })
     }
 
