@@ -887,9 +887,21 @@ mod tests {
             pool_bytes: 1 << 30,
             cpu: None,
             timeout: None,
+            nodes: 1,
         };
         let c = common_for(&cfg, AllocatorArg::Global, RmapArg::Flat).unwrap();
         assert_eq!(c.pool.as_deref(), Some("1G"));
+        // With two nodes each holds a whole --pool.
+        let two = common_for(
+            &StateConfig {
+                nodes: 2,
+                ..cfg.clone()
+            },
+            AllocatorArg::Global,
+            RmapArg::Flat,
+        )
+        .unwrap();
+        assert_eq!((two.pool.as_deref(), two.nodes), (Some("2147483648"), 2));
         assert!(matches!(c.allocator, AllocatorArg::Global));
         assert!(matches!(c.rmap, RmapArg::Flat));
     }
