@@ -82,7 +82,8 @@ pub struct MigrateStats {
 }
 
 impl MigrateStats {
-    fn add(&mut self, o: &MigrateStats) {
+    /// Adds `o`'s counts to these.
+    pub fn add(&mut self, o: &MigrateStats) {
         self.pages += o.pages;
         self.runs += o.runs;
         self.host_unmaps += o.host_unmaps;
@@ -373,22 +374,10 @@ impl Manager {
             }
             // The run's frames this block maps at the neighbouring pages.
             let base = index - i as u64;
-            let block_first = index - s as u64;
-            let block_end = block_first
-                + region
-                    .table
-                    .block_len((index / PTES_PER_BLOCK as u64) as usize) as u64;
-            let mine: Vec<(usize, usize)> = (0..moves.len())
-                .filter_map(|j| {
-                    let m = moves[j]?;
-                    let at = base + j as u64;
-                    if at < block_first || at >= block_end {
-                        return None;
-                    }
-                    let t = (at - block_first) as usize;
+            let mine: Vec<(usize, usize)> =
+                run_slots(moves, region, (index, s, base), |j, m, t| {
                     (m.unmapped && g.pte(t).pfn() == Some(m.old)).then_some((j, t))
-                })
-                .collect();
+                });
             if mine.is_empty() {
                 return ControlFlow::Continue(());
             }
@@ -463,22 +452,9 @@ impl Manager {
                 return ControlFlow::Continue(());
             }
             let base = index - i as u64;
-            let block_first = index - s as u64;
-            let block_end = block_first
-                + region
-                    .table
-                    .block_len((index / PTES_PER_BLOCK as u64) as usize) as u64;
-            let mine: Vec<(Move, usize)> = (0..moves.len())
-                .filter_map(|j| {
-                    let m = moves[j]?;
-                    let at = base + j as u64;
-                    if at < block_first || at >= block_end {
-                        return None;
-                    }
-                    let t = (at - block_first) as usize;
-                    is_mig(g.pte(t), m.old).then_some((m, t))
-                })
-                .collect();
+            let mine: Vec<(Move, usize)> = run_slots(moves, region, (index, s, base), |_, m, t| {
+                is_mig(g.pte(t), m.old).then_some((m, t))
+            });
             let block = self.exclusive(&mut g);
             for (m, t) in mine {
                 let p = block.get(t);
@@ -500,6 +476,33 @@ impl Manager {
             ControlFlow::Continue(())
         });
     }
+}
+
+/// For a walk that found a run's frame at entry `index` (slot `s` of its block) of
+/// `region`, with the run's first frame at page `base` there: `pick(j, move, slot)` for
+/// each frame `j` of the run whose page `base + j` lies in the same block, collecting
+/// what it keeps.
+fn run_slots<T>(
+    moves: &[Option<Move>],
+    region: &RegionHandle,
+    (index, s, base): (u64, usize, u64),
+    mut pick: impl FnMut(usize, Move, usize) -> Option<T>,
+) -> Vec<T> {
+    let block_first = index - s as u64;
+    let block_end = block_first
+        + region
+            .table
+            .block_len((index / PTES_PER_BLOCK as u64) as usize) as u64;
+    (0..moves.len())
+        .filter_map(|j| {
+            let m = moves[j]?;
+            let at = base + j as u64;
+            if at < block_first || at >= block_end {
+                return None;
+            }
+            pick(j, m, (at - block_first) as usize)
+        })
+        .collect()
 }
 
 /// `Manager::topology` held for reading: no region links or unlinks while it lives.

@@ -622,12 +622,7 @@ fn live_move(
             guestmem::NodeId(node),
             guestmem::MigrateWalk::Shared,
         ) {
-            st.pages += s.pages;
-            st.runs += s.runs;
-            st.host_unmaps += s.host_unmaps;
-            st.busy += s.busy;
-            st.no_memory += s.no_memory;
-            st.failed += s.failed;
+            st.add(&s);
         }
         passes += 1;
         if last {

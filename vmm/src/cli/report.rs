@@ -279,6 +279,16 @@ fn host_memory_nodes() -> Option<usize> {
     Some(n)
 }
 
+/// Pages per node as "node 0 1.5 MiB, node 1 250.0 MiB".
+fn by_node(pages: &[u64]) -> String {
+    let per: Vec<String> = pages
+        .iter()
+        .enumerate()
+        .map(|(n, p)| format!("node {n} {:.1} MiB", *p as f64 * PAGE as f64 / MIB as f64))
+        .collect();
+    per.join(", ")
+}
+
 /// With several pool nodes: a line saying what they are on this host.
 fn print_nodes(out: &mut dyn Write, nodes: usize, policy: &str) -> io::Result<()> {
     if nodes < 2 {
@@ -345,13 +355,12 @@ pub(crate) fn print_run(out: &mut dyn Write, r: &RunReport) -> io::Result<()> {
     }
     if r.config.nodes > 1 {
         for v in &r.vms {
-            let per: Vec<String> = v
-                .pages_per_node
-                .iter()
-                .enumerate()
-                .map(|(n, p)| format!("node {n} {:.1} MiB", *p as f64 * PAGE as f64 / MIB as f64))
-                .collect();
-            writeln!(out, "VM {} memory by node: {}", v.vm, per.join(", "))?;
+            writeln!(
+                out,
+                "VM {} memory by node: {}",
+                v.vm,
+                by_node(&v.pages_per_node)
+            )?;
         }
     }
     if let Some(m) = &r.migration {
@@ -597,12 +606,6 @@ pub(crate) fn print_fork(out: &mut dyn Write, r: &ForkReport) -> io::Result<()> 
     }
     writeln!(out)?;
     if let Some(m) = &r.live_move {
-        let per: Vec<String> = m
-            .pages_per_node
-            .iter()
-            .enumerate()
-            .map(|(n, p)| format!("node {n} {:.1} MiB", *p as f64 * PAGE as f64 / MIB as f64))
-            .collect();
         writeln!(
             out,
             "live move: {}'s memory to node {} while phase 2 ran: {} pages ({:.1} MiB; frames it shares moved once for every VM) in {} runs, {} host unmaps, {:.2} s; now {}",
@@ -613,7 +616,7 @@ pub(crate) fn print_fork(out: &mut dyn Write, r: &ForkReport) -> io::Result<()> 
             m.stats.runs,
             m.stats.host_unmaps,
             m.seconds,
-            per.join(", ")
+            by_node(&m.pages_per_node)
         )?;
     }
     if r.fork_total_ms > 0.0 {

@@ -288,13 +288,7 @@ fn move_memory(
                     vm.space()
                         .migrate(Gfn(at)..Gfn((at + chunk).min(pages)), NodeId(m.to), m.walk)
                 {
-                    st.pages += s.pages;
-                    st.runs += s.runs;
-                    st.host_unmaps += s.host_unmaps;
-                    st.busy += s.busy;
-                    st.no_memory += s.no_memory;
-                    st.failed += s.failed;
-                    st.already += s.already;
+                    st.add(&s);
                 }
                 busy += t.elapsed();
                 at += chunk;
