@@ -184,3 +184,36 @@ fn numa_balancing_moves_a_vms_memory_to_its_vcpus_node() {
         [per(0, 0), per(0, 1), per(1, 0), per(1, 1)]
     );
 }
+
+#[test]
+fn a_moves_progress_streams_as_events() {
+    if !kvm() {
+        return;
+    }
+    let out = common::vmm(&[
+        "run",
+        "--mem",
+        "64M",
+        "--nodes",
+        "2",
+        "--migrate-to",
+        "1",
+        "--events",
+    ]);
+    assert_eq!(out.status.code(), Some(0));
+    let passes: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|e| e["event"] == "migrate")
+        .collect();
+    assert!(!passes.is_empty(), "migrate events");
+    let last = passes.last().unwrap();
+    assert_eq!(last["to_node"], 1);
+    assert!(last["pages"].as_u64() > Some(1000), "{last}");
+    // Each pass reports the total so far.
+    assert!(
+        passes
+            .windows(2)
+            .all(|w| w[1]["pages"].as_u64() >= w[0]["pages"].as_u64())
+    );
+}

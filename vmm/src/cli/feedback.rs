@@ -6,7 +6,8 @@
 //! Events are objects with an `"event"` name: `start` (the whole configuration), `stage`
 //! (what the program does now), `vm` (a VM was created or forked), `step` (one workload
 //! step finished in one VM: op, pages, mismatches, ms), `verified` (a VM's final verify:
-//! pages, mismatches), `failed` (a VM's error) and, last, `report` (the report the text
+//! pages, mismatches), `failed` (a VM's error), `migrate` (a pass of `run --migrate-to`:
+//! pass, to_node, pages and runs moved so far) and, last, `report` (the report the text
 //! or `--json` output would show).
 
 use std::io::Write;
@@ -108,6 +109,11 @@ impl Feedback {
         sink.failed
             .take()
             .filter(|e| e.kind() != std::io::ErrorKind::BrokenPipe)
+    }
+
+    /// A progress message on the bar only (no event: the caller sends its own).
+    pub(crate) fn note(&self, msg: impl Into<String>) {
+        self.bar.set_message(msg.into());
     }
 
     /// What the program does now.

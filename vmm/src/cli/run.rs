@@ -162,8 +162,8 @@ pub(crate) fn cmd_run(
         fb.stage("running the workload in every VM");
         results = std::thread::scope(|s| {
             let mover = migrate.map(|m| {
-                let (machines, running) = (&machines, &running);
-                s.spawn(move || move_memory(machines, mem, m, running))
+                let (machines, running, fb) = (&machines, &running, &fb);
+                s.spawn(move || move_memory(machines, mem, m, running, fb))
             });
             let handles: Vec<_> = machines
                 .iter()
@@ -269,6 +269,7 @@ fn move_memory(
     mem: u64,
     m: MigrateOpts,
     running: &std::sync::atomic::AtomicUsize,
+    fb: &Feedback,
 ) -> MigrationSummary {
     use guestmem::{Gfn, MigrateStats, NodeId};
     let chunk = guestmem::MIGRATE_RUN as u64;
@@ -303,6 +304,16 @@ fn move_memory(
             }
         }
         passes += 1;
+        // Progress: the bar's message on a terminal, a `migrate` event with --events.
+        let mib = (st.pages * PAGE) as f64 / (1 << 20) as f64;
+        fb.note(format!(
+            "moving memory to node {}: pass {passes}, {mib:.1} MiB moved",
+            m.to
+        ));
+        fb.event(
+            "migrate",
+            json!({ "pass": passes, "to_node": m.to, "pages": st.pages, "runs": st.runs }),
+        );
         if last {
             break;
         }
