@@ -149,9 +149,9 @@ pub enum SpaceError {
         /// Why swap-out stopped, if it did (as `", ..."`, or empty).
         stopped: String,
     },
-    /// A fault kept finding its page being read by another fault, far longer than any
-    /// read takes.
-    #[error("{vm}: a fault waited for a swap-in that never finished")]
+    /// A fault kept finding its page being read by another fault (or moved to another
+    /// node), far longer than any read or move takes.
+    #[error("{vm}: a fault waited for a swap-in or a page move that never finished")]
     SwapStuck {
         /// The VM.
         vm: VmId,
