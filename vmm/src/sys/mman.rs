@@ -127,6 +127,8 @@ fn mmap_error(op: &'static str, addr: u64, len: u64, source: io::Error) -> MmanE
         && let (Some(current), Some(limit)) = (map_count(), max_map_count())
         && current + 16 >= limit
     {
+        // The budget counted earlier is stale now: the next check counts again.
+        MAP_BUDGET.store(0, std::sync::atomic::Ordering::Relaxed);
         return MmanError::MapLimit {
             current,
             limit,
