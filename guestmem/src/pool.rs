@@ -158,6 +158,7 @@ pub struct Node {
     alloc: Allocator,
     map: DirectMap,
     memfd: Memfd,
+    host_node: Option<u32>,
 }
 
 impl Node {
@@ -187,7 +188,13 @@ impl Node {
             alloc: Allocator::new(kind, count, cpu_count()),
             map,
             memfd,
+            host_node: cfg.host_node,
         })
+    }
+
+    /// The host NUMA node its memory is bound to, if any.
+    pub fn host_node(&self) -> Option<u32> {
+        self.host_node
     }
 
     /// The node's id.

@@ -51,6 +51,7 @@ pub mod fault;
 pub mod guest;
 pub mod managed;
 pub mod memory;
+pub mod numa;
 pub mod sys;
 pub mod vcpu;
 pub mod vm;

@@ -380,7 +380,8 @@ pub(crate) struct VcpuSetup {
     pub has_xcrs: bool,
     /// KVM_GET/SET_XSAVE's 4 KiB buffer holds the host's full XSAVE state.
     pub has_xsave: bool,
-    pub cpu: Option<usize>,
+    /// Where the vCPU thread runs.
+    pub pin: crate::numa::Pin,
     /// Put the vCPU at the built-in guest's entry (false: a state will be restored into
     /// it, so only CPUID is set).
     pub boot_state: bool,
@@ -427,25 +428,6 @@ fn init_boot_state(fd: &VcpuFd, setup: &VcpuSetup) -> Result<(), VcpuError> {
     Ok(())
 }
 
-fn pin_to(cpu: usize) {
-    // SAFETY: cpu_set_t is plain data; CPU_SET stays inside it for cpu < CPU_SETSIZE, and
-    // sched_setaffinity(0) only affects this thread. Failure just leaves it unpinned.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        if cpu < libc::CPU_SETSIZE as usize {
-            libc::CPU_SET(cpu, &mut set);
-            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
-        }
-    }
-}
-
-/// Pins the calling thread to `cpu` (best effort).
-pub(crate) fn pin_current(cpu: Option<usize>) {
-    if let Some(c) = cpu {
-        pin_to(c);
-    }
-}
-
 impl Vcpu {
     pub(crate) fn new(
         mut fd: VcpuFd,
@@ -474,10 +456,10 @@ impl Vcpu {
         let (tx, req_rx) = channel();
         let (res_tx, rx) = channel();
         let s = shared.clone();
-        let cpu = setup.cpu;
+        let pin = setup.pin.clone();
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{}", setup.id))
-            .spawn(move || vcpu_thread(s, req_rx, res_tx, cpu))
+            .spawn(move || vcpu_thread(s, req_rx, res_tx, &pin))
             .map_err(|e| VcpuError::Kvm {
                 op: "spawn the vCPU thread",
                 source: e,
@@ -863,9 +845,9 @@ fn vcpu_thread(
     s: Arc<Shared>,
     rx: Receiver<Req>,
     tx: Sender<Result<CmdResult, VcpuError>>,
-    cpu: Option<usize>,
+    pin: &crate::numa::Pin,
 ) {
-    pin_current(cpu);
+    pin.apply();
     KICK.with(|k| k.set(&s.kick));
     while let Ok(req) = rx.recv() {
         let (cmd, load) = match req {

@@ -246,6 +246,10 @@ pub struct VmConfig {
     /// that node, where a first-touch policy ([`guestmem::NodePolicy::FirstTouch`])
     /// allocates.
     pub home_node: guestmem::NodeId,
+    /// The host CPUs of the home node when its pool node is bound to a host NUMA node:
+    /// the VM's vCPU and fault-handler threads run on them (unless `cpu` pins them to
+    /// one CPU).
+    pub home_cpus: Option<std::sync::Arc<[usize]>>,
     /// Write the built-in guest's boot region (page tables, GDT, program) into guest RAM.
     /// False when the memory already holds a running guest (a snapshot-fork child), whose
     /// vCPUs then get their state from [`Vcpu::restore_state`].
@@ -253,6 +257,15 @@ pub struct VmConfig {
 }
 
 impl VmConfig {
+    /// Where the VM's threads run: `cpu`, else the home node's CPUs, else anywhere.
+    pub fn pin(&self) -> crate::numa::Pin {
+        match (self.cpu, &self.home_cpus) {
+            (Some(c), _) => crate::numa::Pin::Cpu(c),
+            (None, Some(cpus)) => crate::numa::Pin::Cpus(cpus.clone()),
+            (None, None) => crate::numa::Pin::Anywhere,
+        }
+    }
+
     /// `mem_bytes` of RAM, `vcpus` vCPUs, unpinned, loading the built-in guest.
     pub fn new(mem_bytes: u64, vcpus: u32) -> VmConfig {
         VmConfig {
@@ -260,6 +273,7 @@ impl VmConfig {
             vcpus,
             cpu: None,
             home_node: guestmem::NodeId(0),
+            home_cpus: None,
             load_guest: true,
         }
     }
@@ -451,7 +465,7 @@ impl Vm {
         // The handler first: from here on any access to guest RAM, the VMM's own included,
         // can fault and be resolved (once a resolver is attached).
         for _ in 0..Vm::fault_handlers(cfg) {
-            let h = vm.spawn_handler(cfg.cpu)?;
+            let h = vm.spawn_handler(cfg.pin())?;
             vm.handlers.push(h);
         }
         for id in 0..cfg.vcpus {
@@ -465,7 +479,7 @@ impl Vm {
                 msr_indices: hv.msr_indices.clone(),
                 has_xcrs: hv.has_xcrs,
                 has_xsave: hv.has_xsave,
-                cpu: cfg.cpu,
+                pin: cfg.pin(),
                 boot_state: cfg.load_guest,
             };
             let v = Vcpu::new(fd, setup, vm.link.clone())?;
@@ -497,7 +511,7 @@ impl Vm {
         Ok(())
     }
 
-    fn spawn_handler(&self, cpu: Option<usize>) -> Result<JoinHandle<()>, VmError> {
+    fn spawn_handler(&self, pin: crate::numa::Pin) -> Result<JoinHandle<()>, VmError> {
         let window = self.window.clone();
         let resolver = self.resolver.clone();
         let stats = self.stats.clone();
@@ -514,7 +528,7 @@ impl Vm {
                 std::thread::Builder::new()
                     .name("uffd-handler".into())
                     .spawn(move || {
-                        crate::vcpu::pin_current(cpu);
+                        pin.apply();
                         guestmem::set_home_node(home);
                         fault_loop(&window, resolver.as_ref(), &stats, &link, &stop, &kick)
                     })

@@ -30,6 +30,9 @@ fn a_running_guests_memory_moves_to_another_node_and_verifies() {
     );
     assert_eq!(r["verified"], true, "{r}");
     assert_eq!(r["config"]["nodes"], 2);
+    // Bound to host NUMA nodes only where the host has two.
+    let host = r["config"]["host_numa_nodes"].as_u64().unwrap_or(0);
+    assert_eq!(r["config"]["nodes_bound"], host >= 2, "{}", r["config"]);
     let m = &r["migration"];
     assert!(m["stats"]["pages"].as_u64() > Some(16_000), "{m}");
     assert_eq!(m["stats"]["failed"], 0, "{m}");

@@ -406,8 +406,13 @@ fn run(
     ex: &mut Experiment,
 ) -> Result<(), CliError> {
     fb.stage("booting the parent VM");
-    // Clones inherit the parent's node policy (its frames are theirs until they write).
-    let parent = ManagedVm::with_policy(hv, &pl.cfg, mm, p.common.policy)?;
+    // Clones inherit the parent's node policy (its frames are theirs until they write)
+    // and its home node's CPUs.
+    let cfg = VmConfig {
+        home_cpus: super::limits::home_cpus(mm, pl.cfg.home_node),
+        ..pl.cfg.clone()
+    };
+    let parent = ManagedVm::with_policy(hv, &cfg, mm, p.common.policy)?;
     ex.members
         .push(Member::new("parent".into(), parent, Model::new(), None));
     fb.vm("parent", "created", None);

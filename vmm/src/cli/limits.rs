@@ -67,6 +67,19 @@ pub(crate) fn check_vcpus(vcpus: u32) -> Result<(), CliError> {
 
 /// `--cpu`: one of the CPUs this process may run on (pinning to any other would silently
 /// leave the threads unpinned).
+/// The CPUs a VM whose home is pool node `home` runs on: its host node's, if the pool
+/// node is bound to one.
+pub(crate) fn home_cpus(
+    mm: &guestmem::Manager,
+    home: guestmem::NodeId,
+) -> Option<std::sync::Arc<[usize]>> {
+    mm.pool()
+        .nodes()
+        .get(usize::from(home.0))?
+        .host_node()
+        .and_then(vmm::numa::host_node_cpus)
+}
+
 /// `--nodes` and `--policy`: 1 to 64 nodes, and a policy naming one of them.
 pub(crate) fn check_nodes(common: &Common) -> Result<(), CliError> {
     if !(1..=64).contains(&common.nodes) {
@@ -328,21 +341,29 @@ pub(crate) fn manager(common: &Common, bytes: u64, need: u64) -> Result<Arc<Mana
         AllocatorArg::Percpu => AllocatorKind::PerCpuLists,
         AllocatorArg::Global => AllocatorKind::GlobalLock,
     };
-    let pool =
-        Pool::new(&PoolConfig::uniform(bytes, common.nodes, allocator)).map_err(|e| match e {
-            PoolError::TooLarge { .. } => CliError::PoolTooLarge {
-                what: match &common.pool {
-                    Some(s) => format!("--pool {s} is too large"),
-                    None => format!(
-                        "the VMs need a frame pool of {} MiB, too large (use a smaller --mem or \
+    let mut pcfg = PoolConfig::uniform(bytes, common.nodes, allocator);
+    // Where the host has as many NUMA nodes with memory, pool node i is bound to host node
+    // i (and its VMs' threads run on that node's CPUs); otherwise the nodes are pools in
+    // whatever memory the host gives.
+    if vmm::numa::host_memory_nodes().is_some_and(|h| h >= common.nodes) {
+        for (k, n) in pcfg.nodes.iter_mut().enumerate() {
+            n.host_node = Some(k as u32);
+        }
+    }
+    let pool = Pool::new(&pcfg).map_err(|e| match e {
+        PoolError::TooLarge { .. } => CliError::PoolTooLarge {
+            what: match &common.pool {
+                Some(s) => format!("--pool {s} is too large"),
+                None => format!(
+                    "the VMs need a frame pool of {} MiB, too large (use a smaller --mem or \
                      fewer VMs or clones)",
-                        bytes / MIB
-                    ),
-                },
-                source: e,
+                    bytes / MIB
+                ),
             },
-            e => CliError::Pool { bytes, source: e },
-        })?;
+            source: e,
+        },
+        e => CliError::Pool { bytes, source: e },
+    })?;
     let mut cfg = ManagerConfig::default();
     cfg.rmap.design = match common.rmap {
         RmapArg::Chain => rmap::Design::Chain,

@@ -51,8 +51,11 @@ pub(crate) struct Config {
     pub nodes: usize,
     /// `--policy`.
     pub policy: String,
-    /// The host's NUMA nodes with memory (the pool's nodes are not bound to them).
+    /// The host's NUMA nodes with memory.
     pub host_numa_nodes: Option<usize>,
+    /// Pool node i is bound to host NUMA node i (the host has enough nodes), and each
+    /// VM's threads run on its home node's CPUs.
+    pub nodes_bound: bool,
 }
 
 impl Config {
@@ -95,7 +98,8 @@ impl Config {
             phase2: None,
             nodes: c.nodes,
             policy: c.policy.to_string(),
-            host_numa_nodes: host_memory_nodes(),
+            host_numa_nodes: vmm::numa::host_memory_nodes(),
+            nodes_bound: mm.pool().nodes().iter().all(|n| n.host_node().is_some()),
         }
     }
 }
@@ -265,20 +269,6 @@ fn print_step(out: &mut dyn Write, indent: &str, s: &StepReport) -> io::Result<(
     )
 }
 
-/// The host's NUMA nodes with memory (`/sys/devices/system/node/has_memory`: "0" or
-/// "0-1,3"); `None` where the host does not say.
-fn host_memory_nodes() -> Option<usize> {
-    let s = std::fs::read_to_string("/sys/devices/system/node/has_memory").ok()?;
-    let mut n = 0;
-    for part in s.trim().split(',').filter(|p| !p.is_empty()) {
-        n += match part.split_once('-') {
-            Some((a, b)) => b.parse::<usize>().ok()? - a.parse::<usize>().ok()? + 1,
-            None => 1,
-        };
-    }
-    Some(n)
-}
-
 /// Pages per node as "node 0 1.5 MiB, node 1 250.0 MiB".
 fn by_node(pages: &[u64]) -> String {
     let per: Vec<String> = pages
@@ -294,7 +284,11 @@ fn print_nodes(out: &mut dyn Write, nodes: usize, policy: &str) -> io::Result<()
     if nodes < 2 {
         return Ok(());
     }
-    let what = match host_memory_nodes() {
+    let what = match vmm::numa::host_memory_nodes() {
+        Some(h) if h >= nodes => format!(
+            "bound to host NUMA nodes 0 to {}; each VM's threads run on its node's CPUs",
+            nodes - 1
+        ),
         Some(1) => "separate pools in the same memory: this host has one NUMA node".to_string(),
         Some(h) => format!("separate pools, not bound to the host's {h} NUMA nodes"),
         None => "separate pools (the host does not report its NUMA nodes)".to_string(),

@@ -115,8 +115,10 @@ pub(crate) fn cmd_run(
     let mut fatal = None;
     for i in 0..vms {
         // VM k's vCPUs live on node k mod --nodes (its first-touch node).
+        let home = guestmem::NodeId((i as usize % common.nodes) as u16);
         let cfg = VmConfig {
-            home_node: guestmem::NodeId((i as usize % common.nodes) as u16),
+            home_node: home,
+            home_cpus: super::limits::home_cpus(&mm, home),
             ..cfg.clone()
         };
         // The boot region the VMM writes into a new VM is first touched by this thread.
