@@ -633,6 +633,9 @@ impl AddressSpace {
                     }
                 }
                 drop(regions);
+                // A fork or exit waiting for this VM's mmap lock or the topology lock
+                // gets its turn between blocks.
+                std::thread::yield_now();
                 index = stop;
             }
         }
