@@ -157,16 +157,17 @@ impl Manager {
         let mut st = MigrateStats::default();
         debug_assert!(run.len() <= MIGRATE_RUN);
         debug_assert!(run.windows(2).all(|w| w[1].0 == w[0].0 + 1));
+        // No fork may share a block between our walks and link its child's regions only
+        // after them (the child would hold migration entries no walk restores), and no
+        // region is linked or unlinked while the run walks. Taken before the frame locks
+        // (the lock order in lib.rs).
+        let topology = self.topology.read().unwrap_or_else(|e| e.into_inner());
         let taken: Vec<Option<Pfn>> = run.iter().map(|&p| self.take_for_migration(p)).collect();
         st.busy += taken.iter().filter(|t| t.is_none()).count() as u64;
         let olds: Vec<Pfn> = taken.iter().flatten().copied().collect();
         if olds.is_empty() {
             return st;
         }
-        // No fork may share a block between our walks and link its child's regions only
-        // after them (the child would hold migration entries no walk restores), and no
-        // region is linked or unlinked while the run walks.
-        let topology = self.topology.read().unwrap_or_else(|e| e.into_inner());
         let Some(news) = self.alloc_on(target, run.len()) else {
             st.no_memory += olds.len() as u64;
             for p in olds {
