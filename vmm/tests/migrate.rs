@@ -47,29 +47,24 @@ fn a_running_guests_memory_moves_to_another_node_and_verifies() {
     assert!(n1 > 30_000 && n0 < 1024, "{per}");
 }
 
+/// `vmm run` of two 32 MiB VMs on a two-node pool under `policy` (VM k's vCPUs on node
+/// k), with `extra` options; its JSON report (exit status 0 expected).
+fn two_vms_on_two_nodes(policy: &str, extra: &[&str], workload: &str) -> serde_json::Value {
+    let mut args = vec![
+        "run", "--mem", "32M", "--vms", "2", "--nodes", "2", "--policy", policy,
+    ];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&["--workload", workload, "--json"]);
+    report(&args, 0)
+}
+
 #[test]
 fn policies_place_each_vms_memory() {
     if !kvm() {
         return;
     }
     let per = |policy: &str| -> Vec<Vec<u64>> {
-        let r = report(
-            &[
-                "run",
-                "--mem",
-                "32M",
-                "--vms",
-                "2",
-                "--nodes",
-                "2",
-                "--policy",
-                policy,
-                "--workload",
-                "fill,verify",
-                "--json",
-            ],
-            0,
-        );
+        let r = two_vms_on_two_nodes(policy, &[], "fill,verify");
         assert_eq!(r["verified"], true, "{policy}: {r}");
         r["vms"]
             .as_array()
@@ -151,31 +146,12 @@ fn numa_balancing_moves_a_vms_memory_to_its_vcpus_node() {
         return;
     }
     let mut w = String::from("fill");
-    // Long enough for several scans (the period starts at 10 ms and doubles after a
-    // scan that moves nothing).
+    // Long enough for several scans (every 20 ms while pages are touched from away).
     for _ in 0..150 {
         w.push_str(",touch");
     }
     w.push_str(",verify");
-    let r = report(
-        &[
-            "run",
-            "--mem",
-            "32M",
-            "--vms",
-            "2",
-            "--nodes",
-            "2",
-            "--policy",
-            "preferred:0",
-            "--numa-balance",
-            "20",
-            "--workload",
-            &w,
-            "--json",
-        ],
-        0,
-    );
+    let r = two_vms_on_two_nodes("preferred:0", &["--numa-balance", "20"], &w);
     assert_eq!(r["verified"], true, "{r}");
     let b = &r["numa_balance"];
     assert!(b["pages_migrated"].as_u64() > Some(4000), "{b}");
