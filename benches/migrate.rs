@@ -68,6 +68,16 @@ fn frames(vm: &guestmem::AddressSpace, first: Gfn, pages: u64) -> Vec<Pfn> {
         .collect()
 }
 
+/// A batched move's row: throughput, its share of memcpy, host unmaps and runs.
+fn batched_row(variant: &str, pages: u64, gbs: f64, copy: f64, unmaps: u64, runs: u64) -> Row {
+    Row::new(variant)
+        .param("pages", pages)
+        .metric("gb_per_sec", gbs)
+        .metric("share_of_memcpy", gbs / copy)
+        .metric("host_unmaps", unmaps as f64)
+        .metric("runs", runs as f64)
+}
+
 fn software(exp: &mut Experiment, pages: u64, reps: usize, copy: f64) {
     let bytes = pages * PAGE_SIZE as u64;
     let mm = setup::manager_nodes(2 * (bytes + 8 * MIB), 2, ManagerConfig::default());
@@ -108,14 +118,7 @@ fn software(exp: &mut Experiment, pages: u64, reps: usize, copy: f64) {
         100.0 * batched / copy,
         100.0 * one / copy
     );
-    exp.push(
-        Row::new("batched")
-            .param("pages", pages)
-            .metric("gb_per_sec", batched)
-            .metric("share_of_memcpy", batched / copy)
-            .metric("host_unmaps", unmaps as f64)
-            .metric("runs", runs as f64),
-    );
+    exp.push(batched_row("batched", pages, batched, copy, unmaps, runs));
     exp.push(
         Row::new("4k")
             .param("pages", pages)
@@ -164,14 +167,7 @@ fn guest_batched(exp: &mut Experiment, hv: &Hypervisor, pages: u64, reps: usize,
         "guest batched {g:.2} GB/s ({:.0}% of memcpy; {unmaps} host unmaps for {runs} runs)",
         100.0 * g / copy
     );
-    exp.push(
-        Row::new("batched-guest")
-            .param("pages", pages)
-            .metric("gb_per_sec", g)
-            .metric("share_of_memcpy", g / copy)
-            .metric("host_unmaps", unmaps as f64)
-            .metric("runs", runs as f64),
-    );
+    exp.push(batched_row("batched-guest", pages, g, copy, unmaps, runs));
 }
 
 fn walks(exp: &mut Experiment, pages: u64, secs: f64) {
