@@ -691,6 +691,14 @@ impl Manager {
             }
             *last = Some(std::time::Instant::now());
         }
+        self.return_idle_memory()
+    }
+
+    /// Returns the host memory of the pool's free blocks of [`Punch::IDLE_ORDER`] or more
+    /// that still have some: what kswapd does when memory is idle, and what a caller done
+    /// moving memory between nodes does for the nodes it left (migration keeps the old
+    /// frames' memory for reuse while it runs). Returns the frames released.
+    pub fn return_idle_memory(&self) -> u64 {
         match self.pool.release_idle_memory(Punch::IDLE_ORDER) {
             Ok(n) => {
                 self.rstats.add(&self.rstats.punched, n);

@@ -637,10 +637,7 @@ fn live_move(
     }
     // Done moving: the old node's free blocks go back to the host (migration keeps them
     // for reuse while it runs).
-    let _ = space
-        .manager()
-        .pool()
-        .release_idle_memory(guestmem::reclaim::Punch::IDLE_ORDER);
+    space.manager().return_idle_memory();
     LiveMove {
         vm: role.to_string(),
         to_node: node,

@@ -324,11 +324,7 @@ fn move_memory(
     // Done moving: the old nodes' free blocks go back to the host (migration keeps them
     // for reuse while it runs).
     if let Some(vm) = machines.first() {
-        let _ = vm
-            .space()
-            .manager()
-            .pool()
-            .release_idle_memory(guestmem::reclaim::Punch::IDLE_ORDER);
+        vm.space().manager().return_idle_memory();
     }
     MigrationSummary {
         to_node: m.to,

@@ -657,11 +657,7 @@ impl State {
             )
             .map_err(|x| OpError::Refused(x.to_string()))?;
         let seconds = t.elapsed().as_secs_f64();
-        let _ = m
-            .space()
-            .manager()
-            .pool()
-            .release_idle_memory(guestmem::reclaim::Punch::IDLE_ORDER);
+        m.space().manager().return_idle_memory();
         Ok(MigrateResult {
             id,
             node,
