@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use guestmem::types::Gfn;
 use guestmem::{AllocatorKind, Manager, ManagerConfig, MigrateWalk, NodeId, Pool, PoolConfig};
 use vmm::guest::DATA_START;
-use vmm::{Command, ManagedVm, Op, VmConfig};
+use vmm::{Command, ManagedVm, Op, VcpuHome, VmConfig};
 
 mod common;
 use common::hypervisor;
@@ -32,7 +32,12 @@ fn data(page: u64) -> Gfn {
 
 /// Pages of `vm`'s data on `node`.
 fn on_node(mm: &Manager, vm: &ManagedVm, pages: u64, node: NodeId) -> u64 {
-    (0..pages)
+    on_node_from(mm, vm, 0, pages, node)
+}
+
+/// Pages `first .. first + pages` of `vm`'s data that are on `node`.
+fn on_node_from(mm: &Manager, vm: &ManagedVm, first: u64, pages: u64, node: NodeId) -> u64 {
+    (first..first + pages)
         .filter(|&p| {
             vm.space()
                 .pte(data(p))
@@ -210,4 +215,89 @@ fn numa_balancing_moves_pages_a_guest_keeps_touching_from_another_node() {
     assert!(capped.pages_migrated <= 64, "{capped:?}");
     assert!(capped.failed > 0, "the rest waits: {capped:?}");
     run(Op::Verify, pages);
+}
+
+#[test]
+fn each_vcpu_first_touches_its_own_node_and_balancing_moves_pages_to_the_vcpu_touching_them() {
+    let Some(hv) = hypervisor() else { return };
+    let mm = manager(64 * MIB, 2);
+    let home = |n| VcpuHome {
+        node: NodeId(n),
+        cpus: None,
+    };
+    let cfg = VmConfig {
+        vcpu_homes: Some(Arc::from([home(0), home(1)])),
+        ..VmConfig::new(40 * MIB, 2)
+    };
+    let vm = ManagedVm::new(&hv, &cfg, &mm).expect("vm");
+    assert!(vm.vm().window().takes_hinting_faults());
+    assert!(vm.space().records_touches());
+    // vCPU 0 fills range A, vCPU 1 range B, 8 MiB apart: each on its vCPU's node.
+    let (a, b, n) = (0, 2048, 4 * MIB / 4096);
+    let run = |cpu, op, first, seed| {
+        let r = vm
+            .vm()
+            .run(cpu, Command::new(op, data(first), n, seed))
+            .expect("guest");
+        if op == Op::Verify {
+            assert_eq!(r.mismatches(), 0, "vCPU {cpu} verify at page {first}");
+        }
+    };
+    run(0, Op::Fill, a, 1);
+    run(1, Op::Fill, b, 2);
+    assert_eq!(on_node_from(&mm, &vm, a, n, NodeId(0)), n, "A by vCPU 0");
+    assert_eq!(on_node_from(&mm, &vm, b, n, NodeId(1)), n, "B by vCPU 1");
+    let bcfg = guestmem::BalanceConfig::default();
+    // Every touch recorded so far was local.
+    let first = mm.balance_numa(&bcfg);
+    assert_eq!(first.remote, 0, "{first:?}");
+    // vCPU 1 now works on A: hinting faults name it, A is marked, then moves to node 1.
+    let hints = vm.fault_counts().hint;
+    run(1, Op::Verify, a, 1);
+    assert!(
+        vm.fault_counts().hint >= hints + n,
+        "every page of A touched after the harvest is a hinting fault: {:?}",
+        vm.fault_counts()
+    );
+    let second = mm.balance_numa(&bcfg);
+    assert!(second.remote >= n, "{second:?}");
+    assert_eq!(second.pages_migrated, 0, "{second:?}");
+    run(1, Op::Touch, a, 1);
+    // B, touched by its own vCPU, stays; A goes to vCPU 1's node.
+    run(1, Op::Touch, b, 2);
+    let third = mm.balance_numa(&bcfg);
+    assert!(third.pages_migrated >= n, "{third:?}");
+    assert_eq!(
+        on_node_from(&mm, &vm, a, n, NodeId(1)),
+        n,
+        "A moved to vCPU 1"
+    );
+    assert_eq!(on_node_from(&mm, &vm, b, n, NodeId(1)), n, "B stayed");
+    run(0, Op::Verify, a, 1);
+    run(0, Op::Verify, b, 2);
+
+    // A hinting fault on a page shared with a clone restores it write-protected: the
+    // parent's write after a harvest copies it, and the clone keeps the old bytes.
+    let (clones, _) = vm
+        .fork_with(&hv, &vmm::ForkOptions::new(1), None)
+        .expect("fork");
+    assert!(
+        clones[0].space().records_touches(),
+        "forks inherit touch records"
+    );
+    run(1, Op::Verify, a, 1);
+    mm.balance_numa(&bcfg);
+    let hints = vm.fault_counts().hint;
+    run(1, Op::Fill, a, 3);
+    assert!(vm.fault_counts().hint > hints, "{:?}", vm.fault_counts());
+    run(1, Op::Verify, a, 3);
+    let v = clones[0]
+        .vm()
+        .run(0, Command::new(Op::Verify, data(a), n, 1))
+        .expect("clone verify");
+    assert_eq!(
+        v.mismatches(),
+        0,
+        "the clone's pages were written through a hint"
+    );
 }

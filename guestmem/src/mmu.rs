@@ -80,6 +80,15 @@ pub trait HostMmu: Send + Sync + fmt::Debug {
         self.unmap_run(gfn, pages)
     }
 
+    /// Answers a hinting fault ([`crate::AddressSpace::hint_fault`]): the guest touched
+    /// the present run `gfn .. gfn + pages` after a harvest dropped its host entries, and
+    /// waits; makes the run reachable again (writable only if `writable`) and lets the
+    /// access go on. `Ok(false)`: this view takes no hinting faults (the default).
+    fn restore_run(&self, gfn: Gfn, pages: u64, writable: bool) -> Result<bool, HostMmuError> {
+        let _ = (gfn, pages, writable);
+        Ok(false)
+    }
+
     /// Reports which pages of `gfn .. gfn + pages` were accessed through the view since
     /// the previous call for them (or since they were mapped), and re-arms them: `out`
     /// becomes a bitmap of `pages.div_ceil(64)` words, bit `i` (word `i / 64`, bit

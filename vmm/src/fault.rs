@@ -96,12 +96,22 @@ pub enum FaultKind {
     },
     /// A write to a write-protected (copy-on-write) page.
     WriteProtect,
+    /// An access to a present page whose host entry a harvest dropped, in a window that
+    /// takes hinting faults ([`crate::window::Window::take_hinting_faults`]): the
+    /// resolver records who touched it and restores the entry.
+    Hint {
+        /// The access was a write.
+        write: bool,
+    },
 }
 
 impl FaultKind {
     /// Whether the faulting access writes.
     pub fn is_write(self) -> bool {
-        !matches!(self, FaultKind::Missing { write: false })
+        !matches!(
+            self,
+            FaultKind::Missing { write: false } | FaultKind::Hint { write: false }
+        )
     }
 }
 
@@ -123,6 +133,8 @@ pub struct FaultStats {
     pub missing_write: AtomicU64,
     /// Write-protect faults.
     pub write_protect: AtomicU64,
+    /// Hinting (userfaultfd MINOR) faults.
+    pub hint: AtomicU64,
     /// Nanoseconds spent in the resolver plus wake.
     pub handler_ns: AtomicU64,
     /// Nanoseconds spent in the resolver alone.
@@ -138,6 +150,8 @@ pub struct FaultCounts {
     pub missing_write: u64,
     /// Write-protect faults.
     pub write_protect: u64,
+    /// Hinting (userfaultfd MINOR) faults.
+    pub hint: u64,
     /// Nanoseconds spent resolving and waking.
     pub handler_ns: u64,
     /// Nanoseconds spent in the resolver alone.
@@ -147,7 +161,7 @@ pub struct FaultCounts {
 impl FaultCounts {
     /// All faults.
     pub fn total(&self) -> u64 {
-        self.missing_read + self.missing_write + self.write_protect
+        self.missing_read + self.missing_write + self.write_protect + self.hint
     }
 }
 
@@ -158,6 +172,7 @@ impl FaultStats {
             missing_read: self.missing_read.load(Ordering::Relaxed),
             missing_write: self.missing_write.load(Ordering::Relaxed),
             write_protect: self.write_protect.load(Ordering::Relaxed),
+            hint: self.hint.load(Ordering::Relaxed),
             handler_ns: self.handler_ns.load(Ordering::Relaxed),
             resolve_ns: self.resolve_ns.load(Ordering::Relaxed),
         }
@@ -175,6 +190,7 @@ pub fn handle_event(
     let (addr, kind) = match ev {
         UffdEvent::Missing { addr, write, .. } => (addr, FaultKind::Missing { write }),
         UffdEvent::WriteProtect { addr, .. } => (addr, FaultKind::WriteProtect),
+        UffdEvent::Minor { addr, write, .. } => (addr, FaultKind::Hint { write }),
         UffdEvent::Other(_) => return Ok(()),
     };
     let t0 = std::time::Instant::now();
@@ -188,6 +204,7 @@ pub fn handle_event(
         FaultKind::Missing { write: false } => &stats.missing_read,
         FaultKind::Missing { write: true } => &stats.missing_write,
         FaultKind::WriteProtect => &stats.write_protect,
+        FaultKind::Hint { .. } => &stats.hint,
     };
     counter.fetch_add(1, Ordering::Relaxed);
     // Counted before the wake: once woken, the vCPU may finish its command and the
@@ -301,6 +318,10 @@ impl ScaffoldResolver {
 
 impl FaultResolver for ScaffoldResolver {
     fn resolve(&self, gfn: Gfn, kind: FaultKind) -> Result<(), FaultError> {
+        if let FaultKind::Hint { .. } = kind {
+            // Its windows never take hinting faults.
+            return Ok(());
+        }
         let mut map = self.pages.lock().unwrap_or_else(|e| e.into_inner());
         match (map.get(&gfn.0).copied(), kind) {
             (Some(m), _) if m.writable || !kind.is_write() => Ok(()), // raced: already there

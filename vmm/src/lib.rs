@@ -67,7 +67,8 @@ pub use managed::{ForkError, ForkOptions, ForkTiming, ManagedVm, ParentMode, Spa
 pub use memory::{GuestRam, RamRegion};
 pub use vcpu::{RegsDump, Vcpu, VcpuError, VcpuState};
 pub use vm::{
-    BareVm, Hold, Hypervisor, ShellPool, Vm, VmConfig, VmError, open_fds, raise_nofile_limit,
+    BareVm, Hold, Hypervisor, ShellPool, VcpuHome, Vm, VmConfig, VmError, open_fds,
+    raise_nofile_limit,
 };
 pub use vm_memory;
 pub use window::{Window, WindowError};

@@ -66,6 +66,11 @@ impl FaultResolver for SpaceResolver {
         } else {
             Access::Read
         };
+        if let FaultKind::Hint { .. } = kind {
+            // Not present any more (reclaimed, moved): the woken access faults again.
+            self.space.hint_fault(gfn, access)?;
+            return Ok(());
+        }
         self.space.handle_fault(gfn, access)?;
         Ok(())
     }
@@ -231,6 +236,10 @@ impl ManagedVm {
             let space = mm.create(&regions, w.clone())?;
             space.set_policy(policy)?;
             space.set_home_node(cfg.home_node);
+            if cfg.vcpus_span_nodes() {
+                // Its window takes hinting faults that name the vCPU (Vm::shell).
+                space.record_touches();
+            }
             // The boot region holds the guest's page tables, GDT and program: KVM's
             // shadow MMU (on software KVM hosts such as this one) reads and updates the
             // page tables in ways that cannot wait for a userfaultfd fault, so reclaim

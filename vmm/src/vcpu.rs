@@ -294,6 +294,24 @@ pub(crate) struct VmLink {
     /// with the load in `Vm::pause`'s quiesce (with the queue's readability checked
     /// after it).
     pub handlers_busy: std::sync::atomic::AtomicU32,
+    /// Each live vCPU thread's kernel thread id and home node: a fault names its thread,
+    /// and is resolved as a thread of that node.
+    pub vcpu_threads: parking_lot::RwLock<Vec<(u32, guestmem::NodeId)>>,
+}
+
+impl VmLink {
+    /// The home node of the vCPU whose thread is `tid` (`None`: not a vCPU of this VM, or
+    /// no thread id: the kernel did not give one).
+    pub fn node_of_thread(&self, tid: u32) -> Option<guestmem::NodeId> {
+        if tid == 0 {
+            return None;
+        }
+        self.vcpu_threads
+            .read()
+            .iter()
+            .find(|&&(t, _)| t == tid)
+            .map(|&(_, n)| n)
+    }
 }
 
 #[derive(Debug, Default)]
@@ -382,6 +400,8 @@ pub(crate) struct VcpuSetup {
     pub has_xsave: bool,
     /// Where the vCPU thread runs.
     pub pin: crate::numa::Pin,
+    /// Its home node ([`crate::vm::VmConfig::vcpu_home`]).
+    pub home: guestmem::NodeId,
     /// Put the vCPU at the built-in guest's entry (false: a state will be restored into
     /// it, so only CPUID is set).
     pub boot_state: bool,
@@ -457,9 +477,17 @@ impl Vcpu {
         let (res_tx, rx) = channel();
         let s = shared.clone();
         let pin = setup.pin.clone();
+        let home = setup.home;
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{}", setup.id))
-            .spawn(move || vcpu_thread(s, req_rx, res_tx, &pin))
+            .spawn(move || {
+                // SAFETY: gettid takes no arguments and cannot fail.
+                let tid = unsafe { libc::gettid() } as u32;
+                guestmem::set_home_node(home);
+                s.vm.vcpu_threads.write().push((tid, home));
+                vcpu_thread(s.clone(), req_rx, res_tx, &pin);
+                s.vm.vcpu_threads.write().retain(|&(t, _)| t != tid);
+            })
             .map_err(|e| VcpuError::Kvm {
                 op: "spawn the vCPU thread",
                 source: e,

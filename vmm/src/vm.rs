@@ -250,20 +250,58 @@ pub struct VmConfig {
     /// the VM's vCPU and fault-handler threads run on them (unless `cpu` pins them to
     /// one CPU).
     pub home_cpus: Option<std::sync::Arc<[usize]>>,
+    /// Each vCPU's own home (vCPU `i` takes entry `i % len`); `None`: every vCPU lives at
+    /// the VM's home. A fault is resolved as a thread of the faulting vCPU's node (the
+    /// userfaultfd names the faulting thread), so first touch places a page on the node
+    /// of the vCPU that touched it. When the homes span nodes, the window also takes
+    /// hinting faults that name the touching vCPU, so balancing moves a page to the node
+    /// of the vCPU that keeps touching it ([`guestmem::AddressSpace::record_touches`]).
+    pub vcpu_homes: Option<std::sync::Arc<[VcpuHome]>>,
     /// Write the built-in guest's boot region (page tables, GDT, program) into guest RAM.
     /// False when the memory already holds a running guest (a snapshot-fork child), whose
     /// vCPUs then get their state from [`Vcpu::restore_state`].
     pub load_guest: bool,
 }
 
+/// Where one vCPU lives ([`VmConfig::vcpu_homes`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VcpuHome {
+    /// Its memory node.
+    pub node: guestmem::NodeId,
+    /// The node's host CPUs when the pool node is bound to a host NUMA node: the vCPU
+    /// thread runs on them (unless [`VmConfig::cpu`] pins it to one CPU).
+    pub cpus: Option<std::sync::Arc<[usize]>>,
+}
+
 impl VmConfig {
     /// Where the VM's threads run: `cpu`, else the home node's CPUs, else anywhere.
     pub fn pin(&self) -> crate::numa::Pin {
-        match (self.cpu, &self.home_cpus) {
+        Self::pin_to(self.cpu, self.home_cpus.as_ref())
+    }
+
+    fn pin_to(cpu: Option<usize>, cpus: Option<&std::sync::Arc<[usize]>>) -> crate::numa::Pin {
+        match (cpu, cpus) {
             (Some(c), _) => crate::numa::Pin::Cpu(c),
             (None, Some(cpus)) => crate::numa::Pin::Cpus(cpus.clone()),
             (None, None) => crate::numa::Pin::Anywhere,
         }
+    }
+
+    /// vCPU `i`'s home node and where its thread runs.
+    pub fn vcpu_home(&self, i: u32) -> (guestmem::NodeId, crate::numa::Pin) {
+        match self.vcpu_homes.as_deref().filter(|h| !h.is_empty()) {
+            Some(h) => {
+                let home = &h[i as usize % h.len()];
+                (home.node, Self::pin_to(self.cpu, home.cpus.as_ref()))
+            }
+            None => (self.home_node, self.pin()),
+        }
+    }
+
+    /// Whether the VM's vCPUs live on more than one node (then it takes hinting faults
+    /// that name the touching vCPU).
+    pub fn vcpus_span_nodes(&self) -> bool {
+        (0..self.vcpus).any(|i| self.vcpu_home(i).0 != self.vcpu_home(0).0)
     }
 
     /// `mem_bytes` of RAM, `vcpus` vCPUs, unpinned, loading the built-in guest.
@@ -274,6 +312,7 @@ impl VmConfig {
             cpu: None,
             home_node: guestmem::NodeId(0),
             home_cpus: None,
+            vcpu_homes: None,
             load_guest: true,
         }
     }
@@ -375,7 +414,10 @@ impl ShellPool {
     pub fn take(&self, cfg: &VmConfig) -> Option<Vm> {
         let same = cfg.mem_bytes == self.cfg.mem_bytes
             && cfg.vcpus == self.cfg.vcpus
-            && cfg.cpu == self.cfg.cpu;
+            && cfg.cpu == self.cfg.cpu
+            && cfg.home_node == self.cfg.home_node
+            && cfg.home_cpus == self.cfg.home_cpus
+            && cfg.vcpu_homes == self.cfg.vcpu_homes;
         if !same {
             return None;
         }
@@ -419,6 +461,9 @@ impl Vm {
         failpoint::hit(ForkStep::ShellUffd).map_err(|e| UffdError::Open(failpoint::io(e)))?;
         let uffd = Arc::new(Uffd::new()?);
         let window = Arc::new(Window::new(uffd, cfg.mem_bytes)?);
+        if cfg.vcpus_span_nodes() {
+            window.take_hinting_faults()?;
+        }
         let vm_fd = Arc::new(
             failpoint::hit(ForkStep::ShellVm)
                 .map_err(kvm_ioctls::Error::new)
@@ -436,6 +481,7 @@ impl Vm {
             ram: cfg.mem_bytes,
             failure: Mutex::new(None),
             handlers_busy: AtomicU32::new(0),
+            vcpu_threads: parking_lot::RwLock::new(Vec::new()),
         });
         let stats = Arc::new(FaultStats::default());
         // SAFETY: eventfd takes flags only and returns a new fd or -1.
@@ -469,6 +515,7 @@ impl Vm {
             vm.handlers.push(h);
         }
         for id in 0..cfg.vcpus {
+            let (home, pin) = cfg.vcpu_home(id);
             let fd = failpoint::hit(ForkStep::ShellVcpu)
                 .map_err(kvm_ioctls::Error::new)
                 .and_then(|()| vm_fd.create_vcpu(u64::from(id)))
@@ -479,7 +526,8 @@ impl Vm {
                 msr_indices: hv.msr_indices.clone(),
                 has_xcrs: hv.has_xcrs,
                 has_xsave: hv.has_xsave,
-                pin: cfg.pin(),
+                pin,
+                home,
                 boot_state: cfg.load_guest,
             };
             let v = Vcpu::new(fd, setup, vm.link.clone())?;
@@ -530,7 +578,15 @@ impl Vm {
                     .spawn(move || {
                         pin.apply();
                         guestmem::set_home_node(home);
-                        fault_loop(&window, resolver.as_ref(), &stats, &link, &stop, &kick)
+                        fault_loop(
+                            &window,
+                            resolver.as_ref(),
+                            &stats,
+                            &link,
+                            &stop,
+                            &kick,
+                            home,
+                        )
                     })
             })
             .map_err(|e| VmError::Kvm {
@@ -831,6 +887,7 @@ fn fault_loop(
     link: &VmLink,
     stop: &OwnedFd,
     kick: &Mutex<Vec<libc::pthread_t>>,
+    home: guestmem::NodeId,
 ) {
     let uffd = window.uffd().clone();
     let mut repeats = Repeats::default();
@@ -889,6 +946,10 @@ fn fault_loop(
             }
             // A panic in the resolver (a bug, or a poisoned lock it refuses to use) fails
             // this VM only; the handler goes on letting its threads through.
+            // The fault is resolved as a thread of the faulting vCPU's node (first touch
+            // allocates there; a hinting fault records it), or of the VM's home for the
+            // VMM's own threads.
+            guestmem::set_home_node(link.node_of_thread(ev.tid()).unwrap_or(home));
             let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
                 repeats
                     .check(ev)
@@ -922,7 +983,10 @@ fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
 /// range the userfaultfd still covers) is only woken, never mapped over: that range may
 /// already be on its way back to the host, and its addresses reused by another mapping.
 fn release(window: &Window, uffd: &Uffd, ev: UffdEvent) {
-    if let UffdEvent::Missing { addr, .. } | UffdEvent::WriteProtect { addr, .. } = ev {
+    if let UffdEvent::Missing { addr, .. }
+    | UffdEvent::WriteProtect { addr, .. }
+    | UffdEvent::Minor { addr, .. } = ev
+    {
         let page = addr & !(PAGE - 1);
         let _ = window.release_page(page);
         let _ = uffd.wake(page, PAGE);

@@ -103,6 +103,12 @@ pub enum WindowError {
         "this thread holds a view of the VM's guest RAM (Window::guest_memory or Window::pin) while forking it, so the fork cannot move the VM to a fresh window; drop the view before forking"
     )]
     PinnedByForkingThread,
+    /// Hinting faults that name the touching thread were asked for, but the kernel's
+    /// userfaultfd lacks them.
+    #[error(
+        "this VM's vCPUs live on several nodes, which needs userfaultfd MINOR faults on memfd mappings and thread ids (Linux 5.14 or newer); give every vCPU the same node (drop --vcpu-nodes)"
+    )]
+    NoHintingFaults,
 }
 
 /// The KVM memslot a window backs, so that a fork can move it onto a fresh window.
@@ -141,6 +147,8 @@ pub struct Window {
     /// whole process, so a VM whose memory is scattered over the pool fails alone instead
     /// of using up every sibling's mappings.
     map_budget: AtomicU64,
+    /// Memfd runs are registered for MINOR faults too ([`Window::take_hinting_faults`]).
+    hinting: AtomicBool,
 }
 
 impl Window {
@@ -171,9 +179,30 @@ impl Window {
             memslot: Mutex::new(None),
             mappings: AtomicU64::new(1),
             map_budget: AtomicU64::new(Self::default_map_budget()),
+            hinting: AtomicBool::new(false),
         };
         w.uffd.register(base as u64, size)?;
         Ok(w)
+    }
+
+    /// From now on, memfd runs mapped into the window are registered for userfaultfd
+    /// MINOR faults as well: once a harvest drops a page's host entry, the next access
+    /// is a hinting fault ([`crate::fault::FaultKind::Hint`]) that names the touching
+    /// thread, instead of a host minor fault no one sees. The resolver restores the entry
+    /// with [`HostMmu::restore_run`]. Costs a userfaultfd round trip per page touched
+    /// after each harvest (see `benches/access_harvest.rs`). Call it before anything is
+    /// mapped.
+    pub fn take_hinting_faults(&self) -> Result<(), WindowError> {
+        if !self.uffd.has_minor_hints() {
+            return Err(WindowError::NoHintingFaults);
+        }
+        self.hinting.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Whether the window takes hinting faults.
+    pub fn takes_hinting_faults(&self) -> bool {
+        self.hinting.load(Ordering::Relaxed)
     }
 
     /// The host address of guest-physical 0 now. It changes when a fork swaps the window
@@ -720,7 +749,12 @@ impl HostMmu for Window {
                 mman::map_shared_fixed_prot(addr, len, run.fd, run.file_offset, run.writable, true)
             }
             .map_err(|e| err(e.into()))?;
-            self.uffd.register(addr, len).map_err(|e| err(e.into()))?;
+            if self.takes_hinting_faults() {
+                self.uffd.register_minor(addr, len)
+            } else {
+                self.uffd.register(addr, len)
+            }
+            .map_err(|e| err(e.into()))?;
             if read_only {
                 self.uffd
                     .write_protect(addr, len, true)
@@ -759,6 +793,21 @@ impl HostMmu for Window {
         self.uffd
             .write_protect(addr, len, !writable)
             .map_err(|e| mmu_err("protect_run", gfn, pages, e))
+    }
+
+    /// `UFFDIO_CONTINUE` of the run's memfd pages, write-protected unless `writable`
+    /// (a copy-on-write page stays protected); `Ok(false)` if the window takes no
+    /// hinting faults. Pages already mapped again are left as they are.
+    fn restore_run(&self, gfn: Gfn, pages: u64, writable: bool) -> Result<bool, HostMmuError> {
+        if !self.takes_hinting_faults() {
+            return Ok(false);
+        }
+        let g = self.pin();
+        let (addr, len) = self.check_run(&g, "restore_run", gfn, pages)?;
+        self.uffd
+            .continue_range(addr, len, !writable)
+            .map(|_| true)
+            .map_err(|e| mmu_err("restore_run", gfn, pages, e))
     }
 
     /// See [`Window::harvest_accessed`]; always `Ok(true)`.

@@ -13,16 +13,27 @@
 //! halved after a scan that found pages touched from away, doubled after one that found
 //! every touch local (as Linux lengthens the period of a task whose faults are local). A VM with a
 //! `Bind` policy is left where it is bound.
+//!
+//! # vCPUs on several nodes
+//!
+//! A harvest says that a page was touched, not by whom. A VM whose vCPUs live on
+//! different nodes turns on touch records ([`AddressSpace::record_touches`]): its host
+//! view then makes the first access after a harvest a hinting fault that names the
+//! touching thread ([`AddressSpace::hint_fault`], a userfaultfd MINOR fault in the VMM),
+//! resolved as a thread of that vCPU's node, which is recorded for the page (so is the
+//! node of every ordinary fault). A scan then moves a page to the node that touched it
+//! at this scan and the last (Linux's `last_cpupid` check), and ignores touched pages
+//! whose toucher it does not know (mapped without a fault since the last scan).
 
-use std::collections::HashSet;
-use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU8, AtomicU16, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use super::migrate::{MigrateStats, MigrateWalk};
-use super::{AddressSpace, Manager};
-use crate::types::{Gfn, NodeId, Pfn};
+use super::{Access, AddressSpace, Manager, SpaceError};
+use crate::types::{Gfn, NodeId};
 
 /// How the balancer scans.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -58,7 +69,7 @@ pub struct BalanceStats {
     pub hinting_faults: u64,
     /// Of those, touched from a node other than their frame's.
     pub remote: u64,
-    /// Pages moved to their VM's home node.
+    /// Pages moved to their VM's home node (or to the node of the vCPU touching them).
     pub pages_migrated: u64,
     /// Pages that should have moved but could not (busy, the home node full, a failed
     /// mapping), or were left for a later scan by the rate limit.
@@ -75,14 +86,21 @@ impl BalanceStats {
     }
 }
 
-/// A VM's balancing state: its home node and the pages touched from away at the last
-/// scan.
+/// A VM's balancing state: its home node, the pages touched from away at the last scan
+/// (with the node they would move to), and the touch records.
 #[derive(Debug, Default)]
 pub(super) struct NumaState {
     home: AtomicU16,
-    marked: Mutex<HashSet<u64>>,
+    marked: Mutex<HashMap<u64, u16>>,
     migrated: AtomicU64,
+    /// Per gfn: 0, or 1 + the node of the last thread that touched the page through a
+    /// fault since the last scan ([`AddressSpace::record_touches`]).
+    touches: OnceLock<Box<[AtomicU8]>>,
+    hint_faults: AtomicU64,
 }
+
+/// Nodes a touch record can name (one byte, 0 meaning none).
+const RECORDABLE_NODES: u16 = 255;
 
 impl AddressSpace {
     /// Sets the node the VM's vCPUs run on: where balancing moves the pages they touch.
@@ -95,6 +113,83 @@ impl AddressSpace {
         NodeId(self.numa.home.load(Ordering::Relaxed))
     }
 
+    /// Turns on touch records (see the module docs): from now on each fault of this VM,
+    /// and each [`AddressSpace::hint_fault`], records the node of the thread resolving
+    /// it ([`crate::set_home_node`]), and balancing moves pages to the node that touched
+    /// them rather than to the VM's home. Forks inherit it. The host view should take
+    /// hinting faults, or a page harvested once is not recorded again until it faults.
+    pub fn record_touches(&self) {
+        let regions = self.regions.read().unwrap_or_else(|e| e.into_inner());
+        let end = regions
+            .list
+            .iter()
+            .map(|r| r.pt.start.0 + r.pt.table.pages())
+            .max()
+            .unwrap_or(0);
+        drop(regions);
+        self.numa
+            .touches
+            .get_or_init(|| (0..end).map(|_| AtomicU8::new(0)).collect());
+    }
+
+    /// Whether touch records are on.
+    pub fn records_touches(&self) -> bool {
+        self.numa.touches.get().is_some()
+    }
+
+    /// Records that the calling thread's node touched `gfn` (if records are on).
+    pub(super) fn record_touch(&self, gfn: Gfn) {
+        let node = crate::home_node().0;
+        if let Some(t) = self.numa.touches.get().and_then(|t| t.get(gfn.0 as usize))
+            && node < RECORDABLE_NODES
+        {
+            // Relaxed: a hint for the next scan.
+            t.store(node as u8 + 1, Ordering::Relaxed);
+        }
+    }
+
+    /// The node that last touched `gfn` through a fault since the last call, if known;
+    /// forgets it.
+    fn take_touch(&self, gfn: Gfn) -> Option<NodeId> {
+        let t = self.numa.touches.get()?.get(gfn.0 as usize)?;
+        match t.swap(0, Ordering::Relaxed) {
+            0 => None,
+            n => Some(NodeId(u16::from(n) - 1)),
+        }
+    }
+
+    /// A hinting fault: the guest touched `gfn` after a harvest dropped its host entry.
+    /// Records the toucher (the calling thread's node), counts the access, and has the
+    /// host view restore the entry as the manager maps the page
+    /// ([`crate::mmu::HostMmu::restore_run`]: writable only if the entry is). `Ok(false)`
+    /// when the page is not present any more (reclaimed or being moved: the host view
+    /// has a hole there, so the access faults again and is resolved as a fault) or the
+    /// view takes no hinting faults.
+    pub fn hint_fault(&self, gfn: Gfn, access: Access) -> Result<bool, SpaceError> {
+        let regions = self.read_regions()?;
+        let region = self.find(&regions, gfn)?;
+        let index = gfn.0 - region.pt.start.0;
+        let (mut slot, s) = self.lock_entry(region, index)?;
+        let pte = slot.effective(s);
+        if pte.pfn().is_none() {
+            return Ok(false);
+        }
+        let writable = pte.is_writable();
+        slot.mark_accessed(s, access == Access::Write && writable);
+        self.record_touch(gfn);
+        self.numa.hint_faults.fetch_add(1, Ordering::Relaxed);
+        region
+            .pt
+            .mmu
+            .restore_run(gfn, 1, writable)
+            .map_err(|e| self.host_err(e))
+    }
+
+    /// Hinting faults resolved for this VM so far.
+    pub fn hint_faults(&self) -> u64 {
+        self.numa.hint_faults.load(Ordering::Relaxed)
+    }
+
     /// One balancing scan of this VM: harvests what it touched, marks pages touched from
     /// away, moves those marked at the last scan too (at most `budget` pages). Returns
     /// what it did.
@@ -105,33 +200,44 @@ impl AddressSpace {
         };
         let home = self.home_node();
         let pool = &self.mm.pool;
+        let nodes = pool.nodes().len();
+        let by_toucher = self.records_touches();
         // A VM bound to a node stays there (Linux's balancing honours MPOL_BIND too).
-        if usize::from(home.0) >= pool.nodes().len()
+        if (!by_toucher && usize::from(home.0) >= nodes)
             || matches!(self.policy(), super::NodePolicy::Bind(_))
         {
             return st;
         }
         let mut bits = Vec::new();
-        let mut remote: Vec<(Gfn, Pfn)> = Vec::new();
+        // Pages touched from away, with the node they would move to.
+        let mut remote: Vec<(Gfn, NodeId)> = Vec::new();
         self.harvest_with(&mut bits, |gfn, pfn| {
             st.hinting_faults += 1;
-            if pool.node_of(pfn).id() != home {
-                remote.push((gfn, pfn));
+            let to = if by_toucher {
+                match self.take_touch(gfn) {
+                    Some(n) if usize::from(n.0) < nodes => n,
+                    _ => return,
+                }
+            } else {
+                home
+            };
+            if pool.node_of(pfn).id() != to {
+                remote.push((gfn, to));
             }
         });
         st.remote = remote.len() as u64;
         let mut marked = self.numa.marked.lock().unwrap_or_else(|e| e.into_inner());
-        let mut go: Vec<Gfn> = Vec::new();
-        let mut now = HashSet::with_capacity(remote.len());
-        for (gfn, _) in remote {
-            if marked.contains(&gfn.0) {
-                go.push(gfn);
+        let mut go: Vec<(NodeId, Gfn)> = Vec::new();
+        let mut now = HashMap::with_capacity(remote.len());
+        for (gfn, to) in remote {
+            if marked.get(&gfn.0) == Some(&to.0) {
+                go.push((to, gfn));
             } else {
-                now.insert(gfn.0);
+                now.insert(gfn.0, to.0);
             }
         }
-        // Pages moved or touched from home lose their mark; those touched from away for
-        // the first time get one.
+        // Pages moved or touched from their node lose their mark; those touched from
+        // away for the first time (or from another node than last time) get one.
         *marked = now;
         drop(marked);
         go.sort_unstable();
@@ -139,9 +245,10 @@ impl AddressSpace {
         let mut left = budget;
         let mut i = 0;
         while i < go.len() {
-            // Consecutive pages as one range: one walk of runs per range.
+            // Consecutive pages going to one node as one range: one walk of runs per range.
+            let (to, first) = go[i];
             let mut j = i + 1;
-            while j < go.len() && go[j].0 == go[j - 1].0 + 1 {
+            while j < go.len() && go[j].0 == to && go[j].1.0 == go[j - 1].1.0 + 1 {
                 j += 1;
             }
             let n = ((j - i) as u64).min(left);
@@ -149,7 +256,7 @@ impl AddressSpace {
                 st.failed += (go.len() - i) as u64;
                 break;
             }
-            if let Ok(s) = self.migrate(go[i]..go[i].offset(n), home, walk) {
+            if let Ok(s) = self.migrate(first..first.offset(n), to, walk) {
                 moved.pages += s.pages;
                 st.failed += s.busy + s.no_memory + s.failed;
             }

@@ -20,6 +20,7 @@ impl AddressSpace {
     /// retries; a fault whose allocation fails reclaims memory (when swap is attached)
     /// and retries, before it reports the failure.
     pub fn handle_fault(&self, gfn: Gfn, access: Access) -> Result<FaultOutcome, SpaceError> {
+        self.record_touch(gfn);
         let mut swapped = false;
         let o = self.resolve(|| {
             let regions = self.read_regions()?;

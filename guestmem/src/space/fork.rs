@@ -136,6 +136,9 @@ impl AddressSpace {
             ),
         });
         child.set_home_node(self.home_node());
+        if self.records_touches() {
+            child.record_touches();
+        }
         mm.register_space(&child);
         Ok(child)
     }

@@ -2,10 +2,12 @@
 //!
 //! The `userfaultfd` crate needs libclang to build, so this is a small raw-ioctl layer:
 //! the kernel ABI structs from `<linux/userfaultfd.h>`, the ioctls the VMM uses (register,
-//! unregister, write-protect, wake, copy, zeropage), and fault messages read as a typed
-//! [`UffdEvent`]. Features are negotiated once: [`UFFD_FEATURE_WP_HUGETLBFS_SHMEM`] is
-//! required (write-protecting memfd-backed guest pages), [`UFFD_FEATURE_WP_UNPOPULATED`]
-//! and [`UFFD_FEATURE_THREAD_ID`] are taken when the kernel has them.
+//! unregister, write-protect, wake, copy, zeropage, continue), and fault messages read as
+//! a typed [`UffdEvent`]. Features are negotiated once: [`UFFD_FEATURE_WP_HUGETLBFS_SHMEM`]
+//! is required (write-protecting memfd-backed guest pages); [`UFFD_FEATURE_WP_UNPOPULATED`],
+//! [`UFFD_FEATURE_THREAD_ID`] and [`UFFD_FEATURE_MINOR_SHMEM`] (minor faults on memfd
+//! pages whose host entry was dropped: NUMA hinting faults that say which thread touched
+//! a page) are taken when the kernel has them.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
@@ -21,6 +23,9 @@ const UFFDIO: u32 = 0xAA;
 pub const UFFD_FEATURE_PAGEFAULT_FLAG_WP: u64 = 1 << 0;
 /// Fault messages carry the faulting thread's id.
 pub const UFFD_FEATURE_THREAD_ID: u64 = 1 << 8;
+/// MINOR faults on shmem (memfd) mappings: an access to a page that is in its memfd but
+/// has no host page-table entry (dropped by a harvest) faults to the handler.
+pub const UFFD_FEATURE_MINOR_SHMEM: u64 = 1 << 10;
 /// Write-protect works on shmem (memfd) and hugetlbfs mappings.
 pub const UFFD_FEATURE_WP_HUGETLBFS_SHMEM: u64 = 1 << 12;
 /// Write-protecting never-touched pages installs markers (cheap protect of fresh windows).
@@ -28,11 +33,14 @@ pub const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
 
 const UFFDIO_REGISTER_MODE_MISSING: u64 = 1 << 0;
 const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
+const UFFDIO_REGISTER_MODE_MINOR: u64 = 1 << 2;
+const UFFDIO_CONTINUE_MODE_WP: u64 = 1 << 1;
 const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1 << 0;
 const UFFDIO_COPY_MODE_WP: u64 = 1 << 1;
 const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
 const UFFD_PAGEFAULT_FLAG_WRITE: u64 = 1 << 0;
 const UFFD_PAGEFAULT_FLAG_WP: u64 = 1 << 1;
+const UFFD_PAGEFAULT_FLAG_MINOR: u64 = 1 << 2;
 
 /// `struct uffdio_api`.
 #[repr(C)]
@@ -88,6 +96,15 @@ struct UffdioZeropage {
     zeropage: i64,
 }
 
+/// `struct uffdio_continue`.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+struct UffdioContinue {
+    range: UffdioRange,
+    mode: u64,
+    mapped: i64,
+}
+
 /// `struct uffd_msg` (32 bytes); only the pagefault arm of its union is decoded.
 #[repr(C)]
 #[derive(Debug, Default, Clone, Copy)]
@@ -108,6 +125,7 @@ const _: () = assert!(std::mem::size_of::<UffdMsg>() == 32);
 const _: () = assert!(std::mem::size_of::<UffdioApi>() == 24);
 const _: () = assert!(std::mem::size_of::<UffdioRegister>() == 32);
 const _: () = assert!(std::mem::size_of::<UffdioCopy>() == 40);
+const _: () = assert!(std::mem::size_of::<UffdioContinue>() == 32);
 
 /// The ioctl numbers (generated functions).
 #[allow(missing_docs)]
@@ -120,6 +138,7 @@ mod nr {
     ioctl_iowr_nr!(UFFDIO_COPY, UFFDIO, 0x03, UffdioCopy);
     ioctl_iowr_nr!(UFFDIO_ZEROPAGE, UFFDIO, 0x04, UffdioZeropage);
     ioctl_iowr_nr!(UFFDIO_WRITEPROTECT, UFFDIO, 0x06, UffdioWriteprotect);
+    ioctl_iowr_nr!(UFFDIO_CONTINUE, UFFDIO, 0x07, UffdioContinue);
 }
 use nr::*;
 
@@ -178,8 +197,30 @@ pub enum UffdEvent {
         /// Faulting thread id, when `UFFD_FEATURE_THREAD_ID` was negotiated (else 0).
         tid: u32,
     },
+    /// An access to a memfd page whose host entry was dropped, in a range registered
+    /// with [`Uffd::register_minor`] (a hinting fault).
+    Minor {
+        /// Host address of the access (page aligned).
+        addr: u64,
+        /// The access was a write.
+        write: bool,
+        /// Faulting thread id, when `UFFD_FEATURE_THREAD_ID` was negotiated (else 0).
+        tid: u32,
+    },
     /// Another event this layer does not decode (none is requested).
     Other(u8),
+}
+
+impl UffdEvent {
+    /// The faulting thread's id (0: not a fault, or the kernel gave none).
+    pub fn tid(&self) -> u32 {
+        match *self {
+            UffdEvent::Missing { tid, .. }
+            | UffdEvent::WriteProtect { tid, .. }
+            | UffdEvent::Minor { tid, .. } => tid,
+            UffdEvent::Other(_) => 0,
+        }
+    }
 }
 
 /// A userfaultfd with its negotiated features.
@@ -218,7 +259,8 @@ impl Uffd {
     /// Features the VMM cannot work without.
     pub const REQUIRED: u64 = UFFD_FEATURE_PAGEFAULT_FLAG_WP | UFFD_FEATURE_WP_HUGETLBFS_SHMEM;
     /// Features taken when offered.
-    pub const OPTIONAL: u64 = UFFD_FEATURE_WP_UNPOPULATED | UFFD_FEATURE_THREAD_ID;
+    pub const OPTIONAL: u64 =
+        UFFD_FEATURE_WP_UNPOPULATED | UFFD_FEATURE_THREAD_ID | UFFD_FEATURE_MINOR_SHMEM;
 
     /// Opens a non-blocking userfaultfd and negotiates [`Self::REQUIRED`] plus whatever of
     /// [`Self::OPTIONAL`] the kernel offers.
@@ -254,6 +296,13 @@ impl Uffd {
         self.features
     }
 
+    /// Whether MINOR faults ([`Uffd::register_minor`]) and thread ids were negotiated:
+    /// what hinting faults that name the touching thread need.
+    pub fn has_minor_hints(&self) -> bool {
+        let want = UFFD_FEATURE_MINOR_SHMEM | UFFD_FEATURE_THREAD_ID;
+        self.features & want == want
+    }
+
     fn call<T>(
         &self,
         op: &'static str,
@@ -285,6 +334,48 @@ impl Uffd {
             ioctls: 0,
         };
         self.call("UFFDIO_REGISTER", UFFDIO_REGISTER(), &mut reg, (start, len))
+    }
+
+    /// Registers a memfd mapping `start .. start + len` for MISSING, WP and MINOR faults:
+    /// an access to a page whose host entry was dropped raises [`UffdEvent::Minor`],
+    /// resolved with [`Uffd::continue_range`]. Needs [`Uffd::has_minor_hints`]; anonymous
+    /// ranges cannot take MINOR (the kernel refuses).
+    pub fn register_minor(&self, start: u64, len: u64) -> Result<(), UffdError> {
+        let mut reg = UffdioRegister {
+            range: UffdioRange { start, len },
+            mode: UFFDIO_REGISTER_MODE_MISSING
+                | UFFDIO_REGISTER_MODE_WP
+                | UFFDIO_REGISTER_MODE_MINOR,
+            ioctls: 0,
+        };
+        self.call("UFFDIO_REGISTER", UFFDIO_REGISTER(), &mut reg, (start, len))
+    }
+
+    /// Maps the memfd pages of `start .. start + len` (a [`Uffd::register_minor`] range)
+    /// again from their memfd and wakes the threads waiting on them; `write_protect`
+    /// leaves them write-protected. Pages already mapped are left as they are (the kernel
+    /// reports `EEXIST`, returned as `Ok(false)`).
+    pub fn continue_range(
+        &self,
+        start: u64,
+        len: u64,
+        write_protect: bool,
+    ) -> Result<bool, UffdError> {
+        let mut c = UffdioContinue {
+            range: UffdioRange { start, len },
+            mode: if write_protect {
+                UFFDIO_CONTINUE_MODE_WP
+            } else {
+                0
+            },
+            mapped: 0,
+        };
+        match self.call("UFFDIO_CONTINUE", UFFDIO_CONTINUE(), &mut c, (start, len)) {
+            Err(UffdError::Ioctl { source, .. }) if source.raw_os_error() == Some(libc::EEXIST) => {
+                Ok(false)
+            }
+            r => r.map(|()| true),
+        }
     }
 
     /// Unregisters `start .. start + len` (wakes any thread waiting on it).
@@ -412,14 +503,13 @@ fn decode(msg: &UffdMsg) -> UffdEvent {
     }
     let addr = msg.address & !(crate::PAGE_SIZE_U64 - 1);
     let tid = msg.ptid as u32;
+    let write = msg.flags & UFFD_PAGEFAULT_FLAG_WRITE != 0;
     if msg.flags & UFFD_PAGEFAULT_FLAG_WP != 0 {
         UffdEvent::WriteProtect { addr, tid }
+    } else if msg.flags & UFFD_PAGEFAULT_FLAG_MINOR != 0 {
+        UffdEvent::Minor { addr, write, tid }
     } else {
-        UffdEvent::Missing {
-            addr,
-            write: msg.flags & UFFD_PAGEFAULT_FLAG_WRITE != 0,
-            tid,
-        }
+        UffdEvent::Missing { addr, write, tid }
     }
 }
 
@@ -432,6 +522,27 @@ impl AsFd for Uffd {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decode_minor_fault_reports_a_hint_with_its_thread() {
+        let msg = UffdMsg {
+            event: UFFD_EVENT_PAGEFAULT,
+            flags: UFFD_PAGEFAULT_FLAG_MINOR | UFFD_PAGEFAULT_FLAG_WRITE,
+            address: 0x2000_0123,
+            ptid: 42,
+            ..Default::default()
+        };
+        let ev = decode(&msg);
+        assert_eq!(
+            ev,
+            UffdEvent::Minor {
+                addr: 0x2000_0000,
+                write: true,
+                tid: 42
+            }
+        );
+        assert_eq!(ev.tid(), 42);
+    }
 
     #[test]
     fn decode_wp_fault_reports_write_protect() {
