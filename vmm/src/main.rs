@@ -49,6 +49,7 @@ fn main() -> ExitCode {
             migrate_walk,
             migrate_rate,
             numa_balance,
+            vcpu_nodes,
         } => {
             let migrate = migrate_to.map(|to| cli::run::MigrateOpts {
                 to,
@@ -62,6 +63,7 @@ fn main() -> ExitCode {
                 common.events,
                 migrate,
                 *numa_balance,
+                vcpu_nodes.as_deref(),
             );
             finish(common.json, common.events, report, error, print_run)
         }

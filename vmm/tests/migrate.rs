@@ -112,6 +112,44 @@ fn bad_node_options_exit_2_with_a_remedy() {
         ],
         "at least 1 MiB",
     );
+    rejects(
+        &["run", "--nodes", "2", "--vcpu-nodes", "0,2"],
+        "give --nodes 3 or more",
+    );
+}
+
+#[test]
+fn each_vcpus_slice_is_placed_on_its_own_node() {
+    if !kvm() {
+        return;
+    }
+    let r = report(
+        &[
+            "run",
+            "--mem",
+            "64M",
+            "--vcpus",
+            "2",
+            "--nodes",
+            "2",
+            "--vcpu-nodes",
+            "1,0",
+            "--workload",
+            "fill:seed=4,verify:seed=4",
+            "--json",
+        ],
+        0,
+    );
+    assert_eq!(r["verified"], true, "{r}");
+    assert_eq!(r["config"]["vcpu_nodes"], serde_json::json!([1, 0]));
+    // vCPU 0 filled the lower slice on node 1, vCPU 1 the upper on node 0 (the boot
+    // region the VMM writes goes to the VM's home, the first entry: node 1).
+    let per = &r["vms"][0]["pages_per_node"];
+    let (n0, n1) = (per[0].as_u64().unwrap(), per[1].as_u64().unwrap());
+    assert!(
+        n0 >= 8000 && n1 >= 8000,
+        "each vCPU's slice on its node: {per}"
+    );
 }
 
 #[test]

@@ -254,6 +254,14 @@ pub(crate) enum Cmd {
         /// --nodes), 256 MiB per scan.
         #[arg(long, value_name = "MS", num_args = 0..=1, default_missing_value = "1000")]
         numa_balance: Option<u64>,
+        /// Each vCPU's home node, vCPU i taking the (i mod len)-th entry ("0,1": vCPU 0
+        /// on node 0, vCPU 1 on node 1, ...), the same in every VM. A fault is resolved on
+        /// the node of the vCPU that takes it, so first touch places each vCPU's slice on
+        /// its node, and --numa-balance moves pages to the node of the vCPU that keeps
+        /// touching them (hinting faults name the vCPU: userfaultfd MINOR faults).
+        /// Default: all of VM k's vCPUs on node k mod --nodes.
+        #[arg(long, value_name = "LIST", value_delimiter = ',')]
+        vcpu_nodes: Option<Vec<u16>>,
     },
     /// Run a VM, snapshot-fork it into clones, run a second phase in each, verify all.
     #[command(after_help = WORKLOAD_HELP)]

@@ -56,6 +56,8 @@ pub(crate) struct Config {
     /// Pool node i is bound to host NUMA node i (the host has enough nodes), and each
     /// VM's threads run on its home node's CPUs.
     pub nodes_bound: bool,
+    /// `run --vcpu-nodes`: each vCPU's home node (vCPU i the (i mod len)-th).
+    pub vcpu_nodes: Option<Vec<u16>>,
 }
 
 impl Config {
@@ -100,6 +102,7 @@ impl Config {
             policy: c.policy.to_string(),
             host_numa_nodes: vmm::numa::host_memory_nodes(),
             nodes_bound: mm.pool().nodes().iter().all(|n| n.host_node().is_some()),
+            vcpu_nodes: None,
         }
     }
 }
@@ -306,6 +309,17 @@ pub(crate) fn print_run(out: &mut dyn Write, r: &RunReport) -> io::Result<()> {
         r.pool_bytes / MIB
     )?;
     print_nodes(out, r.config.nodes, &r.config.policy)?;
+    if let Some(list) = &r.config.vcpu_nodes {
+        let list: Vec<String> = list.iter().map(u16::to_string).collect();
+        let hints: u64 = r.vms.iter().map(|v| v.faults.hint).sum();
+        writeln!(
+            out,
+            "vCPU i on node entry i mod {} of [{}]: faults placed on the faulting vCPU's \
+             node; {hints} hinting faults named the touching vCPU",
+            list.len(),
+            list.join(",")
+        )?;
+    }
     for v in &r.vms {
         writeln!(out, "VM {}:", v.vm)?;
         for s in &v.steps {

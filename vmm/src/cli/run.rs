@@ -17,6 +17,24 @@ use super::limits::{
 use super::report::{Config, MigrationSummary, RunReport, VmRunReport};
 use super::steps::{Deadline, StepReport, plan, run_plan, workload};
 
+/// `--vcpu-nodes`: at least one entry, each a node of the pool.
+fn check_vcpu_nodes(list: &[u16], nodes: usize) -> Result<(), CliError> {
+    if list.is_empty() {
+        return Err(CliError::Usage(
+            "--vcpu-nodes needs at least one node (like 0,1)".into(),
+        ));
+    }
+    if let Some(&n) = list.iter().find(|&&n| usize::from(n) >= nodes) {
+        return Err(CliError::Usage(format!(
+            "--vcpu-nodes: node {n} does not exist with --nodes {nodes} (nodes are 0 to {}); \
+             give --nodes {} or more",
+            nodes - 1,
+            n + 1
+        )));
+    }
+    Ok(())
+}
+
 /// `vmm run --migrate-to`: where and how to move the VMs' memory while they run.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct MigrateOpts {
@@ -35,11 +53,15 @@ pub(crate) fn cmd_run(
     events: bool,
     migrate: Option<MigrateOpts>,
     numa_balance_ms: Option<u64>,
+    vcpu_nodes: Option<&[u16]>,
 ) -> (Option<RunReport>, Option<CliError>) {
     let prepared = (|| {
         let mem = guest_mem(&common.mem)?;
         check_vcpus(common.vcpus)?;
         check_nodes(common)?;
+        if let Some(list) = vcpu_nodes {
+            check_vcpu_nodes(list, common.nodes)?;
+        }
         if let Some(m) = migrate {
             if usize::from(m.to) >= common.nodes {
                 return Err(CliError::Usage(format!(
@@ -102,6 +124,7 @@ pub(crate) fn cmd_run(
     let mut config = Config::new("run", common, mem, bytes, &mm);
     config.vms = Some(vms);
     config.workload = Some(w.into());
+    config.vcpu_nodes = vcpu_nodes.map(<[u16]>::to_vec);
     let steps = plans.first().and_then(|p| p.first()).map_or(0, Vec::len);
     let fb = Feedback::new(u64::from(vms) * (1 + steps as u64), true, events);
     fb.event("start", json!({ "config": &config }));
@@ -114,11 +137,23 @@ pub(crate) fn cmd_run(
     let mut machines = Vec::new();
     let mut fatal = None;
     for i in 0..vms {
-        // VM k's vCPUs live on node k mod --nodes (its first-touch node).
-        let home = guestmem::NodeId((i as usize % common.nodes) as u16);
+        // VM k's vCPUs live on node k mod --nodes (its first-touch node), or each on its
+        // --vcpu-nodes entry (the VM's home is the first).
+        let home = match vcpu_nodes {
+            Some(list) => guestmem::NodeId(list[0]),
+            None => guestmem::NodeId((i as usize % common.nodes) as u16),
+        };
         let cfg = VmConfig {
             home_node: home,
             home_cpus: super::limits::home_cpus(&mm, home),
+            vcpu_homes: vcpu_nodes.map(|list| {
+                list.iter()
+                    .map(|&n| vmm::VcpuHome {
+                        node: guestmem::NodeId(n),
+                        cpus: super::limits::home_cpus(&mm, guestmem::NodeId(n)),
+                    })
+                    .collect()
+            }),
             ..cfg.clone()
         };
         // The boot region the VMM writes into a new VM is first touched by this thread.
