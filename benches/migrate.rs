@@ -61,7 +61,11 @@ impl Memcpy {
         let src = vec![0x5au8; bytes];
         let mut dst = vec![0u8; bytes];
         dst.copy_from_slice(&src);
-        let mut m = Memcpy { src, dst, best: 0.0 };
+        let mut m = Memcpy {
+            src,
+            dst,
+            best: 0.0,
+        };
         for _ in 0..reps {
             m.sample();
         }

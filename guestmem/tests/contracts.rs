@@ -417,3 +417,64 @@ fn a_fragmented_pool_still_maps_runs_not_single_frames() {
     }
     assert_eq!(pool.free_frames(), pool.total_frames());
 }
+
+#[test]
+fn a_fault_on_a_long_run_of_frames_maps_it_across_blocks_in_one_host_call() {
+    use guestmem::mmu::{MmuCall, RecordingMmu};
+    use guestmem::{Access, FaultOutcome};
+    let pool = Arc::new(
+        Pool::new(&PoolConfig::uniform(
+            4 * PAGES * PAGE_SIZE as u64,
+            1,
+            AllocatorKind::GlobalLock,
+        ))
+        .expect("pool"),
+    );
+    let mm = Manager::new(pool, ManagerConfig::default());
+    let parent = space(&mm, Arc::new(NoopMmu));
+    write_pages(&parent, 0, 1536, 7).unwrap();
+    let contiguous = (1..1536).all(|g| {
+        let p = |g| parent.pte(Gfn(g)).unwrap().pfn().unwrap().0;
+        p(g) == p(g - 1) + 1
+    });
+    assert!(contiguous, "a fresh pool hands out ascending frames");
+    let maps = |rec: &RecordingMmu| -> Vec<(Gfn, u64, bool)> {
+        rec.take()
+            .into_iter()
+            .filter_map(|c| match c {
+                MmuCall::Map {
+                    gfn,
+                    pages,
+                    writable,
+                    ..
+                } => Some((gfn, pages, writable)),
+                _ => None,
+            })
+            .collect()
+    };
+    // A clone's first read maps all three blocks of its parent's run, read-only, at once,
+    // and says so (the VMM wakes every access waiting in it).
+    let rec = Arc::new(RecordingMmu::default());
+    let child = parent.fork(rec.clone()).unwrap();
+    let (o, run) = child.handle_fault_run(Gfn(3), Access::Read).unwrap();
+    assert_eq!(o, FaultOutcome::MapExisting { pages: 1536 });
+    assert_eq!(run, Gfn(0)..Gfn(1536));
+    assert_eq!(maps(&rec), vec![(Gfn(0), 1536, false)]);
+    assert_eq!(read_tag(&child, 1535), 7);
+    // Where the frames stop following each other (the parent's copy of page 700 after
+    // its write), the run stops.
+    write_pages(&parent, 700, 1, 8).unwrap();
+    let rec2 = Arc::new(RecordingMmu::default());
+    let child2 = parent.fork(rec2.clone()).unwrap();
+    let (_, run) = child2.handle_fault_run(Gfn(0), Access::Read).unwrap();
+    assert!(
+        run.start == Gfn(0) && run.end.0 > 512 && run.end.0 <= 700,
+        "{run:?}"
+    );
+    assert_eq!(maps(&rec2), vec![(Gfn(0), run.end.0, false)]);
+    assert_eq!(read_tag(&child2, 700), 8);
+    assert_eq!(read_tag(&child, 700), 7);
+    for vm in [child2, child, parent] {
+        vm.exit();
+    }
+}

@@ -8,6 +8,7 @@
 //! [`HostMmu`] methods, exactly as the memory manager will.
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -122,6 +123,15 @@ impl FaultKind {
 pub trait FaultResolver: Send + Sync + std::fmt::Debug {
     /// Resolves one fault.
     fn resolve(&self, gfn: Gfn, kind: FaultKind) -> Result<(), FaultError>;
+
+    /// Resolves one fault and says which pages around `gfn` it made present (at least
+    /// `gfn`): the handler wakes every access waiting in them. The default resolves and
+    /// names `gfn` alone. Naming a page that is not resolved is harmless (its access
+    /// faults again), only slower.
+    fn resolve_run(&self, gfn: Gfn, kind: FaultKind) -> Result<Range<Gfn>, FaultError> {
+        self.resolve(gfn, kind)?;
+        Ok(gfn..gfn.offset(1))
+    }
 }
 
 /// Faults handled, by kind (all counters only ever grow; Relaxed: statistics).
@@ -196,7 +206,7 @@ pub fn handle_event(
     let t0 = std::time::Instant::now();
     let gfn = window.gfn_of(addr).ok_or(FaultError::OutsideRam(addr))?;
     tracing::trace!(%gfn, ?kind, "guest fault");
-    resolver.resolve(gfn, kind)?;
+    let run = resolver.resolve_run(gfn, kind)?;
     stats
         .resolve_ns
         .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
@@ -208,8 +218,16 @@ pub fn handle_event(
     };
     counter.fetch_add(1, Ordering::Relaxed);
     // Counted before the wake: once woken, the vCPU may finish its command and the
-    // counts be read.
-    uffd.wake(addr, PAGE)?;
+    // counts be read. Every access waiting in the run goes on (one not yet read from
+    // the queue leaves it: its fault is never handled).
+    // Host addresses from the faulting one: the same window range it was in.
+    let page = addr & !(PAGE - 1);
+    if run.start <= gfn && gfn < run.end && run.end.0 <= window.pages() {
+        let lo = page - (gfn.0 - run.start.0) * PAGE;
+        uffd.wake(lo, (run.end.0 - run.start.0) * PAGE)?;
+    } else {
+        uffd.wake(page, PAGE)?;
+    }
     stats
         .handler_ns
         .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);

@@ -28,6 +28,7 @@
 //! close) and the parent resumes as it was.
 
 use std::mem::ManuallyDrop;
+use std::ops::Range;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -73,6 +74,19 @@ impl FaultResolver for SpaceResolver {
         }
         self.space.handle_fault(gfn, access)?;
         Ok(())
+    }
+
+    fn resolve_run(&self, gfn: Gfn, kind: FaultKind) -> Result<Range<Gfn>, FaultError> {
+        let access = if kind.is_write() {
+            Access::Write
+        } else {
+            Access::Read
+        };
+        if let FaultKind::Hint { .. } = kind {
+            self.space.hint_fault(gfn, access)?;
+            return Ok(gfn..gfn.offset(1));
+        }
+        Ok(self.space.handle_fault_run(gfn, access)?.1)
     }
 }
 

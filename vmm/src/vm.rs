@@ -355,6 +355,13 @@ impl FaultResolver for LateResolver {
             None => Err(FaultError::NoResolver { gfn, kind }),
         }
     }
+
+    fn resolve_run(&self, gfn: Gfn, kind: FaultKind) -> Result<std::ops::Range<Gfn>, FaultError> {
+        match self.inner.get() {
+            Some(r) => r.resolve_run(gfn, kind),
+            None => Err(FaultError::NoResolver { gfn, kind }),
+        }
+    }
 }
 
 /// Pre-created [`Vm::shell`]s of one shape, so that a fork creates no KVM VM, vCPU,

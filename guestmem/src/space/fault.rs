@@ -1,6 +1,8 @@
 //! Fault resolution: first touch (with fault-around), copy-on-write (copy or reuse),
 //! and re-mapping present pages into the host view.
 
+use std::cell::Cell;
+use std::ops::Range;
 use std::sync::atomic::Ordering;
 
 use super::swapin::Pending;
@@ -13,7 +15,37 @@ use crate::pool::{AllocError, FrameInit};
 use crate::reclaim::swap::SwapSlot;
 use crate::types::{Gfn, Order, Pfn};
 
+/// Blocks after the faulting one that one fault maps at most with it (64 MiB).
+const MAP_AHEAD_BLOCKS: usize = 32;
+
+thread_local! {
+    /// The last run this thread had mapped into a host view (first gfn, pages): what
+    /// [`AddressSpace::handle_fault_run`] reports.
+    static MAPPED: Cell<(u64, u64)> = const { Cell::new((0, 0)) };
+}
+
 impl AddressSpace {
+    /// [`AddressSpace::handle_fault`], and the pages around `gfn` that the host view now
+    /// maps for it (the run its last host mapping covered, else `gfn` alone): a VMM wakes
+    /// every access waiting in them, not only the one that faulted, so other vCPUs
+    /// waiting in the same run go on without a fault of their own being resolved (and
+    /// the run mapped again).
+    pub fn handle_fault_run(
+        &self,
+        gfn: Gfn,
+        access: Access,
+    ) -> Result<(FaultOutcome, Range<Gfn>), SpaceError> {
+        MAPPED.with(|m| m.set((0, 0)));
+        let o = self.handle_fault(gfn, access)?;
+        let (first, pages) = MAPPED.with(Cell::get);
+        let run = if (first..first + pages).contains(&gfn.0) {
+            Gfn(first)..Gfn(first + pages)
+        } else {
+            gfn..gfn.offset(1)
+        };
+        Ok((o, run))
+    }
+
     /// Resolves a guest fault at `gfn` (what the VMM calls for a userfaultfd event).
     ///
     /// A fault on a swapped-out page reads it back with no page-table lock held and
@@ -159,6 +191,7 @@ impl AddressSpace {
     ) -> Result<(), HostMmuError> {
         let node = self.mm.pool.node_of(pfn);
         region.pt.host_mapped.update(index, pages, true);
+        MAPPED.with(|m| m.set((region.pt.gfn(index).0, pages)));
         region.pt.mmu.map_run(MapRun {
             gfn: region.pt.gfn(index),
             pages,
@@ -513,7 +546,43 @@ impl AddressSpace {
         }
         let first_index = index - (s - lo) as u64;
         let first_pfn = Pfn(pfn.0 - (s - lo) as u32);
-        let pages = (hi - lo) as u64;
+        let mut pages = (hi - lo) as u64;
+        // A run that reaches the block's end goes on into the blocks after it while their
+        // entries go on with the same frames (a clone's or a re-born parent's memory is
+        // mostly long runs): one host mapping instead of one per block. Those blocks are
+        // only tried (no lock order between blocks is needed) and stay locked until the
+        // host view maps them, as every host mapping is made under its entries' locks.
+        let mut more = Vec::new();
+        if hi == len {
+            let table = &region.pt.table;
+            let mut b = (index / PTES_PER_BLOCK as u64) as usize + 1;
+            let mut want = i64::from(first_pfn.0) + pages as i64;
+            while b < table.blocks() && more.len() < MAP_AHEAD_BLOCKS {
+                let Ok(Some((next, _))) = table.try_lock(b as u64 * PTES_PER_BLOCK as u64) else {
+                    break;
+                };
+                let n = table.block_len(b);
+                let k = (0..n)
+                    .take_while(|&t| {
+                        let e = next.effective(t);
+                        e.is_writable() == w
+                            && e.pfn().is_some_and(|p| {
+                                i64::from(p.0) == want + t as i64 && node.contains(p)
+                            })
+                    })
+                    .count();
+                if k == 0 {
+                    break;
+                }
+                pages += k as u64;
+                want += k as i64;
+                more.push(next);
+                if k < n {
+                    break;
+                }
+                b += 1;
+            }
+        }
         if let Err(e) = self.map_run(region, first_index, pages, first_pfn, w) {
             // A half-made read-only run could be writable: leave nothing of it mapped.
             let _ = region.pt.mmu.unmap_run(region.pt.gfn(first_index), pages);
