@@ -265,15 +265,7 @@ impl Uffd {
     /// Opens a non-blocking userfaultfd and negotiates [`Self::REQUIRED`] plus whatever of
     /// [`Self::OPTIONAL`] the kernel offers.
     pub fn new() -> Result<Uffd, UffdError> {
-        // The API handshake may be done once per fd: ask a throwaway fd what is offered.
-        let probe = open_raw()?;
-        let offered = api(&probe, 0).map_err(|source| UffdError::Ioctl {
-            op: "UFFDIO_API",
-            start: 0,
-            len: 0,
-            source,
-        })?;
-        drop(probe);
+        let offered = Self::offered()?;
         if offered & Self::REQUIRED != Self::REQUIRED {
             return Err(UffdError::MissingFeatures {
                 missing: Self::REQUIRED & !offered,
@@ -289,6 +281,25 @@ impl Uffd {
             source,
         })?;
         Ok(Uffd { fd, features: want })
+    }
+
+    /// The features the kernel offers, asked once per process: the API handshake may be
+    /// done once per fd, so a throwaway fd is asked, and closing a userfaultfd walks every
+    /// mapping of the process (`userfaultfd_release`), which grows with the VMs it runs.
+    fn offered() -> Result<u64, UffdError> {
+        static OFFERED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+        if let Some(&f) = OFFERED.get() {
+            return Ok(f);
+        }
+        let probe = open_raw()?;
+        let offered = api(&probe, 0).map_err(|source| UffdError::Ioctl {
+            op: "UFFDIO_API",
+            start: 0,
+            len: 0,
+            source,
+        })?;
+        drop(probe);
+        Ok(*OFFERED.get_or_init(|| offered))
     }
 
     /// The negotiated feature bits.
