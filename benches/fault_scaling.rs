@@ -106,5 +106,14 @@ fn main() {
             r.metrics["cost_vs_one_vm"]
         );
     }
+    exp.chart(&kvmm::Chart {
+        stem: "cost",
+        title: "CPU per page written vs VMs faulting at once",
+        x: "vms",
+        y: "fault_cost_ns",
+        log_x: true,
+        log_y: false,
+        only: &[],
+    });
     exp.finish();
 }

@@ -78,5 +78,14 @@ fn main() {
         eprintln!("{mib} MiB: guestmem fork {fork_ms:.2} ms, host fork {host_ms:.2} ms");
     }
     println!("{}", exp.table("fork_ms", "host-fork"));
+    exp.chart(&kvmm::Chart {
+        stem: "fork",
+        title: "fork latency vs memory written (ours vs the host's)",
+        x: "mib",
+        y: "fork_ms",
+        log_x: true,
+        log_y: true,
+        only: &[],
+    });
     exp.finish();
 }

@@ -180,5 +180,14 @@ fn main() {
     ] {
         println!("{}", exp.table(m, "flat+blocking"));
     }
+    exp.chart(&kvmm::Chart {
+        stem: "jobs",
+        title: "fork+exit jobs per second vs children, reclaim running",
+        x: "children",
+        y: "jobs_per_sec",
+        log_x: true,
+        log_y: true,
+        only: &[],
+    });
     exp.finish();
 }

@@ -389,5 +389,17 @@ fn main() {
         )
     );
     println!("{}", exp.table("cow_ns", "standard"));
+    exp.bars(&kvmm::Bars {
+        stem: "first-touch",
+        title: "guest first touch, ns per page",
+        y: "first_touch_ns",
+        only: &[],
+    });
+    exp.bars(&kvmm::Bars {
+        stem: "cow",
+        title: "guest copy-on-write, ns per page (dense)",
+        y: "cow_ns",
+        only: &[],
+    });
     exp.finish();
 }

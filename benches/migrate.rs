@@ -363,5 +363,17 @@ fn main() {
             .metric("gb_per_sec", copy.best),
     );
     eprintln!("memcpy best of the run: {:.2} GB/s", copy.best);
+    exp.bars(&kvmm::Bars {
+        stem: "throughput",
+        title: "migration GB/s (memcpy: the copy speed of the run)",
+        y: "gb_per_sec",
+        only: &[],
+    });
+    exp.bars(&kvmm::Bars {
+        stem: "stall",
+        title: "guest write command p99 (us), quiet vs while moving",
+        y: "p99_us",
+        only: &[],
+    });
     exp.finish();
 }

@@ -214,5 +214,11 @@ fn main() {
             .metric("kswapd_hot_core_share", hot_share)
             .metric("kswapd_hot_core_share_per_16gib", share_per_16g),
     );
+    exp.bars(&kvmm::Bars {
+        stem: "slowdown",
+        title: "hot-phase slowdown at twice the host memory",
+        y: "slowdown",
+        only: &[],
+    });
     exp.finish();
 }

@@ -219,6 +219,25 @@ fn main() {
         );
         println!("{}", exp.table(metric, AllocatorKind::PerCpuLists.name()));
     }
+    for test in [Test::Bulk, Test::Repeat, Test::Random] {
+        // One chart per test: a line per allocator.
+        let mut one = exp.clone();
+        one.rows
+            .retain(|r| r.params.get("test").and_then(|t| t.as_str()) == Some(test.name()));
+        let (stem, title) = (
+            format!("pair-{}", test.name()),
+            format!("{}: alloc + free ns per frame vs threads", test.name()),
+        );
+        one.chart(&kvmm::Chart {
+            stem: &stem,
+            title: &title,
+            x: "threads",
+            y: "pair_ns",
+            log_x: false,
+            log_y: true,
+            only: &[],
+        });
+    }
     exp.finish();
     println!(
         "took {:.1} s in {mode:?} mode",

@@ -248,5 +248,11 @@ fn main() {
         }
         Err(e) => panic!("swap needs KVM: {e} (set SKIP_KVM=1 to skip)"),
     }
+    exp.bars(&kvmm::Bars {
+        stem: "throughput",
+        title: "swap-out GB/s by punch and I/O mode",
+        y: "gb_per_sec",
+        only: &[],
+    });
     exp.finish();
 }

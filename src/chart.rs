@@ -1,5 +1,7 @@
-//! SVG line charts of an experiment's rows, written beside its JSON: one line per variant,
-//! a metric against a numeric parameter, linear or log axes.
+//! SVG charts of an experiment's rows, written beside its JSON: line charts (one line per
+//! variant, a metric against a numeric parameter, linear or log axes) and bar charts (one
+//! bar per row that has the metric, for experiments whose rows differ by design rather
+//! than by a size).
 //!
 //! Written by hand (a few SVG elements) rather than with a plotting crate: plotters needs
 //! a font backend (font-kit and the host's fontconfig) to lay out text, which CI machines
@@ -25,6 +27,20 @@ pub struct Chart<'a> {
     pub log_x: bool,
     /// Logarithmic y axis.
     pub log_y: bool,
+    /// Only rows whose parameters have these values.
+    pub only: &'a [(&'a str, f64)],
+}
+
+/// A bar chart: one horizontal bar per row that has `y` (and the `only` parameters),
+/// labelled with its variant and parameters.
+#[derive(Debug, Clone, Copy)]
+pub struct Bars<'a> {
+    /// The file is `<experiment>-<stem>.svg`.
+    pub stem: &'a str,
+    /// The title line.
+    pub title: &'a str,
+    /// The metric the bars show.
+    pub y: &'a str,
     /// Only rows whose parameters have these values.
     pub only: &'a [(&'a str, f64)],
 }
@@ -236,17 +252,112 @@ impl Experiment {
         s
     }
 
+    /// Draws `b`: a bar per row with its metric, in row order, scaled from zero.
+    pub fn bars_svg(&self, b: &Bars<'_>) -> String {
+        let bars: Vec<(String, f64)> = self
+            .rows
+            .iter()
+            .filter(|r| {
+                b.only
+                    .iter()
+                    .all(|(k, v)| r.params.get(*k).and_then(|p| p.as_f64()) == Some(*v))
+            })
+            .filter_map(|r| {
+                let y = *r.metrics.get(b.y)?;
+                let params: Vec<String> = r
+                    .params
+                    .iter()
+                    .map(|(k, v)| match v.as_str() {
+                        Some(s) => format!("{k}={s}"),
+                        None => format!("{k}={v}"),
+                    })
+                    .collect();
+                let label = if params.is_empty() {
+                    r.variant.clone()
+                } else {
+                    format!("{} {}", r.variant, params.join(" "))
+                };
+                y.is_finite().then_some((label, y))
+            })
+            .collect();
+        const LABEL: f64 = 260.0;
+        const BAR: f64 = 18.0;
+        let h = TOP + BOTTOM + BAR * 1.4 * bars.len().max(1) as f64;
+        let pw = W - LABEL - 90.0;
+        let max = bars.iter().map(|b| b.1).fold(0.0f64, f64::max);
+        let scale = if max > 0.0 { pw / max } else { 0.0 };
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{h}" font-family="sans-serif" font-size="12">"#
+        );
+        let _ = writeln!(s, r#"<rect width="{W}" height="{h}" fill="white"/>"#);
+        let _ = writeln!(
+            s,
+            r#"<text x="{}" y="22" font-size="14" text-anchor="middle">{}</text>"#,
+            W / 2.0,
+            esc(b.title)
+        );
+        for (i, (label, y)) in bars.iter().enumerate() {
+            let top = TOP + BAR * 1.4 * i as f64;
+            let width = (y.max(0.0) * scale).max(0.5);
+            let colour = COLOURS[i % COLOURS.len()];
+            let _ = writeln!(
+                s,
+                r#"<text x="{}" y="{}" text-anchor="end">{}</text><rect x="{LABEL}" y="{top}" width="{width:.1}" height="{BAR}" fill="{colour}"/><text x="{:.1}" y="{}">{}</text>"#,
+                LABEL - 6.0,
+                top + BAR - 5.0,
+                esc(label),
+                LABEL + width + 4.0,
+                top + BAR - 5.0,
+                label_value(*y)
+            );
+        }
+        let _ = writeln!(
+            s,
+            r#"<text x="{}" y="{}" text-anchor="middle">{}</text>"#,
+            LABEL + pw / 2.0,
+            h - 12.0,
+            esc(b.y)
+        );
+        s.push_str("</svg>\n");
+        s
+    }
+
     /// Writes `c` beside the JSON and says where (or why not).
     pub fn chart(&self, c: &Chart<'_>) {
-        let path = self.chart_path(c.stem);
+        self.write_svg(c.stem, &self.chart_svg(c));
+    }
+
+    /// Writes `b` beside the JSON and says where (or why not).
+    pub fn bars(&self, b: &Bars<'_>) {
+        self.write_svg(b.stem, &self.bars_svg(b));
+    }
+
+    fn write_svg(&self, stem: &str, svg: &str) {
+        let path = self.chart_path(stem);
         let r = path
             .parent()
             .map_or(Ok(()), std::fs::create_dir_all)
-            .and_then(|()| std::fs::write(&path, self.chart_svg(c)));
+            .and_then(|()| std::fs::write(&path, svg));
         match r {
             Ok(()) => println!("wrote {}", path.display()),
             Err(e) => eprintln!("could not write {}: {e}", path.display()),
         }
+    }
+}
+
+/// A bar's value as text: three significant digits.
+fn label_value(v: f64) -> String {
+    if v != 0.0 && (v.abs() >= 1e6 || v.abs() < 1e-2) {
+        format!("{v:.2e}")
+    } else if v.abs() >= 100.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.3}")
+            .trim_end_matches('0')
+            .trim_end_matches('.')
+            .to_string()
     }
 }
 
@@ -278,5 +389,27 @@ mod tests {
         assert!(svg.contains(">flat<") && svg.contains(">chain<"));
         assert!(!svg.contains("NaN") && !svg.contains("inf"), "{svg}");
         assert!(e.chart_path("walk").ends_with("experiments/t-walk.svg"));
+    }
+
+    #[test]
+    fn a_bar_chart_has_a_bar_per_row_with_the_metric() {
+        let mut e = Experiment::new("t", Mode::Smoke);
+        e.push(Row::new("standard").param("pages", 8).metric("us", 5.62));
+        e.push(Row::new("managed").param("pages", 8).metric("us", 4.54));
+        e.push(Row::new("other").metric("ms", 1.0));
+        let svg = e.bars_svg(&Bars {
+            stem: "first",
+            title: "first touch <us>",
+            y: "us",
+            only: &[],
+        });
+        // The white background and two bars.
+        assert_eq!(svg.matches("<rect").count(), 3, "{svg}");
+        assert!(
+            svg.contains(">standard pages=8<") && svg.contains(">4.54<"),
+            "{svg}"
+        );
+        assert!(svg.contains("first touch &lt;us&gt;"));
+        assert!(!svg.contains("NaN") && !svg.contains("inf"), "{svg}");
     }
 }

@@ -19,7 +19,7 @@ pub mod chart;
 pub mod hostref;
 pub mod setup;
 
-pub use chart::Chart;
+pub use chart::{Bars, Chart};
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -98,7 +98,7 @@ impl Row {
 }
 
 /// An experiment's results, written as JSON and printed as a table.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct Experiment {
     /// The experiment's name; also the JSON file's stem.
     pub experiment: String,
