@@ -135,13 +135,7 @@ impl Experiment {
     /// variant in order of first appearance.
     pub fn chart_svg(&self, c: &Chart<'_>) -> String {
         let points: Vec<(&str, f64, f64)> = self
-            .rows
-            .iter()
-            .filter(|r| {
-                c.only
-                    .iter()
-                    .all(|(k, v)| r.params.get(*k).and_then(|p| p.as_f64()) == Some(*v))
-            })
+            .selected(c.only)
             .filter_map(|r| {
                 let x = r.params.get(c.x)?.as_f64()?;
                 let y = *r.metrics.get(c.y)?;
@@ -252,16 +246,21 @@ impl Experiment {
         s
     }
 
+    /// The rows whose parameters have the values `only` names.
+    fn selected<'s>(
+        &'s self,
+        only: &'s [(&'s str, f64)],
+    ) -> impl Iterator<Item = &'s crate::Row> + 's {
+        self.rows.iter().filter(move |r| {
+            only.iter()
+                .all(|(k, v)| r.params.get(*k).and_then(|p| p.as_f64()) == Some(*v))
+        })
+    }
+
     /// Draws `b`: a bar per row with its metric, in row order, scaled from zero.
     pub fn bars_svg(&self, b: &Bars<'_>) -> String {
         let bars: Vec<(String, f64)> = self
-            .rows
-            .iter()
-            .filter(|r| {
-                b.only
-                    .iter()
-                    .all(|(k, v)| r.params.get(*k).and_then(|p| p.as_f64()) == Some(*v))
-            })
+            .selected(b.only)
             .filter_map(|r| {
                 let y = *r.metrics.get(b.y)?;
                 let params: Vec<String> = r

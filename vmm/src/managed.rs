@@ -62,18 +62,7 @@ impl SpaceResolver {
 
 impl FaultResolver for SpaceResolver {
     fn resolve(&self, gfn: Gfn, kind: FaultKind) -> Result<(), FaultError> {
-        let access = if kind.is_write() {
-            Access::Write
-        } else {
-            Access::Read
-        };
-        if let FaultKind::Hint { .. } = kind {
-            // Not present any more (reclaimed, moved): the woken access faults again.
-            self.space.hint_fault(gfn, access)?;
-            return Ok(());
-        }
-        self.space.handle_fault(gfn, access)?;
-        Ok(())
+        self.resolve_run(gfn, kind).map(|_| ())
     }
 
     fn resolve_run(&self, gfn: Gfn, kind: FaultKind) -> Result<Range<Gfn>, FaultError> {
@@ -83,6 +72,7 @@ impl FaultResolver for SpaceResolver {
             Access::Read
         };
         if let FaultKind::Hint { .. } = kind {
+            // Not present any more (reclaimed, moved): the woken access faults again.
             self.space.hint_fault(gfn, access)?;
             return Ok(gfn..gfn.offset(1));
         }
