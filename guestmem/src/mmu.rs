@@ -83,7 +83,9 @@ pub trait HostMmu: Send + Sync + fmt::Debug {
     /// Answers a hinting fault ([`crate::AddressSpace::hint_fault`]): the guest touched
     /// the present run `gfn .. gfn + pages` after a harvest dropped its host entries, and
     /// waits; makes the run reachable again (writable only if `writable`) and lets the
-    /// access go on. `Ok(false)`: this view takes no hinting faults (the default).
+    /// access go on. `Ok(false)`: this view takes no hinting faults (the default), or the
+    /// run is not there to restore (the view changed since the fault; the access faults
+    /// again).
     fn restore_run(&self, gfn: Gfn, pages: u64, writable: bool) -> Result<bool, HostMmuError> {
         let _ = (gfn, pages, writable);
         Ok(false)

@@ -641,16 +641,31 @@ impl HostMmu for Window {
     /// `UFFDIO_CONTINUE` of the run's memfd pages, write-protected unless `writable`
     /// (a copy-on-write page stays protected); `Ok(false)` if the window takes no
     /// hinting faults. Pages already mapped again are left as they are.
+    ///
+    /// The hinting fault may be older than the run's last host change: a move to another
+    /// node (or a fork's fresh window) made the range a hole after the fault was queued,
+    /// and the manager's entry is present again with no host mapping behind it yet. The
+    /// kernel then refuses (`EINVAL`: no memfd mapping there; `EFAULT`/`ENOENT`: no page
+    /// in it), and this returns `Ok(false)`: the woken access faults again on the hole,
+    /// and that fault maps the page.
     fn restore_run(&self, gfn: Gfn, pages: u64, writable: bool) -> Result<bool, HostMmuError> {
         if !self.takes_hinting_faults() {
             return Ok(false);
         }
         let g = self.pin();
         let (addr, len) = self.check_run(&g, "restore_run", gfn, pages)?;
-        self.uffd
-            .continue_range(addr, len, !writable)
-            .map(|_| true)
-            .map_err(|e| mmu_err("restore_run", gfn, pages, e))
+        match self.uffd.continue_range(addr, len, !writable) {
+            Ok(_) => Ok(true),
+            Err(UffdError::Ioctl { source, .. })
+                if matches!(
+                    source.raw_os_error(),
+                    Some(libc::EINVAL | libc::EFAULT | libc::ENOENT)
+                ) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(mmu_err("restore_run", gfn, pages, e)),
+        }
     }
 
     /// See [`Window::harvest_accessed`]; always `Ok(true)`.

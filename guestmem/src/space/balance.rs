@@ -163,8 +163,9 @@ impl AddressSpace {
     /// host view restore the entry as the manager maps the page
     /// ([`crate::mmu::HostMmu::restore_run`]: writable only if the entry is). `Ok(false)`
     /// when the page is not present any more (reclaimed or being moved: the host view
-    /// has a hole there, so the access faults again and is resolved as a fault) or the
-    /// view takes no hinting faults.
+    /// has a hole there, so the access faults again and is resolved as a fault), when
+    /// the view could not restore it (its range changed since the fault: the access
+    /// faults again), or when the view takes no hinting faults.
     pub fn hint_fault(&self, gfn: Gfn, access: Access) -> Result<bool, SpaceError> {
         let regions = self.read_regions()?;
         let region = self.find(&regions, gfn)?;
