@@ -20,6 +20,8 @@
 //!     anon_vma root lock (rmap; write = link/unlink, read = rmap walk)
 //!       page-table slot lock (one per 512 gfns; Slot in pagetable.rs)
 //!         [frame lock only by try_lock here: COW reuse in write_protect_fault]
+//!         [later slots of the same region only by try_lock here: a fault mapping a run
+//!          on past its block, space/fault.rs map_existing]
 //!         HostMmu calls (the VMM's window: host mmap lock, KVM memslot lock)
 //!         swap cache lock (reclaim/swapcache.rs; a leaf but for the two below)
 //!           swap device free map (reclaim/swap.rs: a slot's last put)
