@@ -348,6 +348,12 @@ impl Node {
         self.release_blocks(min_order)
     }
 
+    /// Gives every frame the allocator caches (CPU slots, the depot) back to the zone,
+    /// where free frames merge into blocks.
+    pub fn drain_caches(&self) {
+        self.alloc.drain();
+    }
+
     fn release_blocks(&self, min_order: u32) -> Result<u64, HostError> {
         // Hold no lock while punching: take each block out of the zone, punch, put back.
         // Blocks are taken one order-sized run at a time so other allocations go on.
@@ -653,6 +659,11 @@ impl Pool {
             .iter()
             .map(|n| n.release_idle_memory(min_order))
             .sum()
+    }
+
+    /// [`Node::drain_caches`] for every node.
+    pub fn drain_caches(&self) {
+        self.nodes.iter().for_each(Node::drain_caches);
     }
 
     /// Returns the host memory of frames about to be freed (reclaim): one hole punch per

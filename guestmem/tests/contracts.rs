@@ -478,3 +478,23 @@ fn a_fault_on_a_long_run_of_frames_maps_it_across_blocks_in_one_host_call() {
         vm.exit();
     }
 }
+
+#[test]
+fn first_touch_runs_grow_along_a_sequential_fill_and_stay_small_elsewhere() {
+    let (_pool, mm) = manager(4 * PAGES);
+    let vm = space(&mm, Arc::new(NoopMmu));
+    write_pages(&vm, 0, 2048, 1).unwrap();
+    let c = vm.counters();
+    // 64, 64, 128, 256, then 512-page runs (a block at most): 7 faults, not 32.
+    assert_eq!((c.zero_fill_faults, c.zero_fill_pages), (7, 2048), "{c:?}");
+    // Scattered first touches get the configured 64 pages each.
+    let other = space(&mm, Arc::new(NoopMmu));
+    for g in [100, 700, 1300, 1900] {
+        write_pages(&other, g, 1, 2).unwrap();
+    }
+    let c = other.counters();
+    assert_eq!((c.zero_fill_faults, c.zero_fill_pages), (4, 256), "{c:?}");
+    for vm in [other, vm] {
+        vm.exit();
+    }
+}

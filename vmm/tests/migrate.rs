@@ -169,6 +169,12 @@ fn the_demo_moves_a_clones_memory_live_and_every_vm_verifies() {
         per[1].as_u64() > Some(40_000) && per[0].as_u64() < Some(1024),
         "clone 1 lives on node 1 now: {per}"
     );
+    // The frames the move freed on node 0 went back to the host once it was done.
+    let (host, pss) = (
+        r["host_mib"].as_f64().unwrap(),
+        r["pss_total_mib"].as_f64().unwrap(),
+    );
+    assert!(host <= pss + 4.0, "host memory {host} MiB, PSS {pss} MiB");
     assert!(
         r["vms"]
             .as_array()

@@ -220,15 +220,21 @@ impl AddressSpace {
         slot: &mut Slot,
         index: u64,
     ) -> Result<Result<FaultOutcome, Pending>, SpaceError> {
-        // The largest naturally aligned run around `index`, up to `2^fault_around`, whose
-        // entries are all empty and for which the pool has a contiguous block: a pool too
+        // The largest naturally aligned run around `index`, up to `2^fault_around` (more,
+        // up to a block, for a fault that goes on where the VM's last run ended: a
+        // sequential fill, see `streams`), whose entries are all empty and for which the pool has a contiguous block: a pool too
         // fragmented for the full run still maps 32, 16, ... pages per host mapping
         // rather than one (each host mapping counts against `vm.max_map_count`). With
         // swap attached, a fault that finds no free block for the largest run that fits
         // first has one reclaimed whole (`Pending::Block`).
         let mut run = None;
         let mut first_fit = true;
-        for o in (1..=self.mm.config.fault_around.get()).rev() {
+        let gfn = region.pt.gfn(index);
+        let base = self.mm.config.fault_around.get();
+        // A grown run (a sequential stream) is opportunistic: only the configured size
+        // may ask reclaim for a whole block.
+        let max = self.streams.max_order(gfn, base);
+        for o in (1..=max).rev() {
             let n = 1u64 << o;
             let first = index & !(n - 1);
             let s0 = (first % PTES_PER_BLOCK as u64) as usize;
@@ -247,14 +253,16 @@ impl AddressSpace {
                         source: AllocError::Exhausted { .. },
                         ..
                     },
-                ) if first_fit && self.mm.can_reclaim_for(&e) => {
+                ) if first_fit && o <= base && self.mm.can_reclaim_for(&e) => {
                     if super::swapin::may_ask_for_block() {
                         return Ok(Err(Pending::Block));
                     }
                 }
                 Err(_) => {}
             }
-            first_fit = false;
+            if o <= base {
+                first_fit = false;
+            }
         }
         let (first, order, pfn) = match run {
             Some(r) => r,
@@ -265,6 +273,8 @@ impl AddressSpace {
             ),
         };
         let pages = u64::from(order.frames());
+        self.streams
+            .record(gfn, region.pt.gfn(first + pages), order.get());
         let s0 = (first % PTES_PER_BLOCK as u64) as usize;
         let block = self.exclusive(slot);
         for i in 0..pages {

@@ -126,6 +126,7 @@ impl AddressSpace {
             exited: AtomicBool::new(false),
             charge,
             cow_hint: AtomicU64::new(0),
+            streams: Default::default(),
             policy: super::policy::PolicyState::new(self.policy()),
             numa: Default::default(),
             mlocked: RwLock::new(

@@ -230,6 +230,7 @@ impl Manager {
             exited: AtomicBool::new(false),
             charge: self.charges.register(id, None),
             cow_hint: AtomicU64::new(0),
+            streams: Default::default(),
             policy: Default::default(),
             numa: Default::default(),
             mlocked: RwLock::new(Vec::new()),

@@ -40,6 +40,7 @@ mod manager;
 mod migrate;
 mod policy;
 mod reclaim;
+mod streams;
 mod swapin;
 
 pub use balance::{BalanceConfig, BalanceStats, Balancer};
@@ -375,6 +376,8 @@ pub struct AddressSpace {
     /// is ([`CowHint`]), so a sequential rewrite keeps its run size across page-table
     /// blocks ([`CowRun::Adaptive`]). A hint only: racing vCPUs may overwrite it.
     cow_hint: AtomicU64,
+    /// Where sequential first touches are going, so their runs grow ([`streams`]).
+    streams: streams::Streams,
     /// Guest page ranges kept resident ([`AddressSpace::mlock`]); inherited by forks.
     mlocked: RwLock<Vec<std::ops::Range<u64>>>,
     /// Where its new frames come from; inherited by forks.

@@ -694,10 +694,18 @@ impl Manager {
         self.return_idle_memory()
     }
 
+    /// A caller done moving memory between nodes gives the host the memory of the frames
+    /// the moves freed (migration keeps them for reuse while it runs): the allocators'
+    /// caches go back to the zones first, where a moved run's old frames merge into
+    /// blocks again, then [`Manager::return_idle_memory`]. Returns the frames released.
+    pub fn return_moved_memory(&self) -> u64 {
+        self.pool.drain_caches();
+        self.return_idle_memory()
+    }
+
     /// Returns the host memory of the pool's free blocks of [`Punch::IDLE_ORDER`] or more
-    /// that still have some: what kswapd does when memory is idle, and what a caller done
-    /// moving memory between nodes does for the nodes it left (migration keeps the old
-    /// frames' memory for reuse while it runs). Returns the frames released.
+    /// that still have some: what kswapd does when memory is idle (the allocators' caches
+    /// are left as they are). Returns the frames released.
     pub fn return_idle_memory(&self) -> u64 {
         match self.pool.release_idle_memory(Punch::IDLE_ORDER) {
             Ok(n) => {

@@ -637,7 +637,7 @@ fn live_move(
     }
     // Done moving: the old node's free blocks go back to the host (migration keeps them
     // for reuse while it runs).
-    space.manager().return_idle_memory();
+    space.manager().return_moved_memory();
     LiveMove {
         vm: role.to_string(),
         to_node: node,

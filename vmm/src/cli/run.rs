@@ -359,7 +359,7 @@ fn move_memory(
     // Done moving: the old nodes' free blocks go back to the host (migration keeps them
     // for reuse while it runs).
     if let Some(vm) = machines.first() {
-        vm.space().manager().return_idle_memory();
+        vm.space().manager().return_moved_memory();
     }
     MigrationSummary {
         to_node: m.to,

@@ -657,7 +657,7 @@ impl State {
             )
             .map_err(|x| OpError::Refused(x.to_string()))?;
         let seconds = t.elapsed().as_secs_f64();
-        m.space().manager().return_idle_memory();
+        m.space().manager().return_moved_memory();
         Ok(MigrateResult {
             id,
             node,
