@@ -222,7 +222,8 @@ impl AddressSpace {
     ) -> Result<Result<FaultOutcome, Pending>, SpaceError> {
         // The largest naturally aligned run around `index`, up to `2^fault_around` (more,
         // up to a block, for a fault that goes on where the VM's last run ended: a
-        // sequential fill, see `streams`), whose entries are all empty and for which the pool has a contiguous block: a pool too
+        // sequential fill, see `streams`), whose entries are all empty and for which the
+        // pool has a contiguous block: a pool too
         // fragmented for the full run still maps 32, 16, ... pages per host mapping
         // rather than one (each host mapping counts against `vm.max_map_count`). With
         // swap attached, a fault that finds no free block for the largest run that fits
