@@ -223,11 +223,11 @@ impl AddressSpace {
         // The largest naturally aligned run around `index`, up to `2^fault_around` (more,
         // up to a block, for a fault that goes on where the VM's last run ended: a
         // sequential fill, see `streams`), whose entries are all empty and for which the
-        // pool has a contiguous block: a pool too
-        // fragmented for the full run still maps 32, 16, ... pages per host mapping
-        // rather than one (each host mapping counts against `vm.max_map_count`). With
-        // swap attached, a fault that finds no free block for the largest run that fits
-        // first has one reclaimed whole (`Pending::Block`).
+        // pool has a contiguous block: a pool too fragmented for the full run still maps
+        // 32, 16, ... pages per host mapping rather than one (each host mapping counts
+        // against `vm.max_map_count`). With swap attached, a fault that finds no free
+        // block for the largest run that fits first has one reclaimed whole
+        // (`Pending::Block`).
         let mut run = None;
         let mut first_fit = true;
         let gfn = region.pt.gfn(index);
