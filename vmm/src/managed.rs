@@ -200,6 +200,9 @@ pub struct ForkTiming {
     pub rebirth_ns: u64,
     /// Per clone: address-space fork, VM + vCPU creation, state restore.
     pub clone_ns: Vec<u64>,
+    /// Clones whose VM came from the shell pool (the others' VMs were made during the
+    /// fork: no shell was ready, or none of the parent's shape).
+    pub from_shells: usize,
     /// From the pause to the last clone running (the parent resumes right after).
     pub total_ns: u64,
 }
@@ -458,7 +461,10 @@ impl ManagedVm {
                 )?)
             };
             let clone = match shells.and_then(|p| p.take(&cfg)) {
-                Some(shell) => Self::adopt(shell, fork_space),
+                Some(shell) => {
+                    timing.from_shells += 1;
+                    Self::adopt(shell, fork_space)
+                }
                 None => Self::build(hv, &cfg, fork_space),
             }
             .map_err(|source| ForkError::Clone { index, source })?;

@@ -262,6 +262,39 @@ fn fork_reports_every_vm_verified_and_clones_share_memory() {
     }
     // Each clone wrote only its own 64 pages: the rest it shares.
     assert_eq!(vms[2]["memory_pages"]["private"], 64);
+    assert_eq!(
+        r["clones_from_shells"], 0,
+        "no --shells: the fork made every VM"
+    );
+}
+
+#[test]
+fn fork_with_shells_takes_every_clones_vm_from_a_shell() {
+    if !kvm() {
+        return;
+    }
+    // With one node the pool is bound to the host's NUMA node 0 and the VMs run on its
+    // CPUs: shells must be of that shape too, or no clone can take one.
+    for nodes in ["1", "2"] {
+        let out = vmm(&[
+            "fork",
+            "--mem",
+            "32M",
+            "--clones",
+            "3",
+            "--nodes",
+            nodes,
+            "--phase1",
+            "fill:seed=1:pages=256",
+            "--shells",
+            "--json",
+        ]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{err}");
+        let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+        assert_eq!(r["verified"], true);
+        assert_eq!(r["clones_from_shells"], 3, "--nodes {nodes}: {r}");
+    }
 }
 
 #[test]

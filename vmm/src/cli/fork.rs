@@ -361,6 +361,7 @@ pub(crate) fn cmd_fork(p: &ForkParams<'_>) -> (Option<ForkReport>, Option<CliErr
         fork_per_clone_ms: timing.total_ns as f64 / 1e6 / p.clones as f64,
         grandchild_fork_ms: ex.grandchild_ms,
         shell_ms_per_clone: ex.shell_ms,
+        clones_from_shells: timing.from_shells,
         host_mib: pool.resident_bytes().unwrap_or(0) as f64 / MIB as f64,
         swap: super::report::SwapSummary::of(&mm, touched),
         full_copies_mib: mib((parent_resident * rows.len() as u64) as f64),
@@ -434,7 +435,8 @@ fn run(
         }
         r?;
     }
-    let shells = ShellPool::new(&pl.cfg);
+    // Shells of the parent's shape, home CPUs included: a clone takes only those.
+    let shells = ShellPool::new(&cfg);
     if p.shells {
         fb.stage(format!("making {} VM shells", p.clones));
         let t = Instant::now();

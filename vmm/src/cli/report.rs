@@ -502,6 +502,8 @@ pub(crate) struct ForkReport {
     pub grandchild_fork_ms: Option<f64>,
     /// With `--shells`: making one clone's VM shell before the fork, ms (mean).
     pub shell_ms_per_clone: Option<f64>,
+    /// Clones of the first fork whose VM came from a shell.
+    pub clones_from_shells: usize,
     /// Host memory the pool's frames hold, MiB.
     pub host_mib: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -641,10 +643,18 @@ pub(crate) fn print_fork(out: &mut dyn Write, r: &ForkReport) -> io::Result<()> 
         )?;
     }
     if let Some(s) = r.shell_ms_per_clone {
-        writeln!(
-            out,
-            "      the clones' VMs were made before the pause ({s:.2} ms each): the fork created no KVM VM"
-        )?;
+        if r.clones_from_shells == r.clones {
+            writeln!(
+                out,
+                "      the clones' VMs were made before the pause ({s:.2} ms each): the fork created no KVM VM"
+            )?;
+        } else {
+            writeln!(
+                out,
+                "      {} of {} clones took a VM shell made before the pause ({s:.2} ms each); the fork made the others' VMs",
+                r.clones_from_shells, r.clones
+            )?;
+        }
     }
     writeln!(
         out,
