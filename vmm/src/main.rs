@@ -79,6 +79,7 @@ fn main() -> ExitCode {
                 events: a.common.events,
                 parent: a.parent.into(),
                 live_move: None,
+                vcpu_nodes: a.vcpu_nodes.as_deref(),
             });
             finish(a.common.json, a.common.events, report, error, print_fork)
         }
@@ -116,6 +117,7 @@ fn main() -> ExitCode {
                 events: *events,
                 parent: vmm::ParentMode::Rebirth,
                 live_move: Some((1, 1)),
+                vcpu_nodes: None,
             });
             // The overcommit phase follows a first phase that verified (with `--corrupt`
             // the first phase is meant to fail: there is none).
@@ -266,6 +268,7 @@ fn demo_overcommit(
         events,
         parent: vmm::ParentMode::Rebirth,
         live_move: None,
+        vcpu_nodes: None,
     })
 }
 

@@ -116,6 +116,39 @@ fn bad_node_options_exit_2_with_a_remedy() {
         &["run", "--nodes", "2", "--vcpu-nodes", "0,2"],
         "give --nodes 3 or more",
     );
+    rejects(
+        &["fork", "--nodes", "2", "--vcpu-nodes", "5"],
+        "give --nodes 6 or more",
+    );
+}
+
+#[test]
+fn a_fork_with_vcpus_on_two_nodes_takes_its_shells_and_verifies() {
+    if !kvm() {
+        return;
+    }
+    let r = report(
+        &[
+            "fork",
+            "--mem",
+            "64M",
+            "--vcpus",
+            "2",
+            "--nodes",
+            "2",
+            "--vcpu-nodes",
+            "0,1",
+            "--clones",
+            "3",
+            "--shells",
+            "--json",
+        ],
+        0,
+    );
+    assert_eq!(r["verified"], true, "{r}");
+    assert_eq!(r["config"]["vcpu_nodes"], serde_json::json!([0, 1]));
+    // The shells are of the parent's shape, vCPU homes included.
+    assert_eq!(r["clones_from_shells"], 3, "{r}");
 }
 
 #[test]

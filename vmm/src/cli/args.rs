@@ -223,6 +223,10 @@ pub(crate) struct ForkArgs {
     /// fault nothing afterwards).
     #[arg(long, value_enum, default_value = "rebirth")]
     pub parent: ParentArg,
+    /// Each vCPU's home node, vCPU i taking the (i mod len)-th entry, in the parent and
+    /// every clone (see `run --help`). Default: every vCPU on node 0.
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    pub vcpu_nodes: Option<Vec<u16>>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -38,6 +38,8 @@ pub(crate) struct ForkParams<'a> {
     /// While phase 2 runs, move phase-2 VM `.0`'s memory (0 the parent, then the clones)
     /// to node `.1` (the demo's live move).
     pub live_move: Option<(usize, u16)>,
+    /// `--vcpu-nodes`: each vCPU's home node.
+    pub vcpu_nodes: Option<&'a [u16]>,
 }
 
 /// The name of phase 2's VM `k` (0 the parent, then the clones, then the grandchild).
@@ -183,6 +185,9 @@ fn check(p: &ForkParams<'_>) -> Result<Plan, CliError> {
     }
     check_cpu(common.cpu)?;
     super::limits::check_nodes(common)?;
+    if let Some(list) = p.vcpu_nodes {
+        super::limits::check_vcpu_nodes(list, common.nodes)?;
+    }
     if let Some(c) = &common.corrupt {
         let extra = usize::from(p.grandchild);
         if !(0..=p.clones + extra).any(|k| role(k, p.clones) == *c) {
@@ -328,6 +333,7 @@ pub(crate) fn cmd_fork(p: &ForkParams<'_>) -> (Option<ForkReport>, Option<CliErr
     });
     cfg_record.phase1 = Some(p.phase1.into());
     cfg_record.phase2 = Some(p.phase2.into());
+    cfg_record.vcpu_nodes = p.vcpu_nodes.map(<[u16]>::to_vec);
     fb.event("start", json!({ "config": &cfg_record }));
     let pool = mm.pool().clone();
     let mut ex = Experiment::default();
@@ -409,8 +415,13 @@ fn run(
     fb.stage("booting the parent VM");
     // Clones inherit the parent's node policy (its frames are theirs until they write)
     // and its home node's CPUs.
+    let home = p
+        .vcpu_nodes
+        .map_or(pl.cfg.home_node, |list| guestmem::NodeId(list[0]));
     let cfg = VmConfig {
-        home_cpus: super::limits::home_cpus(mm, pl.cfg.home_node),
+        home_node: home,
+        home_cpus: super::limits::home_cpus(mm, home),
+        vcpu_homes: p.vcpu_nodes.map(|list| super::limits::vcpu_homes(mm, list)),
         ..pl.cfg.clone()
     };
     let parent = ManagedVm::with_policy(hv, &cfg, mm, p.common.policy)?;

@@ -80,6 +80,34 @@ pub(crate) fn home_cpus(
         .and_then(vmm::numa::host_node_cpus)
 }
 
+/// `--vcpu-nodes`: at least one entry, each a node of the pool.
+pub(crate) fn check_vcpu_nodes(list: &[u16], nodes: usize) -> Result<(), CliError> {
+    if list.is_empty() {
+        return Err(CliError::Usage(
+            "--vcpu-nodes needs at least one node (like 0,1)".into(),
+        ));
+    }
+    if let Some(&n) = list.iter().find(|&&n| usize::from(n) >= nodes) {
+        return Err(CliError::Usage(format!(
+            "--vcpu-nodes: node {n} does not exist with --nodes {nodes} (nodes are 0 to {}); \
+             give --nodes {} or more",
+            nodes - 1,
+            n + 1
+        )));
+    }
+    Ok(())
+}
+
+/// The vCPU homes of `--vcpu-nodes` (each with its host node's CPUs, if bound).
+pub(crate) fn vcpu_homes(mm: &guestmem::Manager, list: &[u16]) -> std::sync::Arc<[vmm::VcpuHome]> {
+    list.iter()
+        .map(|&n| vmm::VcpuHome {
+            node: guestmem::NodeId(n),
+            cpus: home_cpus(mm, guestmem::NodeId(n)),
+        })
+        .collect()
+}
+
 /// `--nodes` and `--policy`: 1 to 64 nodes, and a policy naming one of them.
 pub(crate) fn check_nodes(common: &Common) -> Result<(), CliError> {
     if !(1..=64).contains(&common.nodes) {

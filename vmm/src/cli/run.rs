@@ -17,24 +17,6 @@ use super::limits::{
 use super::report::{Config, MigrationSummary, RunReport, VmRunReport};
 use super::steps::{Deadline, StepReport, plan, run_plan, workload};
 
-/// `--vcpu-nodes`: at least one entry, each a node of the pool.
-fn check_vcpu_nodes(list: &[u16], nodes: usize) -> Result<(), CliError> {
-    if list.is_empty() {
-        return Err(CliError::Usage(
-            "--vcpu-nodes needs at least one node (like 0,1)".into(),
-        ));
-    }
-    if let Some(&n) = list.iter().find(|&&n| usize::from(n) >= nodes) {
-        return Err(CliError::Usage(format!(
-            "--vcpu-nodes: node {n} does not exist with --nodes {nodes} (nodes are 0 to {}); \
-             give --nodes {} or more",
-            nodes - 1,
-            n + 1
-        )));
-    }
-    Ok(())
-}
-
 /// `vmm run --migrate-to`: where and how to move the VMs' memory while they run.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct MigrateOpts {
@@ -60,7 +42,7 @@ pub(crate) fn cmd_run(
         check_vcpus(common.vcpus)?;
         check_nodes(common)?;
         if let Some(list) = vcpu_nodes {
-            check_vcpu_nodes(list, common.nodes)?;
+            super::limits::check_vcpu_nodes(list, common.nodes)?;
         }
         if let Some(m) = migrate {
             if usize::from(m.to) >= common.nodes {
@@ -146,14 +128,7 @@ pub(crate) fn cmd_run(
         let cfg = VmConfig {
             home_node: home,
             home_cpus: super::limits::home_cpus(&mm, home),
-            vcpu_homes: vcpu_nodes.map(|list| {
-                list.iter()
-                    .map(|&n| vmm::VcpuHome {
-                        node: guestmem::NodeId(n),
-                        cpus: super::limits::home_cpus(&mm, guestmem::NodeId(n)),
-                    })
-                    .collect()
-            }),
+            vcpu_homes: vcpu_nodes.map(|list| super::limits::vcpu_homes(&mm, list)),
             ..cfg.clone()
         };
         // The boot region the VMM writes into a new VM is first touched by this thread.
