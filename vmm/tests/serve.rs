@@ -621,3 +621,33 @@ fn a_vms_memory_moves_to_another_node_while_its_guest_runs() {
     );
     assert_eq!(st, 400, "{e}");
 }
+
+#[test]
+fn a_vm_with_vcpus_on_two_nodes_places_each_vcpus_slice_on_its_node() {
+    if !kvm() {
+        return;
+    }
+    let s = Server::start_with("vcpu-nodes", &["--nodes", "2"]);
+    let vm = s.ok(
+        201,
+        "POST",
+        "/vms",
+        Some(json!({"mem": "64M", "vcpus": 2, "vcpu_nodes": [0, 1]})),
+    );
+    let id = vm["id"].as_u64().expect("an id");
+    assert_eq!(vm["vcpu_nodes"], json!([0, 1]), "{vm}");
+    s.run(id, "fill:seed=1");
+    let v = s.ok(200, "GET", &format!("/vms/{id}"), None);
+    let per = &v["pages_per_node"];
+    assert!(
+        per[0].as_u64() > Some(7000) && per[1].as_u64() > Some(7000),
+        "each vCPU's slice on its node: {v}"
+    );
+    let (st, e) = s.call(
+        "POST",
+        "/vms",
+        Some(json!({"mem": "64M", "vcpus": 2, "vcpu_nodes": [0, 3]})),
+    );
+    assert_eq!(st, 400, "{e}");
+    assert!(e["error"].as_str().unwrap().contains("--nodes 4"), "{e}");
+}

@@ -51,6 +51,9 @@ pub(crate) enum CtlOp {
         /// Reverse-map design.
         #[arg(long, value_enum, default_value = "chain")]
         rmap: RmapArg,
+        /// Each vCPU's home node (vCPU i the (i mod len)-th entry; see `run --help`).
+        #[arg(long, value_name = "LIST", value_delimiter = ',')]
+        vcpu_nodes: Option<Vec<u16>>,
     },
     /// Every VM with its state and memory (GET /vms).
     List,
@@ -314,6 +317,7 @@ fn request(op: &CtlOp) -> (&'static str, String, Option<Value>) {
             vcpus,
             allocator,
             rmap,
+            vcpu_nodes,
         } => (
             "POST",
             "/vms".into(),
@@ -322,6 +326,7 @@ fn request(op: &CtlOp) -> (&'static str, String, Option<Value>) {
                 "vcpus": vcpus,
                 "allocator": value_name(allocator),
                 "rmap": value_name(rmap),
+                "vcpu_nodes": vcpu_nodes,
             })),
         ),
         CtlOp::List => ("GET", "/vms".into(), None),

@@ -5,7 +5,7 @@
 //! | method | path | body | reply |
 //! |---|---|---|---|
 //! | `GET` | `/`, `/version` | | 200 `{name, version, vms, pools}` |
-//! | `POST`/`PUT` | `/vms` | `{mem?, vcpus?, allocator?, rmap?}` | 201 the VM |
+//! | `POST`/`PUT` | `/vms` | `{mem?, vcpus?, allocator?, rmap?, vcpu_nodes?}` | 201 the VM |
 //! | `GET` | `/vms` | | 200 `{vms: [...]}` |
 //! | `GET` | `/vms/{id}` | | 200 the VM |
 //! | `POST` | `/vms/{id}/run` | `{workload, timeout?}` | 200 `{id, steps, mismatches, verified}` |
@@ -138,6 +138,8 @@ struct CreateReq {
     allocator: Option<String>,
     /// `chain` (default), `flat`.
     rmap: Option<String>,
+    /// Each vCPU's home node (vCPU i the (i mod len)-th); default: all on node 0.
+    vcpu_nodes: Option<Vec<u16>>,
 }
 
 /// `POST /vms/{id}/run`.
@@ -290,6 +292,7 @@ fn handle(
                     vcpus: r.vcpus.unwrap_or(1),
                     allocator: r.allocator.unwrap_or_else(|| "magazine".into()),
                     rmap: r.rmap.unwrap_or_else(|| "chain".into()),
+                    vcpu_nodes: r.vcpu_nodes,
                 };
                 Ok(to_json(201, &state.create(&spec)?))
             }

@@ -116,6 +116,8 @@ pub(crate) struct VmSpec {
     pub allocator: String,
     /// The reverse-map design of its manager.
     pub rmap: String,
+    /// Each vCPU's home node (`vcpu_nodes` at creation; forks inherit it).
+    pub vcpu_nodes: Option<Vec<u16>>,
     /// The VM it was forked from, if any.
     pub parent: Option<ApiId>,
 }
@@ -177,6 +179,8 @@ pub(crate) struct VmView {
     pub faults: FaultCounts,
     /// Pages whose pattern the VM's model knows (what `POST /vms/{id}/verify` checks).
     pub known_pages: u64,
+    /// Resident pages on each node of its pool.
+    pub pages_per_node: Vec<u64>,
 }
 
 /// What `POST /vms/{id}/run` returns.
@@ -244,6 +248,8 @@ pub(crate) struct CreateSpec {
     pub allocator: String,
     /// Rmap name (`chain`, `flat`).
     pub rmap: String,
+    /// Each vCPU's home node.
+    pub vcpu_nodes: Option<Vec<u16>>,
 }
 
 /// How the server was started.
@@ -431,6 +437,7 @@ impl VmEntry {
             counters: m.counters(),
             faults: m.fault_counts(),
             known_pages: s.known_pages,
+            pages_per_node: m.space().pages_per_node(),
         }
     }
 }
@@ -519,8 +526,16 @@ impl State {
             )));
         }
         let mm = self.manager(allocator, rmap)?;
+        let list = req.vcpu_nodes.as_deref();
+        if let Some(list) = list {
+            crate::cli::limits::check_vcpu_nodes(list, mm.pool().nodes().len())?;
+        }
+        let home = list.map_or(guestmem::NodeId(0), |l| guestmem::NodeId(l[0]));
         let cfg = VmConfig {
             cpu: self.cfg.cpu,
+            home_node: home,
+            home_cpus: crate::cli::limits::home_cpus(&mm, home),
+            vcpu_homes: list.map(|l| crate::cli::limits::vcpu_homes(&mm, l)),
             ..VmConfig::new(mem, req.vcpus)
         };
         let m = ManagedVm::new(&self.hv, &cfg, &mm).map_err(CliError::from)?;
@@ -529,6 +544,7 @@ impl State {
             vcpus: req.vcpus,
             allocator: value_name(&allocator),
             rmap: value_name(&rmap),
+            vcpu_nodes: req.vcpu_nodes.clone(),
             parent: None,
         };
         let id = self.insert(spec, m, Model::new(), VmState::Running);
