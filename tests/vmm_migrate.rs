@@ -217,18 +217,23 @@ fn numa_balancing_moves_pages_a_guest_keeps_touching_from_another_node() {
     run(Op::Verify, pages);
 }
 
-#[test]
-fn each_vcpu_first_touches_its_own_node_and_balancing_moves_pages_to_the_vcpu_touching_them() {
-    let Some(hv) = hypervisor() else { return };
-    let mm = manager(64 * MIB, 2);
+/// A VM of `mem` bytes whose vCPU 0 lives on node 0 and vCPU 1 on node 1.
+fn two_vcpus_on_two_nodes(mem: u64) -> VmConfig {
     let home = |n| VcpuHome {
         node: NodeId(n),
         cpus: None,
     };
-    let cfg = VmConfig {
+    VmConfig {
         vcpu_homes: Some(Arc::from([home(0), home(1)])),
-        ..VmConfig::new(40 * MIB, 2)
-    };
+        ..VmConfig::new(mem, 2)
+    }
+}
+
+#[test]
+fn each_vcpu_first_touches_its_own_node_and_balancing_moves_pages_to_the_vcpu_touching_them() {
+    let Some(hv) = hypervisor() else { return };
+    let mm = manager(64 * MIB, 2);
+    let cfg = two_vcpus_on_two_nodes(40 * MIB);
     let vm = ManagedVm::new(&hv, &cfg, &mm).expect("vm");
     assert!(vm.vm().window().takes_hinting_faults());
     assert!(vm.space().records_touches());
@@ -306,14 +311,7 @@ fn each_vcpu_first_touches_its_own_node_and_balancing_moves_pages_to_the_vcpu_to
 fn hinting_faults_balancing_and_moves_race_with_two_vcpus_writing_and_lose_nothing() {
     let Some(hv) = hypervisor() else { return };
     let mm = manager(64 * MIB, 2);
-    let home = |n| VcpuHome {
-        node: NodeId(n),
-        cpus: None,
-    };
-    let cfg = VmConfig {
-        vcpu_homes: Some(Arc::from([home(0), home(1)])),
-        ..VmConfig::new(24 * MIB, 2)
-    };
+    let cfg = two_vcpus_on_two_nodes(24 * MIB);
     let vm = Arc::new(ManagedVm::new(&hv, &cfg, &mm).expect("vm"));
     // vCPU i rewrites and verifies its own 4 MiB over and over.
     let n = 4 * MIB / 4096;
