@@ -278,3 +278,68 @@ fn write_errors_and_a_full_disk_keep_every_page() {
         dev.inject(None);
     }
 }
+
+#[test]
+fn hinting_faults_race_with_reclaim_and_swap_in_and_lose_nothing() {
+    let Some(hv) = hypervisor() else { return };
+    // Two nodes of 16 MiB each, a guest whose two vCPUs (one per node) write 32 MiB
+    // each: its pages go to swap and back while balancing harvests make every next
+    // access a hinting fault.
+    let pool = Arc::new(
+        Pool::new(&PoolConfig::uniform(32 * MIB, 2, AllocatorKind::Magazine)).expect("pool"),
+    );
+    let frames = pool.total_frames();
+    let mm = Manager::new(pool, ManagerConfig::default());
+    let dev = SwapDevice::create(&SwapConfig {
+        slots: 128 * MIB / 4096,
+        ..Default::default()
+    })
+    .expect("swap file in the temp dir");
+    mm.attach_swap(dev, ReclaimConfig::for_pool(frames))
+        .expect("attach");
+    let _kswapd = Reclaimer::start(&mm).expect("kswapd");
+    let home = |n| vmm::VcpuHome {
+        node: guestmem::NodeId(n),
+        cpus: None,
+    };
+    let cfg = VmConfig {
+        vcpu_homes: Some(Arc::from([home(0), home(1)])),
+        ..VmConfig::new(72 * MIB, 2)
+    };
+    let vm = ManagedVm::new(&hv, &cfg, &mm).expect("vm");
+    let n = 32 * MIB / 4096;
+    let slice = |cpu: usize, op, seed| {
+        vm.vm()
+            .run(cpu, Command::new(op, data(cpu as u64 * n), n, seed))
+            .unwrap_or_else(|e| panic!("vCPU {cpu} {op:?}: {e}"))
+    };
+    std::thread::scope(|s| {
+        for cpu in 0..2 {
+            s.spawn(move || slice(cpu, Op::Fill, cpu as u64 + 1));
+        }
+    });
+    let bcfg = guestmem::BalanceConfig::default();
+    // Each round reads everything (pages come back from swap read-only, still in the
+    // swap cache), harvests, rewrites with a new seed (hinting faults on pages that must
+    // stay write-protected until the write takes them out of the swap cache), harvests
+    // and verifies.
+    let both = |op, seed: u64| -> Vec<u64> {
+        std::thread::scope(|s| {
+            let h: Vec<_> = (0..2)
+                .map(|cpu| s.spawn(move || slice(cpu, op, seed + cpu as u64).mismatches()))
+                .collect();
+            h.into_iter().map(|h| h.join().expect("a vCPU")).collect()
+        })
+    };
+    for round in 0..3u64 {
+        let seed = 10 * round + 1;
+        assert_eq!(both(Op::Verify, seed), [0, 0], "round {round}, before");
+        mm.balance_numa(&bcfg);
+        both(Op::Fill, seed + 10);
+        mm.balance_numa(&bcfg);
+        assert_eq!(both(Op::Verify, seed + 10), [0, 0], "round {round}, after");
+    }
+    let (st, hints) = (mm.reclaim_stats(), vm.fault_counts().hint);
+    eprintln!("reclaim {st:?}; {hints} hinting faults");
+    assert!(st.major_faults > 0 && hints > 0, "{st:?}, {hints} hints");
+}
