@@ -153,18 +153,7 @@ impl Experiment {
         let (pw, ph) = (W - LEFT - RIGHT, H - TOP - BOTTOM);
         let px = |x: f64| LEFT + xa.at(x) * pw;
         let py = |y: f64| TOP + (1.0 - ya.at(y)) * ph;
-        let mut s = String::new();
-        let _ = writeln!(
-            s,
-            r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">"#
-        );
-        let _ = writeln!(s, r#"<rect width="{W}" height="{H}" fill="white"/>"#);
-        let _ = writeln!(
-            s,
-            r#"<text x="{}" y="22" font-size="14" text-anchor="middle">{}</text>"#,
-            LEFT + pw / 2.0,
-            esc(c.title)
-        );
+        let mut s = svg_open(H, LEFT + pw / 2.0, c.title);
         // Axes, ticks and grid.
         let _ = writeln!(
             s,
@@ -285,18 +274,7 @@ impl Experiment {
         let pw = W - LABEL - 90.0;
         let max = bars.iter().map(|b| b.1).fold(0.0f64, f64::max);
         let scale = if max > 0.0 { pw / max } else { 0.0 };
-        let mut s = String::new();
-        let _ = writeln!(
-            s,
-            r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{h}" font-family="sans-serif" font-size="12">"#
-        );
-        let _ = writeln!(s, r#"<rect width="{W}" height="{h}" fill="white"/>"#);
-        let _ = writeln!(
-            s,
-            r#"<text x="{}" y="22" font-size="14" text-anchor="middle">{}</text>"#,
-            W / 2.0,
-            esc(b.title)
-        );
+        let mut s = svg_open(h, W / 2.0, b.title);
         for (i, (label, y)) in bars.iter().enumerate() {
             let top = TOP + BAR * 1.4 * i as f64;
             let width = (y.max(0.0) * scale).max(0.5);
@@ -344,6 +322,22 @@ impl Experiment {
             Err(e) => eprintln!("could not write {}: {e}", path.display()),
         }
     }
+}
+
+/// An SVG of width [`W`] and height `h`: white, with `title` centred at `title_x`.
+fn svg_open(h: f64, title_x: f64, title: &str) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{h}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(s, r#"<rect width="{W}" height="{h}" fill="white"/>"#);
+    let _ = writeln!(
+        s,
+        r#"<text x="{title_x}" y="22" font-size="14" text-anchor="middle">{}</text>"#,
+        esc(title)
+    );
+    s
 }
 
 /// A bar's value as text: three significant digits.

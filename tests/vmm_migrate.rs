@@ -9,10 +9,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use guestmem::types::Gfn;
 use guestmem::{AllocatorKind, Manager, ManagerConfig, MigrateWalk, NodeId, Pool, PoolConfig};
 use vmm::guest::DATA_START;
-use vmm::{Command, ManagedVm, Op, VcpuHome, VmConfig};
+use vmm::{Command, ManagedVm, Op, VmConfig};
 
 mod common;
-use common::hypervisor;
+use common::{hypervisor, two_vcpus_on_two_nodes};
 
 const MIB: u64 = 1 << 20;
 
@@ -215,18 +215,6 @@ fn numa_balancing_moves_pages_a_guest_keeps_touching_from_another_node() {
     assert!(capped.pages_migrated <= 64, "{capped:?}");
     assert!(capped.failed > 0, "the rest waits: {capped:?}");
     run(Op::Verify, pages);
-}
-
-/// A VM of `mem` bytes whose vCPU 0 lives on node 0 and vCPU 1 on node 1.
-fn two_vcpus_on_two_nodes(mem: u64) -> VmConfig {
-    let home = |n| VcpuHome {
-        node: NodeId(n),
-        cpus: None,
-    };
-    VmConfig {
-        vcpu_homes: Some(Arc::from([home(0), home(1)])),
-        ..VmConfig::new(mem, 2)
-    }
 }
 
 #[test]

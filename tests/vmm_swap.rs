@@ -14,13 +14,23 @@ use vmm::guest::DATA_START;
 use vmm::{Command, ForkOptions, ManagedVm, Op, VmConfig};
 
 mod common;
-use common::hypervisor;
+use common::{hypervisor, two_vcpus_on_two_nodes};
 
 const MIB: u64 = 1 << 20;
 
 fn manager(pool_bytes: u64, swap_bytes: u64) -> Arc<Manager> {
+    manager_nodes(pool_bytes, 1, swap_bytes)
+}
+
+/// A manager whose pool of `pool_bytes` has `nodes` nodes, with a swap file attached.
+fn manager_nodes(pool_bytes: u64, nodes: usize, swap_bytes: u64) -> Arc<Manager> {
     let pool = Arc::new(
-        Pool::new(&PoolConfig::uniform(pool_bytes, 1, AllocatorKind::Magazine)).expect("pool"),
+        Pool::new(&PoolConfig::uniform(
+            pool_bytes,
+            nodes,
+            AllocatorKind::Magazine,
+        ))
+        .expect("pool"),
     );
     let frames = pool.total_frames();
     let mm = Manager::new(pool, ManagerConfig::default());
@@ -285,28 +295,9 @@ fn hinting_faults_race_with_reclaim_and_swap_in_and_lose_nothing() {
     // Two nodes of 16 MiB each, a guest whose two vCPUs (one per node) write 32 MiB
     // each: its pages go to swap and back while balancing harvests make every next
     // access a hinting fault.
-    let pool = Arc::new(
-        Pool::new(&PoolConfig::uniform(32 * MIB, 2, AllocatorKind::Magazine)).expect("pool"),
-    );
-    let frames = pool.total_frames();
-    let mm = Manager::new(pool, ManagerConfig::default());
-    let dev = SwapDevice::create(&SwapConfig {
-        slots: 128 * MIB / 4096,
-        ..Default::default()
-    })
-    .expect("swap file in the temp dir");
-    mm.attach_swap(dev, ReclaimConfig::for_pool(frames))
-        .expect("attach");
+    let mm = manager_nodes(32 * MIB, 2, 128 * MIB);
     let _kswapd = Reclaimer::start(&mm).expect("kswapd");
-    let home = |n| vmm::VcpuHome {
-        node: guestmem::NodeId(n),
-        cpus: None,
-    };
-    let cfg = VmConfig {
-        vcpu_homes: Some(Arc::from([home(0), home(1)])),
-        ..VmConfig::new(72 * MIB, 2)
-    };
-    let vm = ManagedVm::new(&hv, &cfg, &mm).expect("vm");
+    let vm = ManagedVm::new(&hv, &two_vcpus_on_two_nodes(72 * MIB), &mm).expect("vm");
     let n = 32 * MIB / 4096;
     let slice = |cpu: usize, op, seed| {
         vm.vm()

@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{kvm, rejects, vmm};
+use common::{kvm, rejects, report, vmm};
 
 #[test]
 fn bad_sizes_exit_2_with_a_message() {
@@ -276,22 +276,22 @@ fn fork_with_shells_takes_every_clones_vm_from_a_shell() {
     // With one node the pool is bound to the host's NUMA node 0 and the VMs run on its
     // CPUs: shells must be of that shape too, or no clone can take one.
     for nodes in ["1", "2"] {
-        let out = vmm(&[
-            "fork",
-            "--mem",
-            "32M",
-            "--clones",
-            "3",
-            "--nodes",
-            nodes,
-            "--phase1",
-            "fill:seed=1:pages=256",
-            "--shells",
-            "--json",
-        ]);
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(0), "{err}");
-        let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+        let r = report(
+            &[
+                "fork",
+                "--mem",
+                "32M",
+                "--clones",
+                "3",
+                "--nodes",
+                nodes,
+                "--phase1",
+                "fill:seed=1:pages=256",
+                "--shells",
+                "--json",
+            ],
+            0,
+        );
         assert_eq!(r["verified"], true);
         assert_eq!(r["clones_from_shells"], 3, "--nodes {nodes}: {r}");
     }
