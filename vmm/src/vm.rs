@@ -579,6 +579,7 @@ impl Vm {
         })?;
         let kick = self.kick.clone();
         let home = self.cfg.home_node;
+        let per_vcpu = self.cfg.vcpu_homes.is_some();
         failpoint::hit(ForkStep::ShellHandler)
             .map_err(failpoint::io)
             .and_then(|()| {
@@ -594,7 +595,7 @@ impl Vm {
                             &link,
                             &stop,
                             &kick,
-                            home,
+                            (home, per_vcpu),
                         )
                     })
             })

@@ -139,10 +139,11 @@ impl AddressSpace {
 
     /// Records that the calling thread's node touched `gfn` (if records are on).
     pub(super) fn record_touch(&self, gfn: Gfn) {
+        let Some(t) = self.numa.touches.get().and_then(|t| t.get(gfn.0 as usize)) else {
+            return;
+        };
         let node = crate::home_node().0;
-        if let Some(t) = self.numa.touches.get().and_then(|t| t.get(gfn.0 as usize))
-            && node < RECORDABLE_NODES
-        {
+        if node < RECORDABLE_NODES {
             // Relaxed: a hint for the next scan.
             t.store(node as u8 + 1, Ordering::Relaxed);
         }

@@ -20,7 +20,7 @@ pub(super) fn fault_loop(
     link: &VmLink,
     stop: &OwnedFd,
     kick: &Mutex<Vec<libc::pthread_t>>,
-    home: guestmem::NodeId,
+    (home, per_vcpu): (guestmem::NodeId, bool),
 ) {
     let uffd = window.uffd().clone();
     let mut repeats = Repeats::default();
@@ -81,8 +81,11 @@ pub(super) fn fault_loop(
             // this VM only; the handler goes on letting its threads through.
             // The fault is resolved as a thread of the faulting vCPU's node (first touch
             // allocates there; a hinting fault records it), or of the VM's home for the
-            // VMM's own threads.
-            guestmem::set_home_node(link.node_of_thread(ev.tid()).unwrap_or(home));
+            // VMM's own threads. Without per-vCPU homes every fault is the home's (set
+            // when the thread started).
+            if per_vcpu {
+                guestmem::set_home_node(link.node_of_thread(ev.tid()).unwrap_or(home));
+            }
             let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
                 repeats
                     .check(ev)
