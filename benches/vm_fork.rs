@@ -21,6 +21,12 @@
 //!    write nothing), against the bare VMs' delta. The batch is also forked into
 //!    pre-created VM shells (`ShellPool`): the fork's own time per clone, and the time to
 //!    make a shell beforehand, reported apart.
+//! 3. **Spread over processes.** 1000 bare VMs, each with one parked thread as a vCPU
+//!    would have, made in 1, 2, 4 or 8 pre-started processes at once (this program
+//!    re-run as workers): what spreading VMs over worker processes would buy, since every
+//!    VM's creation takes the lock of every mapping of its process and every mapping
+//!    change walks every VM's MMU notifier in it. Wall time from the go signal to the
+//!    last worker done.
 //!
 //! Smoke mode (no `--bench`): 16 MiB and 1..4 clones. `cargo bench --bench vm_fork --
 //! --quick`: 64, 256, 1024 MiB (3 repetitions) and 1, 10, 100, 1000 clones. Full:
@@ -339,7 +345,121 @@ fn fan_out(exp: &mut Experiment, hv: &Hypervisor, mode: Mode) {
     assert_eq!(pool.free_frames(), pool.total_frames(), "frames leaked");
 }
 
+/// Environment variable that makes this program a worker of [`spread`]: it makes that
+/// many bare VMs, each with one parked thread, when told to, and keeps them until its
+/// stdin closes.
+const WORKER_ENV: &str = "VM_FORK_BARE_WORKER";
+
+/// A worker of [`spread`]: prints `ready`, waits for a line on stdin, makes `n` bare VMs
+/// (VM fd, 64 MiB memslot, one vCPU, one thread parked as a vCPU thread would be), prints
+/// the milliseconds that took, and holds them until stdin closes.
+fn spread_worker(n: usize) {
+    use std::io::{BufRead, Write};
+    let hv = Hypervisor::new().unwrap_or_else(|e| panic!("worker: KVM: {e}"));
+    let mut input = std::io::stdin().lock();
+    let mut line = String::new();
+    println!("ready");
+    std::io::stdout().flush().expect("worker stdout");
+    input.read_line(&mut line).expect("worker stdin");
+    let t = Instant::now();
+    let vms: Vec<_> = (0..n)
+        .map(|_| {
+            let vm = hv
+                .bare_vm(64 * MIB, 1)
+                .unwrap_or_else(|e| panic!("worker: bare VM: {e}"));
+            let thread = std::thread::spawn(std::thread::park);
+            (vm, thread)
+        })
+        .collect();
+    println!("{}", t.elapsed().as_secs_f64() * 1e3);
+    std::io::stdout().flush().expect("worker stdout");
+    line.clear();
+    let _ = input.read_line(&mut line);
+    drop(vms);
+}
+
+/// What spreading VMs over worker processes would buy (issue 12's third candidate),
+/// measured before building it: `n` bare VMs, each with one thread as a vCPU would have,
+/// made in `procs` processes at once (all started and ready first, as pre-spawned
+/// workers would be), against the same `n` in one such process. Each process only pays
+/// for its own mappings and MMU notifiers. Wall time from the go signal to the last
+/// worker done.
+fn spread(exp: &mut Experiment, mode: Mode) {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::{Command as Proc, Stdio};
+    let n: usize = mode.pick(8, 1000, 1000);
+    let exe = std::env::current_exe().expect("bench executable");
+    let mut base = 0.0;
+    for procs in mode
+        .pick(&[1usize, 2][..], &[1, 2, 4, 8], &[1, 2, 4, 8])
+        .iter()
+        .copied()
+    {
+        let mut workers: Vec<_> = (0..procs)
+            .map(|k| {
+                let share = n / procs + usize::from(k < n % procs);
+                let mut child = Proc::new(&exe)
+                    .env(WORKER_ENV, share.to_string())
+                    .stdin(Stdio::piped())
+                    .stdout(Stdio::piped())
+                    .spawn()
+                    .expect("spawn worker");
+                let mut out = BufReader::new(child.stdout.take().expect("worker stdout"));
+                let mut line = String::new();
+                out.read_line(&mut line).expect("worker ready");
+                assert_eq!(line.trim(), "ready", "worker did not start");
+                (child, out)
+            })
+            .collect();
+        let t = Instant::now();
+        for (child, _) in &mut workers {
+            writeln!(child.stdin.as_mut().expect("worker stdin"), "go").expect("go");
+        }
+        let mut slowest: f64 = 0.0;
+        for (_, out) in &mut workers {
+            let mut line = String::new();
+            out.read_line(&mut line).expect("worker result");
+            let ms: f64 = line
+                .trim()
+                .parse()
+                .unwrap_or_else(|_| panic!("worker said {line:?}"));
+            slowest = slowest.max(ms);
+        }
+        let wall_ms = t.elapsed().as_secs_f64() * 1e3;
+        for (mut child, _) in workers {
+            drop(child.stdin.take());
+            assert!(
+                child.wait().expect("worker exit").success(),
+                "worker failed"
+            );
+        }
+        if procs == 1 {
+            base = wall_ms;
+        }
+        exp.push(
+            Row::new(spread_variant(procs))
+                .param("vms", n as u64)
+                .metric("wall_ms", wall_ms)
+                .metric("slowest_worker_ms", slowest)
+                .metric("per_vm_ms", wall_ms / n as f64),
+        );
+        eprintln!(
+            "{n} bare VMs with a thread each over {procs} processes: {wall_ms:.0} ms ({:.2}x one process)",
+            wall_ms / base
+        );
+    }
+}
+
+/// The row name of bare VMs spread over `procs` processes.
+fn spread_variant(procs: usize) -> String {
+    format!("kvm-bare-{procs}proc")
+}
+
 fn main() {
+    if let Ok(n) = std::env::var(WORKER_ENV) {
+        spread_worker(n.parse().expect("worker count"));
+        return;
+    }
     let mode = Mode::from_args();
     let hv = match Hypervisor::new() {
         Ok(hv) => hv,
@@ -352,9 +472,11 @@ fn main() {
     let mut exp = Experiment::new("vm_fork", mode);
     latency(&mut exp, &hv, mode);
     fan_out(&mut exp, &hv, mode);
+    spread(&mut exp, mode);
     println!("{}", exp.table("fork_ms", "host-fork"));
     println!("{}", exp.table("per_clone_ms", "kvm-bare"));
     println!("{}", exp.table("idle_clone_kib", "kvm-bare"));
+    println!("{}", exp.table("wall_ms", &spread_variant(1)));
     for (stem, title, x, y) in [
         (
             "latency",
@@ -385,5 +507,11 @@ fn main() {
             only: &[],
         });
     }
+    exp.bars(&kvmm::Bars {
+        stem: "spread",
+        title: "1000 bare VMs with a thread each, by processes",
+        y: "wall_ms",
+        only: &[],
+    });
     exp.finish();
 }
