@@ -425,3 +425,25 @@ fn a_command_submitted_while_paused_is_refused_and_runs_after_resume() {
             .expect("verify");
     assert_eq!(r.mismatches(), 0);
 }
+
+#[test]
+fn stop_ends_a_command_in_flight_at_once_without_waiting_for_the_vcpu() {
+    let Some(hv) = hypervisor() else { return };
+    let t = vm(&hv, 8 * MIB, 1);
+    let vcpu = t.vm.vcpu(0).expect("vCPU 0");
+    // Minutes of work in the guest: only a stop can end it within the wait below.
+    vcpu.submit(Command::random(data(0), 16, 1, 1 << 40))
+        .expect("submit");
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    t.vm.stop();
+    let e = vcpu
+        .wait_deadline(Some(
+            std::time::Instant::now() + std::time::Duration::from_secs(60),
+        ))
+        .expect_err("a stopped vCPU does not finish its command");
+    assert!(matches!(e, VcpuError::Dead(0)), "{e}");
+    let e = vcpu
+        .submit(Command::new(Op::Fill, data(0), 1, 1))
+        .expect_err("a stopped vCPU takes no new command");
+    assert!(matches!(e, VcpuError::Dead(0)), "{e}");
+}

@@ -852,16 +852,27 @@ fn load_state(
     Ok(())
 }
 
+impl Vcpu {
+    /// Stops the vCPU for good without waiting for its thread: the thread leaves
+    /// `KVM_RUN` (or its pause) and ends, a command in flight ends with
+    /// [`VcpuError::Dead`], and no command is taken after. Dropping the vCPU then only has
+    /// to join it, so a caller can stop many VMs at once before dropping them one by one.
+    pub fn stop(&self) {
+        let _ = lock(&self.tx).send(Req::Exit);
+        lock(&self.shared.ctl).dead = true;
+        // Unpark a paused thread (it checks `dead` whatever the pause count) and kick it
+        // out of KVM_RUN: the kick sets `immediate_exit`, so even a kick that lands just
+        // before the next entry makes it return at once, and the loop then sees `dead`.
+        self.shared.cv.notify_all();
+        if let Some(t) = &self.thread {
+            let _ = t.kill(kick_signal());
+        }
+    }
+}
+
 impl Drop for Vcpu {
     fn drop(&mut self) {
-        let _ = lock(&self.tx).send(Req::Exit);
-        {
-            let mut ctl = lock(&self.shared.ctl);
-            ctl.dead = true;
-        }
-        // Unpark a paused thread (it checks `dead` whatever the pause count) and kick it
-        // out of KVM_RUN; it sees `dead` and stops.
-        self.shared.cv.notify_all();
+        self.stop();
         if let Some(t) = self.thread.take() {
             while !t.is_finished() {
                 let _ = t.kill(kick_signal());

@@ -338,6 +338,11 @@ pub(crate) fn cmd_fork(p: &ForkParams<'_>) -> (Option<ForkReport>, Option<CliErr
     let pool = mm.pool().clone();
     let mut ex = Experiment::default();
     let fatal = run(p, &pl, &hv, &mm, &fb, &mut ex).err();
+    // Every VM's work is over (done, failed, or cut short by Ctrl-C or --timeout): stop
+    // them all at once, so that none runs on while the ones before it are dropped.
+    for m in &ex.members {
+        m.vm.vm().stop();
+    }
     fb.finish();
     let rows: Vec<ForkVmReport> = ex
         .members

@@ -214,6 +214,11 @@ pub(crate) fn cmd_run(
             results
         });
     }
+    // Every VM's work is over (done, failed, or cut short): stop them all at once, so
+    // that none runs on while the ones before it are dropped.
+    for m in &machines {
+        m.vm().stop();
+    }
     fb.finish();
     let numa_balance = balancer.map(|b| {
         let s = b.stats();
