@@ -6,7 +6,8 @@
 //! (every byte of each page written), on guestmem-managed memory with the manager's
 //! defaults (fault-around 64 pages), one prefaulted pool for all, threads left to the
 //! scheduler. All VMs start their fill together; the wall time until the last finishes is
-//! measured, best of the samples.
+//! measured, best of the samples; the samples of every VM count are taken in
+//! interleaved rounds (1, 2, 4, 8, 1, 2, ...).
 //!
 //! Metrics: `pages_per_sec` over all VMs, and `fault_cost_ns`: wall time x the CPUs the
 //! VMs can use at once (min(VMs, CPUs)) over the pages written, the cost of one page's
@@ -75,15 +76,19 @@ fn main() {
     };
     let cpus = std::thread::available_parallelism().map_or(1, |c| c.get());
     let pages = mode.pick(256, 8192, 32768);
-    let samples = mode.pick(1, 3, 5);
+    let samples = mode.pick(1, 5, 9);
     let counts: &[usize] = mode.pick(&[1, 2], &[1, 2, 4, 8], &[1, 2, 4, 8]);
     let mut exp = Experiment::new("fault_scaling", mode);
+    // Rounds interleave the VM counts, so a slow stretch of the host (its own DAMON
+    // thread, other work on the 2 CPUs) hits every count alike instead of one.
+    let mut best = vec![Duration::MAX; counts.len()];
+    for _ in 0..samples {
+        for (b, &n) in best.iter_mut().zip(counts) {
+            *b = (*b).min(sample(&hv, n, pages));
+        }
+    }
     let mut one_vm_cost = None;
-    for &n in counts {
-        let wall = (0..samples)
-            .map(|_| sample(&hv, n, pages))
-            .min()
-            .unwrap_or_default();
+    for (&n, &wall) in counts.iter().zip(&best) {
         let total = (n as u64 * pages) as f64;
         let cost = wall.as_nanos() as f64 * n.min(cpus) as f64 / total;
         let base = *one_vm_cost.get_or_insert(cost);
