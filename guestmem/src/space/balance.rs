@@ -6,8 +6,9 @@
 //! (the same harvest reclaim uses: the view drops them, so the next access is a *hinting
 //! fault*, a host minor fault here). A touched page whose frame is on another node than
 //! the VM's home node ([`AddressSpace::set_home_node`], where its vCPUs run) is marked; a
-//! page marked at the last scan and touched from away again moves home (two in a row, as
-//! Linux's two-stage filter, so one stray access moves nothing). Each scan moves at most
+//! marked page seen touched from away again, at any later scan, moves home (Linux's
+//! two-stage filter: two touches from the same node in a row, so one stray access moves
+//! nothing). A touch from the page's own node clears its mark. Each scan moves at most
 //! [`BalanceConfig::scan_pages`] pages (Linux: 256 MiB). The period adapts between
 //! [`BalanceConfig::period_min`] and [`BalanceConfig::period_max`] (Linux: 1 s to 60 s):
 //! halved after a scan that found pages touched from away, doubled after one that found
@@ -21,8 +22,8 @@
 //! view then makes the first access after a harvest a hinting fault that names the
 //! touching thread ([`AddressSpace::hint_fault`], a userfaultfd MINOR fault in the VMM),
 //! resolved as a thread of that vCPU's node, which is recorded for the page (so is the
-//! node of every ordinary fault). A scan then moves a page to the node that touched it
-//! at this scan and the last (Linux's `last_cpupid` check), and ignores touched pages
+//! node of every ordinary fault). A scan then moves a page to the node that made its
+//! last two touches seen (Linux's `last_cpupid` check), and ignores touched pages
 //! whose toucher it does not know (mapped without a fault since the last scan).
 
 use std::collections::HashMap;
@@ -86,8 +87,8 @@ impl BalanceStats {
     }
 }
 
-/// A VM's balancing state: its home node, the pages touched from away at the last scan
-/// (with the node they would move to), and the touch records.
+/// A VM's balancing state: its home node, the pages last seen touched from away (with
+/// the node they would move to), and the touch records.
 #[derive(Debug, Default)]
 pub(super) struct NumaState {
     home: AtomicU16,
@@ -213,6 +214,8 @@ impl AddressSpace {
         let mut bits = Vec::new();
         // Pages touched from away, with the node they would move to.
         let mut remote: Vec<(Gfn, NodeId)> = Vec::new();
+        // Pages touched from the node their frame is on.
+        let mut local: Vec<Gfn> = Vec::new();
         self.harvest_with(&mut bits, |gfn, pfn| {
             st.hinting_faults += 1;
             let to = if by_toucher {
@@ -225,22 +228,28 @@ impl AddressSpace {
             };
             if pool.node_of(pfn).id() != to {
                 remote.push((gfn, to));
+            } else {
+                local.push(gfn);
             }
         });
         st.remote = remote.len() as u64;
+        // A mark is the node a page was last seen touched from, if away: it lasts until
+        // the page is seen touched again, however many scans later (Linux keeps
+        // `last_cpupid` in the page until its next hinting fault), so how often the guest
+        // comes back to a page against the scan period does not decide whether it moves.
         let mut marked = self.numa.marked.lock().unwrap_or_else(|e| e.into_inner());
+        for gfn in local {
+            marked.remove(&gfn.0);
+        }
         let mut go: Vec<(NodeId, Gfn)> = Vec::new();
-        let mut now = HashMap::with_capacity(remote.len());
         for (gfn, to) in remote {
-            if marked.get(&gfn.0) == Some(&to.0) {
+            // Touched from `to` the last time too: it moves. Its mark stays, so one that
+            // could not move (busy, no memory, the budget spent) moves at its next touch
+            // from there; once moved, its next touch is local and clears it.
+            if marked.insert(gfn.0, to.0) == Some(to.0) {
                 go.push((to, gfn));
-            } else {
-                now.insert(gfn.0, to.0);
             }
         }
-        // Pages moved or touched from their node lose their mark; those touched from
-        // away for the first time (or from another node than last time) get one.
-        *marked = now;
         drop(marked);
         go.sort_unstable();
         let mut moved = MigrateStats::default();
