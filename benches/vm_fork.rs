@@ -26,7 +26,8 @@
 //!    re-run as workers): what spreading VMs over worker processes would buy, since every
 //!    VM's creation takes the lock of every mapping of its process and every mapping
 //!    change walks every VM's MMU notifier in it. Wall time from the go signal to the
-//!    last worker done.
+//!    last worker done. Beside it, what a worker would pay per request: a 64-byte
+//!    request and reply with another process over pipes.
 //!
 //! Smoke mode (no `--bench`): 16 MiB and 1..4 clones. `cargo bench --bench vm_fork --
 //! --quick`: 64, 256, 1024 MiB (3 repetitions) and 1, 10, 100, 1000 clones. Full:
@@ -450,12 +451,89 @@ fn spread(exp: &mut Experiment, mode: Mode) {
     }
 }
 
+/// Environment variable that makes this program the echo side of [`round_trip`].
+const ECHO_ENV: &str = "VM_FORK_ECHO";
+
+/// The echo side of [`round_trip`]: sends back every 64-byte message until stdin closes.
+fn echo(same_cpu: bool) {
+    use std::io::{Read, Write};
+    if same_cpu {
+        vmm::numa::Pin::Cpu(0).apply();
+    }
+    let (mut input, mut output) = (std::io::stdin().lock(), std::io::stdout().lock());
+    let mut msg = [0u8; 64];
+    while input.read_exact(&mut msg).is_ok() {
+        output.write_all(&msg).expect("echo stdout");
+        output.flush().expect("echo stdout");
+    }
+}
+
+/// What a worker process would pay per request (the plan in docs/ARCHITECTURE.md sends
+/// every host mapping change of a worker's window as one): 64-byte request and reply
+/// over a pipe pair with another process, which wakes the other side both ways.
+/// With `same_cpu` both sides run on CPU 0 (each wake-up a switch on that CPU);
+/// without, the scheduler places them (a wake-up may have to bring an idle CPU back).
+fn round_trip(exp: &mut Experiment, mode: Mode, same_cpu: bool) {
+    use std::io::{Read, Write};
+    use std::process::{Command as Proc, Stdio};
+    let n: u32 = mode.pick(100, 20_000, 100_000);
+    let mut child = Proc::new(std::env::current_exe().expect("bench executable"))
+        .env(ECHO_ENV, if same_cpu { "cpu0" } else { "any" })
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn the echo process");
+    let (mut to, mut from) = (
+        child.stdin.take().expect("echo stdin"),
+        child.stdout.take().expect("echo stdout"),
+    );
+    // On a thread of its own, so that pinning it leaves this one where it was.
+    let us = std::thread::scope(|s| {
+        s.spawn(|| {
+            if same_cpu {
+                vmm::numa::Pin::Cpu(0).apply();
+            }
+            let mut msg = [7u8; 64];
+            let mut one = || {
+                to.write_all(&msg).expect("request");
+                from.read_exact(&mut msg).expect("reply");
+            };
+            (0..n / 10).for_each(|_| one());
+            let t = Instant::now();
+            (0..n).for_each(|_| one());
+            t.elapsed().as_secs_f64() * 1e6 / f64::from(n)
+        })
+        .join()
+        .expect("round trips")
+    });
+    drop(to);
+    assert!(child.wait().expect("echo exit").success(), "echo failed");
+    let variant = if same_cpu {
+        "ipc-round-trip-same-cpu"
+    } else {
+        "ipc-round-trip"
+    };
+    exp.push(Row::new(variant).metric("us", us));
+    eprintln!(
+        "a 64-byte request and reply with another process ({}): {us:.1} us",
+        if same_cpu {
+            "both on CPU 0"
+        } else {
+            "unpinned"
+        }
+    );
+}
+
 /// The row name of bare VMs spread over `procs` processes.
 fn spread_variant(procs: usize) -> String {
     format!("kvm-bare-{procs}proc")
 }
 
 fn main() {
+    if let Ok(how) = std::env::var(ECHO_ENV) {
+        echo(how == "cpu0");
+        return;
+    }
     if let Ok(n) = std::env::var(WORKER_ENV) {
         spread_worker(n.parse().expect("worker count"));
         return;
@@ -473,6 +551,8 @@ fn main() {
     latency(&mut exp, &hv, mode);
     fan_out(&mut exp, &hv, mode);
     spread(&mut exp, mode);
+    round_trip(&mut exp, mode, false);
+    round_trip(&mut exp, mode, true);
     println!("{}", exp.table("fork_ms", "host-fork"));
     println!("{}", exp.table("per_clone_ms", "kvm-bare"));
     println!("{}", exp.table("idle_clone_kib", "kvm-bare"));
