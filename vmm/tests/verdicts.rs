@@ -281,6 +281,39 @@ fn ctrl_c_prints_the_partial_report_and_exits_130() {
 }
 
 #[test]
+fn ctrl_c_stops_a_fork_while_it_makes_its_shells() {
+    if !kvm() {
+        return;
+    }
+    // 3000 shells take several seconds to make: the signal lands while they are made.
+    let child = Command::new(env!("CARGO_BIN_EXE_vmm"))
+        .args([
+            "fork",
+            "--clones",
+            "3000",
+            "--mem",
+            "4M",
+            "--shells",
+            "--phase2",
+            "dirty:pages=1",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn vmm");
+    std::thread::sleep(Duration::from_millis(1500));
+    // SAFETY: signalling our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().expect("wait");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(
+        err.contains("making the clones' VM shells") && err.contains("of 3000 made"),
+        "stopped while making the shells, not after: {err}"
+    );
+}
+
+#[test]
 fn events_stream_one_json_line_each_with_the_report_last() {
     if !kvm() {
         return;

@@ -456,7 +456,20 @@ fn run(
     if p.shells {
         fb.stage(format!("making {} VM shells", p.clones));
         let t = Instant::now();
-        shells.fill(hv, p.clones)?;
+        // In batches, so that Ctrl-C stops a long fill (10,000 shells take a minute).
+        while shells.len() < p.clones {
+            if super::feedback::interrupted() {
+                return Err(CliError::Interrupted {
+                    vm: "parent".into(),
+                    step: format!(
+                        "making the clones' VM shells ({} of {} made)",
+                        shells.len(),
+                        p.clones
+                    ),
+                });
+            }
+            shells.fill(hv, (shells.len() + 16).min(p.clones))?;
+        }
         ex.shell_ms = Some(t.elapsed().as_secs_f64() * 1e3 / p.clones as f64);
     }
     fb.stage(format!("forking into {} clones", p.clones));
