@@ -240,20 +240,10 @@ fn a_report_to_a_full_disk_is_an_error_and_to_a_closed_pipe_is_not() {
     assert!(err.is_empty(), "{err}");
 }
 
-#[test]
-fn ctrl_c_prints_the_partial_report_and_exits_130() {
-    if !kvm() {
-        return;
-    }
+/// Runs `vmm args` and sends it SIGINT (Ctrl-C) 1.5 s after it started.
+fn interrupted(args: &[&str]) -> std::process::Output {
     let child = Command::new(env!("CARGO_BIN_EXE_vmm"))
-        .args([
-            "run",
-            "--mem",
-            "16M",
-            "--workload",
-            "fill:seed=1:pages=8,random:count=1000000000,verify:seed=1:pages=8",
-            "--json",
-        ])
+        .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -262,6 +252,22 @@ fn ctrl_c_prints_the_partial_report_and_exits_130() {
     // SAFETY: signalling our own child process.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let out = child.wait_with_output().expect("wait");
+    out
+}
+
+#[test]
+fn ctrl_c_prints_the_partial_report_and_exits_130() {
+    if !kvm() {
+        return;
+    }
+    let out = interrupted(&[
+        "run",
+        "--mem",
+        "16M",
+        "--workload",
+        "fill:seed=1:pages=8,random:count=1000000000,verify:seed=1:pages=8",
+        "--json",
+    ]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(130), "{err}");
     assert!(err.contains("Ctrl-C"), "{err}");
@@ -286,25 +292,16 @@ fn ctrl_c_stops_a_fork_while_it_makes_its_shells() {
         return;
     }
     // 3000 shells take several seconds to make: the signal lands while they are made.
-    let child = Command::new(env!("CARGO_BIN_EXE_vmm"))
-        .args([
-            "fork",
-            "--clones",
-            "3000",
-            "--mem",
-            "4M",
-            "--shells",
-            "--phase2",
-            "dirty:pages=1",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn vmm");
-    std::thread::sleep(Duration::from_millis(1500));
-    // SAFETY: signalling our own child process.
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    let out = child.wait_with_output().expect("wait");
+    let out = interrupted(&[
+        "fork",
+        "--clones",
+        "3000",
+        "--mem",
+        "4M",
+        "--shells",
+        "--phase2",
+        "dirty:pages=1",
+    ]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(130), "{err}");
     assert!(
