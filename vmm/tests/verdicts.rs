@@ -251,8 +251,7 @@ fn interrupted(args: &[&str]) -> std::process::Output {
     std::thread::sleep(Duration::from_millis(1500));
     // SAFETY: signalling our own child process.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    let out = child.wait_with_output().expect("wait");
-    out
+    child.wait_with_output().expect("wait")
 }
 
 #[test]
