@@ -69,6 +69,15 @@ pub enum FaultError {
     /// The fault handler panicked; the VM's memory state is unknown and it is stopped.
     #[error("the fault handler panicked ({0}); the VM is stopped, its siblings run on")]
     Panicked(String),
+    /// The VMM process that manages a worker's VM refused the fault, or could not be
+    /// reached ([`crate::worker`]); the message is the VMM's error.
+    #[error("the memory manager's process: {what}")]
+    Remote {
+        /// What went wrong, as the VMM's process said it.
+        what: String,
+        /// Whether it failed on a host limit the user can raise.
+        host_limit: bool,
+    },
 }
 
 impl FaultError {
@@ -82,6 +91,7 @@ impl FaultError {
             FaultError::Space(guestmem::SpaceError::Host { source, .. }) => {
                 crate::window::host_mmu_limit(source)
             }
+            FaultError::Remote { host_limit, .. } => *host_limit,
             _ => false,
         }
     }

@@ -56,6 +56,7 @@ pub mod sys;
 pub mod vcpu;
 pub mod vm;
 pub mod window;
+pub mod worker;
 pub mod workload;
 
 /// [`guestmem::types::PAGE_SIZE`] as a u64.

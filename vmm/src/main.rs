@@ -23,6 +23,8 @@ use cli::report::{ForkReport, RunReport, emit, print_fork, print_run};
 use cli::run::cmd_run;
 
 fn main() -> ExitCode {
+    // A worker process of a `WorkerPool` serves and exits here.
+    vmm::worker::serve_if_worker();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_writer(std::io::stderr)

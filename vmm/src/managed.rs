@@ -135,6 +135,15 @@ pub enum ForkError {
         #[source]
         source: VcpuError,
     },
+    /// Giving worker-held clone `index` its state failed ([`ManagedVm::fork_remote`]).
+    #[error("clone {} in its worker process: {source}", index + 1)]
+    Remote {
+        /// Which clone (0-based; the message counts from 1).
+        index: usize,
+        /// Why.
+        #[source]
+        source: crate::worker::WorkerError,
+    },
 }
 
 impl ForkError {
@@ -145,6 +154,7 @@ impl ForkError {
             ForkError::PoolExhausted { .. } | ForkError::FileLimit { .. } => true,
             ForkError::Clone { source, .. } => source.is_host_limit(),
             ForkError::Save(e) | ForkError::Restore { source: e, .. } => e.is_host_limit(),
+            ForkError::Remote { source, .. } => source.is_host_limit(),
         }
     }
 }
@@ -342,18 +352,130 @@ impl ManagedVm {
         shells: Option<&ShellPool>,
     ) -> Result<(Vec<ManagedVm>, ForkTiming), ForkError> {
         let ready = shells.map_or(0, ShellPool::len).min(opts.clones);
-        self.check_limits(&ForkOptions {
-            clones: opts.clones - ready,
-            ..*opts
+        self.check_reserve(opts)?;
+        // Descriptors only for the clones no shell is ready for.
+        self.check_fds(opts.clones - ready)?;
+        self.fork_held(hv, opts, |index, states, timing| {
+            let fork_space = |w: &Arc<Window>| self.fork_space(w.clone(), opts);
+            let clone = match shells.and_then(|p| p.take(&cfg_of(self))) {
+                Some(shell) => {
+                    timing.from_shells += 1;
+                    Self::adopt(shell, fork_space)
+                }
+                None => Self::build(hv, &cfg_of(self), fork_space),
+            }
+            .map_err(|source| ForkError::Clone { index, source })?;
+            for (v, st) in clone.vm.vcpus().iter().zip(states) {
+                v.restore_state(st)
+                    .map_err(|source| ForkError::Restore { index, source })?;
+            }
+            Ok(clone)
+        })
+    }
+
+    /// Snapshot-forks the running VM into `opts.clones` clones held by worker processes,
+    /// taking their VMs from `shells` ([`crate::worker::WorkerPool::shells`], of this
+    /// VM's shape); as [`ManagedVm::fork_with`] otherwise. This process creates no VM,
+    /// thread or mapping per clone: only the address-space fork and, per clone, one
+    /// request to its worker to load the saved vCPU state.
+    pub fn fork_remote(
+        &self,
+        hv: &Hypervisor,
+        opts: &ForkOptions,
+        shells: &crate::worker::RemoteShells,
+    ) -> Result<(Vec<crate::worker::RemoteVm>, ForkTiming), ForkError> {
+        let (want, have) = (self.vm.config(), shells.config());
+        if want.mem_bytes != have.mem_bytes || want.vcpus != have.vcpus {
+            return Err(ForkError::Clone {
+                index: 0,
+                source: VmError::Config(format!(
+                    "the workers' shells have {} bytes and {} vCPUs, the parent {} and {}",
+                    have.mem_bytes, have.vcpus, want.mem_bytes, want.vcpus
+                )),
+            });
+        }
+        if shells.len() < opts.clones {
+            return Err(ForkError::Clone {
+                index: shells.len(),
+                source: VmError::Config(format!(
+                    "{} clones asked for, {} shells ready in the workers: make more first",
+                    opts.clones,
+                    shells.len()
+                )),
+            });
+        }
+        // The clones open no descriptor in this process: only the reserve is checked.
+        self.check_reserve(opts)?;
+        self.fork_held(hv, opts, |index, states, timing| {
+            let clone = shells
+                .adopt(|mmu| self.fork_space(mmu, opts))
+                .map_err(|e| ForkError::Clone {
+                    index,
+                    source: VmError::Fault(e),
+                })?
+                .ok_or(ForkError::Clone {
+                    index,
+                    source: VmError::Config("the workers' shells ran out".into()),
+                })?;
+            timing.from_shells += 1;
+            clone
+                .restore(states)
+                .map_err(|source| ForkError::Remote { index, source })?;
+            Ok(clone)
+        })
+    }
+
+    /// The clone's address space: `AddressSpace::fork` of this VM's onto `mmu`, with
+    /// the reserve made at the same time (no other VM can take the clone's frames
+    /// afterwards; a refusal leaves nothing shared).
+    fn fork_space(
+        &self,
+        mmu: Arc<dyn guestmem::mmu::HostMmu>,
+        opts: &ForkOptions,
+    ) -> Result<Arc<AddressSpace>, FaultError> {
+        crate::failpoint::hit(crate::failpoint::ForkStep::SpaceFork).map_err(|_| {
+            guestmem::SpaceError::Rmap {
+                vm: self.space.id(),
+                source: rmap::RmapError::AllocFailed {
+                    what: "an anon_vma",
+                },
+            }
         })?;
-        // One fork of this VM at a time, and the parent is held (not paused): no `resume`
-        // from another thread can let a vCPU run while its state is saved or moved.
+        Ok(self.space.fork_with(
+            mmu,
+            guestmem::ChildOptions {
+                limit: None,
+                reserve: opts.reserve_pages,
+            },
+        )?)
+    }
+
+    /// The fork around the clones: one fork of this VM at a time, the parent held (not
+    /// paused: no `resume` from another thread can let a vCPU run while its state is
+    /// saved or moved), its state saved, the parent moved to a fresh VM if it wrote
+    /// since its last fork, then `make` per clone with the saved states, then the
+    /// parent resumed.
+    fn fork_held<C>(
+        &self,
+        hv: &Hypervisor,
+        opts: &ForkOptions,
+        mut make: impl FnMut(usize, &[VcpuState], &mut ForkTiming) -> Result<C, ForkError>,
+    ) -> Result<(Vec<C>, ForkTiming), ForkError> {
         let _serial = self.vm.fork_guard();
         let t0 = Instant::now();
         let hold = self.vm.hold();
         let pause_ns = t0.elapsed().as_nanos() as u64;
         let mut retiree = None;
-        let r = self.fork_paused(hv, opts, shells, &mut retiree);
+        let r = (|| {
+            let (states, mut timing) = self.save_and_move(hv, opts, &mut retiree)?;
+            let mut clones = Vec::with_capacity(opts.clones);
+            for index in 0..opts.clones {
+                let t = Instant::now();
+                clones.push(make(index, &states, &mut timing)?);
+                timing.clone_ns.push(t.elapsed().as_nanos() as u64);
+            }
+            Ok((clones, timing))
+        })();
         // The default again for the next fork (`ParentMode` is per fork).
         self.vm.window().set_swap_on_fork(true);
         let total_ns = t0.elapsed().as_nanos() as u64;
@@ -366,22 +488,29 @@ impl ManagedVm {
         Ok((clones, timing))
     }
 
-    fn check_limits(&self, opts: &ForkOptions) -> Result<(), ForkError> {
-        let clones = opts.clones;
-        let need = opts.reserve_pages.saturating_mul(clones as u64);
-        if need > 0 {
-            // Frames neither charged to a VM nor reserved for one (the reservations are
-            // made, clone by clone, by the fork itself).
-            let free = self.space.manager().unclaimed_frames();
-            if free < need {
-                return Err(ForkError::PoolExhausted {
-                    clones,
-                    reserve: opts.reserve_pages,
-                    need,
-                    free,
-                });
-            }
+    fn check_reserve(&self, opts: &ForkOptions) -> Result<(), ForkError> {
+        let need = opts.reserve_pages.saturating_mul(opts.clones as u64);
+        // Frames neither charged to a VM nor reserved for one (the reservations are
+        // made, clone by clone, by the fork itself).
+        let free = self.space.manager().unclaimed_frames();
+        if need > 0 && free < need {
+            return Err(ForkError::PoolExhausted {
+                clones: opts.clones,
+                reserve: opts.reserve_pages,
+                need,
+                free,
+            });
         }
+        Ok(())
+    }
+
+    fn check_limits(&self, opts: &ForkOptions) -> Result<(), ForkError> {
+        self.check_reserve(opts)?;
+        self.check_fds(opts.clones)
+    }
+
+    /// Descriptors for `clones` new VMs made in this process.
+    fn check_fds(&self, clones: usize) -> Result<(), ForkError> {
         if clones == 0 {
             // Every clone's VM exists already (shells): the fork opens no descriptor.
             return Ok(());
@@ -401,13 +530,14 @@ impl ManagedVm {
         Ok(())
     }
 
-    fn fork_paused(
+    /// Saves every vCPU's state and, unless the parent stays in place, moves a parent
+    /// that wrote since its last fork into a fresh VM (`retiree` takes the old one).
+    fn save_and_move(
         &self,
         hv: &Hypervisor,
         opts: &ForkOptions,
-        shells: Option<&ShellPool>,
         retiree: &mut Option<crate::window::Retiree>,
-    ) -> Result<(Vec<ManagedVm>, ForkTiming), ForkError> {
+    ) -> Result<(Vec<VcpuState>, ForkTiming), ForkError> {
         let t = Instant::now();
         let states = self
             .vm
@@ -434,48 +564,15 @@ impl ManagedVm {
             }
             timing.rebirth_ns = t.elapsed().as_nanos() as u64;
         }
-        let cfg = VmConfig {
-            load_guest: false,
-            ..self.vm.config().clone()
-        };
-        let mut clones = Vec::with_capacity(opts.clones);
-        for index in 0..opts.clones {
-            let t = Instant::now();
-            let fork_space = |w: &Arc<Window>| {
-                crate::failpoint::hit(crate::failpoint::ForkStep::SpaceFork).map_err(|_| {
-                    guestmem::SpaceError::Rmap {
-                        vm: self.space.id(),
-                        source: rmap::RmapError::AllocFailed {
-                            what: "an anon_vma",
-                        },
-                    }
-                })?;
-                // The reservation is made here, with the fork: no other VM can take the
-                // clone's frames afterwards (a refusal leaves nothing shared).
-                Ok(self.space.fork_with(
-                    w.clone(),
-                    guestmem::ChildOptions {
-                        limit: None,
-                        reserve: opts.reserve_pages,
-                    },
-                )?)
-            };
-            let clone = match shells.and_then(|p| p.take(&cfg)) {
-                Some(shell) => {
-                    timing.from_shells += 1;
-                    Self::adopt(shell, fork_space)
-                }
-                None => Self::build(hv, &cfg, fork_space),
-            }
-            .map_err(|source| ForkError::Clone { index, source })?;
-            for (v, st) in clone.vm.vcpus().iter().zip(&states) {
-                v.restore_state(st)
-                    .map_err(|source| ForkError::Restore { index, source })?;
-            }
-            timing.clone_ns.push(t.elapsed().as_nanos() as u64);
-            clones.push(clone);
-        }
-        Ok((clones, timing))
+        Ok((states, timing))
+    }
+}
+
+/// A clone's configuration: the parent's, taking its state rather than booting.
+fn cfg_of(parent: &ManagedVm) -> VmConfig {
+    VmConfig {
+        load_guest: false,
+        ..parent.vm.config().clone()
     }
 }
 

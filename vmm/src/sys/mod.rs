@@ -6,6 +6,7 @@
 //! Everything above this module works with typed values and `Result`s; every raw syscall
 //! and its `// SAFETY:` argument lives here (KVM's own ioctls go through kvm-ioctls).
 
+pub mod ipc;
 pub mod mman;
 pub mod pagemap;
 pub mod uffd;

@@ -1,0 +1,1074 @@
+//! Worker processes that hold VMs whose memory this process manages.
+//!
+//! Every KVM VM of a process is an MMU notifier on the process's one `mm`: creating a VM
+//! locks every mapping of the process, and every host mapping change (a window's `mmap`, a
+//! thread's stack) calls every VM's notifier, so the cost of one more VM grows with the VMs
+//! already there (docs/ARCHITECTURE.md, "Fan-out beyond a few hundred VMs"). A
+//! [`WorkerPool`] spreads VMs over worker processes (copies of this program started with
+//! [`WORKER_ENV`] set; call [`serve_if_worker`] first thing in `main`):
+//!
+//! - **This process keeps the memory manager**: pools, frames, address spaces, reclaim,
+//!   migration. Each worker gets every node's memfd once, at start.
+//! - **A worker holds VMs**: KVM VM and vCPU fds, the guest RAM [`Window`] and the
+//!   fault-handler and vCPU threads, exactly as [`crate::Vm`] does in-process.
+//! - **Faults**: a worker VM's handler reads its userfaultfd as in-process and resolves
+//!   through a resolver that sends the fault over the VM's own fault socket. A thread of
+//!   this process's [`FaultServer`] resolves it in the VM's address space, whose host view
+//!   is a [`RemoteMmu`]: its host-MMU calls made while serving travel back on the same
+//!   socket and the waiting handler applies them to its window before the wake. Host-MMU
+//!   calls from elsewhere (reclaim, migration) go over the worker's control socket.
+//! - **Containment**: a worker that dies takes only its VMs. Its sockets close; the
+//!   process is reaped before any of its VMs' host views is treated as gone, so no frame
+//!   is handed on while a stale mapping of it could still exist.
+//!
+//! [`crate::ManagedVm::fork_remote`] snapshot-forks a VM of this process into clones held
+//! by workers ([`RemoteShells`] made beforehand, as [`crate::ShellPool`] does in-process).
+//! What does not cross yet: a remote clone cannot itself be forked, moved to a fresh VM,
+//! or read from this process (its RAM is only mapped in the worker).
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use guestmem::mmu::{HostMmu, HostMmuError, MapRun};
+use guestmem::types::Gfn;
+use guestmem::{AddressSpace, Manager};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::fault::{FaultCounts, FaultError, FaultKind, FaultResolver};
+use crate::guest::{CmdResult, Command};
+use crate::managed::SpaceResolver;
+use crate::sys::ipc::{MAX_FDS, Seqpacket};
+use crate::vm::VmConfig;
+
+mod serve;
+pub mod wire;
+
+use wire::{Dec, Enc, MmuOp, WireError};
+
+/// Set in a worker's environment: the program is to serve as a worker
+/// ([`serve_if_worker`]).
+pub const WORKER_ENV: &str = "KVMM_WORKER";
+/// The worker's end of its control socket.
+const CONTROL_FD: i32 = 3;
+/// The worker's end of its wait socket.
+const WAIT_FD: i32 = 4;
+
+/// Control-socket message tags (requests and reply status).
+mod ctl {
+    pub const OK: u8 = 0;
+    pub const ERR: u8 = 1;
+    pub const GONE: u8 = 2;
+    pub const TIMEOUT: u8 = 3;
+    pub const NODES: u8 = 9;
+    pub const SHELLS: u8 = 10;
+    pub const MMU: u8 = 11;
+    pub const RESTORE: u8 = 12;
+    pub const SUBMIT: u8 = 13;
+    pub const STOP: u8 = 14;
+    pub const DROP: u8 = 15;
+    pub const FORGET: u8 = 16;
+    pub const COUNTS: u8 = 17;
+}
+
+/// Fault-socket message tags.
+mod fault_msg {
+    pub const RESOLVE: u8 = 1;
+    pub const MMU: u8 = 2;
+    pub const RESOLVED: u8 = 3;
+    pub const FAILED: u8 = 4;
+}
+
+/// If this process was started as a worker ([`WORKER_ENV`]), serves as one and exits;
+/// otherwise returns at once. Call it first thing in `main` of any program that spawns a
+/// [`WorkerPool`] of itself.
+pub fn serve_if_worker() {
+    if std::env::var_os(WORKER_ENV).is_some() {
+        std::process::exit(serve::run());
+    }
+}
+
+/// A worker or one of its VMs could not do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// The worker program could not be started.
+    #[error("starting a worker process ({exe}) failed: {source}")]
+    Spawn {
+        /// The program.
+        exe: String,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The worker started but could not serve (it says why: no `/dev/kvm`, ...).
+    #[error("the worker process could not start: {0}")]
+    Start(String),
+    /// The worker process is gone; its VMs are lost (others run on).
+    #[error("worker process {pid} exited ({status}); its VMs are gone, the others run on")]
+    Gone {
+        /// Its pid.
+        pid: u32,
+        /// How it ended.
+        status: String,
+    },
+    /// Talking to the worker failed.
+    #[error("talking to worker process {pid} failed: {source}")]
+    Io {
+        /// Its pid.
+        pid: u32,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// A malformed message.
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    /// The worker refused (its error).
+    #[error("worker process {pid}: {what}")]
+    Refused {
+        /// Its pid.
+        pid: u32,
+        /// The worker's error.
+        what: String,
+        /// Whether it failed on a host limit the user can raise.
+        host_limit: bool,
+    },
+    /// The worker no longer has the VM.
+    #[error("worker process {pid} no longer holds VM {vm}")]
+    NoSuchVm {
+        /// Its pid.
+        pid: u32,
+        /// The worker's VM id.
+        vm: u32,
+    },
+    /// A command did not end in time (it stays in flight).
+    #[error("the command did not end in time")]
+    Timeout,
+}
+
+impl WorkerError {
+    /// Whether it failed on a host limit the user can raise.
+    pub fn is_host_limit(&self) -> bool {
+        match self {
+            WorkerError::Refused { host_limit, .. } => *host_limit,
+            WorkerError::Spawn { source, .. } => matches!(
+                source.raw_os_error(),
+                Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM | libc::EAGAIN)
+            ),
+            _ => false,
+        }
+    }
+}
+
+/// This process's end of one worker.
+#[derive(Debug)]
+struct Link {
+    pid: u32,
+    control: Mutex<(Seqpacket, Vec<u8>)>,
+    waits: Mutex<(Seqpacket, Vec<u8>)>,
+    child: Mutex<Option<std::process::Child>>,
+    /// Set once the worker is known to have exited (and was reaped): nothing of its
+    /// address space, windows included, is left.
+    gone: AtomicBool,
+    status: Mutex<String>,
+}
+
+/// One reply (tag first) and the descriptors it carried.
+type Reply = (Vec<u8>, Vec<OwnedFd>);
+
+impl Link {
+    /// One request and its reply on `sock`.
+    fn exchange(
+        &self,
+        which: &Mutex<(Seqpacket, Vec<u8>)>,
+        msg: &Enc,
+    ) -> Result<Reply, WorkerError> {
+        if self.gone.load(Ordering::Acquire) {
+            return Err(self.gone_error());
+        }
+        let mut g = which.lock().unwrap_or_else(|e| e.into_inner());
+        let (sock, buf) = &mut *g;
+        let io = |source| WorkerError::Io {
+            pid: self.pid,
+            source,
+        };
+        if let Err(e) = sock.send(&msg.0, &[]) {
+            drop(g);
+            return Err(self.lost(io(e)));
+        }
+        let mut fds = Vec::new();
+        match sock.recv(buf, &mut fds) {
+            Ok(true) => {}
+            Ok(false) => {
+                drop(g);
+                return Err(self.lost(io(io::Error::from(io::ErrorKind::UnexpectedEof))));
+            }
+            Err(e) => {
+                drop(g);
+                return Err(self.lost(io(e)));
+            }
+        }
+        Ok((buf.clone(), fds))
+    }
+
+    /// A control request; the reply (check it with [`Link::ok`]).
+    fn call(&self, msg: &Enc) -> Result<Reply, WorkerError> {
+        self.exchange(&self.control, msg)
+    }
+
+    /// A control request whose reply carries nothing but its status.
+    fn call_ok(&self, msg: &Enc, vm: u32) -> Result<(), WorkerError> {
+        let (r, _) = self.call(msg)?;
+        self.ok(&r, vm).map(|_| ())
+    }
+
+    /// The reader past an `OK` reply's tag, or the worker's error.
+    fn ok<'a>(&self, reply: &'a [u8], vm: u32) -> Result<Dec<'a>, WorkerError> {
+        let (tag, mut d) = Dec::new(reply)?;
+        match tag {
+            ctl::OK => Ok(d),
+            ctl::GONE => Err(WorkerError::NoSuchVm { pid: self.pid, vm }),
+            ctl::TIMEOUT => Err(WorkerError::Timeout),
+            _ => {
+                let what = d.string()?;
+                let host_limit = d.u8().is_ok_and(|b| b != 0);
+                Err(WorkerError::Refused {
+                    pid: self.pid,
+                    what,
+                    host_limit,
+                })
+            }
+        }
+    }
+
+    /// The worker stopped answering: wait for it to exit (it is ours, and its sockets
+    /// are closed or broken), so that its address space is gone before any of its VMs'
+    /// host views is treated as gone.
+    fn lost(&self, e: WorkerError) -> WorkerError {
+        let mut child = self.child.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(mut c) = child.take() {
+            // A broken socket with the worker still alive (it should not be): end it.
+            let _ = c.kill();
+            let status = c
+                .wait()
+                .map(|s| s.to_string())
+                .unwrap_or_else(|e| format!("not reaped: {e}"));
+            tracing::error!("worker process {} is gone ({status}): {e}", self.pid);
+            *self.status.lock().unwrap_or_else(|e| e.into_inner()) = status;
+            self.gone.store(true, Ordering::Release);
+        }
+        drop(child);
+        if self.gone.load(Ordering::Acquire) {
+            self.gone_error()
+        } else {
+            e
+        }
+    }
+
+    fn gone_error(&self) -> WorkerError {
+        WorkerError::Gone {
+            pid: self.pid,
+            status: self
+                .status
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+        }
+    }
+
+    /// A host-MMU call on VM `vm` over the control socket.
+    fn mmu(&self, vm: u32, op: MmuOp, out: &mut Vec<u64>) -> Result<bool, HostMmuError> {
+        let msg = op.put(Enc::new(ctl::MMU).u32(vm));
+        match self.exchange(&self.control, &msg) {
+            Ok((reply, _)) => mmu_reply(op, &reply, out),
+            Err(WorkerError::Gone { .. }) => gone_view(op, "the worker process is gone"),
+            Err(e) => Err(mmu_error(op, io::Error::other(e.to_string()))),
+        }
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        let child = self
+            .child
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(mut c) = child {
+            // Closing the sockets (the fields, after this) ends the worker's loop; wait
+            // for it so that no VM outlives the pool.
+            let (control, waits) = (
+                std::mem::replace(&mut self.control, Mutex::new(dead_pair())),
+                std::mem::replace(&mut self.waits, Mutex::new(dead_pair())),
+            );
+            drop((control, waits));
+            let _ = c.wait();
+        }
+    }
+}
+
+fn dead_pair() -> (Seqpacket, Vec<u8>) {
+    // A socket whose peer is already closed; only a placeholder while dropping.
+    match Seqpacket::pair() {
+        Ok((a, _b)) => (a, Vec::new()),
+        Err(_) => panic!("socketpair failed while dropping a worker link"),
+    }
+}
+
+fn mmu_error(op: MmuOp, source: io::Error) -> HostMmuError {
+    let (gfn, pages) = op.run();
+    HostMmuError {
+        op: op.name(),
+        gfn,
+        pages,
+        source,
+    }
+}
+
+/// What a host-MMU call on a view that no longer exists means: nothing maps the frames
+/// any more, so taking them away succeeded; giving them is refused.
+fn gone_view(op: MmuOp, why: &str) -> Result<bool, HostMmuError> {
+    match op {
+        MmuOp::Unmap(..)
+        | MmuOp::Protect(_, _, false)
+        | MmuOp::ProtectForFork(..)
+        | MmuOp::Revoke(..) => Ok(true),
+        MmuOp::Restore(..) | MmuOp::Harvest(..) => Ok(false),
+        MmuOp::Map { .. } | MmuOp::Protect(_, _, true) => {
+            Err(mmu_error(op, io::Error::other(why.to_string())))
+        }
+    }
+}
+
+/// Decodes the worker's answer to a host-MMU call (the whole message, tag first).
+fn mmu_reply(op: MmuOp, msg: &[u8], out: &mut Vec<u64>) -> Result<bool, HostMmuError> {
+    let bad = |e: WireError| mmu_error(op, io::Error::other(e.to_string()));
+    let (tag, mut d) = Dec::new(msg).map_err(bad)?;
+    match tag {
+        ctl::OK => {
+            let b = d.u8().map_err(bad)? != 0;
+            let n = d.u32().map_err(bad)?;
+            for _ in 0..n {
+                out.push(d.u64().map_err(bad)?);
+            }
+            Ok(b)
+        }
+        ctl::GONE => gone_view(op, "the worker no longer holds the VM"),
+        _ => {
+            let errno = d.u32().map_err(bad)? as i32;
+            let what = d.string().map_err(bad)?;
+            Err(mmu_error(
+                op,
+                if errno != 0 {
+                    io::Error::from_raw_os_error(errno)
+                } else {
+                    io::Error::other(what)
+                },
+            ))
+        }
+    }
+}
+
+thread_local! {
+    /// The fault connection this thread is serving (its host-MMU calls for that VM go
+    /// back on it, to the handler waiting there).
+    static SERVING: RefCell<Option<Arc<FaultConn>>> = const { RefCell::new(None) };
+    /// Buffer for replies read while serving.
+    static NESTED_BUF: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(64 << 10));
+}
+
+/// The host view of a worker VM's window ([`HostMmu`] by request; see the module docs).
+#[derive(Debug)]
+pub struct RemoteMmu {
+    link: Arc<Link>,
+    vm: u32,
+}
+
+impl RemoteMmu {
+    /// Harvest replies stay well under a message: this many pages per request.
+    const HARVEST_CHUNK: u64 = 1 << 18;
+
+    fn call(&self, op: MmuOp, out: &mut Vec<u64>) -> Result<bool, HostMmuError> {
+        let nested = SERVING.with(|s| {
+            s.borrow()
+                .as_ref()
+                .filter(|c| Arc::ptr_eq(&c.link, &self.link) && c.vm == self.vm)
+                .cloned()
+        });
+        match nested {
+            Some(conn) => conn.nested(op, out),
+            None => self.link.mmu(self.vm, op, out),
+        }
+    }
+}
+
+impl HostMmu for RemoteMmu {
+    fn map_run(&self, run: MapRun<'_>) -> Result<(), HostMmuError> {
+        let op = MmuOp::Map {
+            gfn: run.gfn,
+            pages: run.pages,
+            node: run.node,
+            pfn: run.pfn,
+            file_offset: run.file_offset,
+            writable: run.writable,
+        };
+        self.call(op, &mut Vec::new()).map(|_| ())
+    }
+    fn unmap_run(&self, gfn: Gfn, pages: u64) -> Result<(), HostMmuError> {
+        self.call(MmuOp::Unmap(gfn, pages), &mut Vec::new())
+            .map(|_| ())
+    }
+    fn protect_run(&self, gfn: Gfn, pages: u64, writable: bool) -> Result<(), HostMmuError> {
+        self.call(MmuOp::Protect(gfn, pages, writable), &mut Vec::new())
+            .map(|_| ())
+    }
+    fn protect_for_fork(&self, gfn: Gfn, pages: u64) -> Result<(), HostMmuError> {
+        self.call(MmuOp::ProtectForFork(gfn, pages), &mut Vec::new())
+            .map(|_| ())
+    }
+    fn revoke(&self, gfn: Gfn, pages: u64) -> Result<(), HostMmuError> {
+        self.call(MmuOp::Revoke(gfn, pages), &mut Vec::new())
+            .map(|_| ())
+    }
+    fn restore_run(&self, gfn: Gfn, pages: u64, writable: bool) -> Result<bool, HostMmuError> {
+        self.call(MmuOp::Restore(gfn, pages, writable), &mut Vec::new())
+    }
+    fn harvest_accessed(
+        &self,
+        gfn: Gfn,
+        pages: u64,
+        out: &mut Vec<u64>,
+    ) -> Result<bool, HostMmuError> {
+        out.clear();
+        let mut done = 0;
+        while done < pages {
+            let n = (pages - done).min(Self::HARVEST_CHUNK);
+            if !self.call(MmuOp::Harvest(gfn.offset(done), n), out)? {
+                out.clear();
+                return Ok(false);
+            }
+            done += n;
+            out.truncate(done.div_ceil(64) as usize);
+        }
+        Ok(true)
+    }
+}
+
+/// One worker VM's fault socket, served by this process.
+#[derive(Debug)]
+struct FaultConn {
+    link: Arc<Link>,
+    vm: u32,
+    sock: Seqpacket,
+    /// Held while a request is served; `true` once closed.
+    serving: Mutex<bool>,
+    resolver: SpaceResolver,
+    key: u64,
+}
+
+impl FaultConn {
+    /// A host-MMU call made while serving this connection: sent to the handler that
+    /// waits on it.
+    fn nested(&self, op: MmuOp, out: &mut Vec<u64>) -> Result<bool, HostMmuError> {
+        let msg = op.put(Enc::new(fault_msg::MMU));
+        let io_err = |e: io::Error| mmu_error(op, e);
+        self.sock.send(&msg.0, &[]).map_err(io_err)?;
+        NESTED_BUF.with(|b| {
+            let mut buf = b.borrow_mut();
+            let mut fds = Vec::new();
+            if !self.sock.recv(&mut buf, &mut fds).map_err(io_err)? {
+                // The worker (or the VM's handler) is gone mid-fault.
+                return match self.link.lost(WorkerError::Gone {
+                    pid: self.link.pid,
+                    status: String::new(),
+                }) {
+                    WorkerError::Gone { .. } => gone_view(op, "the worker process is gone"),
+                    e => Err(mmu_error(op, io::Error::other(e.to_string()))),
+                };
+            }
+            mmu_reply(op, &buf, out)
+        })
+    }
+
+    /// Serves one request; `false` when the connection is closed.
+    fn serve_one(self: &Arc<Self>, buf: &mut Vec<u8>) -> bool {
+        let mut closed = self.serving.lock().unwrap_or_else(|e| e.into_inner());
+        if *closed {
+            return false;
+        }
+        let mut fds = Vec::new();
+        match self.sock.recv(buf, &mut fds) {
+            Ok(true) => {}
+            Ok(false) | Err(_) => {
+                *closed = true;
+                return false;
+            }
+        }
+        let reply = match self.decode(buf) {
+            Ok((gfn, kind, node)) => {
+                guestmem::set_home_node(node);
+                SERVING.with(|s| *s.borrow_mut() = Some(self.clone()));
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    self.resolver.resolve_run(gfn, kind)
+                }))
+                .unwrap_or_else(|_| {
+                    Err(FaultError::Panicked("resolving a worker VM's fault".into()))
+                });
+                SERVING.with(|s| *s.borrow_mut() = None);
+                match r {
+                    Ok(run) => Enc::new(fault_msg::RESOLVED)
+                        .u64(run.start.0)
+                        .u64(run.end.0),
+                    Err(e) => Enc::new(fault_msg::FAILED)
+                        .u8(u8::from(e.is_host_limit()))
+                        .bytes(e.to_string().as_bytes()),
+                }
+            }
+            Err(e) => Enc::new(fault_msg::FAILED)
+                .u8(0)
+                .bytes(e.to_string().as_bytes()),
+        };
+        if self.sock.send(&reply.0, &[]).is_err() {
+            *closed = true;
+            return false;
+        }
+        true
+    }
+
+    fn decode(&self, buf: &[u8]) -> Result<(Gfn, FaultKind, guestmem::types::NodeId), WireError> {
+        let (tag, mut d) = Dec::new(buf)?;
+        if tag != fault_msg::RESOLVE {
+            return Err(WireError("expected a fault"));
+        }
+        let gfn = Gfn(d.u64()?);
+        let kind = wire::get_kind(&mut d)?;
+        let node = d.u32()?;
+        Ok((
+            gfn,
+            kind,
+            guestmem::types::NodeId(u16::try_from(node).map_err(|_| WireError("node id"))?),
+        ))
+    }
+}
+
+/// This process's threads that resolve worker VMs' faults (epoll over every fault
+/// socket, one request per wake-up and socket).
+#[derive(Debug)]
+pub struct FaultServer {
+    epoll: Epoll,
+    stop: EventFd,
+    conns: Mutex<HashMap<u64, Arc<FaultConn>>>,
+    next: AtomicU64,
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+}
+
+const STOP_KEY: u64 = u64::MAX;
+
+impl FaultServer {
+    fn new(threads: usize) -> io::Result<Arc<FaultServer>> {
+        let s = Arc::new(FaultServer {
+            epoll: Epoll::new()?,
+            stop: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
+            conns: Mutex::new(HashMap::new()),
+            next: AtomicU64::new(0),
+            threads: Mutex::new(Vec::new()),
+        });
+        s.epoll.ctl(
+            ControlOperation::Add,
+            s.stop.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, STOP_KEY),
+        )?;
+        for _ in 0..threads.max(1) {
+            let me = s.clone();
+            let h = std::thread::Builder::new()
+                .name("worker-faults".into())
+                .spawn(move || me.serve())?;
+            s.threads.lock().unwrap_or_else(|e| e.into_inner()).push(h);
+        }
+        Ok(s)
+    }
+
+    fn serve(&self) {
+        let mut events = vec![EpollEvent::default(); 8];
+        let mut buf = Vec::with_capacity(64 << 10);
+        loop {
+            let n = match self.epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) => {
+                    tracing::error!("the worker fault server's epoll failed: {e}");
+                    return;
+                }
+            };
+            for ev in &events[..n] {
+                let key = ev.data();
+                if key == STOP_KEY {
+                    return;
+                }
+                let conn = self
+                    .conns
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(&key)
+                    .cloned();
+                let Some(conn) = conn else { continue };
+                if conn.serve_one(&mut buf) {
+                    let _ = self.epoll.ctl(
+                        ControlOperation::Modify,
+                        conn.sock.as_fd().as_raw_fd(),
+                        EpollEvent::new(EventSet::IN | EventSet::ONE_SHOT, key),
+                    );
+                } else {
+                    self.remove(key);
+                }
+            }
+        }
+    }
+
+    fn add(&self, conn: FaultConn) -> io::Result<Arc<FaultConn>> {
+        let conn = Arc::new(conn);
+        self.conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(conn.key, conn.clone());
+        if let Err(e) = self.epoll.ctl(
+            ControlOperation::Add,
+            conn.sock.as_fd().as_raw_fd(),
+            EpollEvent::new(EventSet::IN | EventSet::ONE_SHOT, conn.key),
+        ) {
+            self.remove(conn.key);
+            return Err(e);
+        }
+        Ok(conn)
+    }
+
+    /// Stops serving `conn`: when this returns no thread is inside one of its requests
+    /// and none will start.
+    fn close(&self, conn: &FaultConn) {
+        *conn.serving.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.remove(conn.key);
+    }
+
+    fn remove(&self, key: u64) {
+        if let Some(c) = self
+            .conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&key)
+        {
+            let _ = self.epoll.ctl(
+                ControlOperation::Delete,
+                c.sock.as_fd().as_raw_fd(),
+                EpollEvent::default(),
+            );
+        }
+    }
+}
+
+impl Drop for FaultServer {
+    fn drop(&mut self) {
+        // Dropped by the last pool reference, never by one of its own threads.
+        let _ = self.stop.write(1);
+        for h in self
+            .threads
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Worker processes and the fault server of this process (see the module docs).
+#[derive(Debug)]
+pub struct WorkerPool {
+    links: Vec<Arc<Link>>,
+    server: Arc<FaultServer>,
+}
+
+impl WorkerPool {
+    /// Starts `n` workers running `exe` (a program that calls [`serve_if_worker`]; the
+    /// `vmm` program does), each given every node memfd of `mm`'s pool. Worker VMs'
+    /// faults are resolved by `threads` threads of this process.
+    pub fn spawn(
+        exe: &Path,
+        n: usize,
+        mm: &Manager,
+        threads: usize,
+    ) -> Result<WorkerPool, WorkerError> {
+        let server = FaultServer::new(threads).map_err(|source| WorkerError::Spawn {
+            exe: "the fault server threads".into(),
+            source,
+        })?;
+        let mut links = Vec::with_capacity(n);
+        for _ in 0..n {
+            links.push(Arc::new(Self::start(exe, mm)?));
+        }
+        Ok(WorkerPool { links, server })
+    }
+
+    fn start(exe: &Path, mm: &Manager) -> Result<Link, WorkerError> {
+        let spawn_err = |source| WorkerError::Spawn {
+            exe: exe.display().to_string(),
+            source,
+        };
+        let (control, their_control) = Seqpacket::pair().map_err(spawn_err)?;
+        let (waits, their_waits) = Seqpacket::pair().map_err(spawn_err)?;
+        let (c, w) = (
+            their_control.as_fd().as_raw_fd(),
+            their_waits.as_fd().as_raw_fd(),
+        );
+        let mut cmd = std::process::Command::new(exe);
+        cmd.env(WORKER_ENV, "1")
+            .env_remove("RUST_TEST_THREADS")
+            .stdin(std::process::Stdio::null());
+        // SAFETY: the closure runs in the child between fork and exec and makes only
+        // async-signal-safe calls (fcntl, dup2) on descriptors it inherited: it moves
+        // the two socket ends out of the way, then to CONTROL_FD and WAIT_FD (dup2
+        // clears close-on-exec on the copies).
+        unsafe {
+            cmd.pre_exec(move || {
+                let c2 = libc::fcntl(c, libc::F_DUPFD_CLOEXEC, 10);
+                let w2 = libc::fcntl(w, libc::F_DUPFD_CLOEXEC, 10);
+                if c2 < 0 || w2 < 0 || libc::dup2(c2, CONTROL_FD) < 0 || libc::dup2(w2, WAIT_FD) < 0
+                {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            })
+        };
+        let child = cmd.spawn().map_err(spawn_err)?;
+        drop((their_control, their_waits));
+        let pid = child.id();
+        let link = Link {
+            pid,
+            control: Mutex::new((control, Vec::with_capacity(256 << 10))),
+            waits: Mutex::new((waits, Vec::with_capacity(4096))),
+            child: Mutex::new(Some(child)),
+            gone: AtomicBool::new(false),
+            status: Mutex::new(String::new()),
+        };
+        // Its hello (or why it cannot serve), then the node memfds.
+        {
+            let g = link.control.lock().unwrap_or_else(|e| e.into_inner());
+            let mut buf = Vec::with_capacity(4096);
+            let mut fds = Vec::new();
+            let ok = g.0.recv(&mut buf, &mut fds).map_err(spawn_err)?;
+            if !ok {
+                return Err(WorkerError::Start(format!(
+                    "{} exited before answering (is it a program that calls vmm::worker::serve_if_worker?)",
+                    exe.display()
+                )));
+            }
+            let (tag, mut d) = Dec::new(&buf)?;
+            if tag != ctl::OK {
+                return Err(WorkerError::Start(d.string()?));
+            }
+            let nodes = mm.pool().nodes();
+            let mut msg = Enc::new(ctl::NODES);
+            for node in nodes {
+                msg = msg.u32(u32::from(node.id().0));
+            }
+            let fds: Vec<_> = nodes.iter().map(|n| n.memfd()).collect();
+            g.0.send(&msg.0, &fds).map_err(spawn_err)?;
+        }
+        Ok(link)
+    }
+
+    /// Workers.
+    pub fn len(&self) -> usize {
+        self.links.len()
+    }
+
+    /// Whether the pool has no worker.
+    pub fn is_empty(&self) -> bool {
+        self.links.is_empty()
+    }
+
+    /// The workers' pids.
+    pub fn pids(&self) -> Vec<u32> {
+        self.links.iter().map(|l| l.pid).collect()
+    }
+
+    /// Makes `n` VM shells shaped like `cfg`, spread evenly over the workers (all
+    /// workers at once), for [`crate::ManagedVm::fork_remote`].
+    pub fn shells(&self, cfg: &VmConfig, n: usize) -> Result<RemoteShells, WorkerError> {
+        let k = self.links.len().max(1);
+        let per: Vec<usize> = (0..k).map(|i| n / k + usize::from(i < n % k)).collect();
+        let made: Vec<Result<Vec<RemoteShell>, WorkerError>> = std::thread::scope(|s| {
+            let hs: Vec<_> = self
+                .links
+                .iter()
+                .zip(&per)
+                .map(|(l, &count)| s.spawn(move || Self::shells_on(l, cfg, count)))
+                .collect();
+            hs.into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(WorkerError::Start("a shell thread panicked".into()))
+                    })
+                })
+                .collect()
+        });
+        let mut shells = Vec::with_capacity(n);
+        let mut first_err = None;
+        for r in made {
+            match r {
+                Ok(v) => shells.extend(v),
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(e) = first_err {
+            return Err(e);
+        }
+        // Interleave the workers, so that a fork of fewer clones still spreads.
+        shells.sort_by_key(|s| s.order);
+        Ok(RemoteShells {
+            cfg: cfg.clone(),
+            shells: Mutex::new(shells),
+            server: self.server.clone(),
+        })
+    }
+
+    fn shells_on(
+        link: &Arc<Link>,
+        cfg: &VmConfig,
+        count: usize,
+    ) -> Result<Vec<RemoteShell>, WorkerError> {
+        let mut out = Vec::with_capacity(count);
+        while out.len() < count {
+            let batch = (count - out.len()).min(MAX_FDS);
+            let msg = Enc::new(ctl::SHELLS)
+                .u32(batch as u32)
+                .u64(cfg.mem_bytes)
+                .u32(cfg.vcpus)
+                .u64(cfg.cpu.map_or(u64::MAX, |c| c as u64));
+            let (reply, fds) = link.call(&msg)?;
+            let mut d = link.ok(&reply, u32::MAX)?;
+            let got = d.u32()? as usize;
+            if got != fds.len() {
+                return Err(WireError("shell ids and sockets differ").into());
+            }
+            for fd in fds {
+                let id = d.u32()?;
+                out.push(RemoteShell {
+                    link: link.clone(),
+                    id,
+                    sock: Some(Seqpacket::from_fd(fd)),
+                    order: out.len() as u64,
+                });
+            }
+            if got == 0 {
+                return Err(WireError("the worker made no shell").into());
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// A VM shell in a worker, not yet given memory.
+#[derive(Debug)]
+struct RemoteShell {
+    link: Arc<Link>,
+    id: u32,
+    sock: Option<Seqpacket>,
+    order: u64,
+}
+
+impl Drop for RemoteShell {
+    fn drop(&mut self) {
+        let _ = self
+            .link
+            .call_ok(&Enc::new(ctl::DROP).u32(self.id), self.id);
+        let _ = self
+            .link
+            .call_ok(&Enc::new(ctl::FORGET).u32(self.id), self.id);
+    }
+}
+
+/// Shells made in workers ([`WorkerPool::shells`]).
+#[derive(Debug)]
+pub struct RemoteShells {
+    cfg: VmConfig,
+    shells: Mutex<Vec<RemoteShell>>,
+    server: Arc<FaultServer>,
+}
+
+impl RemoteShells {
+    /// Shells ready.
+    pub fn len(&self) -> usize {
+        self.shells.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Whether none is ready.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The shells' shape.
+    pub fn config(&self) -> &VmConfig {
+        &self.cfg
+    }
+
+    /// Gives the next shell the address space `make` builds over its host view; the
+    /// shell's faults are served from then on.
+    pub(crate) fn adopt(
+        &self,
+        make: impl FnOnce(Arc<dyn HostMmu>) -> Result<Arc<AddressSpace>, FaultError>,
+    ) -> Result<Option<RemoteVm>, FaultError> {
+        let shell = {
+            let mut v = self.shells.lock().unwrap_or_else(|e| e.into_inner());
+            if v.is_empty() {
+                return Ok(None);
+            }
+            v.remove(0)
+        };
+        let mut shell = shell;
+        let mmu = Arc::new(RemoteMmu {
+            link: shell.link.clone(),
+            vm: shell.id,
+        });
+        let space = make(mmu)?;
+        let Some(sock) = shell.sock.take() else {
+            space.exit();
+            return Err(FaultError::Remote {
+                what: "a shell without its fault socket".into(),
+                host_limit: false,
+            });
+        };
+        let key = self.server.next.fetch_add(1, Ordering::Relaxed);
+        let conn = FaultConn {
+            link: shell.link.clone(),
+            vm: shell.id,
+            sock,
+            serving: Mutex::new(false),
+            resolver: SpaceResolver::new(space.clone()),
+            key,
+        };
+        let conn = match self.server.add(conn) {
+            Ok(c) => c,
+            Err(e) => {
+                space.exit();
+                return Err(FaultError::Remote {
+                    what: format!("serving the clone's faults: {e}"),
+                    host_limit: true,
+                });
+            }
+        };
+        let link = shell.link.clone();
+        let id = shell.id;
+        // The VM is the RemoteVm's now: the shell must not drop it.
+        std::mem::forget(shell);
+        Ok(Some(RemoteVm {
+            link,
+            id,
+            vcpus: self.cfg.vcpus,
+            space,
+            conn,
+            server: self.server.clone(),
+        }))
+    }
+}
+
+/// A VM held by a worker, on memory this process manages (see the module docs).
+/// Dropping it ends the VM in its worker, then exits its address space.
+#[derive(Debug)]
+pub struct RemoteVm {
+    link: Arc<Link>,
+    id: u32,
+    vcpus: u32,
+    space: Arc<AddressSpace>,
+    conn: Arc<FaultConn>,
+    server: Arc<FaultServer>,
+}
+
+impl RemoteVm {
+    /// Its address space.
+    pub fn space(&self) -> &Arc<AddressSpace> {
+        &self.space
+    }
+
+    /// The worker's pid.
+    pub fn pid(&self) -> u32 {
+        self.link.pid
+    }
+
+    /// vCPUs.
+    pub fn vcpus(&self) -> u32 {
+        self.vcpus
+    }
+
+    /// Loads saved vCPU states (one per vCPU) into the paused shell; vCPUs with a
+    /// command in flight continue it.
+    pub fn restore(&self, states: &[crate::vcpu::VcpuState]) -> Result<(), WorkerError> {
+        let mut msg = Enc::new(ctl::RESTORE).u32(self.id).u32(states.len() as u32);
+        for s in states {
+            msg = wire::put_state(msg, s);
+        }
+        self.link.call_ok(&msg, self.id)
+    }
+
+    /// Starts `cmd` on vCPU `i`.
+    pub fn submit(&self, i: u32, cmd: Command) -> Result<(), WorkerError> {
+        let msg = wire::put_cmd(Enc::new(ctl::SUBMIT).u32(self.id).u32(i), &cmd);
+        self.link.call_ok(&msg, self.id)
+    }
+
+    /// Waits for vCPU `i`'s oldest command (at most `timeout`). A worker answers one
+    /// wait at a time.
+    pub fn wait(&self, i: u32, timeout: Option<Duration>) -> Result<CmdResult, WorkerError> {
+        let ms = timeout.map_or(u64::MAX, |t| t.as_millis() as u64);
+        let msg = Enc::new(0).u32(self.id).u32(i).u64(ms);
+        let (reply, _) = self.link.exchange(&self.link.waits, &msg)?;
+        let mut d = self.link.ok(&reply, self.id)?;
+        Ok(wire::get_result(&mut d)?)
+    }
+
+    /// Runs `cmd` on vCPU `i` to completion.
+    pub fn run(&self, i: u32, cmd: Command) -> Result<CmdResult, WorkerError> {
+        self.submit(i, cmd)?;
+        self.wait(i, None)
+    }
+
+    /// Faults the worker resolved for this VM, and why it stopped if it failed.
+    pub fn fault_counts(&self) -> Result<(FaultCounts, Option<String>), WorkerError> {
+        let (reply, _) = self.link.call(&Enc::new(ctl::COUNTS).u32(self.id))?;
+        let mut d = self.link.ok(&reply, self.id)?;
+        let c = wire::get_counts(&mut d)?;
+        let failed = (d.u8()? != 0).then(|| d.string()).transpose()?;
+        Ok((c, failed))
+    }
+
+    /// Stops every vCPU without waiting (commands in flight end with an error).
+    pub fn stop(&self) {
+        let _ = self
+            .link
+            .call_ok(&Enc::new(ctl::STOP).u32(self.id), self.id);
+    }
+}
+
+impl Drop for RemoteVm {
+    fn drop(&mut self) {
+        // The VM stops in its worker (its window stays until revoked), no request of it
+        // is served from here on, then the space exits (revoking the window), and the
+        // worker lets the window go.
+        let _ = self
+            .link
+            .call_ok(&Enc::new(ctl::DROP).u32(self.id), self.id);
+        self.server.close(&self.conn);
+        self.space.exit();
+        let _ = self
+            .link
+            .call_ok(&Enc::new(ctl::FORGET).u32(self.id), self.id);
+    }
+}

@@ -1,0 +1,161 @@
+//! Clones held by worker processes (`vmm::worker`): a VM of this process forked into
+//! clones in two workers, each seeing the parent's memory, writing its own copy and
+//! faulting through this process's manager; a worker killed mid-run takes only its own
+//! clones; every frame back at the end. Needs /dev/kvm (fails saying so unless
+//! SKIP_KVM=1).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use guestmem::types::Gfn;
+use guestmem::{AllocatorKind, Manager, ManagerConfig, Pool, PoolConfig};
+use vmm::guest::DATA_START;
+use vmm::worker::{WorkerError, WorkerPool};
+use vmm::{Command, ForkOptions, Hypervisor, ManagedVm, Op, VmConfig};
+
+mod common;
+
+const MIB: u64 = 1 << 20;
+const MEM: u64 = 32 * MIB;
+const DATA: Gfn = Gfn(DATA_START / 4096);
+const FILLED: u64 = 2048;
+
+fn setup() -> Option<(Hypervisor, Arc<Pool>, Arc<Manager>, ManagedVm)> {
+    if !common::kvm() {
+        return None;
+    }
+    let hv = Hypervisor::new().expect("open /dev/kvm");
+    let pool = Arc::new(
+        Pool::new(&PoolConfig::uniform(4 * MEM, 1, AllocatorKind::Magazine)).expect("pool"),
+    );
+    let mm = Manager::new(pool.clone(), ManagerConfig::default());
+    let parent = ManagedVm::new(&hv, &VmConfig::new(MEM, 1), &mm).expect("parent VM");
+    parent
+        .vm()
+        .run(0, Command::new(Op::Fill, DATA, FILLED, 11))
+        .expect("parent fill");
+    Some((hv, pool, mm, parent))
+}
+
+fn workers(mm: &Manager, n: usize) -> WorkerPool {
+    WorkerPool::spawn(Path::new(env!("CARGO_BIN_EXE_vmm")), n, mm, 2).expect("start workers")
+}
+
+#[test]
+fn clones_in_worker_processes_share_the_parents_memory_and_copy_what_they_write() {
+    let Some((hv, pool, mm, parent)) = setup() else {
+        return;
+    };
+    let pool_workers = workers(&mm, 2);
+    let shells = pool_workers
+        .shells(&VmConfig::new(MEM, 1), 4)
+        .expect("shells in the workers");
+    assert_eq!(shells.len(), 4);
+    let (clones, timing) = parent
+        .fork_remote(&hv, &ForkOptions::new(4), &shells)
+        .expect("fork into the workers");
+    assert_eq!(timing.from_shells, 4);
+    let pids: std::collections::HashSet<u32> = clones.iter().map(|c| c.pid()).collect();
+    assert_eq!(pids.len(), 2, "the clones are spread over both workers");
+    assert!(!pids.contains(&std::process::id()));
+    for (k, c) in clones.iter().enumerate() {
+        // The parent's pattern, read through faults this process resolves.
+        let r = c
+            .run(0, Command::new(Op::Verify, DATA, FILLED, 11))
+            .expect("clone verify");
+        assert_eq!(r.mismatches(), 0, "clone {k} sees the parent's memory");
+        // Its own pattern over the first 64 pages: copy-on-write in this process.
+        let seed = 100 + k as u64;
+        c.run(0, Command::new(Op::Fill, DATA, 64, seed))
+            .expect("clone write");
+    }
+    for (k, c) in clones.iter().enumerate() {
+        let seed = 100 + k as u64;
+        let r = c
+            .run(0, Command::new(Op::Verify, DATA, 64, seed))
+            .expect("clone verify own");
+        assert_eq!(r.mismatches(), 0, "clone {k} keeps its own writes");
+        let (counts, failed) = c.fault_counts().expect("fault counts");
+        assert!(failed.is_none(), "{failed:?}");
+        assert!(
+            counts.total() > 0,
+            "clone {k}'s faults were counted in its worker"
+        );
+        assert!(
+            c.space().counters().cow_copies > 0,
+            "clone {k} copied on write"
+        );
+    }
+    // The parent is untouched by its clones' writes.
+    let r = parent
+        .vm()
+        .run(0, Command::new(Op::Verify, DATA, FILLED, 11))
+        .expect("parent verify");
+    assert_eq!(r.mismatches(), 0);
+    drop(clones);
+    drop(shells);
+    drop(pool_workers);
+    drop(parent);
+    assert_eq!(pool.free_frames(), pool.total_frames(), "frames leaked");
+}
+
+#[test]
+fn a_killed_worker_takes_only_its_own_clones() {
+    let Some((hv, pool, mm, parent)) = setup() else {
+        return;
+    };
+    let pool_workers = workers(&mm, 2);
+    let shells = pool_workers
+        .shells(&VmConfig::new(MEM, 1), 4)
+        .expect("shells");
+    let (clones, _) = parent
+        .fork_remote(&hv, &ForkOptions::new(4), &shells)
+        .expect("fork");
+    let victim = pool_workers.pids()[0];
+    for c in &clones {
+        c.run(0, Command::new(Op::Fill, DATA, 16, 5))
+            .expect("write");
+    }
+    // SAFETY: kill sends a signal to our own child process.
+    assert_eq!(unsafe { libc::kill(victim as i32, libc::SIGKILL) }, 0);
+    for c in &clones {
+        let r = c.run(0, Command::new(Op::Verify, DATA, 16, 5));
+        if c.pid() == victim {
+            assert!(
+                matches!(r, Err(WorkerError::Gone { .. } | WorkerError::Io { .. })),
+                "a clone of the killed worker: {r:?}"
+            );
+        } else {
+            assert_eq!(r.expect("a sibling runs on").mismatches(), 0);
+            // And still faults through this process: new pages, copied on write.
+            c.run(0, Command::new(Op::Fill, Gfn(DATA.0 + 100), 32, 6))
+                .expect("sibling writes");
+        }
+    }
+    let r = parent
+        .vm()
+        .run(0, Command::new(Op::Verify, DATA, FILLED, 11))
+        .expect("parent verify");
+    assert_eq!(r.mismatches(), 0);
+    drop(clones);
+    drop(shells);
+    drop(pool_workers);
+    drop(parent);
+    assert_eq!(
+        pool.free_frames(),
+        pool.total_frames(),
+        "a dead worker's clones' frames come back"
+    );
+}
+
+#[test]
+fn a_program_that_is_not_a_worker_is_a_clear_error() {
+    if !common::kvm() {
+        return;
+    }
+    let pool =
+        Arc::new(Pool::new(&PoolConfig::uniform(MEM, 1, AllocatorKind::Magazine)).expect("pool"));
+    let mm = Manager::new(pool, ManagerConfig::default());
+    let e = WorkerPool::spawn(Path::new("/bin/true"), 1, &mm, 1).expect_err("not a worker");
+    assert!(e.to_string().contains("serve_if_worker"), "{e}");
+}
