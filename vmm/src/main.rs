@@ -82,6 +82,7 @@ fn main() -> ExitCode {
                 parent: a.parent.into(),
                 live_move: None,
                 vcpu_nodes: a.vcpu_nodes.as_deref(),
+                workers: a.workers,
             });
             finish(a.common.json, a.common.events, report, error, print_fork)
         }
@@ -120,6 +121,7 @@ fn main() -> ExitCode {
                 parent: vmm::ParentMode::Rebirth,
                 live_move: Some((1, 1)),
                 vcpu_nodes: None,
+                workers: 0,
             });
             // The overcommit phase follows a first phase that verified (with `--corrupt`
             // the first phase is meant to fail: there is none).
@@ -271,6 +273,7 @@ fn demo_overcommit(
         parent: vmm::ParentMode::Rebirth,
         live_move: None,
         vcpu_nodes: None,
+        workers: 0,
     })
 }
 

@@ -229,6 +229,16 @@ pub enum VcpuError {
          longer (--timeout) or a smaller workload"
     )]
     Timeout(u32),
+    /// A vCPU held by a worker process ([`crate::worker`]) could not be reached or
+    /// failed there.
+    #[error("vCPU {vcpu}: {source}")]
+    Remote {
+        /// vCPU index.
+        vcpu: u32,
+        /// What the worker said, or why it could not be asked.
+        #[source]
+        source: Box<crate::worker::WorkerError>,
+    },
     /// `wait` without a submitted command, or the vCPU thread is gone.
     #[error("vCPU {0} has no command in flight")]
     NothingInFlight(u32),

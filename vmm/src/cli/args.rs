@@ -217,6 +217,13 @@ pub(crate) struct ForkArgs {
     /// parent, so the fork itself creates none (the time to make them is reported apart).
     #[arg(long)]
     pub shells: bool,
+    /// Hold the clones in N worker processes (copies of this program; 1 to 64) instead of
+    /// this one: their VM shells are made in all workers at once before the pause, and
+    /// this process keeps the memory manager and resolves their faults. Every KVM VM of a
+    /// process slows every host mapping change of it, so past a few hundred clones this
+    /// is what keeps the cost per clone flat. Not with --grandchild or --vcpu-nodes.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub workers: usize,
     /// What the fork does with the parent's window: `rebirth` moves the parent into a
     /// fresh VM and window (a short pause; its pages fault back in as it touches them),
     /// `in-place` write-protects its window during the pause (a longer pause; its reads

@@ -66,6 +66,10 @@ pub(crate) enum CliError {
     /// A snapshot-fork failed (exit 2 on a host limit, else 1).
     #[error(transparent)]
     Fork(#[from] ForkError),
+    /// The worker processes could not be started or asked (`--workers`; exit 2 when they
+    /// could not start or hit a host limit, else 1).
+    #[error("{0}")]
+    Worker(#[from] vmm::worker::WorkerError),
     /// A vCPU failed a step (exit 2 on a host limit, else 1).
     #[error("{vm}, {step}: {source}")]
     Guest {
@@ -129,6 +133,12 @@ impl CliError {
             | CliError::Reclaimer(_) => 2,
             CliError::Vm(e) => host_or_failed(e.is_host_limit()),
             CliError::Fork(e) => host_or_failed(e.is_host_limit()),
+            CliError::Worker(e) => host_or_failed(
+                matches!(
+                    e,
+                    vmm::worker::WorkerError::Spawn { .. } | vmm::worker::WorkerError::Start(_)
+                ) || e.is_host_limit(),
+            ),
             CliError::Guest { source, .. } => host_or_failed(source.is_host_limit()),
             CliError::TimedOut { .. }
             | CliError::Panicked(_)

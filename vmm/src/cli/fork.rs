@@ -9,6 +9,7 @@
 use std::time::Instant;
 
 use serde_json::json;
+use vmm::worker::{RemoteShells, RemoteVm, WorkerPool};
 use vmm::workload::{Model, Workload, WorkloadError};
 use vmm::{Command, ForkOptions, ManagedVm, ShellPool, VmConfig};
 
@@ -40,6 +41,55 @@ pub(crate) struct ForkParams<'a> {
     pub live_move: Option<(usize, u16)>,
     /// `--vcpu-nodes`: each vCPU's home node.
     pub vcpu_nodes: Option<&'a [u16]>,
+    /// `--workers`: the clones are held by this many worker processes (0: by this one).
+    pub workers: usize,
+}
+
+/// The most worker processes `--workers` starts.
+pub(crate) const MAX_WORKERS: usize = 64;
+
+/// A VM of the experiment: in this process, or held by a worker process.
+enum MemberVm {
+    Local(ManagedVm),
+    Remote(RemoteVm),
+}
+
+impl MemberVm {
+    fn space(&self) -> &std::sync::Arc<guestmem::AddressSpace> {
+        match self {
+            MemberVm::Local(v) => v.space(),
+            MemberVm::Remote(v) => v.space(),
+        }
+    }
+
+    fn guest(&self) -> &dyn super::steps::Guest {
+        match self {
+            MemberVm::Local(v) => v.vm(),
+            MemberVm::Remote(v) => v,
+        }
+    }
+
+    fn local(&self) -> Option<&ManagedVm> {
+        match self {
+            MemberVm::Local(v) => Some(v),
+            MemberVm::Remote(_) => None,
+        }
+    }
+
+    fn fault_counts(&self) -> vmm::FaultCounts {
+        match self {
+            MemberVm::Local(v) => v.fault_counts(),
+            // A worker that is gone has no counts to give: the row's error says why.
+            MemberVm::Remote(v) => v.fault_counts().map(|(c, _)| c).unwrap_or_default(),
+        }
+    }
+
+    fn stop(&self) {
+        match self {
+            MemberVm::Local(v) => v.vm().stop(),
+            MemberVm::Remote(v) => v.stop(),
+        }
+    }
 }
 
 /// The name of phase 2's VM `k` (0 the parent, then the clones, then the grandchild).
@@ -54,7 +104,7 @@ fn role(k: usize, clones: usize) -> String {
 /// A VM of the experiment and what happened to it.
 struct Member {
     role: String,
-    vm: ManagedVm,
+    vm: MemberVm,
     model: Model,
     steps: Vec<StepReport>,
     fork_ms: Option<f64>,
@@ -65,7 +115,7 @@ struct Member {
 }
 
 impl Member {
-    fn new(role: String, vm: ManagedVm, model: Model, fork_ms: Option<f64>) -> Member {
+    fn new(role: String, vm: MemberVm, model: Model, fork_ms: Option<f64>) -> Member {
         Member {
             role,
             vm,
@@ -93,8 +143,8 @@ impl Member {
 
     /// This VM's report row; `swap_on`: with its swap figures.
     fn row(&self, swap_on: bool) -> ForkVmReport {
-        let memory = self.vm.memory();
-        let c = self.vm.counters();
+        let memory = self.vm.space().memory();
+        let c = self.vm.space().counters();
         let (pages, fin) = self.verify.unwrap_or((0, 0));
         let steps = self.step_mismatches();
         ForkVmReport {
@@ -141,7 +191,10 @@ fn name_vm(text: &str, id: &str, role: &str) -> String {
 /// What the experiment has made and measured so far.
 #[derive(Default)]
 struct Experiment {
+    /// Dropped first: a remote clone ends in its worker before the workers go.
     members: Vec<Member>,
+    remote_shells: Option<RemoteShells>,
+    workers: Option<WorkerPool>,
     timing: Option<vmm::ForkTiming>,
     grandchild_ms: Option<f64>,
     shell_ms: Option<f64>,
@@ -185,6 +238,30 @@ fn check(p: &ForkParams<'_>) -> Result<Plan, CliError> {
     }
     check_cpu(common.cpu)?;
     super::limits::check_nodes(common)?;
+    if p.workers > MAX_WORKERS {
+        return Err(CliError::Usage(format!(
+            "--workers must be between 1 and {MAX_WORKERS} (0 or none: the clones in this process)"
+        )));
+    }
+    if p.workers > 0 {
+        let not_yet = |what: &str| {
+            CliError::Usage(format!(
+                "--workers with {what} is not supported yet: the clones in worker processes                  cannot be forked again, read from this process or given vCPU homes; drop one                  of the two"
+            ))
+        };
+        if p.grandchild {
+            return Err(not_yet("--grandchild"));
+        }
+        if p.vcpu_nodes.is_some() {
+            return Err(not_yet("--vcpu-nodes"));
+        }
+        if common.corrupt.as_deref().is_some_and(|c| c != "parent") {
+            return Err(not_yet("--corrupt of a clone"));
+        }
+        if p.live_move.is_some_and(|(k, _)| k > 0) {
+            return Err(not_yet("a live move of a clone"));
+        }
+    }
     if let Some(list) = p.vcpu_nodes {
         super::limits::check_vcpu_nodes(list, common.nodes)?;
     }
@@ -326,7 +403,8 @@ pub(crate) fn cmd_fork(p: &ForkParams<'_>) -> (Option<ForkReport>, Option<CliErr
     );
     cfg_record.clones = Some(p.clones);
     cfg_record.grandchild = p.grandchild;
-    cfg_record.shells = p.shells;
+    cfg_record.shells = p.shells || p.workers > 0;
+    cfg_record.workers = p.workers;
     cfg_record.parent = Some(match p.parent {
         vmm::ParentMode::Rebirth => "rebirth",
         vmm::ParentMode::InPlace => "in-place",
@@ -341,7 +419,7 @@ pub(crate) fn cmd_fork(p: &ForkParams<'_>) -> (Option<ForkReport>, Option<CliErr
     // Every VM's work is over (done, failed, or cut short by Ctrl-C or --timeout): stop
     // them all at once, so that none runs on while the ones before it are dropped.
     for m in &ex.members {
-        m.vm.vm().stop();
+        m.vm.stop();
     }
     fb.finish();
     let rows: Vec<ForkVmReport> = ex
@@ -430,15 +508,19 @@ fn run(
         ..pl.cfg.clone()
     };
     let parent = ManagedVm::with_policy(hv, &cfg, mm, p.common.policy)?;
-    ex.members
-        .push(Member::new("parent".into(), parent, Model::new(), None));
+    ex.members.push(Member::new(
+        "parent".into(),
+        MemberVm::Local(parent),
+        Model::new(),
+        None,
+    ));
     fb.vm("parent", "created", None);
     let deadline = Deadline::starting_now(p.common.timeout);
     fb.stage("phase 1 in the parent");
     {
         let m = &mut ex.members[0];
         let r = run_plan(
-            m.vm.vm(),
+            m.vm.guest(),
             "parent, phase 1",
             1,
             &pl.plan1,
@@ -451,44 +533,11 @@ fn run(
         }
         r?;
     }
-    // Shells of the parent's shape, home CPUs included: a clone takes only those.
-    let shells = ShellPool::new(&cfg);
-    if p.shells {
-        fb.stage(format!("making {} VM shells", p.clones));
-        let t = Instant::now();
-        // In batches, so that Ctrl-C stops a long fill (10,000 shells take a minute).
-        while shells.len() < p.clones {
-            if super::feedback::interrupted() {
-                return Err(CliError::Interrupted {
-                    vm: "parent".into(),
-                    step: format!(
-                        "making the clones' VM shells ({} of {} made)",
-                        shells.len(),
-                        p.clones
-                    ),
-                });
-            }
-            shells.fill(hv, (shells.len() + 16).min(p.clones))?;
-        }
-        ex.shell_ms = Some(t.elapsed().as_secs_f64() * 1e3 / p.clones as f64);
+    if p.workers > 0 {
+        fork_into_workers(p, pl, hv, mm, fb, ex, &cfg)?;
+    } else {
+        fork_here(p, pl, hv, fb, ex, &cfg)?;
     }
-    fb.stage(format!("forking into {} clones", p.clones));
-    // With swap on, reclaim makes room for each clone's copies: nothing is reserved.
-    let reserve = if p.common.swap_on() { 0 } else { pl.per_clone };
-    let opts = ForkOptions {
-        clones: p.clones,
-        reserve_pages: reserve,
-        parent: p.parent,
-    };
-    let (clones, timing) = ex.members[0].vm.fork_with(hv, &opts, Some(&shells))?;
-    let model = ex.members[0].model.clone();
-    for (k, c) in clones.into_iter().enumerate() {
-        let ms = timing.clone_ns.get(k).map(|&n| n as f64 / 1e6);
-        let who = role(k + 1, p.clones);
-        fb.vm(&who, "forked", ms);
-        ex.members.push(Member::new(who, c, model.clone(), ms));
-    }
-    ex.timing = Some(timing);
     fb.stage("phase 2 in the parent and every clone");
     let mover = p.live_move.and_then(|(k, node)| {
         let space = ex.members.get(k)?.vm.space().clone();
@@ -496,12 +545,13 @@ fn run(
         Some((role, node, space))
     });
     ex.live_move = phase2(&mut ex.members, &pl.plans2, fb, deadline, mover);
+    let reserve = reserve_of(p, pl);
     if p.grandchild {
         // Clone 1 forks again, unless it already failed (then the grandchild is missing
         // from the report, and the verdict says so).
-        if ex.members[1].error.is_none() {
+        if let (None, Some(clone1)) = (&ex.members[1].error, ex.members[1].vm.local()) {
             fb.stage("forking clone 1 again");
-            let (mut g, t) = ex.members[1].vm.fork(
+            let (mut g, t) = clone1.fork(
                 hv,
                 &ForkOptions {
                     clones: 1,
@@ -520,12 +570,12 @@ fn run(
                 fb.vm(&who, "forked", ex.grandchild_ms);
                 let mut m = Member::new(
                     who.clone(),
-                    g,
+                    MemberVm::Local(g),
                     ex.members[1].model.clone(),
                     ex.grandchild_ms,
                 );
                 let r = run_plan(
-                    m.vm.vm(),
+                    m.vm.guest(),
                     &format!("{who}, phase 2"),
                     2,
                     &pl.plans2[p.clones + 1],
@@ -557,6 +607,117 @@ fn run(
     Ok(())
 }
 
+/// Pages reserved for each clone's copies: with swap on, reclaim makes room for them and
+/// nothing is reserved.
+fn reserve_of(p: &ForkParams<'_>, pl: &Plan) -> u64 {
+    if p.common.swap_on() { 0 } else { pl.per_clone }
+}
+
+fn fork_options(p: &ForkParams<'_>, pl: &Plan) -> ForkOptions {
+    ForkOptions {
+        clones: p.clones,
+        reserve_pages: reserve_of(p, pl),
+        parent: p.parent,
+    }
+}
+
+/// Adds the fork's clones to the experiment.
+fn add_clones(
+    p: &ForkParams<'_>,
+    fb: &Feedback,
+    ex: &mut Experiment,
+    clones: Vec<MemberVm>,
+    timing: vmm::ForkTiming,
+) {
+    let model = ex.members[0].model.clone();
+    for (k, c) in clones.into_iter().enumerate() {
+        let ms = timing.clone_ns.get(k).map(|&n| n as f64 / 1e6);
+        let who = role(k + 1, p.clones);
+        fb.vm(&who, "forked", ms);
+        ex.members.push(Member::new(who, c, model.clone(), ms));
+    }
+    ex.timing = Some(timing);
+}
+
+fn parent_of(ex: &Experiment) -> Result<&ManagedVm, CliError> {
+    ex.members
+        .first()
+        .and_then(|m| m.vm.local())
+        .ok_or_else(|| CliError::Internal("the parent is not a VM of this process".into()))
+}
+
+/// The fork with every clone in this process (with `--shells`, their VMs made before
+/// the pause).
+fn fork_here(
+    p: &ForkParams<'_>,
+    pl: &Plan,
+    hv: &vmm::Hypervisor,
+    fb: &Feedback,
+    ex: &mut Experiment,
+    cfg: &VmConfig,
+) -> Result<(), CliError> {
+    // Shells of the parent's shape, home CPUs included: a clone takes only those.
+    let shells = ShellPool::new(cfg);
+    if p.shells {
+        fb.stage(format!("making {} VM shells", p.clones));
+        let t = Instant::now();
+        // In batches, so that Ctrl-C stops a long fill (10,000 shells take a minute).
+        while shells.len() < p.clones {
+            if super::feedback::interrupted() {
+                return Err(CliError::Interrupted {
+                    vm: "parent".into(),
+                    step: format!(
+                        "making the clones' VM shells ({} of {} made)",
+                        shells.len(),
+                        p.clones
+                    ),
+                });
+            }
+            shells.fill(hv, (shells.len() + 16).min(p.clones))?;
+        }
+        ex.shell_ms = Some(t.elapsed().as_secs_f64() * 1e3 / p.clones as f64);
+    }
+    fb.stage(format!("forking into {} clones", p.clones));
+    let (clones, timing) = parent_of(ex)?.fork_with(hv, &fork_options(p, pl), Some(&shells))?;
+    let clones = clones.into_iter().map(MemberVm::Local).collect();
+    add_clones(p, fb, ex, clones, timing);
+    Ok(())
+}
+
+/// The fork with every clone held by one of `p.workers` worker processes (copies of this
+/// program), their VM shells made in all workers at once before the pause.
+fn fork_into_workers(
+    p: &ForkParams<'_>,
+    pl: &Plan,
+    hv: &vmm::Hypervisor,
+    mm: &std::sync::Arc<guestmem::Manager>,
+    fb: &Feedback,
+    ex: &mut Experiment,
+    cfg: &VmConfig,
+) -> Result<(), CliError> {
+    fb.stage(format!("starting {} worker processes", p.workers));
+    let exe = std::env::current_exe()
+        .map_err(|e| CliError::Internal(format!("this program's path, to start workers: {e}")))?;
+    // One thread per CPU (at most 4) resolves the workers' faults.
+    let threads = guestmem::host::cpu_count().clamp(1, 4);
+    let workers = WorkerPool::spawn(&exe, p.workers, mm, threads)?;
+    fb.stage(format!(
+        "making {} VM shells in {} worker processes",
+        p.clones, p.workers
+    ));
+    let t = Instant::now();
+    let shells = workers.shells(cfg, p.clones)?;
+    ex.shell_ms = Some(t.elapsed().as_secs_f64() * 1e3 / p.clones as f64);
+    ex.workers = Some(workers);
+    fb.stage(format!("forking into {} clones", p.clones));
+    let r = parent_of(ex)?.fork_remote(hv, &fork_options(p, pl), &shells);
+    ex.remote_shells = Some(shells);
+    let (clones, timing) = r?;
+    let clones = clones.into_iter().map(MemberVm::Remote).collect();
+    add_clones(p, fb, ex, clones, timing);
+    Ok(())
+}
+
 /// `--corrupt` (a test of the verdict itself): flips the bits of one word of the first
 /// page whose pattern `m`'s model knows, from the host side, so its final verify must find
 /// exactly one bad word.
@@ -564,7 +725,12 @@ fn corrupt(m: &Member) -> Result<(), CliError> {
     let Some(first) = m.model.verify_commands().first().map(|c| c.start.gpa()) else {
         return Ok(());
     };
-    let vm = m.vm.vm();
+    let Some(vm) = m.vm.local().map(ManagedVm::vm) else {
+        return Err(CliError::Internal(format!(
+            "--corrupt {}: a VM held by a worker process",
+            m.role
+        )));
+    };
     let word = vm.read_u64(first)?;
     vm.window()
         .write_u64s(first, &[!word])
@@ -594,7 +760,7 @@ fn phase2(
                 let who = m.role.clone();
                 let h = s.spawn(move || {
                     let r = run_plan(
-                        m.vm.vm(),
+                        m.vm.guest(),
                         &format!("{}, phase 2", m.role),
                         2,
                         plan,
@@ -686,7 +852,8 @@ fn verify_all(members: &mut [Member], fb: &Feedback, deadline: Deadline) {
             .iter()
             .map(|m| {
                 (m.error.is_none()).then(|| {
-                    let h = s.spawn(move || verify_model(m.vm.vm(), &m.role, &m.model, deadline));
+                    let h =
+                        s.spawn(move || verify_model(m.vm.guest(), &m.role, &m.model, deadline));
                     (m.role.clone(), h)
                 })
             })

@@ -27,6 +27,8 @@ pub(crate) struct Config {
     pub clones: Option<usize>,
     pub grandchild: bool,
     pub shells: bool,
+    /// `fork --workers`: worker processes holding the clones (0: none, all in this one).
+    pub workers: usize,
     /// `fork`: what the fork did with the parent's window (`rebirth`, `in-place`).
     pub parent: Option<&'static str>,
     pub pool_bytes: u64,
@@ -78,6 +80,7 @@ impl Config {
             clones: None,
             grandchild: false,
             shells: false,
+            workers: 0,
             parent: None,
             pool_bytes,
             pool: c.pool.clone(),
@@ -643,7 +646,13 @@ pub(crate) fn print_fork(out: &mut dyn Write, r: &ForkReport) -> io::Result<()> 
         )?;
     }
     if let Some(s) = r.shell_ms_per_clone {
-        if r.clones_from_shells == r.clones {
+        if r.config.workers > 0 {
+            writeln!(
+                out,
+                "      the clones run in {} worker processes; their VMs were made there before the pause ({s:.2} ms each)",
+                r.config.workers
+            )?;
+        } else if r.clones_from_shells == r.clones {
             writeln!(
                 out,
                 "      the clones' VMs were made before the pause ({s:.2} ms each): the fork created no KVM VM"

@@ -6,8 +6,9 @@ use std::time::{Duration, Instant};
 
 use guestmem::types::Gfn;
 use vmm::guest::DATA_START;
+use vmm::worker::{RemoteVm, WorkerError};
 use vmm::workload::{Model, Placement, Workload, op_name};
-use vmm::{CmdResult, Command, Op, Vcpu, VcpuError, Vm};
+use vmm::{CmdResult, Command, Op, VcpuError, Vm};
 
 use super::error::CliError;
 use super::feedback::interrupted;
@@ -85,14 +86,77 @@ impl Deadline {
 /// How long one wait for a vCPU lasts before Ctrl-C is looked at again.
 const WAIT_SLICE: Duration = Duration::from_millis(50);
 
+/// What the steps run on: a VM of this process, or one a worker process holds.
+pub(crate) trait Guest: Sync {
+    /// Its vCPUs.
+    fn vcpu_count(&self) -> usize;
+    /// Starts `cmd` on vCPU `i`.
+    fn submit(&self, i: usize, cmd: Command) -> Result<(), VcpuError>;
+    /// Waits for vCPU `i`'s oldest command until `until` ([`VcpuError::Timeout`] then).
+    fn wait_until(&self, i: usize, until: Instant) -> Result<CmdResult, VcpuError>;
+    /// One wait's length before Ctrl-C and the deadline are looked at again.
+    fn slice(&self) -> Duration {
+        WAIT_SLICE
+    }
+}
+
+impl Guest for Vm {
+    fn vcpu_count(&self) -> usize {
+        self.vcpus().len()
+    }
+    fn submit(&self, i: usize, cmd: Command) -> Result<(), VcpuError> {
+        self.vcpu(i)
+            .ok_or(VcpuError::NoSuchVcpu(i as u32))?
+            .submit(cmd)
+    }
+    fn wait_until(&self, i: usize, until: Instant) -> Result<CmdResult, VcpuError> {
+        self.vcpu(i)
+            .ok_or(VcpuError::NoSuchVcpu(i as u32))?
+            .wait_deadline(Some(until))
+    }
+}
+
+/// A worker answers one wait at a time: short slices, so that a VM whose command is done
+/// is not left waiting behind a sibling's long one.
+const REMOTE_SLICE: Duration = Duration::from_millis(5);
+
+fn remote_err(i: usize, e: WorkerError) -> VcpuError {
+    match e {
+        WorkerError::Timeout => VcpuError::Timeout(i as u32),
+        e => VcpuError::Remote {
+            vcpu: i as u32,
+            source: Box::new(e),
+        },
+    }
+}
+
+impl Guest for RemoteVm {
+    fn vcpu_count(&self) -> usize {
+        self.vcpus() as usize
+    }
+    fn submit(&self, i: usize, cmd: Command) -> Result<(), VcpuError> {
+        RemoteVm::submit(self, i as u32, cmd).map_err(|e| remote_err(i, e))
+    }
+    fn wait_until(&self, i: usize, until: Instant) -> Result<CmdResult, VcpuError> {
+        self.wait(
+            i as u32,
+            Some(until.saturating_duration_since(Instant::now())),
+        )
+        .map_err(|e| remote_err(i, e))
+    }
+    fn slice(&self) -> Duration {
+        REMOTE_SLICE
+    }
+}
+
 impl Deadline {
-    /// Waits for `v`'s command until the deadline, giving up early on Ctrl-C
+    /// Waits for vCPU `i`'s command until the deadline, giving up early on Ctrl-C
     /// ([`VcpuError::Timeout`] then, with [`interrupted`] set).
-    fn wait(&self, v: &Vcpu) -> Result<CmdResult, VcpuError> {
+    fn wait(&self, g: &dyn Guest, i: usize) -> Result<CmdResult, VcpuError> {
         loop {
-            let slice = Instant::now() + WAIT_SLICE;
+            let slice = Instant::now() + g.slice();
             let until = self.at.map_or(slice, |d| d.min(slice));
-            match v.wait_deadline(Some(until)) {
+            match g.wait_until(i, until) {
                 Err(VcpuError::Timeout(i)) => {
                     let late = self.at.is_some_and(|d| Instant::now() >= d);
                     if late || interrupted() {
@@ -139,7 +203,7 @@ fn step_name(s: usize, op: Op) -> String {
 /// `model` and appends each finished step's report to `out` (so a step that fails leaves
 /// the ones before it reported). `who` names the VM in errors.
 pub(crate) fn run_plan(
-    vm: &Vm,
+    vm: &dyn Guest,
     who: &str,
     phase: u8,
     plan: &[Vec<Command>],
@@ -152,8 +216,8 @@ pub(crate) fn run_plan(
         let op = plan[0][s].op;
         let fail = |e| CliError::from_step(e, who, || step_name(s, op), deadline.timeout);
         let t = Instant::now();
-        for (v, cmds) in vm.vcpus().iter().zip(plan) {
-            v.submit(cmds[s]).map_err(fail)?;
+        for (i, cmds) in plan.iter().enumerate().take(vm.vcpu_count()) {
+            vm.submit(i, cmds[s]).map_err(fail)?;
         }
         let mut rep = StepReport {
             phase,
@@ -163,8 +227,8 @@ pub(crate) fn run_plan(
             result: 0,
             ms: 0.0,
         };
-        for (v, cmds) in vm.vcpus().iter().zip(plan) {
-            let r: CmdResult = deadline.wait(v).map_err(fail)?;
+        for (i, cmds) in plan.iter().enumerate().take(vm.vcpu_count()) {
+            let r: CmdResult = deadline.wait(vm, i).map_err(fail)?;
             rep.pages += cmds[s].pages;
             if cmds[s].op == Op::Verify {
                 rep.mismatches += r.mismatches();
@@ -182,21 +246,21 @@ pub(crate) fn run_plan(
 /// Verifies every page whose pattern `model` knows, spreading the commands over the vCPUs;
 /// returns (pages checked, mismatched words).
 pub(crate) fn verify_model(
-    vm: &Vm,
+    vm: &dyn Guest,
     who: &str,
     model: &Model,
     deadline: Deadline,
 ) -> Result<(u64, u64), CliError> {
     let cmds = model.verify_commands();
-    let n = vm.vcpus().len();
+    let n = vm.vcpu_count().max(1);
     let fail = |e| CliError::from_step(e, who, || "the final verify".into(), deadline.timeout);
     let (mut pages, mut bad) = (0, 0);
     for chunk in cmds.chunks(n) {
-        for (v, c) in vm.vcpus().iter().zip(chunk) {
-            v.submit(*c).map_err(fail)?;
+        for (i, c) in chunk.iter().enumerate() {
+            vm.submit(i, *c).map_err(fail)?;
         }
-        for (v, c) in vm.vcpus().iter().zip(chunk) {
-            bad += deadline.wait(v).map_err(fail)?.mismatches();
+        for (i, c) in chunk.iter().enumerate() {
+            bad += deadline.wait(vm, i).map_err(fail)?.mismatches();
             pages += c.pages;
         }
     }

@@ -852,7 +852,8 @@ impl WorkerPool {
                 .u32(batch as u32)
                 .u64(cfg.mem_bytes)
                 .u32(cfg.vcpus)
-                .u64(cfg.cpu.map_or(u64::MAX, |c| c as u64));
+                .u64(cfg.cpu.map_or(u64::MAX, |c| c as u64))
+                .u32(u32::from(cfg.home_node.0));
             let (reply, fds) = link.call(&msg)?;
             let mut d = link.ok(&reply, u32::MAX)?;
             let got = d.u32()? as usize;

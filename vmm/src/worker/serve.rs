@@ -265,9 +265,13 @@ fn serve_control(
                 let mem = d.u64().map_err(err)?;
                 let vcpus = d.u32().map_err(err)?;
                 let cpu = d.u64().map_err(err)?;
+                let home = d.u32().map_err(err)?;
                 let mut cfg = VmConfig::new(mem, vcpus);
                 cfg.load_guest = false;
                 cfg.cpu = (cpu != u64::MAX).then_some(cpu as usize);
+                // The handlers resolve as threads of this node (first touch places there).
+                cfg.home_node =
+                    NodeId(u16::try_from(home).map_err(|_| err("node id out of range"))?);
                 let mut ids = Vec::new();
                 let mut socks = Vec::new();
                 for _ in 0..count.min(crate::sys::ipc::MAX_FDS as u32) {
