@@ -5,6 +5,7 @@
 //! SKIP_KVM=1.)
 
 use std::io::Read;
+use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -433,5 +434,50 @@ fn version_and_exit_codes_are_documented() {
         for needle in ["Exit status", "130", "--events", "crash"] {
             assert!(text.contains(needle), "{sub} --help lacks {needle:?}");
         }
+    }
+}
+
+#[test]
+fn ctrl_c_in_a_terminal_stops_clones_in_workers_without_killing_the_workers() {
+    if !kvm() {
+        return;
+    }
+    // A terminal's Ctrl-C signals the whole process group, the workers too: they must
+    // leave it to the VMM, which stops their VMs and reports.
+    let child = Command::new(env!("CARGO_BIN_EXE_vmm"))
+        .args([
+            "fork",
+            "--mem",
+            "16M",
+            "--clones",
+            "2",
+            "--workers",
+            "2",
+            "--phase1",
+            "fill:seed=1:pages=8",
+            "--phase2",
+            "random:count=1000000000:pages=8",
+            "--json",
+        ])
+        .process_group(0)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn vmm");
+    std::thread::sleep(Duration::from_millis(2500));
+    // SAFETY: signalling the process group of our own child.
+    unsafe { libc::kill(-(child.id() as i32), libc::SIGINT) };
+    let out = child.wait_with_output().expect("wait");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+    let vms = r["vms"].as_array().expect("vms");
+    assert_eq!(vms.len(), 3, "{r}");
+    for v in vms {
+        let e = v["error"].as_str().unwrap_or_default();
+        assert!(
+            e.contains("Ctrl-C") && !e.contains("worker process"),
+            "every VM stopped by Ctrl-C, none lost with a worker: {v}"
+        );
     }
 }

@@ -159,3 +159,102 @@ fn a_program_that_is_not_a_worker_is_a_clear_error() {
     let e = WorkerPool::spawn(Path::new("/bin/true"), 1, &mm, 1).expect_err("not a worker");
     assert!(e.to_string().contains("serve_if_worker"), "{e}");
 }
+
+#[test]
+fn vmm_fork_with_workers_verifies_every_clone_a_worker_holds() {
+    if !common::kvm() {
+        return;
+    }
+    for nodes in ["1", "2"] {
+        let r = common::report(
+            &[
+                "fork",
+                "--mem",
+                "32M",
+                "--clones",
+                "4",
+                "--workers",
+                "2",
+                "--nodes",
+                nodes,
+                "--phase1",
+                "fill:seed=1:pages=2048",
+                "--phase2",
+                "fill:seed=2:pages=64:stride=64",
+                "--json",
+            ],
+            0,
+        );
+        assert_eq!(r["verified"], true, "{r}");
+        assert_eq!(r["frames_returned_at_exit"], true);
+        assert_eq!(r["config"]["workers"], 2);
+        assert_eq!(r["clones_from_shells"], 4);
+        let vms = r["vms"].as_array().expect("vms");
+        assert_eq!(vms.len(), 5);
+        for v in &vms[1..] {
+            assert_eq!(v["verified"], true, "{v}");
+            // Its own 64 pages copied in this process, for a guest in a worker.
+            assert_eq!(v["cow_copies"], 64, "{v}");
+            assert_eq!(v["memory_pages"]["private"], 64, "{v}");
+            // The worker's handler counted the faults it sent here (its window starts
+            // as holes: the writes that copied are first faults too).
+            assert!(v["faults"]["missing_write"].as_u64() > Some(0), "{v}");
+        }
+    }
+}
+
+#[test]
+fn workers_with_what_they_cannot_do_yet_exit_2() {
+    common::rejects(&["fork", "--workers", "65"], "between 1 and 64");
+    common::rejects(
+        &["fork", "--workers", "2", "--grandchild"],
+        "--grandchild is not supported yet",
+    );
+    common::rejects(
+        &["fork", "--workers", "2", "--vcpu-nodes", "0"],
+        "--vcpu-nodes is not supported yet",
+    );
+    common::rejects(
+        &["fork", "--workers", "2", "--corrupt", "clone 1"],
+        "--corrupt of a clone is not supported yet",
+    );
+}
+
+#[test]
+fn clones_in_workers_past_the_timeout_are_stopped_and_named() {
+    if !common::kvm() {
+        return;
+    }
+    let endless = ["random:count=1073741824:pages=16"; 3].join(",");
+    let t = std::time::Instant::now();
+    let out = common::vmm(&[
+        "fork",
+        "--mem",
+        "8M",
+        "--clones",
+        "2",
+        "--workers",
+        "2",
+        "--timeout",
+        "1",
+        "--phase1",
+        "fill:pages=16",
+        "--phase2",
+        &endless,
+        "--json",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    // A hang bound, not a speed claim: the guests alone would run for about a minute.
+    assert!(t.elapsed() < std::time::Duration::from_secs(30), "{err}");
+    assert!(err.contains("--timeout of 1 s"), "{err}");
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+    for v in r["vms"].as_array().expect("vms") {
+        assert_eq!(v["verified"], false, "{v}");
+        let e = v["error"].as_str().unwrap_or_default();
+        assert!(
+            e.contains("--timeout of 1 s"),
+            "every VM timed out, none lost: {v}"
+        );
+    }
+}

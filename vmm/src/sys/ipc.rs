@@ -114,6 +114,16 @@ impl Seqpacket {
     }
 }
 
+/// Makes this process ignore SIGINT and SIGTERM (a worker: Ctrl-C in a terminal
+/// reaches the whole process group, and the VMM that handles it ends its workers by
+/// closing their sockets, after it has stopped their VMs and printed its report).
+pub fn ignore_interrupts() {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: setting a signal's disposition to SIG_IGN installs no handler code.
+        unsafe { libc::signal(sig, libc::SIG_IGN) };
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -164,6 +164,7 @@ impl State {
 /// Runs the worker (this process was started by [`super::WorkerPool::spawn`]); returns
 /// its exit status.
 pub(super) fn run() -> i32 {
+    crate::sys::ipc::ignore_interrupts();
     // SAFETY: the VMM started this process with its ends of the two socket pairs at
     // these descriptors (`WorkerPool::spawn`), and nothing else in it owns them.
     let (control, waits) = unsafe {
