@@ -236,9 +236,9 @@ fn latency(exp: &mut Experiment, hv: &Hypervisor, mode: Mode) {
             host_ms / shell_ms
         );
         eprintln!(
-            "{mib} MiB touched: fork + the parent reading every page once: vmm {touch_ms:.2} ms, in place {inplace_touch_ms:.2} ms (fork alone {inplace_ms:.2} ms), host {host_touch_ms:.2} ms ({:.2}x, {:.2}x)",
-            host_touch_ms / touch_ms,
-            host_touch_ms / inplace_touch_ms
+            "{mib} MiB touched: fork + the parent reading every page once: vmm {touch_ms:.2} ms, in place {inplace_touch_ms:.2} ms (fork alone {inplace_ms:.2} ms), host {host_touch_ms:.2} ms ({:.0}x / {:.0}x the host's time)",
+            touch_ms / host_touch_ms,
+            inplace_touch_ms / host_touch_ms
         );
     }
 }
