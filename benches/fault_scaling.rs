@@ -45,27 +45,11 @@ fn sample(hv: &Hypervisor, n: usize, pages: u64) -> Duration {
     let vms: Vec<ManagedVm> = (0..n)
         .map(|_| ManagedVm::new(hv, &VmConfig::new(mem, 1), &mm).expect("a managed VM"))
         .collect();
-    let start = Barrier::new(n + 1);
     let cmd = Command::new(Op::Fill, Gfn(DATA_START / 4096), pages, 1);
-    let wall = std::thread::scope(|s| {
-        let hs: Vec<_> = vms
-            .iter()
-            .map(|vm| {
-                let start = &start;
-                s.spawn(move || {
-                    start.wait();
-                    vm.vm()
-                        .run(0, cmd)
-                        .unwrap_or_else(|e| panic!("guest fill failed: {e}"));
-                })
-            })
-            .collect();
-        start.wait();
-        let t = Instant::now();
-        for h in hs {
-            h.join().expect("a VM thread panicked");
-        }
-        t.elapsed()
+    let wall = at_once(&vms, |vm| {
+        vm.vm()
+            .run(0, cmd)
+            .unwrap_or_else(|e| panic!("guest fill failed: {e}"));
     });
     for vm in &vms {
         let r = vm
