@@ -149,6 +149,114 @@ fn a_killed_worker_takes_only_its_own_clones() {
 }
 
 #[test]
+fn a_frozen_worker_is_ended_at_its_deadline_and_only_its_clones_go() {
+    let Some((hv, pool, mm, parent)) = setup() else {
+        return;
+    };
+    let pool_workers = workers(&mm, 2);
+    let shells = pool_workers
+        .shells(&VmConfig::new(MEM, 1), 2)
+        .expect("shells");
+    let (clones, _) = parent
+        .fork_remote(&hv, &ForkOptions::new(2), &shells)
+        .expect("fork");
+    pool_workers.set_answer_within(std::time::Duration::from_secs(2));
+    let victim = pool_workers.pids()[0];
+    // SAFETY: kill sends a signal to our own child process.
+    assert_eq!(unsafe { libc::kill(victim as i32, libc::SIGSTOP) }, 0);
+    let t = std::time::Instant::now();
+    for c in &clones {
+        let r = c.run(0, Command::new(Op::Verify, DATA, FILLED, 11));
+        if c.pid() == victim {
+            assert!(
+                matches!(r, Err(WorkerError::Gone { .. })),
+                "a clone of the frozen worker: {r:?}"
+            );
+        } else {
+            assert_eq!(r.expect("a sibling runs on").mismatches(), 0);
+        }
+    }
+    // A hang bound, not a speed claim: unbounded before there was a deadline.
+    assert!(t.elapsed() < std::time::Duration::from_secs(60));
+    // Ended and reaped: no process of that pid is left, not even a zombie.
+    // SAFETY: signal 0 only checks that the process exists.
+    assert_eq!(unsafe { libc::kill(victim as i32, 0) }, -1);
+    drop(clones);
+    drop(shells);
+    drop(pool_workers);
+    drop(parent);
+    assert_eq!(pool.free_frames(), pool.total_frames(), "frames leaked");
+}
+
+#[test]
+fn a_fork_of_a_vm_with_many_vcpus_restores_every_vcpu_in_its_worker() {
+    // 40 vCPU states with their XSAVE areas are more than one socket message holds.
+    const VCPUS: u32 = 40;
+    if !common::kvm() {
+        return;
+    }
+    let hv = Hypervisor::new().expect("open /dev/kvm");
+    let pool = Arc::new(
+        Pool::new(&PoolConfig::uniform(4 * MEM, 1, AllocatorKind::Magazine)).expect("pool"),
+    );
+    let mm = Manager::new(pool.clone(), ManagerConfig::default());
+    let cfg = VmConfig::new(MEM, VCPUS);
+    let parent = ManagedVm::new(&hv, &cfg, &mm).expect("parent VM");
+    parent
+        .vm()
+        .run(VCPUS as usize - 1, Command::new(Op::Fill, DATA, 64, 3))
+        .expect("parent fill");
+    let pool_workers = workers(&mm, 1);
+    let shells = pool_workers.shells(&cfg, 1).expect("shell");
+    let (clones, _) = parent
+        .fork_remote(&hv, &ForkOptions::new(1), &shells)
+        .expect("fork");
+    for i in [0, VCPUS - 1] {
+        let r = clones[0]
+            .run(i, Command::new(Op::Verify, DATA, 64, 3))
+            .expect("a restored vCPU runs");
+        assert_eq!(r.mismatches(), 0);
+    }
+    drop(clones);
+    drop(shells);
+    drop(pool_workers);
+    drop(parent);
+    assert_eq!(pool.free_frames(), pool.total_frames(), "frames leaked");
+}
+
+#[test]
+fn the_last_of_a_pool_ends_its_workers_and_fault_threads() {
+    let Some((hv, _pool, mm, parent)) = setup() else {
+        return;
+    };
+    let pool_workers = workers(&mm, 2);
+    let server = pool_workers.fault_server();
+    let pids = pool_workers.pids();
+    let shells = pool_workers
+        .shells(&VmConfig::new(MEM, 1), 3)
+        .expect("shells");
+    let (clones, _) = parent
+        .fork_remote(&hv, &ForkOptions::new(2), &shells)
+        .expect("fork");
+    clones[0]
+        .run(0, Command::new(Op::Fill, DATA, 8, 1))
+        .expect("write");
+    drop(pool_workers);
+    assert!(server.upgrade().is_some(), "serving while clones remain");
+    drop(clones);
+    drop(shells);
+    assert!(
+        server.upgrade().is_none(),
+        "the fault server and its threads ended"
+    );
+    for pid in pids {
+        // SAFETY: signal 0 only checks that the process exists.
+        let r = unsafe { libc::kill(pid as i32, 0) };
+        assert_eq!(r, -1, "worker {pid} exited and was reaped");
+    }
+}
+
+#[test]
 fn a_program_that_is_not_a_worker_is_a_clear_error() {
     if !common::kvm() {
         return;

@@ -7,6 +7,7 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use guestmem::mmu::{HostMmu, HostMmuError, MapRun};
 use guestmem::types::Gfn;
@@ -127,7 +128,31 @@ impl FaultConn {
         NESTED_BUF.with(|b| {
             let mut buf = b.borrow_mut();
             let mut fds = Vec::new();
-            if !self.sock.recv(&mut buf, &mut fds).map_err(io_err)? {
+            let by = Instant::now() + self.link.answer_within();
+            let got = match self.sock.recv_by(&mut buf, &mut fds, Some(by)) {
+                Ok(got) => got,
+                Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                    // The handler is stuck mid-fault: this thread serves every worker's
+                    // VMs, so it may not wait on; the worker is ended (its VMs go).
+                    tracing::error!(
+                        "worker process {} left a fault's mapping call unanswered for {:?}: ending it",
+                        self.link.pid,
+                        self.link.answer_within()
+                    );
+                    let e = self.link.lost(super::WorkerError::Io {
+                        pid: self.link.pid,
+                        source: e,
+                    });
+                    return match e {
+                        super::WorkerError::Gone { .. } => {
+                            gone_view(op, "the worker process is gone")
+                        }
+                        e => Err(mmu_error(op, io::Error::other(e.to_string()))),
+                    };
+                }
+                Err(e) => return Err(io_err(e)),
+            };
+            if !got {
                 // The worker is gone mid-fault, or only this VM's handler let go of
                 // its socket: then the VM's window may still be mapped, and nothing
                 // may be taken as unmapped. A sibling's worker is not ended for it.
@@ -209,34 +234,45 @@ impl FaultConn {
 }
 
 /// This process's threads that resolve worker VMs' faults (epoll over every fault
-/// socket, one request per wake-up and socket).
+/// socket, one request per wake-up and socket). The last reference (the pool's, its
+/// shells' and VMs') stops and joins them.
 #[derive(Debug)]
 pub struct FaultServer {
+    pub(super) core: Arc<ServerCore>,
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+}
+
+/// What the fault server's threads share (they hold this, never the [`FaultServer`]).
+#[derive(Debug)]
+pub(super) struct ServerCore {
     pub(super) epoll: Epoll,
     pub(super) stop: EventFd,
     pub(super) conns: Mutex<HashMap<u64, Arc<FaultConn>>>,
     pub(super) next: AtomicU64,
-    pub(super) threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
 
 pub(super) const STOP_KEY: u64 = u64::MAX;
 
 impl FaultServer {
     pub(super) fn new(threads: usize) -> io::Result<Arc<FaultServer>> {
-        let s = Arc::new(FaultServer {
+        let core = Arc::new(ServerCore {
             epoll: Epoll::new()?,
             stop: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
             conns: Mutex::new(HashMap::new()),
             next: AtomicU64::new(0),
-            threads: Mutex::new(Vec::new()),
         });
-        s.epoll.ctl(
+        core.epoll.ctl(
             ControlOperation::Add,
-            s.stop.as_raw_fd(),
+            core.stop.as_raw_fd(),
             EpollEvent::new(EventSet::IN, STOP_KEY),
         )?;
+        // Built first, so that a thread that fails to start stops those already running.
+        let s = Arc::new(FaultServer {
+            core: core.clone(),
+            threads: Mutex::new(Vec::new()),
+        });
         for _ in 0..threads.max(1) {
-            let me = s.clone();
+            let me = core.clone();
             let h = std::thread::Builder::new()
                 .name("worker-faults".into())
                 .spawn(move || me.serve())?;
@@ -245,6 +281,24 @@ impl FaultServer {
         Ok(s)
     }
 
+    pub(super) fn add(&self, conn: FaultConn) -> io::Result<Arc<FaultConn>> {
+        self.core.add(conn)
+    }
+
+    /// Stops serving `conn`: when this returns no thread is inside one of its requests
+    /// and none will start.
+    pub(super) fn close(&self, conn: &FaultConn) {
+        self.core.close(conn)
+    }
+
+    pub(super) fn next_key(&self) -> u64 {
+        self.core
+            .next
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl ServerCore {
     pub(super) fn serve(&self) {
         let mut events = vec![EpollEvent::default(); 8];
         let mut buf = Vec::with_capacity(64 << 10);
@@ -324,8 +378,9 @@ impl FaultServer {
 
 impl Drop for FaultServer {
     fn drop(&mut self) {
-        // Dropped by the last pool reference, never by one of its own threads.
-        let _ = self.stop.write(1);
+        // Its threads hold only the core, so this never runs on one of them. Every
+        // connection left is closed with the core, after them.
+        let _ = self.core.stop.write(1);
         for h in self
             .threads
             .get_mut()

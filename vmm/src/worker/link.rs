@@ -4,7 +4,8 @@
 use std::io;
 use std::os::fd::OwnedFd;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use guestmem::mmu::HostMmuError;
 
@@ -24,17 +25,44 @@ pub(super) struct Link {
     /// address space, windows included, is left.
     pub(super) gone: AtomicBool,
     pub(super) status: Mutex<String>,
+    /// How long a request may go unanswered (ms) before the worker is taken as hung,
+    /// ended and reaped ([`ANSWER_WITHIN`] unless the pool was told otherwise).
+    pub(super) answer_ms: AtomicU64,
 }
+
+/// How long a worker may leave a request unanswered before it is taken as hung: ended,
+/// reaped, its VMs gone (the others run on). Every request a worker serves is short
+/// (a shell batch, a host mapping call, a state load); a command's wait adds its own
+/// timeout to this.
+pub const ANSWER_WITHIN: Duration = Duration::from_secs(60);
 
 /// One reply (tag first) and the descriptors it carried.
 pub(super) type Reply = (Vec<u8>, Vec<OwnedFd>);
 
 impl Link {
-    /// One request and its reply on `sock`.
+    /// How long a request may go unanswered.
+    pub(super) fn answer_within(&self) -> Duration {
+        Duration::from_millis(self.answer_ms.load(Ordering::Relaxed))
+    }
+
+    /// One control request and its reply.
     pub(super) fn exchange(
         &self,
         which: &Mutex<(Seqpacket, Vec<u8>)>,
         msg: &Enc,
+    ) -> Result<Reply, WorkerError> {
+        self.exchange_within(which, msg, Some(self.answer_within()))
+    }
+
+    /// One request and its reply on `sock`, the reply due `within` of the send (`None`:
+    /// no limit; counted from the send, not from the wait for the socket). A send that fails here (a message too long, no buffer space) leaves the
+    /// worker as it was; a broken socket, end of file or a missed deadline ends it (a
+    /// late reply would answer the next request) and reaps it.
+    pub(super) fn exchange_within(
+        &self,
+        which: &Mutex<(Seqpacket, Vec<u8>)>,
+        msg: &Enc,
+        within: Option<Duration>,
     ) -> Result<Reply, WorkerError> {
         if self.gone.load(Ordering::Acquire) {
             return Err(self.gone_error());
@@ -47,10 +75,15 @@ impl Link {
         };
         if let Err(e) = sock.send(&msg.0, &[]) {
             drop(g);
-            return Err(self.lost(io(e)));
+            return Err(if peer_gone(&e) {
+                self.lost(io(e))
+            } else {
+                io(e)
+            });
         }
         let mut fds = Vec::new();
-        match sock.recv(buf, &mut fds) {
+        let deadline = within.map(|t| Instant::now() + t);
+        match sock.recv_by(buf, &mut fds, deadline) {
             Ok(true) => {}
             Ok(false) => {
                 drop(g);
@@ -58,6 +91,13 @@ impl Link {
             }
             Err(e) => {
                 drop(g);
+                if e.kind() == io::ErrorKind::TimedOut {
+                    tracing::error!(
+                        "worker process {} left a request unanswered for {:?}: ending it",
+                        self.pid,
+                        self.answer_within()
+                    );
+                }
                 return Err(self.lost(io(e)));
             }
         }
@@ -100,21 +140,38 @@ impl Link {
     pub(super) fn lost(&self, e: WorkerError) -> WorkerError {
         let mut child = self.child.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(mut c) = child.take() {
-            // A broken socket with the worker still alive (it should not be): end it.
+            // A broken socket or a hung worker: end it (a no-op if it has exited).
             let _ = c.kill();
-            let status = c
-                .wait()
-                .map(|s| s.to_string())
-                .unwrap_or_else(|e| format!("not reaped: {e}"));
-            tracing::error!("worker process {} is gone ({status}): {e}", self.pid);
-            *self.status.lock().unwrap_or_else(|e| e.into_inner()) = status;
-            self.gone.store(true, Ordering::Release);
+            match c.wait() {
+                Ok(status) => {
+                    tracing::error!("worker process {} is gone ({status}): {e}", self.pid);
+                    *self.status.lock().unwrap_or_else(|e| e.into_inner()) = status.to_string();
+                    self.gone.store(true, Ordering::Release);
+                }
+                // Not reaped: its address space may still exist, so its VMs' views are
+                // never taken as gone (their frames stay held, nothing is handed on).
+                Err(w) => tracing::error!(
+                    "worker process {} could not be reaped ({w}) after: {e}",
+                    self.pid
+                ),
+            }
         }
         drop(child);
         if self.gone.load(Ordering::Acquire) {
             self.gone_error()
         } else {
             e
+        }
+    }
+
+    /// Ends and reaps the worker (one that failed to start: quietly).
+    pub(super) fn end(&self) {
+        let child = self.child.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(mut c) = child {
+            let _ = c.kill();
+            if c.wait().is_ok() {
+                self.gone.store(true, Ordering::Release);
+            }
         }
     }
 
@@ -167,24 +224,32 @@ impl Drop for Link {
             .unwrap_or_else(|e| e.into_inner())
             .take();
         if let Some(mut c) = child {
-            // Closing the sockets (the fields, after this) ends the worker's loop; wait
-            // for it so that no VM outlives the pool.
-            let (control, waits) = (
-                std::mem::replace(&mut self.control, Mutex::new(dead_pair())),
-                std::mem::replace(&mut self.waits, Mutex::new(dead_pair())),
-            );
-            drop((control, waits));
-            let _ = c.wait();
+            // Shutting the sockets down ends the worker's loops; wait for it so that no
+            // VM outlives the pool. One that does not exit in time is hung: end it.
+            for m in [&mut self.control, &mut self.waits] {
+                m.get_mut().unwrap_or_else(|e| e.into_inner()).0.shutdown();
+            }
+            let by = Instant::now()
+                + Duration::from_millis(*self.answer_ms.get_mut()).min(ANSWER_WITHIN);
+            while matches!(c.try_wait(), Ok(None)) {
+                if Instant::now() >= by {
+                    tracing::error!("worker process {} did not exit: ending it", self.pid);
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
         }
     }
 }
 
-pub(super) fn dead_pair() -> (Seqpacket, Vec<u8>) {
-    // A socket whose peer is already closed; only a placeholder while dropping.
-    match Seqpacket::pair() {
-        Ok((a, _b)) => (a, Vec::new()),
-        Err(_) => panic!("socketpair failed while dropping a worker link"),
-    }
+/// Whether a send failed because the peer's end is gone (not for a reason of this end's).
+fn peer_gone(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EPIPE | libc::ECONNRESET | libc::ENOTCONN)
+    )
 }
 
 pub(super) fn mmu_error(op: MmuOp, source: io::Error) -> HostMmuError {
@@ -220,6 +285,13 @@ pub(super) fn mmu_reply(op: MmuOp, msg: &[u8], out: &mut Vec<u64>) -> Result<boo
         ctl::OK => {
             let b = d.u8().map_err(bad)? != 0;
             let n = d.u32().map_err(bad)?;
+            let want = match op {
+                MmuOp::Harvest(_, pages) if b => pages.div_ceil(64),
+                _ => u64::from(n),
+            };
+            if u64::from(n) != want {
+                return Err(bad(WireError("an accessed bitmap of the wrong length")));
+            }
             for _ in 0..n {
                 out.push(d.u64().map_err(bad)?);
             }

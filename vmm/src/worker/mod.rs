@@ -30,7 +30,7 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -50,6 +50,7 @@ pub mod wire;
 
 use faults::FaultConn;
 pub use faults::{FaultServer, RemoteMmu};
+pub use link::ANSWER_WITHIN;
 use link::Link;
 
 use wire::{Dec, Enc, WireError};
@@ -236,13 +237,33 @@ impl WorkerPool {
             child: Mutex::new(Some(child)),
             gone: AtomicBool::new(false),
             status: Mutex::new(String::new()),
+            answer_ms: AtomicU64::new(link::ANSWER_WITHIN.as_millis() as u64),
         };
-        // Its hello (or why it cannot serve), then the node memfds.
+        match Self::handshake(&link, exe, mm) {
+            Ok(()) => Ok(link),
+            Err(e) => {
+                // Whatever it is (a program that never answers, one that failed), it
+                // must not outlive this call.
+                link.end();
+                Err(e)
+            }
+        }
+    }
+
+    /// Its hello (or why it cannot serve), then the node memfds.
+    fn handshake(link: &Link, exe: &Path, mm: &Manager) -> Result<(), WorkerError> {
+        let spawn_err = |source| WorkerError::Spawn {
+            exe: exe.display().to_string(),
+            source,
+        };
         {
             let g = link.control.lock().unwrap_or_else(|e| e.into_inner());
             let mut buf = Vec::with_capacity(4096);
             let mut fds = Vec::new();
-            let ok = g.0.recv(&mut buf, &mut fds).map_err(spawn_err)?;
+            let by = std::time::Instant::now() + link.answer_within();
+            let ok =
+                g.0.recv_by(&mut buf, &mut fds, Some(by))
+                    .map_err(spawn_err)?;
             if !ok {
                 return Err(WorkerError::Start(format!(
                     "{} exited before answering (is it a program that calls vmm::worker::serve_if_worker?)",
@@ -261,7 +282,17 @@ impl WorkerPool {
             let fds: Vec<_> = nodes.iter().map(|n| n.memfd()).collect();
             g.0.send(&msg.0, &fds).map_err(spawn_err)?;
         }
-        Ok(link)
+        Ok(())
+    }
+
+    /// How long a worker may leave a request unanswered before it is taken as hung:
+    /// ended and reaped, its VMs gone, the others running on (default
+    /// [`link::ANSWER_WITHIN`]).
+    pub fn set_answer_within(&self, t: Duration) {
+        for l in &self.links {
+            l.answer_ms
+                .store(t.as_millis().max(1) as u64, Ordering::Relaxed);
+        }
     }
 
     /// Workers.
@@ -272,6 +303,12 @@ impl WorkerPool {
     /// Whether the pool has no worker.
     pub fn is_empty(&self) -> bool {
         self.links.is_empty()
+    }
+
+    /// The fault server, weakly: it (and its threads) end when the pool, its shells and
+    /// its VMs are all gone.
+    pub fn fault_server(&self) -> std::sync::Weak<FaultServer> {
+        Arc::downgrade(&self.server)
     }
 
     /// The workers' pids.
@@ -348,6 +385,7 @@ impl WorkerPool {
                     id,
                     sock: Some(Seqpacket::from_fd(fd)),
                     order: out.len() as u64,
+                    adopted: false,
                 });
             }
             if got == 0 {
@@ -365,10 +403,15 @@ struct RemoteShell {
     id: u32,
     sock: Option<Seqpacket>,
     order: u64,
+    /// Given to a [`RemoteVm`], which ends the VM instead.
+    adopted: bool,
 }
 
 impl Drop for RemoteShell {
     fn drop(&mut self) {
+        if self.adopted {
+            return;
+        }
         let _ = self
             .link
             .call_ok(&Enc::new(ctl::DROP).u32(self.id), self.id);
@@ -428,7 +471,7 @@ impl RemoteShells {
                 host_limit: false,
             });
         };
-        let key = self.server.next.fetch_add(1, Ordering::Relaxed);
+        let key = self.server.next_key();
         let conn = FaultConn {
             link: shell.link.clone(),
             vm: shell.id,
@@ -450,7 +493,8 @@ impl RemoteShells {
         let link = shell.link.clone();
         let id = shell.id;
         // The VM is the RemoteVm's now: the shell must not drop it.
-        std::mem::forget(shell);
+        shell.adopted = true;
+        drop(shell);
         Ok(Some(RemoteVm {
             link,
             id,
@@ -491,13 +535,14 @@ impl RemoteVm {
     }
 
     /// Loads saved vCPU states (one per vCPU) into the paused shell; vCPUs with a
-    /// command in flight continue it.
+    /// command in flight continue it. One message per vCPU: a state with its XSAVE area
+    /// is about 5.6 KiB, and a socket message is at most about 200 KiB.
     pub fn restore(&self, states: &[crate::vcpu::VcpuState]) -> Result<(), WorkerError> {
-        let mut msg = Enc::new(ctl::RESTORE).u32(self.id).u32(states.len() as u32);
-        for s in states {
-            msg = wire::put_state(msg, s);
+        for (i, s) in states.iter().enumerate() {
+            let msg = wire::put_state(Enc::new(ctl::RESTORE).u32(self.id).u32(i as u32), s);
+            self.link.call_ok(&msg, self.id)?;
         }
-        self.link.call_ok(&msg, self.id)
+        Ok(())
     }
 
     /// Starts `cmd` on vCPU `i`.
@@ -511,12 +556,16 @@ impl RemoteVm {
     pub fn wait(&self, i: u32, timeout: Option<Duration>) -> Result<CmdResult, WorkerError> {
         let ms = timeout.map_or(u64::MAX, |t| t.as_millis() as u64);
         let msg = Enc::new(0).u32(self.id).u32(i).u64(ms);
-        let (reply, _) = self.link.exchange(&self.link.waits, &msg)?;
+        // The worker answers when the command ends or its timeout passes; a worker
+        // silent well past that is hung. Without a timeout, only its exit ends the wait.
+        let within = timeout.map(|t| t + self.link.answer_within());
+        let (reply, _) = self.link.exchange_within(&self.link.waits, &msg, within)?;
         let mut d = self.link.ok(&reply, self.id)?;
         Ok(wire::get_result(&mut d)?)
     }
 
-    /// Runs `cmd` on vCPU `i` to completion.
+    /// Runs `cmd` on vCPU `i` to completion, however long it takes (use
+    /// [`RemoteVm::submit`] and [`RemoteVm::wait`] for a bound).
     pub fn run(&self, i: u32, cmd: Command) -> Result<CmdResult, WorkerError> {
         self.submit(i, cmd)?;
         self.wait(i, None)

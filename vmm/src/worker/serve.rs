@@ -198,8 +198,10 @@ pub(super) fn run() -> i32 {
         };
         let mut nodes = Nodes::default();
         for fd in fds.drain(..) {
-            let Ok(id) = d.u32() else { return 1 };
-            nodes.0.insert(NodeId(id as u16), fd);
+            let Some(id) = d.u32().ok().and_then(|id| u16::try_from(id).ok()) else {
+                return 1;
+            };
+            nodes.0.insert(NodeId(id), fd);
         }
         Arc::new(nodes)
     };
@@ -273,7 +275,9 @@ fn serve_control(
                 // The handlers resolve as threads of this node (first touch places there).
                 cfg.home_node =
                     NodeId(u16::try_from(home).map_err(|_| err("node id out of range"))?);
-                let mut ids = Vec::new();
+                // Held here until the whole batch is made: on a failure the VMM knows none
+                // of them, so none may stay.
+                let mut made = Vec::new();
                 let mut socks = Vec::new();
                 for _ in 0..count.min(crate::sys::ipc::MAX_FDS as u32) {
                     let vm = Vm::shell(hv, &cfg).map_err(|e| err_limit(&e))?;
@@ -284,19 +288,16 @@ fn serve_control(
                         nodes: nodes.clone(),
                     }))
                     .map_err(|e| err_limit(&e))?;
+                    made.push(vm);
+                    socks.push(theirs.into_fd());
+                }
+                let mut e = Enc::new(ctl::OK).u32(made.len() as u32);
+                let mut vms = state.vms.lock().unwrap_or_else(|e| e.into_inner());
+                for vm in made {
                     let id = state
                         .next
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    state
-                        .vms
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .insert(id, Arc::new(vm));
-                    ids.push(id);
-                    socks.push(theirs.into_fd());
-                }
-                let mut e = Enc::new(ctl::OK).u32(ids.len() as u32);
-                for id in ids {
+                    vms.insert(id, Arc::new(vm));
                     e = e.u32(id);
                 }
                 Ok((e, socks))
@@ -312,14 +313,12 @@ fn serve_control(
             ctl::RESTORE => {
                 let id = d.u32().map_err(err)?;
                 let vm = state.vm(id).ok_or_else(|| Enc::new(ctl::GONE))?;
-                let n = d.u32().map_err(err)?;
-                for i in 0..n as usize {
-                    let st = wire::get_state(&mut d).map_err(err)?;
-                    let v = vm
-                        .vcpu(i)
-                        .ok_or_else(|| err(VcpuError::NoSuchVcpu(i as u32)))?;
-                    v.restore_state(&st).map_err(err)?;
-                }
+                let i = d.u32().map_err(err)?;
+                let st = wire::get_state(&mut d).map_err(err)?;
+                let v = vm
+                    .vcpu(i as usize)
+                    .ok_or_else(|| err(VcpuError::NoSuchVcpu(i)))?;
+                v.restore_state(&st).map_err(err)?;
                 Ok((Enc::new(ctl::OK), Vec::new()))
             }
             ctl::SUBMIT => {

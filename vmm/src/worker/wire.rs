@@ -49,8 +49,10 @@ impl Enc {
     }
     /// Appends a plain-old-data KVM structure by its bytes.
     fn pod<T: Pod>(self, v: &T) -> Enc {
-        // SAFETY: `T: Pod` is a `repr(C)` KVM structure of integers and arrays (no
-        // pointers, no padding that matters: it is read back by the same binary).
+        // SAFETY: `T: Pod` is a `repr(C)` KVM UAPI structure of integers and arrays
+        // with no implicit padding (the kernel spells every gap as a named field, so
+        // the layout is the same on 32- and 64-bit; the sizes are checked below): all
+        // `size_of::<T>()` bytes behind `v` are initialised.
         let b = unsafe {
             std::slice::from_raw_parts((v as *const T).cast::<u8>(), std::mem::size_of::<T>())
         };
@@ -122,6 +124,19 @@ impl<'a> Dec<'a> {
 
 /// KVM structures that are integers and arrays of integers only.
 trait Pod: Copy + Default {}
+
+// The UAPI sizes: a binding that grew implicit padding would change one of them.
+const _: () = {
+    use std::mem::size_of;
+    assert!(size_of::<kvm_regs>() == 144);
+    assert!(size_of::<kvm_sregs>() == 312);
+    assert!(size_of::<kvm_fpu>() == 416);
+    assert!(size_of::<kvm_xcrs>() == 392);
+    assert!(size_of::<kvm_msr_entry>() == 16);
+    assert!(size_of::<kvm_vcpu_events>() == 64);
+    assert!(size_of::<kvm_mp_state>() == 4);
+    assert!(size_of::<kvm_debugregs>() == 128);
+};
 impl Pod for kvm_regs {}
 impl Pod for kvm_sregs {}
 impl Pod for kvm_fpu {}
