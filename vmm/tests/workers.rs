@@ -160,7 +160,7 @@ fn a_frozen_worker_is_ended_at_its_deadline_and_only_its_clones_go() {
     let (clones, _) = parent
         .fork_remote(&hv, &ForkOptions::new(2), &shells)
         .expect("fork");
-    pool_workers.set_answer_within(std::time::Duration::from_secs(2));
+    pool_workers.set_answer_within(std::time::Duration::from_secs(5));
     let victim = pool_workers.pids()[0];
     // SAFETY: kill sends a signal to our own child process.
     assert_eq!(unsafe { libc::kill(victim as i32, libc::SIGSTOP) }, 0);
@@ -217,6 +217,64 @@ fn a_fork_of_a_vm_with_many_vcpus_restores_every_vcpu_in_its_worker() {
             .expect("a restored vCPU runs");
         assert_eq!(r.mismatches(), 0);
     }
+    drop(clones);
+    drop(shells);
+    drop(pool_workers);
+    drop(parent);
+    assert_eq!(pool.free_frames(), pool.total_frames(), "frames leaked");
+}
+
+#[test]
+fn a_long_wait_of_one_clone_does_not_hold_up_a_siblings_in_the_same_worker() {
+    let Some((hv, pool, mm, parent)) = setup() else {
+        return;
+    };
+    let pool_workers = workers(&mm, 1);
+    let shells = pool_workers
+        .shells(&VmConfig::new(MEM, 1), 2)
+        .expect("shells");
+    let (clones, _) = parent
+        .fork_remote(&hv, &ForkOptions::new(2), &shells)
+        .expect("fork");
+    let (long, short) = (&clones[0], &clones[1]);
+    // Minutes of random reads, waited on with no limit on another thread.
+    long.submit(0, Command::random(DATA, FILLED, 9, 1 << 40))
+        .expect("submit the long command");
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let checked = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let waiter = s.spawn(|| {
+            let r = long.wait(0, None);
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+            r
+        });
+        // A bound on the test, not a speed claim: a sibling held up until the long
+        // command ends would otherwise wait for minutes; stopped here, it fails below.
+        s.spawn(|| {
+            let t = std::time::Instant::now();
+            while !checked.load(std::sync::atomic::Ordering::SeqCst) {
+                if t.elapsed() > std::time::Duration::from_secs(30) {
+                    long.stop();
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        });
+        // Let the long wait reach the worker first.
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let r = short
+            .run(0, Command::new(Op::Verify, DATA, FILLED, 11))
+            .expect("the sibling's command and wait");
+        assert_eq!(r.mismatches(), 0);
+        assert!(
+            !done.load(std::sync::atomic::Ordering::SeqCst),
+            "the sibling's result came while the long command still ran"
+        );
+        checked.store(true, std::sync::atomic::Ordering::SeqCst);
+        long.stop();
+        let r = waiter.join().expect("waiter");
+        assert!(r.is_err(), "a stopped command ends with an error: {r:?}");
+    });
     drop(clones);
     drop(shells);
     drop(pool_workers);

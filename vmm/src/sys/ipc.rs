@@ -129,7 +129,7 @@ impl Seqpacket {
             while !c.is_null() {
                 if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
                     let data = libc::CMSG_DATA(c).cast::<RawFd>();
-                    let len = (*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
+                    let len = ((*c).cmsg_len as usize).saturating_sub(libc::CMSG_LEN(0) as usize);
                     for i in 0..len / std::mem::size_of::<RawFd>() {
                         // SAFETY: recvmsg gave us this descriptor; nothing else owns it.
                         fds.push(OwnedFd::from_raw_fd(data.add(i).read_unaligned()));
@@ -147,7 +147,7 @@ impl Seqpacket {
             buf.clear();
             return Ok(false);
         }
-        if n >= cap || mh.msg_flags & libc::MSG_TRUNC != 0 {
+        if mh.msg_flags & libc::MSG_TRUNC != 0 {
             return Err(io::Error::from_raw_os_error(libc::EMSGSIZE));
         }
         buf.truncate(n);
@@ -260,5 +260,15 @@ mod tests {
             .recv(&mut buf, &mut fds)
             .expect_err("must not cut the message");
         assert_eq!(e.raw_os_error(), Some(libc::EMSGSIZE));
+    }
+
+    #[test]
+    fn a_message_that_fills_the_buffer_exactly_arrives() {
+        let (a, b) = Seqpacket::pair().expect("socketpair");
+        let (mut buf, mut fds) = (Vec::with_capacity(4096), Vec::new());
+        let cap = buf.capacity().max(4096);
+        a.send(&vec![7u8; cap], &[]).expect("send");
+        assert!(b.recv(&mut buf, &mut fds).expect("recv"));
+        assert_eq!(buf.len(), cap);
     }
 }

@@ -7,7 +7,6 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
 use guestmem::mmu::{HostMmu, HostMmuError, MapRun};
 use guestmem::types::Gfn;
@@ -128,10 +127,11 @@ impl FaultConn {
         NESTED_BUF.with(|b| {
             let mut buf = b.borrow_mut();
             let mut fds = Vec::new();
-            let by = Instant::now() + self.link.answer_within();
-            let got = match self.sock.recv_by(&mut buf, &mut fds, Some(by)) {
+            let got = match self.sock.recv_by(&mut buf, &mut fds, self.link.answer_by()) {
                 Ok(got) => got,
                 Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                    // A late answer must not be read as the next call's.
+                    self.sock.shutdown();
                     // The handler is stuck mid-fault: this thread serves every worker's
                     // VMs, so it may not wait on; the worker is ended (its VMs go).
                     tracing::error!(
@@ -150,7 +150,12 @@ impl FaultConn {
                         e => Err(mmu_error(op, io::Error::other(e.to_string()))),
                     };
                 }
-                Err(e) => return Err(io_err(e)),
+                Err(e) => {
+                    // Whatever was left unread would answer the next call: this VM's
+                    // connection ends (its handler sees end of file).
+                    self.sock.shutdown();
+                    return Err(io_err(e));
+                }
             };
             if !got {
                 // The worker is gone mid-fault, or only this VM's handler let go of

@@ -36,6 +36,9 @@ pub(super) struct Link {
 /// timeout to this.
 pub const ANSWER_WITHIN: Duration = Duration::from_secs(60);
 
+/// How long a worker whose pool is gone may take to exit before it is ended.
+const EXIT_WITHIN: Duration = Duration::from_secs(2);
+
 /// One reply (tag first) and the descriptors it carried.
 pub(super) type Reply = (Vec<u8>, Vec<OwnedFd>);
 
@@ -43,6 +46,12 @@ impl Link {
     /// How long a request may go unanswered.
     pub(super) fn answer_within(&self) -> Duration {
         Duration::from_millis(self.answer_ms.load(Ordering::Relaxed))
+    }
+
+    /// When a request sent now must be answered by (`None`: a limit past what an
+    /// [`Instant`] holds, which is no limit).
+    pub(super) fn answer_by(&self) -> Option<Instant> {
+        Instant::now().checked_add(self.answer_within())
     }
 
     /// One control request and its reply.
@@ -68,6 +77,11 @@ impl Link {
             return Err(self.gone_error());
         }
         let mut g = which.lock().unwrap_or_else(|e| e.into_inner());
+        // Checked again under the lock: a request that failed while this one waited
+        // for the socket has ended the worker.
+        if self.gone.load(Ordering::Acquire) {
+            return Err(self.gone_error());
+        }
         let (sock, buf) = &mut *g;
         let io = |source| WorkerError::Io {
             pid: self.pid,
@@ -82,14 +96,20 @@ impl Link {
             });
         }
         let mut fds = Vec::new();
-        let deadline = within.map(|t| Instant::now() + t);
+        // A deadline past what an Instant holds is no deadline.
+        let deadline = within.and_then(|t| Instant::now().checked_add(t));
         match sock.recv_by(buf, &mut fds, deadline) {
             Ok(true) => {}
             Ok(false) => {
+                sock.shutdown();
                 drop(g);
                 return Err(self.lost(io(io::Error::from(io::ErrorKind::UnexpectedEof))));
             }
             Err(e) => {
+                // Shut down before the socket is let go: a request queued behind this
+                // one must fail, not read this one's late reply as its own (even if
+                // the worker cannot be reaped below).
+                sock.shutdown();
                 drop(g);
                 if e.kind() == io::ErrorKind::TimedOut {
                     tracing::error!(
@@ -225,12 +245,14 @@ impl Drop for Link {
             .take();
         if let Some(mut c) = child {
             // Shutting the sockets down ends the worker's loops; wait for it so that no
-            // VM outlives the pool. One that does not exit in time is hung: end it.
+            // VM (and no window onto the pool's frames) outlives the pool. One that
+            // does not exit within EXIT_WITHIN is hung: end it. The bound is short
+            // because the last holder may be a fault-serving thread.
             for m in [&mut self.control, &mut self.waits] {
                 m.get_mut().unwrap_or_else(|e| e.into_inner()).0.shutdown();
             }
-            let by = Instant::now()
-                + Duration::from_millis(*self.answer_ms.get_mut()).min(ANSWER_WITHIN);
+            let by =
+                Instant::now() + Duration::from_millis(*self.answer_ms.get_mut()).min(EXIT_WITHIN);
             while matches!(c.try_wait(), Ok(None)) {
                 if Instant::now() >= by {
                     tracing::error!("worker process {} did not exit: ending it", self.pid);
@@ -310,5 +332,70 @@ pub(super) fn mmu_reply(op: MmuOp, msg: &[u8], out: &mut Vec<u64>) -> Result<boo
                 },
             ))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// A link to a stand-in worker (a `sleep` process) whose requests `peer` answers.
+    fn link(answer_ms: u64) -> (Link, Seqpacket) {
+        let (control, peer) = Seqpacket::pair().expect("socketpair");
+        let (waits, _) = Seqpacket::pair().expect("socketpair");
+        let child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawn sleep");
+        let link = Link {
+            pid: child.id(),
+            control: Mutex::new((control, Vec::with_capacity(4096))),
+            waits: Mutex::new((waits, Vec::with_capacity(4096))),
+            child: Mutex::new(Some(child)),
+            gone: AtomicBool::new(false),
+            status: Mutex::new(String::new()),
+            answer_ms: AtomicU64::new(answer_ms),
+        };
+        (link, peer)
+    }
+
+    #[test]
+    fn a_request_queued_behind_one_that_timed_out_never_reads_its_late_reply() {
+        let (link, peer) = link(300);
+        let peer = std::thread::spawn(move || {
+            let (mut buf, mut fds) = (Vec::with_capacity(4096), Vec::new());
+            // The first request is answered late, after its deadline; then any
+            // request that still arrives is answered at once.
+            if peer.recv(&mut buf, &mut fds).unwrap_or(false) {
+                std::thread::sleep(Duration::from_millis(800));
+                let _ = peer.send(b"late", &[]);
+            }
+            while peer.recv(&mut buf, &mut fds).unwrap_or(false) {
+                let _ = peer.send(b"second", &[]);
+            }
+        });
+        std::thread::scope(|s| {
+            let first = s.spawn(|| link.call(&Enc::new(1)));
+            // Queued behind the first, with a deadline well past its late reply.
+            std::thread::sleep(Duration::from_millis(100));
+            let second =
+                link.exchange_within(&link.control, &Enc::new(2), Some(Duration::from_secs(5)));
+            let first = first.join().expect("first");
+            assert!(first.is_err(), "the first request missed its deadline");
+            match second {
+                Ok((reply, _)) => panic!(
+                    "the queued request read {:?} as its answer",
+                    String::from_utf8_lossy(&reply)
+                ),
+                Err(e) => assert!(matches!(e, WorkerError::Gone { .. }), "{e}"),
+            }
+        });
+        assert!(
+            link.gone.load(Ordering::Acquire),
+            "the stand-in was ended and reaped"
+        );
+        drop(link);
+        peer.join().expect("peer");
     }
 }

@@ -32,7 +32,7 @@ use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use guestmem::mmu::HostMmu;
 use guestmem::{AddressSpace, Manager};
@@ -62,6 +62,10 @@ pub const WORKER_ENV: &str = "KVMM_WORKER";
 const CONTROL_FD: i32 = 3;
 /// The worker's end of its wait socket.
 const WAIT_FD: i32 = 4;
+
+/// The longest a worker is asked to wait on one vCPU's command before the wait is
+/// sent again (so that the VMs of one worker take turns at its wait socket).
+pub const WAIT_SLICE: Duration = Duration::from_millis(50);
 
 /// Control-socket message tags (requests and reply status).
 mod ctl {
@@ -260,9 +264,8 @@ impl WorkerPool {
             let g = link.control.lock().unwrap_or_else(|e| e.into_inner());
             let mut buf = Vec::with_capacity(4096);
             let mut fds = Vec::new();
-            let by = std::time::Instant::now() + link.answer_within();
             let ok =
-                g.0.recv_by(&mut buf, &mut fds, Some(by))
+                g.0.recv_by(&mut buf, &mut fds, link.answer_by())
                     .map_err(spawn_err)?;
             if !ok {
                 return Err(WorkerError::Start(format!(
@@ -290,8 +293,8 @@ impl WorkerPool {
     /// [`link::ANSWER_WITHIN`]).
     pub fn set_answer_within(&self, t: Duration) {
         for l in &self.links {
-            l.answer_ms
-                .store(t.as_millis().max(1) as u64, Ordering::Relaxed);
+            let ms = u64::try_from(t.as_millis()).unwrap_or(u64::MAX).max(1);
+            l.answer_ms.store(ms, Ordering::Relaxed);
         }
     }
 
@@ -551,17 +554,27 @@ impl RemoteVm {
         self.link.call_ok(&msg, self.id)
     }
 
-    /// Waits for vCPU `i`'s oldest command (at most `timeout`). A worker answers one
-    /// wait at a time.
+    /// Waits for vCPU `i`'s oldest command (at most `timeout`; `None`: until it ends).
+    /// A worker answers one wait at a time, so the wait goes in slices of at most
+    /// [`WAIT_SLICE`]: a long command of one VM does not hold up its siblings' waits,
+    /// and a worker that leaves a slice unanswered is hung (ended, its VMs gone).
     pub fn wait(&self, i: u32, timeout: Option<Duration>) -> Result<CmdResult, WorkerError> {
-        let ms = timeout.map_or(u64::MAX, |t| t.as_millis() as u64);
-        let msg = Enc::new(0).u32(self.id).u32(i).u64(ms);
-        // The worker answers when the command ends or its timeout passes; a worker
-        // silent well past that is hung. Without a timeout, only its exit ends the wait.
-        let within = timeout.map(|t| t + self.link.answer_within());
-        let (reply, _) = self.link.exchange_within(&self.link.waits, &msg, within)?;
-        let mut d = self.link.ok(&reply, self.id)?;
-        Ok(wire::get_result(&mut d)?)
+        let end = timeout.and_then(|t| Instant::now().checked_add(t));
+        loop {
+            let slice = end.map_or(WAIT_SLICE, |e| {
+                e.saturating_duration_since(Instant::now()).min(WAIT_SLICE)
+            });
+            let ms = u64::try_from(slice.as_millis()).unwrap_or(u64::MAX - 1);
+            let msg = Enc::new(0).u32(self.id).u32(i).u64(ms);
+            // The worker answers when the command ends or the slice passes.
+            let within = slice.checked_add(self.link.answer_within());
+            let (reply, _) = self.link.exchange_within(&self.link.waits, &msg, within)?;
+            match self.link.ok(&reply, self.id) {
+                // The command is still in flight in the worker: wait on.
+                Err(WorkerError::Timeout) if end.is_none_or(|e| Instant::now() < e) => {}
+                r => return Ok(wire::get_result(&mut r?)?),
+            }
+        }
     }
 
     /// Runs `cmd` on vCPU `i` to completion, however long it takes (use

@@ -399,7 +399,10 @@ fn serve_waits(sock: &Seqpacket, state: &State) {
                 .vcpu(i as usize)
                 .ok_or_else(|| err(VcpuError::NoSuchVcpu(i)))?;
             let deadline = (ms != u64::MAX)
-                .then(|| std::time::Instant::now() + std::time::Duration::from_millis(ms));
+                .then(|| {
+                    std::time::Instant::now().checked_add(std::time::Duration::from_millis(ms))
+                })
+                .flatten();
             match v.wait_deadline(deadline) {
                 Ok(r) => Ok(wire::put_result(Enc::new(ctl::OK), r)),
                 Err(VcpuError::Timeout(_)) => Err(Enc::new(ctl::TIMEOUT)),
