@@ -10,7 +10,7 @@ use std::sync::Arc;
 use guestmem::types::Gfn;
 use guestmem::{AllocatorKind, Manager, ManagerConfig, Pool, PoolConfig};
 use vmm::guest::DATA_START;
-use vmm::worker::{WorkerError, WorkerPool};
+use vmm::worker::{RemoteShells, RemoteVm, WorkerError, WorkerPool};
 use vmm::{Command, ForkOptions, Hypervisor, ManagedVm, Op, VmConfig};
 
 mod common;
@@ -39,6 +39,22 @@ fn setup() -> Option<(Hypervisor, Arc<Pool>, Arc<Manager>, ManagedVm)> {
 
 fn workers(mm: &Manager, n: usize) -> WorkerPool {
     WorkerPool::spawn(Path::new(env!("CARGO_BIN_EXE_vmm")), n, mm, 2).expect("start workers")
+}
+
+/// `n` clones of `parent` in shells of `pool_workers` (the shells first, then the clones).
+fn fork_into(
+    hv: &Hypervisor,
+    parent: &ManagedVm,
+    pool_workers: &WorkerPool,
+    n: usize,
+) -> (RemoteShells, Vec<RemoteVm>) {
+    let shells = pool_workers
+        .shells(&VmConfig::new(MEM, 1), n)
+        .expect("shells");
+    let (clones, _) = parent
+        .fork_remote(hv, &ForkOptions::new(n), &shells)
+        .expect("fork");
+    (shells, clones)
 }
 
 #[test]
@@ -105,12 +121,7 @@ fn a_killed_worker_takes_only_its_own_clones() {
         return;
     };
     let pool_workers = workers(&mm, 2);
-    let shells = pool_workers
-        .shells(&VmConfig::new(MEM, 1), 4)
-        .expect("shells");
-    let (clones, _) = parent
-        .fork_remote(&hv, &ForkOptions::new(4), &shells)
-        .expect("fork");
+    let (shells, clones) = fork_into(&hv, &parent, &pool_workers, 4);
     let victim = pool_workers.pids()[0];
     for c in &clones {
         c.run(0, Command::new(Op::Fill, DATA, 16, 5))
@@ -154,12 +165,7 @@ fn a_frozen_worker_is_ended_at_its_deadline_and_only_its_clones_go() {
         return;
     };
     let pool_workers = workers(&mm, 2);
-    let shells = pool_workers
-        .shells(&VmConfig::new(MEM, 1), 2)
-        .expect("shells");
-    let (clones, _) = parent
-        .fork_remote(&hv, &ForkOptions::new(2), &shells)
-        .expect("fork");
+    let (shells, clones) = fork_into(&hv, &parent, &pool_workers, 2);
     pool_workers.set_answer_within(std::time::Duration::from_secs(5));
     let victim = pool_workers.pids()[0];
     // SAFETY: kill sends a signal to our own child process.
@@ -230,12 +236,7 @@ fn a_long_wait_of_one_clone_does_not_hold_up_a_siblings_in_the_same_worker() {
         return;
     };
     let pool_workers = workers(&mm, 1);
-    let shells = pool_workers
-        .shells(&VmConfig::new(MEM, 1), 2)
-        .expect("shells");
-    let (clones, _) = parent
-        .fork_remote(&hv, &ForkOptions::new(2), &shells)
-        .expect("fork");
+    let (shells, clones) = fork_into(&hv, &parent, &pool_workers, 2);
     let (long, short) = (&clones[0], &clones[1]);
     // Minutes of random reads, waited on with no limit on another thread.
     long.submit(0, Command::random(DATA, FILLED, 9, 1 << 40))
