@@ -618,6 +618,7 @@ mod tests {
     #[test]
     fn a_clone_that_cannot_be_made_midway_rolls_the_fork_back() {
         let Some(hv) = hypervisor() else { return };
+        let _fds = crate::vm::fd_count_lock();
         let pool = Arc::new(
             Pool::new(&PoolConfig::uniform(64 * MIB, 1, AllocatorKind::Magazine)).expect("pool"),
         );

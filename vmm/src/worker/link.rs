@@ -32,8 +32,8 @@ pub(super) struct Link {
 
 /// How long a worker may leave a request unanswered before it is taken as hung: ended,
 /// reaped, its VMs gone (the others run on). Every request a worker serves is short
-/// (a shell batch, a host mapping call, a state load); a command's wait adds its own
-/// timeout to this.
+/// (a shell batch, a host mapping call, a state load); a command's wait goes in slices
+/// of at most [`super::WAIT_SLICE`], each due this long after its slice ends.
 pub const ANSWER_WITHIN: Duration = Duration::from_secs(60);
 
 /// How long a worker whose pool is gone may take to exit before it is ended.
@@ -362,6 +362,7 @@ mod tests {
 
     #[test]
     fn a_request_queued_behind_one_that_timed_out_never_reads_its_late_reply() {
+        let _fds = crate::vm::fd_count_lock();
         let (link, peer) = link(300);
         let peer = std::thread::spawn(move || {
             let (mut buf, mut fds) = (Vec::with_capacity(4096), Vec::new());
