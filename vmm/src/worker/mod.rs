@@ -564,7 +564,8 @@ impl RemoteVm {
             let slice = end.map_or(WAIT_SLICE, |e| {
                 e.saturating_duration_since(Instant::now()).min(WAIT_SLICE)
             });
-            let ms = u64::try_from(slice.as_millis()).unwrap_or(u64::MAX - 1);
+            // Rounded up: a slice cut short would end in 0 ms tries until the deadline.
+            let ms = u64::try_from(slice.as_micros().div_ceil(1000)).unwrap_or(u64::MAX - 1);
             let msg = Enc::new(0).u32(self.id).u32(i).u64(ms);
             // The worker answers when the command ends or the slice passes.
             let within = slice.checked_add(self.link.answer_within());
