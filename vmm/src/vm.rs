@@ -137,7 +137,7 @@ impl Hypervisor {
     /// Keeps only the MSRs a vCPU here lets us read (KVM_GET_MSRS stops at the first
     /// refused one, so each is tried alone on a scratch vCPU).
     fn filter_msrs(&mut self) -> Result<(), VmError> {
-        let vm = self.kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        let vm = create_vm(&self.kvm).map_err(kvm_err("KVM_CREATE_VM"))?;
         let vcpu = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
         self.msr_indices.retain(|&index| {
             let entry = kvm_bindings::kvm_msr_entry {
@@ -161,7 +161,7 @@ impl Hypervisor {
             addr: ram as u64,
             len: mem_bytes,
         };
-        let vm = Arc::new(self.kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
+        let vm = Arc::new(create_vm(&self.kvm).map_err(kvm_err("KVM_CREATE_VM"))?);
         crate::window::set_memslot(&vm, 0, ram.addr, mem_bytes)?;
         let vcpus = (0..vcpus)
             .map(|i| {
@@ -228,6 +228,17 @@ pub fn raise_nofile_limit() -> u64 {
         }
     }
     lim.rlim_cur
+}
+
+/// `KVM_CREATE_VM`, tried again when a signal interrupts it (Ctrl-C while shells are
+/// made: the interrupt is checked between shells, not reported as a failed VM).
+fn create_vm(kvm: &Kvm) -> Result<VmFd, kvm_ioctls::Error> {
+    loop {
+        match kvm.create_vm() {
+            Err(e) if e.errno() == libc::EINTR => continue,
+            r => return r,
+        }
+    }
 }
 
 /// File descriptors this process has open now (from `/proc/self/fd`).
@@ -484,7 +495,7 @@ impl Vm {
         let vm_fd = Arc::new(
             failpoint::hit(ForkStep::ShellVm)
                 .map_err(kvm_ioctls::Error::new)
-                .and_then(|()| hv.kvm.create_vm())
+                .and_then(|()| create_vm(&hv.kvm))
                 .map_err(kvm_err("KVM_CREATE_VM"))?,
         );
         failpoint::hit(ForkStep::ShellMemslot)
@@ -785,7 +796,7 @@ impl Vm {
         let new_vm = Arc::new(
             failpoint::hit(ForkStep::RebirthVm)
                 .map_err(kvm_ioctls::Error::new)
-                .and_then(|()| hv.kvm.create_vm())
+                .and_then(|()| create_vm(&hv.kvm))
                 .map_err(kvm_err("KVM_CREATE_VM"))?,
         );
         failpoint::hit(ForkStep::RebirthMemslot)
