@@ -3,7 +3,10 @@
 //! the reverse map's own allocation failpoint) leaves the parent running with every word
 //! it wrote, the fork returns the typed error, and nothing leaks: open descriptors, free
 //! pool frames and `/proc/self/maps` lines are back at their baseline after 100 failed
-//! forks, and the VM still forks. Needs /dev/kvm (fails saying so unless SKIP_KVM=1) and
+//! forks, and the VM still forks. A clone that fails midway for a reason of its own (a
+//! shell that already has memory) rolls the fork back the same way. These tests count
+//! the whole process's descriptors, so they live here, one at a time, in a test binary
+//! of their own. Needs /dev/kvm (fails saying so unless SKIP_KVM=1) and
 //! the `vmm/failpoints` feature (the root package's dev-dependency turns it on).
 
 use std::sync::{Arc, Mutex};
@@ -479,4 +482,67 @@ fn a_failure_at_every_fork_step_leaves_the_parent_running_and_nothing_behind() {
         assert_eq!(pool.free_frames(), pool.total_frames(), "{case:?}: at exit");
     }
     assert!(failed >= FAILED_FORKS, "only {failed} forks failed");
+}
+/// Polls `f` until it holds or two seconds pass (the old VM's fds close on a
+/// background thread).
+fn eventually(f: impl Fn() -> bool) -> bool {
+    for _ in 0..200 {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    f()
+}
+
+#[test]
+fn a_clone_that_cannot_be_made_midway_rolls_the_fork_back() {
+    let Some(hv) = hypervisor() else { return };
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let pool = Arc::new(
+        Pool::new(&PoolConfig::uniform(64 * MIB, 1, AllocatorKind::Magazine)).expect("pool"),
+    );
+    let mm = Manager::new(pool.clone(), guestmem::ManagerConfig::default());
+    let cfg = VmConfig::new(32 * MIB, 1);
+    let parent = ManagedVm::new(&hv, &cfg, &mm).expect("parent");
+    let data = Gfn(DATA_START / 4096);
+    parent
+        .vm()
+        .run(0, Command::new(Op::Fill, data, 512, 3))
+        .expect("fill");
+    let fds = open_fds().expect("count fds");
+    let free = pool.free_frames();
+    // Clone 0 gets a good shell; clone 1 one that already has memory: it fails.
+    let shells = vmm::ShellPool::new(&cfg);
+    let broken = vmm::Vm::shell(
+        &hv,
+        &VmConfig {
+            load_guest: false,
+            ..cfg.clone()
+        },
+    )
+    .expect("shell");
+    broken.attach(Arc::new(vmm::HostBacked)).expect("attach");
+    shells.push(broken);
+    shells.fill(&hv, 2).expect("a good shell");
+    match parent.fork_with(&hv, &ForkOptions::new(3), Some(&shells)) {
+        Err(ForkError::Clone { index: 1, .. }) => {}
+        other => panic!("expected clone 1 to fail, got {other:?}"),
+    }
+    assert!(shells.is_empty());
+    drop(shells);
+    assert_eq!(pool.free_frames(), free, "clone 0's frames went back");
+    assert!(
+        eventually(|| open_fds() == Some(fds)),
+        "every clone's and shell's fds closed: {:?} vs {fds}",
+        open_fds()
+    );
+    // The parent runs on with its memory intact.
+    let r = parent
+        .vm()
+        .run(0, Command::new(Op::Verify, data, 512, 3))
+        .expect("verify");
+    assert_eq!(r.mismatches(), 0);
+    drop(parent);
+    assert_eq!(pool.free_frames(), pool.total_frames());
 }

@@ -246,14 +246,6 @@ pub fn open_fds() -> Option<u64> {
     Some(std::fs::read_dir("/proc/self/fd").ok()?.count() as u64)
 }
 
-/// Held by a unit test that counts this process's descriptors, and by the unit tests
-/// that hold descriptors open for long (the count is of the whole test process).
-#[cfg(test)]
-pub(crate) fn fd_count_lock() -> std::sync::MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 /// A VM's shape.
 #[derive(Debug, Clone)]
 pub struct VmConfig {
@@ -429,9 +421,10 @@ impl ShellPool {
         self.len() == 0
     }
 
-    /// Adds `vm` as if it were a shell (tests: a broken shell makes a fork fail midway).
-    #[cfg(test)]
-    pub(crate) fn push(&self, vm: Vm) {
+    /// Adds `vm` as if it were a shell (fault injection: a broken shell makes a fork
+    /// fail midway). Only with the `failpoints` feature.
+    #[cfg(feature = "failpoints")]
+    pub fn push(&self, vm: Vm) {
         self.shells
             .lock()
             .unwrap_or_else(|e| e.into_inner())

@@ -4,6 +4,8 @@
 use std::io;
 use std::os::fd::OwnedFd;
 use std::sync::Mutex;
+
+use parking_lot::{Mutex as FairMutex, MutexGuard as FairGuard};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -18,8 +20,10 @@ use crate::sys::ipc::Seqpacket;
 #[derive(Debug)]
 pub(super) struct Link {
     pub(super) pid: u32,
-    pub(super) control: Mutex<(Seqpacket, Vec<u8>)>,
-    pub(super) waits: Mutex<(Seqpacket, Vec<u8>)>,
+    /// The two sockets; each is handed on in turn (`unlock_fair`) to the request that
+    /// waited longest, so one VM's slices of waiting cannot keep a sibling's out.
+    pub(super) control: FairMutex<(Seqpacket, Vec<u8>)>,
+    pub(super) waits: FairMutex<(Seqpacket, Vec<u8>)>,
     pub(super) child: Mutex<Option<std::process::Child>>,
     /// Set once the worker is known to have exited (and was reaped): nothing of its
     /// address space, windows included, is left.
@@ -57,7 +61,7 @@ impl Link {
     /// One control request and its reply.
     pub(super) fn exchange(
         &self,
-        which: &Mutex<(Seqpacket, Vec<u8>)>,
+        which: &FairMutex<(Seqpacket, Vec<u8>)>,
         msg: &Enc,
     ) -> Result<Reply, WorkerError> {
         self.exchange_within(which, msg, Some(self.answer_within()))
@@ -69,17 +73,18 @@ impl Link {
     /// late reply would answer the next request) and reaps it.
     pub(super) fn exchange_within(
         &self,
-        which: &Mutex<(Seqpacket, Vec<u8>)>,
+        which: &FairMutex<(Seqpacket, Vec<u8>)>,
         msg: &Enc,
         within: Option<Duration>,
     ) -> Result<Reply, WorkerError> {
         if self.gone.load(Ordering::Acquire) {
             return Err(self.gone_error());
         }
-        let mut g = which.lock().unwrap_or_else(|e| e.into_inner());
+        let mut g = which.lock();
         // Checked again under the lock: a request that failed while this one waited
         // for the socket has ended the worker.
         if self.gone.load(Ordering::Acquire) {
+            FairGuard::unlock_fair(g);
             return Err(self.gone_error());
         }
         let (sock, buf) = &mut *g;
@@ -88,7 +93,7 @@ impl Link {
             source,
         };
         if let Err(e) = sock.send(&msg.0, &[]) {
-            drop(g);
+            FairGuard::unlock_fair(g);
             return Err(if peer_gone(&e) {
                 self.lost(io(e))
             } else {
@@ -102,7 +107,7 @@ impl Link {
             Ok(true) => {}
             Ok(false) => {
                 sock.shutdown();
-                drop(g);
+                FairGuard::unlock_fair(g);
                 return Err(self.lost(io(io::Error::from(io::ErrorKind::UnexpectedEof))));
             }
             Err(e) => {
@@ -110,7 +115,7 @@ impl Link {
                 // one must fail, not read this one's late reply as its own (even if
                 // the worker cannot be reaped below).
                 sock.shutdown();
-                drop(g);
+                FairGuard::unlock_fair(g);
                 if e.kind() == io::ErrorKind::TimedOut {
                     tracing::error!(
                         "worker process {} left a request unanswered for {:?}: ending it",
@@ -121,7 +126,9 @@ impl Link {
                 return Err(self.lost(io(e)));
             }
         }
-        Ok((buf.clone(), fds))
+        let reply = buf.clone();
+        FairGuard::unlock_fair(g);
+        Ok((reply, fds))
     }
 
     /// A control request; the reply (check it with [`Link::ok`]).
@@ -249,7 +256,7 @@ impl Drop for Link {
             // does not exit within EXIT_WITHIN is hung: end it. The bound is short
             // because the last holder may be a fault-serving thread.
             for m in [&mut self.control, &mut self.waits] {
-                m.get_mut().unwrap_or_else(|e| e.into_inner()).0.shutdown();
+                m.get_mut().0.shutdown();
             }
             let by =
                 Instant::now() + Duration::from_millis(*self.answer_ms.get_mut()).min(EXIT_WITHIN);
@@ -350,8 +357,8 @@ mod tests {
             .expect("spawn sleep");
         let link = Link {
             pid: child.id(),
-            control: Mutex::new((control, Vec::with_capacity(4096))),
-            waits: Mutex::new((waits, Vec::with_capacity(4096))),
+            control: FairMutex::new((control, Vec::with_capacity(4096))),
+            waits: FairMutex::new((waits, Vec::with_capacity(4096))),
             child: Mutex::new(Some(child)),
             gone: AtomicBool::new(false),
             status: Mutex::new(String::new()),
@@ -362,13 +369,14 @@ mod tests {
 
     #[test]
     fn a_request_queued_behind_one_that_timed_out_never_reads_its_late_reply() {
-        let _fds = crate::vm::fd_count_lock();
         let (link, peer) = link(300);
+        let (received, first_in) = std::sync::mpsc::channel();
         let peer = std::thread::spawn(move || {
             let (mut buf, mut fds) = (Vec::with_capacity(4096), Vec::new());
             // The first request is answered late, after its deadline; then any
             // request that still arrives is answered at once.
             if peer.recv(&mut buf, &mut fds).unwrap_or(false) {
+                let _ = received.send(());
                 std::thread::sleep(Duration::from_millis(800));
                 let _ = peer.send(b"late", &[]);
             }
@@ -378,8 +386,11 @@ mod tests {
         });
         std::thread::scope(|s| {
             let first = s.spawn(|| link.call(&Enc::new(1)));
-            // Queued behind the first, with a deadline well past its late reply.
-            std::thread::sleep(Duration::from_millis(100));
+            // Queued behind the first (which holds the socket once the peer has its
+            // request), with a deadline well past its late reply.
+            first_in
+                .recv_timeout(Duration::from_secs(10))
+                .expect("the peer received the first request");
             let second =
                 link.exchange_within(&link.control, &Enc::new(2), Some(Duration::from_secs(5)));
             let first = first.join().expect("first");
@@ -396,6 +407,51 @@ mod tests {
             link.gone.load(Ordering::Acquire),
             "the stand-in was ended and reaped"
         );
+        drop(link);
+        peer.join().expect("peer");
+    }
+
+    #[test]
+    fn a_request_waiting_for_the_socket_gets_it_before_the_holder_takes_it_again() {
+        let (link, peer) = link(5_000);
+        // Every request is answered 5 ms after it arrives, as a worker answers a wait
+        // slice whose command is still running.
+        let peer = std::thread::spawn(move || {
+            let (mut buf, mut fds) = (Vec::with_capacity(4096), Vec::new());
+            while peer.recv(&mut buf, &mut fds).unwrap_or(false) {
+                std::thread::sleep(Duration::from_millis(5));
+                let _ = peer.send(b"ok", &[]);
+            }
+        });
+        let turns = AtomicU64::new(0);
+        let done = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            // One VM waiting in back-to-back slices, as `RemoteVm::wait(None)` does (on
+            // the stand-in's one answering socket).
+            s.spawn(|| {
+                // Each on a CPU of its own (where there are two): the holder takes
+                // the socket again long before a parked sibling wakes.
+                crate::numa::Pin::Cpu(0).apply();
+                while !done.load(Ordering::Acquire) && turns.load(Ordering::Relaxed) < 400 {
+                    link.exchange(&link.control, &Enc::new(1)).expect("slice");
+                    turns.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+            crate::numa::Pin::Cpu(1).apply();
+            while turns.load(Ordering::Relaxed) < 3 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            // A sibling's wait: it gets the socket after the slice in flight, not
+            // after the other has let go of it.
+            let before = turns.load(Ordering::Relaxed);
+            link.exchange(&link.control, &Enc::new(2)).expect("sibling");
+            let waited = turns.load(Ordering::Relaxed) - before;
+            done.store(true, Ordering::Release);
+            assert!(
+                waited <= 2,
+                "the sibling's request waited behind {waited} of the other's slices"
+            );
+        });
         drop(link);
         peer.join().expect("peer");
     }

@@ -236,8 +236,8 @@ impl WorkerPool {
         let pid = child.id();
         let link = Link {
             pid,
-            control: Mutex::new((control, Vec::with_capacity(256 << 10))),
-            waits: Mutex::new((waits, Vec::with_capacity(4096))),
+            control: parking_lot::Mutex::new((control, Vec::with_capacity(256 << 10))),
+            waits: parking_lot::Mutex::new((waits, Vec::with_capacity(4096))),
             child: Mutex::new(Some(child)),
             gone: AtomicBool::new(false),
             status: Mutex::new(String::new()),
@@ -261,7 +261,7 @@ impl WorkerPool {
             source,
         };
         {
-            let g = link.control.lock().unwrap_or_else(|e| e.into_inner());
+            let g = link.control.lock();
             let mut buf = Vec::with_capacity(4096);
             let mut fds = Vec::new();
             let ok =
