@@ -4,10 +4,10 @@
 use std::io;
 use std::os::fd::OwnedFd;
 use std::sync::Mutex;
-
-use parking_lot::{Mutex as FairMutex, MutexGuard as FairGuard};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+
+use parking_lot::{Mutex as FairMutex, MutexGuard as FairGuard};
 
 use guestmem::mmu::HostMmuError;
 
