@@ -447,8 +447,11 @@ mod tests {
             link.exchange(&link.control, &Enc::new(2)).expect("sibling");
             let waited = turns.load(Ordering::Relaxed) - before;
             done.store(true, Ordering::Release);
+            // Fair: at most the slice in flight and one begun before this thread
+            // queued; the bound leaves room for this thread being preempted on a
+            // loaded machine (the std mutex let 20 to 397 slices go first here).
             assert!(
-                waited <= 2,
+                waited <= 10,
                 "the sibling's request waited behind {waited} of the other's slices"
             );
         });
