@@ -425,3 +425,62 @@ fn clones_in_workers_past_the_timeout_are_stopped_and_named() {
         );
     }
 }
+
+/// Descriptors of VMs and their sockets that process `pid` has open now (KVM and
+/// userfaultfd objects, eventfds, sockets; not what a library opens once, lazily).
+#[cfg(feature = "failpoints")]
+fn vm_fds_of(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| {
+        d.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .filter(|t| {
+                let t = t.to_string_lossy();
+                t.starts_with("anon_inode:") || t.starts_with("socket:")
+            })
+            .count()
+    })
+}
+
+#[cfg(feature = "failpoints")]
+#[test]
+fn a_reply_the_worker_cannot_send_fails_that_request_and_the_worker_serves_on() {
+    let Some((hv, pool, mm, parent)) = setup() else {
+        return;
+    };
+    let pool_workers = workers(&mm, 1);
+    let pid = pool_workers.pids()[0];
+    let before = vm_fds_of(pid);
+    // The reply to the next request (a batch of shells, with their sockets) fails to
+    // send, as it would with ENOMEM.
+    pool_workers.fail_next_reply(0).expect("arm");
+    let e = pool_workers
+        .shells(&VmConfig::new(MEM, 1), 2)
+        .expect_err("the batch's reply never arrived");
+    assert!(
+        e.to_string().contains("could not send its reply"),
+        "the request failed with the worker's reason: {e}"
+    );
+    // The shells no one knows are dropped in the worker (on its reaper thread).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while vm_fds_of(pid) != before && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert_eq!(
+        vm_fds_of(pid),
+        before,
+        "the unsent shells' descriptors closed"
+    );
+    // The same worker serves on: clones forked into it see the parent's memory.
+    let (shells, clones) = fork_into(&hv, &parent, &pool_workers, 2);
+    assert!(clones.iter().all(|c| c.pid() == pid));
+    for (k, c) in clones.iter().enumerate() {
+        let r = c
+            .run(0, Command::new(Op::Verify, DATA, FILLED, 11))
+            .expect("clone verify");
+        assert_eq!(r.mismatches(), 0, "clone {k} sees the parent's memory");
+    }
+    drop(clones);
+    drop(shells);
+    drop(pool_workers);
+    drop(parent);
+    assert_eq!(pool.free_frames(), pool.total_frames(), "frames leaked");
+}

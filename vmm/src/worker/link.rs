@@ -274,7 +274,7 @@ impl Drop for Link {
 }
 
 /// Whether a send failed because the peer's end is gone (not for a reason of this end's).
-fn peer_gone(e: &io::Error) -> bool {
+pub(super) fn peer_gone(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
         Some(libc::EPIPE | libc::ECONNRESET | libc::ENOTCONN)

@@ -82,6 +82,8 @@ mod ctl {
     pub const DROP: u8 = 15;
     pub const FORGET: u8 = 16;
     pub const COUNTS: u8 = 17;
+    /// Fault injection: the worker's next reply fails to send (`failpoints` only).
+    pub const FAIL_NEXT_REPLY: u8 = 18;
 }
 
 /// Fault-socket message tags.
@@ -312,6 +314,17 @@ impl WorkerPool {
     /// its VMs are all gone.
     pub fn fault_server(&self) -> std::sync::Weak<FaultServer> {
         Arc::downgrade(&self.server)
+    }
+
+    /// Fault injection: worker `worker`'s reply to its next control request fails to
+    /// send (as with `ENOMEM`). Only with the `failpoints` feature.
+    #[cfg(feature = "failpoints")]
+    pub fn fail_next_reply(&self, worker: usize) -> Result<(), WorkerError> {
+        let link = self
+            .links
+            .get(worker)
+            .ok_or_else(|| WorkerError::Start(format!("no worker {worker}")))?;
+        link.call_ok(&Enc::new(ctl::FAIL_NEXT_REPLY), u32::MAX)
     }
 
     /// The workers' pids.

@@ -139,6 +139,8 @@ struct State {
     /// Windows of VMs being dropped, kept until the VMM has revoked them.
     retired: Mutex<HashMap<u32, Arc<Window>>>,
     next: std::sync::atomic::AtomicU32,
+    /// Fault injection: the next reply's send fails ([`ctl::FAIL_NEXT_REPLY`]).
+    fail_next_reply: std::sync::atomic::AtomicBool,
 }
 
 impl State {
@@ -221,13 +223,35 @@ pub(super) fn run() -> i32 {
     }
     // Until the VMM is gone (its end closed or broken): so are this worker's VMs.
     while let Ok(true) = control.recv(&mut buf, &mut fds) {
-        let (reply, out_fds) = match Dec::new(&buf) {
-            Ok((tag, d)) => serve_control(tag, d, &hv, &state, &nodes, &reap_tx),
-            Err(e) => (err(e), Vec::new()),
+        let (tag, (reply, out_fds)) = match Dec::new(&buf) {
+            Ok((tag, d)) => (tag, serve_control(tag, d, &hv, &state, &nodes, &reap_tx)),
+            Err(e) => (ctl::ERR, (err(e), Vec::new())),
         };
         let borrowed: Vec<_> = out_fds.iter().map(AsFd::as_fd).collect();
-        if control.send(&reply.0, &borrowed).is_err() {
-            break;
+        let injected = tag != ctl::FAIL_NEXT_REPLY
+            && state
+                .fail_next_reply
+                .swap(false, std::sync::atomic::Ordering::Relaxed);
+        let sent = if injected {
+            Err(std::io::Error::from_raw_os_error(libc::ENOMEM))
+        } else {
+            control.send(&reply.0, &borrowed)
+        };
+        if let Err(e) = sent {
+            // Only a VMM that is gone ends the worker: any other failure fails this
+            // request, and the worker serves on.
+            if super::link::peer_gone(&e) {
+                break;
+            }
+            drop(borrowed);
+            if tag == ctl::SHELLS {
+                forget_shells(&reply.0, &state, &reap_tx);
+            }
+            drop(out_fds);
+            let why = err(format!("the worker could not send its reply: {e}"));
+            if control.send(&why.0, &[]).is_err() {
+                break;
+            }
         }
     }
     // Stop every VM at once, then let them go.
@@ -241,6 +265,23 @@ pub(super) fn run() -> i32 {
     vms.iter().for_each(|v| v.stop());
     drop(vms);
     0
+}
+
+/// A SHELLS reply that did not reach the VMM: its shells are known to no one, so they
+/// go (on the reaper thread, like any dropped VM).
+fn forget_shells(reply: &[u8], state: &State, reap: &std::sync::mpsc::Sender<Arc<Vm>>) {
+    let Ok((ctl::OK, mut d)) = Dec::new(reply) else {
+        return;
+    };
+    let Ok(n) = d.u32() else { return };
+    let mut vms = state.vms.lock().unwrap_or_else(|e| e.into_inner());
+    for _ in 0..n {
+        let Ok(id) = d.u32() else { return };
+        if let Some(vm) = vms.remove(&id) {
+            vm.stop();
+            let _ = reap.send(vm);
+        }
+    }
 }
 
 fn err(e: impl std::fmt::Display) -> Enc {
@@ -378,6 +419,13 @@ fn serve_control(
                     Vec::new(),
                 ))
             }
+            #[cfg(feature = "failpoints")]
+            ctl::FAIL_NEXT_REPLY => {
+                state
+                    .fail_next_reply
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                Ok((Enc::new(ctl::OK), Vec::new()))
+            }
             _ => Err(err("unknown request")),
         }
     })();
@@ -410,8 +458,13 @@ fn serve_waits(sock: &Seqpacket, state: &State) {
             }
         })()
         .unwrap_or_else(|e| e);
-        if sock.send(&reply.0, &[]).is_err() {
-            return;
+        if let Err(e) = sock.send(&reply.0, &[]) {
+            // As on the control socket: only a VMM that is gone ends this loop; else
+            // this wait fails (its result is lost with the reply) and the next is served.
+            let why = err(format!("the worker could not send its reply: {e}"));
+            if super::link::peer_gone(&e) || sock.send(&why.0, &[]).is_err() {
+                return;
+            }
         }
     }
 }
