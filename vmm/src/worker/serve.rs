@@ -238,9 +238,12 @@ pub(super) fn run() -> i32 {
             control.send(&reply.0, &borrowed)
         };
         if let Err(e) = sent {
-            // Only a VMM that is gone ends the worker: any other failure fails this
-            // request, and the worker serves on.
-            if super::link::peer_gone(&e) {
+            // A VMM that is gone ends the worker. Otherwise a request whose effect the
+            // VMM need not know (counts) or that is undone here (a shell batch) fails,
+            // and the worker serves on; any other (a mapping call, a state load, a
+            // command) ends it as before, or the VMM would misread what it holds (a
+            // run reported unmapped that is still mapped here).
+            if super::link::peer_gone(&e) || !matches!(tag, ctl::SHELLS | ctl::COUNTS) {
                 break;
             }
             drop(borrowed);
