@@ -483,6 +483,7 @@ fn a_failure_at_every_fork_step_leaves_the_parent_running_and_nothing_behind() {
     }
     assert!(failed >= FAILED_FORKS, "only {failed} forks failed");
 }
+
 /// Polls `f` until it holds or two seconds pass (the old VM's fds close on a
 /// background thread).
 fn eventually(f: impl Fn() -> bool) -> bool {
@@ -499,17 +500,8 @@ fn eventually(f: impl Fn() -> bool) -> bool {
 fn a_clone_that_cannot_be_made_midway_rolls_the_fork_back() {
     let Some(hv) = hypervisor() else { return };
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let pool = Arc::new(
-        Pool::new(&PoolConfig::uniform(64 * MIB, 1, AllocatorKind::Magazine)).expect("pool"),
-    );
-    let mm = Manager::new(pool.clone(), guestmem::ManagerConfig::default());
-    let cfg = VmConfig::new(32 * MIB, 1);
-    let parent = ManagedVm::new(&hv, &cfg, &mm).expect("parent");
-    let data = Gfn(DATA_START / 4096);
-    parent
-        .vm()
-        .run(0, Command::new(Op::Fill, data, 512, 3))
-        .expect("fill");
+    let (pool, _mm, parent) = common::filled_parent(&hv);
+    let cfg = parent.vm().config().clone();
     let fds = open_fds().expect("count fds");
     let free = pool.free_frames();
     // Clone 0 gets a good shell; clone 1 one that already has memory: it fails.
@@ -538,9 +530,10 @@ fn a_clone_that_cannot_be_made_midway_rolls_the_fork_back() {
         open_fds()
     );
     // The parent runs on with its memory intact.
+    let (gfn, pages, seed) = common::FILLED;
     let r = parent
         .vm()
-        .run(0, Command::new(Op::Verify, data, 512, 3))
+        .run(0, Command::new(Op::Verify, gfn, pages, seed))
         .expect("verify");
     assert_eq!(r.mismatches(), 0);
     drop(parent);

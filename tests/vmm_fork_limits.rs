@@ -3,35 +3,17 @@
 //! process's hard open-file limit, which cannot be raised again. Needs /dev/kvm (fails
 //! saying so unless SKIP_KVM=1).
 
-use std::sync::Arc;
+use vmm::{Command, ForkError, ForkOptions, Op, open_fds};
 
-use guestmem::types::Gfn;
-use guestmem::{AllocatorKind, Manager, ManagerConfig, Pool, PoolConfig};
-use vmm::guest::DATA_START;
-use vmm::{Command, ForkError, ForkOptions, Hypervisor, ManagedVm, Op, VmConfig, open_fds};
-
-const MIB: u64 = 1 << 20;
+mod common;
 
 #[test]
 fn a_fork_past_the_open_file_limit_fails_cleanly() {
-    if !std::path::Path::new("/dev/kvm").exists() {
-        if std::env::var("SKIP_KVM").as_deref() == Ok("1") {
-            eprintln!("skipping: /dev/kvm is missing and SKIP_KVM=1");
-            return;
-        }
-        panic!("/dev/kvm is missing: these tests need KVM (set SKIP_KVM=1 to skip them)");
-    }
-    let hv = Hypervisor::new().expect("open /dev/kvm");
-    let pool = Arc::new(
-        Pool::new(&PoolConfig::uniform(64 * MIB, 1, AllocatorKind::Magazine)).expect("pool"),
-    );
-    let mm = Manager::new(pool.clone(), ManagerConfig::default());
-    let parent = ManagedVm::new(&hv, &VmConfig::new(32 * MIB, 1), &mm).expect("parent");
-    let data = Gfn(DATA_START / 4096);
-    parent
-        .vm()
-        .run(0, Command::new(Op::Fill, data, 512, 3))
-        .expect("fill");
+    let Some(hv) = common::hypervisor() else {
+        return;
+    };
+    let (pool, _mm, parent) = common::filled_parent(&hv);
+    let (gfn, pages, seed) = common::FILLED;
     let fds = open_fds().expect("count fds");
     // Room for a few clones, not for 50.
     let limit = libc::rlimit {
@@ -52,7 +34,7 @@ fn a_fork_past_the_open_file_limit_fails_cleanly() {
     for vm in std::iter::once(&parent).chain(clones.iter()) {
         let r = vm
             .vm()
-            .run(0, Command::new(Op::Verify, data, 512, 3))
+            .run(0, Command::new(Op::Verify, gfn, pages, seed))
             .expect("verify");
         assert_eq!(r.mismatches(), 0);
     }

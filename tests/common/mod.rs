@@ -1,6 +1,32 @@
 //! What the KVM integration tests share.
 
-use vmm::{Hypervisor, VcpuHome, VmConfig};
+use std::sync::Arc;
+
+use guestmem::types::Gfn;
+use guestmem::{AllocatorKind, Manager, ManagerConfig, Pool, PoolConfig};
+use vmm::guest::DATA_START;
+use vmm::{Command, Hypervisor, ManagedVm, Op, VcpuHome, VmConfig};
+
+/// Where [`filled_parent`]'s VM wrote, how many pages, with which seed.
+#[allow(dead_code)] // not every test crate that includes this module uses it
+pub const FILLED: (Gfn, u64, u64) = (Gfn(DATA_START / 4096), 512, 3);
+
+/// A 64 MiB frame pool, its manager, and a 32 MiB one-vCPU VM on it that has written
+/// [`FILLED`].
+#[allow(dead_code)] // not every test crate that includes this module uses it
+pub fn filled_parent(hv: &Hypervisor) -> (Arc<Pool>, Arc<Manager>, ManagedVm) {
+    let pool = Arc::new(
+        Pool::new(&PoolConfig::uniform(64 << 20, 1, AllocatorKind::Magazine)).expect("pool"),
+    );
+    let mm = Manager::new(pool.clone(), ManagerConfig::default());
+    let parent = ManagedVm::new(hv, &VmConfig::new(32 << 20, 1), &mm).expect("parent");
+    let (gfn, pages, seed) = FILLED;
+    parent
+        .vm()
+        .run(0, Command::new(Op::Fill, gfn, pages, seed))
+        .expect("fill");
+    (pool, mm, parent)
+}
 
 /// Opens /dev/kvm. Where it is missing the test fails saying so, unless `SKIP_KVM=1`
 /// (then `None`: the caller returns, skipping).

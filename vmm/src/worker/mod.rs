@@ -9,8 +9,8 @@
 //!
 //! - **This process keeps the memory manager**: pools, frames, address spaces, reclaim,
 //!   migration. Each worker gets every node's memfd once, at start.
-//! - **A worker holds VMs**: KVM VM and vCPU fds, the guest RAM [`Window`] and the
-//!   fault-handler and vCPU threads, exactly as [`crate::Vm`] does in-process.
+//! - **A worker holds VMs**: KVM VM and vCPU fds, the guest RAM [`crate::Window`] and
+//!   the fault-handler and vCPU threads, exactly as [`crate::Vm`] does in-process.
 //! - **Faults**: a worker VM's handler reads its userfaultfd as in-process and resolves
 //!   through a resolver that sends the fault over the VM's own fault socket. A thread of
 //!   this process's [`FaultServer`] resolves it in the VM's address space, whose host view
@@ -83,6 +83,7 @@ mod ctl {
     pub const FORGET: u8 = 16;
     pub const COUNTS: u8 = 17;
     /// Fault injection: the worker's next reply fails to send (`failpoints` only).
+    #[cfg(feature = "failpoints")]
     pub const FAIL_NEXT_REPLY: u8 = 18;
 }
 

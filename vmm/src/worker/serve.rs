@@ -140,6 +140,7 @@ struct State {
     retired: Mutex<HashMap<u32, Arc<Window>>>,
     next: std::sync::atomic::AtomicU32,
     /// Fault injection: the next reply's send fails ([`ctl::FAIL_NEXT_REPLY`]).
+    #[cfg(feature = "failpoints")]
     fail_next_reply: std::sync::atomic::AtomicBool,
 }
 
@@ -228,11 +229,7 @@ pub(super) fn run() -> i32 {
             Err(e) => (ctl::ERR, (err(e), Vec::new())),
         };
         let borrowed: Vec<_> = out_fds.iter().map(AsFd::as_fd).collect();
-        let injected = tag != ctl::FAIL_NEXT_REPLY
-            && state
-                .fail_next_reply
-                .swap(false, std::sync::atomic::Ordering::Relaxed);
-        let sent = if injected {
+        let sent = if injected_send_failure(&state, tag) {
             Err(std::io::Error::from_raw_os_error(libc::ENOMEM))
         } else {
             control.send(&reply.0, &borrowed)
@@ -268,6 +265,23 @@ pub(super) fn run() -> i32 {
     vms.iter().for_each(|v| v.stop());
     drop(vms);
     0
+}
+
+/// Whether the reply to a `tag` request is to fail to send (fault injection: only with
+/// the `failpoints` feature, armed by `ctl::FAIL_NEXT_REPLY`).
+fn injected_send_failure(state: &State, tag: u8) -> bool {
+    #[cfg(feature = "failpoints")]
+    {
+        tag != ctl::FAIL_NEXT_REPLY
+            && state
+                .fail_next_reply
+                .swap(false, std::sync::atomic::Ordering::Relaxed)
+    }
+    #[cfg(not(feature = "failpoints"))]
+    {
+        let _ = (state, tag);
+        false
+    }
 }
 
 /// A SHELLS reply that did not reach the VMM: its shells are known to no one, so they
@@ -462,8 +476,8 @@ fn serve_waits(sock: &Seqpacket, state: &State) {
         })()
         .unwrap_or_else(|e| e);
         if let Err(e) = sock.send(&reply.0, &[]) {
-            // As on the control socket: only a VMM that is gone ends this loop; else
-            // this wait fails (its result is lost with the reply) and the next is served.
+            // A VMM that is gone ends this loop; else this wait fails (its result is
+            // lost with the reply) and the next is served.
             let why = err(format!("the worker could not send its reply: {e}"));
             if super::link::peer_gone(&e) || sock.send(&why.0, &[]).is_err() {
                 return;
